@@ -1,0 +1,20 @@
+"""fxcompile: train PyTorch models in fixed point and deploy them as integer graphs.
+
+    import fxcompile as fxc
+    qmodel = fxc.compile(model, fxc.baseline(), loss_fn=nn.CrossEntropyLoss())
+    print(fxc.inspect(qmodel))
+"""
+from .assignment import Assignment, Edge
+from .cast import cast
+from .compiler import compile
+from .errors import ExportError, FormatError, PolicyError, TraceError
+from .formats import FixedPoint, as_format, fixed
+from .inspect import assignment, inspect, to_dot
+from .optim import fixed_point_optimizer
+from .policy import ROLES, Override, Policy, baseline, fp32, load_policy, optimized
+
+__version__ = "0.1.0"
+
+__all__ = ["FixedPoint", "fixed", "as_format", "cast", "Policy", "Override", "ROLES", "baseline", "optimized",
+           "fp32", "load_policy", "compile", "assignment", "inspect", "to_dot", "Assignment", "Edge",
+           "fixed_point_optimizer", "FormatError", "PolicyError", "TraceError", "ExportError"]

@@ -1,0 +1,56 @@
+"""``compile``: the pass pipeline, and nothing else."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .policy import Policy
+from .passes import annotate_roles, assign_formats, expose_params, insert_casts, propagate_shapes, trace
+
+__all__ = ["compile", "LossGraph"]
+
+
+class LossGraph(torch.nn.Module):
+    """Wraps a loss function so it can be traced as a graph ``(prediction, target) -> loss``."""
+
+    def __init__(self, loss_fn: Callable):
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    def forward(self, prediction, target):
+        return self.loss_fn(prediction, target)
+
+
+def _pipeline(model, policy, *, loss_graph=False, leaf_modules=(), frontend="fx", example_inputs=None):
+    gm = trace(model, leaf_modules, frontend, example_inputs)
+    gm = expose_params(gm)
+    if example_inputs is not None:
+        gm = propagate_shapes(gm, example_inputs)
+    gm = annotate_roles(gm, loss_graph=loss_graph)
+    gm = assign_formats(gm, policy)
+    return insert_casts(gm)
+
+
+def compile(model: torch.nn.Module, policy: Policy | str | None = None, *, loss_fn: Callable | None = None,
+            example_inputs: Sequence | None = None, leaf_modules: Iterable = (), frontend: str = "fx",
+            ) -> fx.GraphModule:
+    """Return a trainable fixed-point GraphModule of ``model`` under ``policy``.
+
+    The result shares parameters with ``model``.  With ``loss_fn`` the loss is compiled too
+    and is ``qmodel.loss(prediction, target)``, so the loss value and its gradient are
+    fixed-point edges as well::
+
+        qmodel = fxc.compile(model, fxc.baseline(), loss_fn=nn.CrossEntropyLoss())
+        loss = qmodel.loss(qmodel(x), y); loss.backward()
+    """
+    policy = Policy.coerce(policy)
+    gm = _pipeline(model, policy, leaf_modules=leaf_modules, frontend=frontend, example_inputs=example_inputs)
+    gm.meta["fxc_policy"] = policy
+    if loss_fn is not None:
+        if hasattr(gm, "loss"):
+            raise ValueError("the model already has an attribute 'loss'; compile's loss graph needs that name")
+        gm.add_module("loss", _pipeline(LossGraph(loss_fn), policy, loss_graph=True))
+    return gm

@@ -1,0 +1,83 @@
+"""Pass: insert a :class:`Cast` module on every edge that the assignment says needs one.
+
+For each value: one cast right after its producer (forward: the value's format; backward:
+the format of the *summed* gradient).  For each use whose formats differ from the value's,
+or any use of a value with several consumers (each branch's gradient is quantized before
+the sum), one more cast on that edge.  Casts live under ``gm.casts`` and carry their
+:class:`Edge` in ``node.meta["fxc_edge"]``::
+
+    >>> gm = insert_casts(assign_formats(annotate_roles(trace(model)), baseline()))
+    >>> print(gm.casts)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..assignment import Edge
+from ..cast import cast, spec_of
+
+__all__ = ["Cast", "insert_casts", "cast_nodes"]
+
+
+class Cast(nn.Module):
+    """A fixed-point cast on one edge: forward format, backward format, and the edge it sits on."""
+
+    def __init__(self, edge: Edge, clip_gradient: bool = True, forward_identity: bool = False):
+        super().__init__()
+        self.forward_identity = forward_identity
+        self.clip_gradient = clip_gradient and edge.role not in ("weight", "bias")
+        self.set_edge(edge)
+
+    def set_edge(self, edge: Edge) -> None:
+        self.edge = edge
+        self._fwd = [] if self.forward_identity else spec_of(edge.forward)
+        self._bwd = spec_of(edge.backward)
+
+    def forward(self, x):
+        return cast(x, self._fwd, self._bwd, self.clip_gradient)
+
+    def extra_repr(self) -> str:
+        fwd = "identity" if self.forward_identity else (self.edge.forward or "float")
+        return f"{self.edge.name}: {self.edge.role} {fwd}, {self.edge.backward_role} {self.edge.backward or 'float'}"
+
+
+def _add_cast(gm: fx.GraphModule, source: fx.Node, name: str, edge: Edge, clip: bool, identity=False) -> fx.Node:
+    gm.casts.add_module(name, Cast(edge, clip, identity))
+    node = gm.graph.call_module(f"casts.{name}", (source,))
+    node.meta["fxc_edge"] = edge
+    node.meta["fxc_role"] = None
+    if "tensor_meta" in source.meta:
+        node.meta["tensor_meta"] = source.meta["tensor_meta"]
+    return node
+
+
+def insert_casts(gm: fx.GraphModule) -> fx.GraphModule:
+    if not hasattr(gm, "casts"):
+        gm.add_module("casts", nn.Module())
+    clip = gm.meta.get("fxc_clip_gradient", True)
+    for node in list(gm.graph.nodes):
+        value = node.meta.get("fxc_value")
+        if value is None:
+            continue
+        users = [u for u in node.users]
+        with gm.graph.inserting_after(node):
+            out = _add_cast(gm, node, node.name, value, clip)
+        for user in users:
+            edge = node.meta["fxc_uses"].get(user.name)
+            target = out
+            if edge is not None and (edge.forward != value.forward or len(users) > 1
+                                     or edge.backward != value.backward):
+                with gm.graph.inserting_before(user):
+                    target = _add_cast(gm, out, f"{node.name}__{user.name}", edge, clip,
+                                       identity=edge.forward == value.forward)
+            user.replace_input_with(node, target)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def cast_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if "fxc_edge" in n.meta]

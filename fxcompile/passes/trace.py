@@ -1,0 +1,121 @@
+"""Pass: capture a model as a ``torch.fx.GraphModule``.
+
+Two front-ends: ``"fx"`` (``torch.fx`` symbolic tracing: readable, module-level graphs) and
+``"export"`` (``torch.export``: ATen-level graphs, handles more Python, needs example
+inputs).  ``"auto"`` tries fx and falls back to export.  The graph records which front-end
+produced it in ``gm.meta["fxc_frontend"]``::
+
+    >>> gm = trace(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU()))
+    >>> gm.meta["fxc_frontend"]
+    'fx'
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import traceback
+import warnings
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..errors import TraceError
+
+__all__ = ["trace", "FRONTENDS"]
+
+FRONTENDS = ("fx", "export", "auto")
+
+_LEAF_HINT = ("mark it as a leaf so fxcompile quantizes it at its boundary: "
+              "fxc.compile(model, policy, leaf_modules=[{path!r}])")
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_modules: Sequence):
+        super().__init__()
+        self.leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
+        self.leaf_names = [x for x in leaf_modules if isinstance(x, str)]
+        self.path: list[tuple[str, str]] = []  # (qualified name, class) of modules being traced
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if isinstance(m, self.leaf_types) or any(fnmatch.fnmatchcase(qualname, p) for p in self.leaf_names):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        self.path.append((qualname, type(m).__name__))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.path.pop()
+
+
+def _failing_operation(exc: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    if frames:
+        f = frames[-1]
+        return f"`{(f.line or '').strip()}` ({f.filename.rsplit('/', 1)[-1]}:{f.lineno})"
+    return "an operation fx cannot trace"
+
+
+def _explain(exc: BaseException) -> str:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "control flow" in msg or "bool" in msg.lower():
+        return f"data-dependent control flow ({msg})"
+    if "iterate" in msg.lower() or "len(" in msg:
+        return f"Python iteration over a traced value ({msg})"
+    return msg
+
+
+def _trace_fx(model: torch.nn.Module, leaf_modules: Sequence, concrete_args=None) -> fx.GraphModule:
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # noqa: BLE001 - fx raises many kinds; all become TraceError
+        path, cls = tracer.path[-1] if tracer.path else ("", type(model).__name__)
+        where = f"module '{path}' ({cls})" if path else f"the top-level module ({cls})"
+        hint = _LEAF_HINT.format(path=path) if path else (
+            "make that code traceable, or use frontend='export' with example_inputs")
+        raise TraceError(f"torch.fx cannot trace {where}: {_explain(exc)} at {_failing_operation(exc)}. "
+                         f"To fix it, {hint}.") from exc
+    name = model.__class__.__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    gm.meta["fxc_frontend"] = "fx"
+    return gm
+
+
+def _trace_export(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
+    if example_inputs is None:
+        raise TraceError("frontend='export' needs example_inputs, e.g. compile(..., example_inputs=(x,))")
+    try:
+        ep = torch.export.export(model, tuple(example_inputs), strict=False)
+        gm = ep.module()
+    except Exception as exc:  # noqa: BLE001
+        raise TraceError(f"torch.export cannot capture {type(model).__name__}: "
+                         f"{str(exc).splitlines()[0]}") from exc
+    gm.meta["fxc_frontend"] = "export"
+    return gm
+
+
+def trace(model: torch.nn.Module, leaf_modules: Iterable = (), frontend: str = "fx",
+          example_inputs: Sequence | None = None) -> fx.GraphModule:
+    """Capture ``model`` as a GraphModule; raise :class:`TraceError` naming what failed.
+
+    ``leaf_modules`` holds module classes or qualified-name patterns (``"layer1.*"``) that
+    stay opaque ``call_module`` nodes.
+    """
+    if frontend not in FRONTENDS:
+        raise TraceError(f"unknown frontend {frontend!r}; choose one of {FRONTENDS}")
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected an nn.Module to compile, got {type(model).__name__}")
+    leaf_modules = list(leaf_modules)
+    if frontend == "export":
+        return _trace_export(model, example_inputs)
+    try:
+        return _trace_fx(model, leaf_modules)
+    except TraceError as err:
+        if frontend == "fx" or example_inputs is None:
+            raise
+        warnings.warn(f"{err} Falling back to frontend='export'.", stacklevel=2)
+        return _trace_export(model, example_inputs)

@@ -1,0 +1,232 @@
+"""Policy: which fixed-point format each role gets, with overrides by name pattern and op.
+
+    >>> p = Policy(activation="16.8", gradient="16.10", loss="16.10", weight="24.12", bias="16.8")
+    >>> str(p.format_for("activation_out"))
+    '16.8'
+
+Finer roles fall back to coarser ones: ``activation_in``/``activation_out`` → ``activation``,
+``weight_gradient``/``bias_gradient`` → ``gradient``, ``input`` → ``activation``.
+A role set to ``None`` (or ``"float"``) stays in floating point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import FormatError, PolicyError
+from .formats import FixedPoint, as_format
+
+__all__ = ["ROLES", "FALLBACK", "Override", "Policy", "baseline", "optimized", "load_policy"]
+
+ROLES = ("input", "activation", "activation_in", "activation_out", "weight", "bias", "loss",
+         "gradient", "weight_gradient", "bias_gradient")
+FALLBACK = {"activation_in": "activation", "activation_out": "activation", "input": "activation",
+            "weight_gradient": "gradient", "bias_gradient": "gradient"}
+_UNSET = object()
+
+
+def _resolve(formats: dict, role: str):
+    while role not in formats or formats[role] is _UNSET:
+        if role not in FALLBACK:
+            return None
+        role = FALLBACK[role]
+    return formats[role]
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """Formats for the nodes whose name/module path matches ``pattern`` and whose op is ``op``.
+
+    ``pattern`` is an fnmatch pattern (``"fc*"``, ``"layer1.*"``); ``op`` a module class or
+    function name (``"Conv2d"``, ``"linear"``, ``"add"``).  Either may be omitted.
+    """
+
+    formats: dict
+    pattern: str | None = None
+    op: str | None = None
+
+    def matches(self, names: Iterable[str], op: str | None) -> bool:
+        if self.op is not None and (op is None or self.op.lower() != op.lower()):
+            return False
+        if self.pattern is not None and not any(fnmatch.fnmatchcase(n, self.pattern) for n in names if n):
+            return False
+        return True
+
+    def describe(self) -> str:
+        return " ".join(f"{k}={v!r}" for k, v in (("pattern", self.pattern), ("op", self.op)) if v)
+
+
+def _check_formats(formats: dict, where: str) -> dict:
+    out = {}
+    for role, value in formats.items():
+        if role not in ROLES:
+            raise PolicyError(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES)}")
+        out[role] = as_format(value, where=f"{where}.{role}")
+    return out
+
+
+class Policy:
+    """Role → format, plus ordered overrides (later overrides win)."""
+
+    def __init__(self, *, overrides: Iterable[Override | dict] = (), clip_gradient: bool = True,
+                 name: str | None = None, **formats: Any):
+        self.formats = _check_formats(formats, "Policy")
+        self.overrides = []
+        for i, o in enumerate(overrides):
+            if isinstance(o, dict):
+                o = dict(o)
+                pattern, op = o.pop("pattern", None), o.pop("op", None)
+                if pattern is None and op is None:
+                    raise PolicyError(f"overrides[{i}]: give 'pattern' and/or 'op'")
+                o = Override(formats=o, pattern=pattern, op=op)
+            self.overrides.append(Override(_check_formats(o.formats, f"overrides[{i}]"), o.pattern, o.op))
+        self.clip_gradient = bool(clip_gradient)
+        self.name = name
+
+    @classmethod
+    def coerce(cls, policy: Any) -> Policy:
+        if policy is None:
+            return baseline()
+        if isinstance(policy, Policy) or hasattr(policy, "assign"):
+            return policy
+        if isinstance(policy, (str, Path)):
+            return load_policy(policy)
+        if isinstance(policy, dict):
+            return cls.from_dict(policy)
+        raise PolicyError(f"expected a Policy, a policy file or a dict, got {type(policy).__name__}")
+
+    def format_for(self, role: str, names: Iterable[str] = (), op: str | None = None) -> FixedPoint | None:
+        if role not in ROLES:
+            raise PolicyError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        formats = dict(self.formats)
+        for o in self.overrides:
+            if o.matches(names, op):
+                formats.update(o.formats)
+        return _resolve(formats, role)
+
+    def unused_overrides(self, seen: list[tuple[list[str], str | None]]) -> list[Override]:
+        return [o for o in self.overrides if not any(o.matches(n, op) for n, op in seen)]
+
+    # ---- files --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {}
+        if self.name:
+            d["name"] = self.name
+        d["clip_gradient"] = self.clip_gradient
+        d["formats"] = {k: (str(v) if v is not None else "float") for k, v in self.formats.items()}
+        d["overrides"] = [dict({k: v for k, v in (("pattern", o.pattern), ("op", o.op)) if v},
+                               **{k: (str(v) if v is not None else "float") for k, v in o.formats.items()})
+                          for o in self.overrides]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "policy") -> Policy:
+        known = {"name", "clip_gradient", "formats", "overrides"}
+        unknown = set(data) - known
+        if unknown:
+            raise PolicyError(f"{where}: unknown key(s) {sorted(unknown)}; keys are {sorted(known)} "
+                              "(put role formats under [formats])")
+        formats = data.get("formats", {})
+        if not isinstance(formats, dict):
+            raise PolicyError(f"{where}: 'formats' must be a table of role = format")
+        try:
+            return cls(name=data.get("name"), clip_gradient=data.get("clip_gradient", True),
+                       overrides=data.get("overrides", []), **formats)
+        except (PolicyError, FormatError) as e:
+            raise type(e)(f"{where}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        d = self.to_dict()
+        if path.suffix == ".json":
+            path.write_text(json.dumps(d, indent=2) + "\n")
+        elif path.suffix == ".toml":
+            path.write_text(_to_toml(d))
+        else:
+            raise PolicyError(f"{path}: policy files end in .toml or .json")
+
+    def __eq__(self, other):
+        return isinstance(other, Policy) and self.to_dict() == other.to_dict()
+
+    def __repr__(self):
+        body = ", ".join(f"{k}={str(v) if v else 'float'!r}" for k, v in self.formats.items())
+        extra = f", overrides={len(self.overrides)}" if self.overrides else ""
+        return f"Policy({body}{extra})"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return json.dumps(v)
+
+
+def _to_toml(d: dict) -> str:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, (dict, list))]
+    lines += ["", "[formats]"] + [f"{k} = {_toml_value(v)}" for k, v in d["formats"].items()]
+    for o in d["overrides"]:
+        lines += ["", "[[overrides]]"] + [f"{k} = {_toml_value(v)}" for k, v in o.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_error_line(text: str, key: str) -> str:
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip().startswith(key.split(".")[-1]):
+            return f" (line {i})"
+    return ""
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Load a policy from ``.toml`` or ``.json``, or a shipped name (``baseline``, ``optimized``)."""
+    if str(path) in SHIPPED:
+        return SHIPPED[str(path)]()
+    path = Path(path)
+    if not path.exists():
+        raise PolicyError(f"{path}: no such policy file (shipped policies: {', '.join(SHIPPED)})")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PolicyError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    elif path.suffix == ".toml":
+        import tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise PolicyError(f"{path}: invalid TOML: {e}") from None
+    else:
+        raise PolicyError(f"{path}: policy files end in .toml or .json")
+    try:
+        return Policy.from_dict(data, where=str(path))
+    except (PolicyError, FormatError) as e:
+        msg = str(e)
+        key = msg.split(":")[1].strip() if msg.count(":") > 1 else ""
+        raise type(e)(msg + (_toml_error_line(text, key) if path.suffix == ".toml" and key else "")) from None
+
+
+def baseline() -> Policy:
+    """The study's baseline: activations 16/8, gradients 16/10, loss 16/10, weights 24/12, biases 16/8."""
+    return Policy(name="baseline", activation="16.8", gradient="16.10", loss="16.10", weight="24.12", bias="16.8")
+
+
+def optimized() -> Policy:
+    """The study's hand-tuned formats: activations 16/4, gradients 16/9, loss 16/11, weights 16/11, biases 10/8."""
+    return Policy(name="optimized", activation="16.4", gradient="16.9", loss="16.11", weight="16.11", bias="10.8")
+
+
+def fp32() -> Policy:
+    """Every role in floating point: the reference the fixed-point runs are measured against."""
+    return Policy(name="fp32", **{r: None for r in ROLES if r not in FALLBACK})
+
+
+SHIPPED = {"baseline": baseline, "optimized": optimized, "fp32": fp32}
+
+
+def warn_unused(policy: Policy, seen) -> None:
+    for o in policy.unused_overrides(seen):
+        warnings.warn(f"policy override ({o.describe()}) matches no node", stacklevel=3)

@@ -1,0 +1,119 @@
+"""Training and evaluation on in-memory tensors: FP32 or under a fixed-point policy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compiler import compile
+from .optim import fixed_point_optimizer
+from .policy import Policy
+
+__all__ = ["TrainConfig", "train", "evaluate", "write_metrics"]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The study's hyperparameters are the defaults: Adam, lr 0.001, batch 32, 5 epochs."""
+
+    model: str = "seed_cnn"
+    policy: Any = None            # None / "fp32": plain FP32 training; else a Policy or file
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    weight_rounding: str | None = None   # override the update rounding of parameter storage
+    progress: bool = True
+
+    def policy_name(self) -> str:
+        if self.policy is None:
+            return "fp32"
+        return getattr(self.policy, "name", None) or str(self.policy)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on (x, y), in eval mode, without gradients."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            correct += (model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+    model.train(was_training)
+    return correct / len(x)
+
+
+def _build(cfg: TrainConfig, example: torch.Tensor):
+    from .models import build
+    model = build(cfg.model) if isinstance(cfg.model, str) else cfg.model
+    criterion = nn.CrossEntropyLoss()
+    if cfg.policy is None or cfg.policy == "fp32":
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        return model, (lambda out, y: criterion(out, y)), opt
+    qmodel = compile(model, Policy.coerce(cfg.policy), loss_fn=criterion, example_inputs=(example,))
+    opt = fixed_point_optimizer(torch.optim.Adam(qmodel.parameters(), lr=cfg.lr), qmodel, cfg.weight_rounding)
+    return qmodel, qmodel.loss, opt
+
+
+def train(cfg: TrainConfig, train_data, test_data) -> dict:
+    """Train from ``cfg`` on (x, y) tensors; returns metrics (test accuracy after each epoch)."""
+    torch.manual_seed(cfg.seed)
+    (tx, ty), (vx, vy) = train_data, test_data
+    model, loss_fn, opt = _build(cfg, tx[:2])
+    g = torch.Generator().manual_seed(cfg.seed)
+    step_times, epochs, losses = [], [], []
+    steps_per_epoch = (len(tx) + cfg.batch_size - 1) // cfg.batch_size
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"{cfg.policy_name()} seed {cfg.seed}", leave=False)
+    for epoch in range(cfg.epochs):
+        model.train()
+        perm = torch.randperm(len(tx), generator=g)
+        for i in range(steps_per_epoch):
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(tx[idx]), ty[idx])
+            loss.backward()
+            opt.step()
+            step_times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+            if bar is not None:
+                bar.update()
+                if i % 50 == 0:
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        epochs.append({"epoch": epoch + 1, "accuracy": evaluate(model, vx, vy),
+                       "train_loss": statistics.fmean(losses[-steps_per_epoch:])})
+    if bar is not None:
+        bar.close()
+    return {"policy": cfg.policy_name(), "model": cfg.model if isinstance(cfg.model, str) else type(cfg.model).__name__,
+            "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "train_size": len(tx), "test_size": len(vx), "accuracy": epochs[-1]["accuracy"] if epochs else None,
+            "history": epochs, "step_time_ms": 1e3 * statistics.median(step_times) if step_times else None,
+            "final_loss_finite": bool(torch.isfinite(torch.tensor(losses[-1:])).all()) if losses else None,
+            "model_object": model}
+
+
+def write_metrics(metrics: dict | list[dict], path: str | Path) -> None:
+    """Write metrics as JSON (``.json``) or CSV (``.csv``, one row per run, no history)."""
+    rows = metrics if isinstance(metrics, list) else [metrics]
+    rows = [{k: v for k, v in r.items() if k != "model_object"} for r in rows]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        import csv
+        flat = [{k: v for k, v in r.items() if k != "history"} for r in rows]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(flat[0]))
+            w.writeheader()
+            w.writerows(flat)
+    else:
+        path.write_text(json.dumps(rows if isinstance(metrics, list) else rows[0], indent=2) + "\n")
