@@ -209,14 +209,20 @@ def load_policy(path: str | Path) -> Policy:
         raise type(e)(msg + (_toml_error_line(text, key) if path.suffix == ".toml" and key else "")) from None
 
 
+# The study fixed bits and fractional bits, not rounding.  fxcompile rounds forward values to
+# nearest, and rounds gradients and parameter updates stochastically: with nearest rounding a
+# 16.10 gradient flushes every |g| < 2**-11 to zero and an update smaller than half a weight
+# step is lost, which stalls training; stochastic rounding keeps both unbiased.
 def baseline() -> Policy:
     """The study's baseline: activations 16/8, gradients 16/10, loss 16/10, weights 24/12, biases 16/8."""
-    return Policy(name="baseline", activation="16.8", gradient="16.10", loss="16.10", weight="24.12", bias="16.8")
+    return Policy(name="baseline", activation="16.8", gradient="16.10,stochastic", loss="16.10",
+                  weight="24.12,stochastic", bias="16.8,stochastic")
 
 
 def optimized() -> Policy:
     """The study's hand-tuned formats: activations 16/4, gradients 16/9, loss 16/11, weights 16/11, biases 10/8."""
-    return Policy(name="optimized", activation="16.4", gradient="16.9", loss="16.11", weight="16.11", bias="10.8")
+    return Policy(name="optimized", activation="16.4", gradient="16.9,stochastic", loss="16.11",
+                  weight="16.11,stochastic", bias="10.8,stochastic")
 
 
 def fp32() -> Policy:

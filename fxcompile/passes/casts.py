@@ -33,7 +33,12 @@ class Cast(nn.Module):
 
     def set_edge(self, edge: Edge) -> None:
         self.edge = edge
-        self._fwd = [] if self.forward_identity else spec_of(edge.forward)
+        fwd = edge.forward
+        if fwd is not None and edge.role in ("weight", "bias") and fwd.rounding == "stochastic":
+            # A stored parameter is already on its grid, where every rounding is exact; the
+            # format's rounding applies to the update (fixed_point_optimizer), not to reads.
+            fwd = fwd.replace(rounding="nearest")
+        self._fwd = [] if self.forward_identity else spec_of(fwd)
         self._bwd = spec_of(edge.backward)
 
     def forward(self, x):
