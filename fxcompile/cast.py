@@ -32,8 +32,9 @@ def spec_of(fmt: FixedPoint | None) -> list[int]:
 
 
 def _work_dtype(x: torch.Tensor, spec: Sequence[int]) -> torch.dtype:
-    # float32 holds every integer code exactly up to 2**24; wider formats need float64.
-    if x.dtype == torch.float64 or spec[2] - spec[1] >= 1 << 24:
+    # float32 holds every integer exactly up to 2**24; wrapping adds offsets up to twice the
+    # code range to a code, so wrapping formats wider than 22 bits work in float64.
+    if x.dtype == torch.float64 or spec[2] - spec[1] >= 1 << (22 if spec[5] == WRAP else 24):
         return torch.float64
     return torch.float32
 
@@ -58,6 +59,8 @@ def quantize_reference(x: torch.Tensor, spec: Sequence[int], generator: torch.Ge
         u = torch.rand(t.shape, dtype=t.dtype, device=t.device, generator=generator)
         floor = torch.floor(t)
         t = floor.add_(u.lt_(t.sub_(floor)))
+    if overflow == WRAP:
+        t.remainder_(qmax - qmin + 1)  # exact for any float; keeps the integer steps below exact
     if zp:
         t.add_(zp)
     if overflow == SATURATE:

@@ -20,8 +20,8 @@ Semantics, kept identical in every backend (torch simulation, integer reference,
   :meth:`FixedPoint.fit_zero_point`); the scale is always a power of two.
 * ``overflow="saturate"`` clamps to the range; ``overflow="wrap"`` wraps two's-complement
   style over all ``2**bits`` codes (as hardware registers do).
-* NaN and ±Inf are not numbers a fixed-point register can hold; the cast propagates them
-  unchanged (never turns them into a number) so they stay visible to the user.
+* NaN and ±Inf are not numbers a fixed-point register can hold; the cast turns them into NaN
+  (never into a number) so they stay visible to the user.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class FixedPoint:
                 kwargs["overflow"] = opt
             elif opt in MODES:
                 kwargs["mode"] = opt
-            elif opt.startswith("zp="):
+            elif re.fullmatch(r"zp=[+-]?\d+", opt):
                 kwargs["zero_point"] = int(opt[3:])
             else:
                 raise FormatError(f"unknown option {opt!r} in format {text!r}; options are "
