@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -61,12 +62,21 @@ class Override:
         return " ".join(f"{k}={v!r}" for k, v in (("pattern", self.pattern), ("op", self.op)) if v)
 
 
-def _check_formats(formats: dict, where: str) -> dict:
+def _keyed(error: Exception, key: tuple) -> Exception:
+    """Attach the key path (``("overrides", 1, "weight")``) so file loaders can point at the line."""
+    error.key = key
+    return error
+
+
+def _check_formats(formats: dict, where: str, key: tuple) -> dict:
     out = {}
     for role, value in formats.items():
         if role not in ROLES:
-            raise PolicyError(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES)}")
-        out[role] = as_format(value, where=f"{where}.{role}")
+            raise _keyed(PolicyError(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES)}"), key + (role,))
+        try:
+            out[role] = as_format(value, where=f"{where}.{role}")
+        except FormatError as e:
+            raise _keyed(e, key + (role,))
     return out
 
 
@@ -75,16 +85,17 @@ class Policy:
 
     def __init__(self, *, overrides: Iterable[Override | dict] = (), clip_gradient: bool = True,
                  name: str | None = None, **formats: Any):
-        self.formats = _check_formats(formats, "Policy")
+        self.formats = _check_formats(formats, "formats", ("formats",))
         self.overrides = []
         for i, o in enumerate(overrides):
             if isinstance(o, dict):
                 o = dict(o)
                 pattern, op = o.pop("pattern", None), o.pop("op", None)
                 if pattern is None and op is None:
-                    raise PolicyError(f"overrides[{i}]: give 'pattern' and/or 'op'")
+                    raise _keyed(PolicyError(f"overrides[{i}]: give 'pattern' and/or 'op'"), ("overrides", i))
                 o = Override(formats=o, pattern=pattern, op=op)
-            self.overrides.append(Override(_check_formats(o.formats, f"overrides[{i}]"), o.pattern, o.op))
+            self.overrides.append(Override(_check_formats(o.formats, f"overrides[{i}]", ("overrides", i)),
+                                           o.pattern, o.op))
         self.clip_gradient = bool(clip_gradient)
         self.name = name
 
@@ -129,16 +140,25 @@ class Policy:
         known = {"name", "clip_gradient", "formats", "overrides"}
         unknown = set(data) - known
         if unknown:
-            raise PolicyError(f"{where}: unknown key(s) {sorted(unknown)}; keys are {sorted(known)} "
-                              "(put role formats under [formats])")
-        formats = data.get("formats", {})
+            raise _keyed(PolicyError(f"{where}: unknown key(s) {sorted(unknown)}; keys are {sorted(known)} "
+                                     "(put role formats under [formats])"), (sorted(unknown)[0],))
+        formats, overrides = data.get("formats", {}), data.get("overrides", [])
         if not isinstance(formats, dict):
-            raise PolicyError(f"{where}: 'formats' must be a table of role = format")
+            raise _keyed(PolicyError(f"{where}: 'formats' must be a table of role = format"), ("formats",))
+        if not isinstance(overrides, list) or not all(isinstance(o, dict) for o in overrides):
+            raise _keyed(PolicyError(f"{where}: 'overrides' must be a list of tables ([[overrides]] in TOML)"),
+                         ("overrides",))
+        for role in formats:
+            if role not in ROLES:  # before the call: a role named like a keyword must not bind to it
+                raise _keyed(PolicyError(f"{where}: formats: unknown role {role!r}; roles are {', '.join(ROLES)}"),
+                             ("formats", role))
+        if not isinstance(data.get("clip_gradient", True), bool):
+            raise _keyed(PolicyError(f"{where}: 'clip_gradient' must be true or false"), ("clip_gradient",))
         try:
             return cls(name=data.get("name"), clip_gradient=data.get("clip_gradient", True),
-                       overrides=data.get("overrides", []), **formats)
+                       overrides=overrides, **formats)
         except (PolicyError, FormatError) as e:
-            raise type(e)(f"{where}: {e}") from None
+            raise _keyed(type(e)(f"{where}: {e}"), getattr(e, "key", ())) from None
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -173,11 +193,42 @@ def _to_toml(d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _toml_error_line(text: str, key: str) -> str:
-    for i, line in enumerate(text.splitlines(), 1):
-        if line.strip().startswith(key.split(".")[-1]):
-            return f" (line {i})"
-    return ""
+_TOML_HEADER = re.compile(r"^\s*(\[\[?)([^\]]+)\]\]?\s*(#.*)?$")
+_TOML_KEY = re.compile(r"^\s*((?:[\w-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[\w-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+
+
+def _toml_path(dotted: str) -> tuple:
+    return tuple(part.strip().strip("\"'") for part in re.split(r"\.(?=(?:[^\"']|\"[^\"]*\"|'[^']*')*$)", dotted))
+
+
+def _toml_line(text: str, key: tuple) -> int | None:
+    """Line (1-based) of ``key`` (``("formats", "weight")``, ``("overrides", 1, "op")``) in TOML ``text``.
+
+    Follows ``[table]`` and ``[[array]]`` headers, so the same name in another table or in
+    another override is not mistaken for it.  A key inside an inline table or array gives the
+    line that opens it; a whole override (``("overrides", 1)``) gives its ``[[overrides]]`` line.
+    """
+    names = tuple(k for k in key if isinstance(k, str))
+    index = next((k for k in key if isinstance(k, int)), 0)
+    table, counts, fallback = (), {}, None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        header = _TOML_HEADER.match(line)
+        if header:
+            table = _toml_path(header.group(2))
+            if header.group(1) == "[[":
+                counts[table] = counts.get(table, -1) + 1
+            if table == names and counts.get(table, 0) == index:
+                fallback = fallback or lineno
+            continue
+        m = _TOML_KEY.match(line)
+        if not m or (table in counts and counts[table] != index):
+            continue
+        full = table + _toml_path(m.group(1))
+        if full == names:
+            return lineno
+        if full == names[:len(full)] and fallback is None:
+            fallback = lineno  # an inline table or array that holds the key
+    return fallback
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -204,9 +255,9 @@ def load_policy(path: str | Path) -> Policy:
     try:
         return Policy.from_dict(data, where=str(path))
     except (PolicyError, FormatError) as e:
-        msg = str(e)
-        key = msg.split(":")[1].strip() if msg.count(":") > 1 else ""
-        raise type(e)(msg + (_toml_error_line(text, key) if path.suffix == ".toml" and key else "")) from None
+        key = getattr(e, "key", ())
+        line = _toml_line(text, key) if path.suffix == ".toml" and key else None
+        raise _keyed(type(e)(f"{e}" + (f" (line {line})" if line else "")), key) from None
 
 
 # The study fixed bits and fractional bits, not rounding.  fxcompile rounds forward values to

@@ -40,7 +40,9 @@ def _shape(node: fx.Node):
     return tuple(meta.shape) if hasattr(meta, "shape") else None
 
 
-def assign_formats(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
+def assign_formats(gm: fx.GraphModule, policy: Policy, warn_unused_overrides: bool = True) -> fx.GraphModule:
+    """Assign formats; ``gm.meta["fxc_override_matches"]`` keeps the (names, op) an override could
+    match, so a caller compiling several graphs under one policy can warn once for all of them."""
     seen = []
     for node in gm.graph.nodes:
         role = node.meta.get("fxc_role")
@@ -67,6 +69,7 @@ def assign_formats(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
                                    policy.format_for("gradient", u_names, u_op), u_op or "", _shape(node))
         node.meta["fxc_uses"] = uses
     gm.meta["fxc_clip_gradient"] = getattr(policy, "clip_gradient", True)
-    if isinstance(policy, Policy):
+    gm.meta["fxc_override_matches"] = seen
+    if isinstance(policy, Policy) and warn_unused_overrides:
         warn_unused(policy, seen)
     return gm
