@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from .policy import Policy
+from .policy import Policy, warn_unused
 from .passes import annotate_roles, assign_formats, expose_params, insert_casts, propagate_shapes, trace
 
 __all__ = ["compile", "LossGraph"]
@@ -30,7 +30,7 @@ def _pipeline(model, policy, *, loss_graph=False, leaf_modules=(), frontend="fx"
     if example_inputs is not None:
         gm = propagate_shapes(gm, example_inputs)
     gm = annotate_roles(gm, loss_graph=loss_graph)
-    gm = assign_formats(gm, policy)
+    gm = assign_formats(gm, policy, warn_unused_overrides=False)
     return insert_casts(gm)
 
 
@@ -53,4 +53,6 @@ def compile(model: torch.nn.Module, policy: Policy | str | None = None, *, loss_
         if hasattr(gm, "loss"):
             raise ValueError("the model already has an attribute 'loss'; compile's loss graph needs that name")
         gm.add_module("loss", _pipeline(LossGraph(loss_fn), policy, loss_graph=True))
+    # one warning over the model and loss graphs: an override may target either
+    warn_unused(policy, gm.meta["fxc_override_matches"] + (gm.loss.meta["fxc_override_matches"] if loss_fn else []))
     return gm
