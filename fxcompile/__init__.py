@@ -8,6 +8,7 @@ from .assignment import Assignment, Edge
 from .cast import cast
 from .compiler import compile
 from .errors import ExportError, FormatError, PolicyError, TraceError
+from .export import export_onnx
 from .formats import FixedPoint, as_format, fixed
 from .inspect import assignment, inspect, to_dot
 from .optim import fixed_point_optimizer
@@ -17,4 +18,5 @@ __version__ = "0.1.0"
 
 __all__ = ["FixedPoint", "fixed", "as_format", "cast", "Policy", "Override", "ROLES", "baseline", "optimized",
            "fp32", "load_policy", "compile", "assignment", "inspect", "to_dot", "Assignment", "Edge",
-           "fixed_point_optimizer", "FormatError", "PolicyError", "TraceError", "ExportError"]
+           "fixed_point_optimizer", "FormatError", "PolicyError", "TraceError", "ExportError",
+           "export_onnx"]

@@ -1,0 +1,73 @@
+"""Deploy: a trained fixed-point model as an integer graph, and as an ONNX file.
+
+``integer_graph`` chains the deploy passes (fold batch norm, lower to integer ops);
+``export_onnx`` writes that graph as ONNX that ONNX Runtime runs bit-exactly::
+
+    qmodel = fxc.compile(model, fxc.baseline(), loss_fn=nn.CrossEntropyLoss())
+    ...train...
+    fxc.export_onnx(qmodel, "model.onnx", example_inputs=(x[:1],))
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+import torch
+import torch.fx as fx
+
+from .backends.onnx import to_onnx
+from .errors import ExportError
+from .passes.fold_bn import fold_bn
+from .passes.lower import IntegerGraph, lower
+
+__all__ = ["integer_graph", "export_onnx", "onnx_session"]
+
+
+def integer_graph(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> IntegerGraph:
+    """The integer program of ``qmodel`` (batch norms folded; see :mod:`fxcompile.passes.lower`)."""
+    if not isinstance(qmodel, fx.GraphModule):
+        raise ExportError(f"expected a model compiled with fxc.compile, got {type(qmodel).__name__}")
+    return lower(fold_bn(qmodel), tuple(example_inputs))
+
+
+def export_onnx(qmodel: fx.GraphModule, path: str | os.PathLike, example_inputs: Sequence[torch.Tensor],
+                ) -> onnx.ModelProto:
+    """Write ``qmodel``'s integer graph to ``path`` as ONNX and return the model.
+
+    Float input → quantizer → int64 ops only → dequantizer → float output ``output`` (plus its
+    int64 codes ``output_codes``); the batch dimension is free.  The model passes
+    ``onnx.checker.check_model(full_check=True)``.  The file is written to a temporary name
+    and renamed, so a failed export leaves nothing at ``path``; raises :class:`ExportError`
+    naming every node that does not lower.
+    """
+    path = Path(path)
+    model = to_onnx(integer_graph(qmodel, example_inputs), name=type(qmodel).__name__)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported graph is not valid ONNX: {e}") from e
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return model
+
+
+def onnx_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime CPU session for an exported model (a ModelProto or a file)."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])

@@ -1,0 +1,123 @@
+"""ONNX export: ONNX Runtime against the integer reference, bit for bit."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import fxcompile as fxc
+from fxcompile.backends.integer import run_integer
+from fxcompile.backends.onnx import to_onnx
+from fxcompile.data import synthetic
+from fxcompile.export import export_onnx, integer_graph, onnx_session
+from fxcompile.models import MLP, ResidualCNN, SeedCNN
+
+INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+                 onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64}
+
+
+def on_grid(q):
+    fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=0.0), q, rounding="nearest")
+    return q.eval()
+
+
+def _ort(model, x):
+    out, codes = onnx_session(model).run(None, {"x": x.numpy()})
+    return out, codes
+
+
+def _randomise_batch_norm(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5, generator=g)
+            m.running_var.uniform_(0.5, 2, generator=g)
+    return model
+
+
+@pytest.mark.parametrize("model", [SeedCNN, MLP, ResidualCNN])
+@pytest.mark.parametrize("policy", [fxc.baseline, fxc.optimized])
+def test_ort_equals_integer_reference(model, policy, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 28, 28) * 1.5
+    q = on_grid(fxc.compile(_randomise_batch_norm(model()), policy(), example_inputs=(x[:2],)))
+    path = tmp_path / "model.onnx"
+    export_onnx(q, path, (x[:2],))
+    out, codes = _ort(onnx.load(path), x)
+    graph = integer_graph(q, (x[:2],))
+    (ref_codes,), (ref,) = run_integer(graph, x, codes=True), run_integer(graph, x)
+    assert np.array_equal(codes, ref_codes.numpy())
+    assert np.array_equal(out, ref.numpy())
+
+
+@pytest.mark.parametrize("activation", ["16.8,floor", "12.5,toward_zero", "10.4,wrap", "u12.4",
+                                        "16.8,asymmetric,zp=-300", "14.6,asymmetric,floor,wrap,zp=1000"])
+def test_ort_equals_integer_reference_for_every_rounding_and_overflow(activation):
+    torch.manual_seed(0)
+    policy = fxc.Policy(activation=activation, input="16.8", weight="16.11", bias="16.8")
+    x = torch.randn(16, 1, 28, 28) * 3
+    q = on_grid(fxc.compile(_randomise_batch_norm(ResidualCNN()), policy, example_inputs=(x[:2],)))
+    graph = integer_graph(q, (x[:2],))
+    out, codes = _ort(to_onnx(graph), x)
+    assert np.array_equal(codes, run_integer(graph, x, codes=True)[0].numpy())
+
+
+def test_every_value_between_quantizer_and_dequantizer_is_integer():
+    x = torch.randn(2, 1, 28, 28)
+    q = on_grid(fxc.compile(ResidualCNN(), fxc.baseline(), example_inputs=(x,)))
+    model = onnx.shape_inference.infer_shapes(to_onnx(integer_graph(q, (x,))), check_type=True, strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    checked = 0
+    for node in model.graph.node:
+        if node.name.startswith(("quantize/", "dequantize/")):
+            continue  # the boundary: float in, float out
+        for name in [*node.input, *node.output]:
+            if name:
+                assert types[name] in INTEGER_TYPES, f"{node.name}: {name} is {types[name]}"
+                checked += 1
+    assert checked > 100
+    quantizers = [n for n in model.graph.node if n.name.startswith("quantize/")]
+    assert quantizers[-1].op_type == "Cast" and quantizers[-1].attribute[0].i == onnx.TensorProto.INT64
+
+
+def test_check_model_full_check():
+    x = torch.randn(2, 1, 28, 28)
+    q = on_grid(fxc.compile(SeedCNN(), fxc.optimized(), example_inputs=(x,)))
+    onnx.checker.check_model(to_onnx(integer_graph(q, (x,))), full_check=True)
+
+
+def test_unsupported_op_raises_and_writes_no_file(tmp_path):
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(8, 8), nn.GELU()
+
+        def forward(self, x):
+            return torch.sigmoid(self.act(self.fc(x)))
+
+    x = torch.randn(2, 8)
+    q = fxc.compile(Gated(), fxc.baseline(), example_inputs=(x,))
+    with pytest.raises(fxc.ExportError, match=r"'act' \(GELU\).*'sigmoid' \(sigmoid\)"):
+        export_onnx(q, tmp_path / "gated.onnx", (x,))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_top1_agrees_with_the_fixed_point_simulation():
+    torch.manual_seed(0)
+    (tx, ty), (vx, vy) = synthetic(n_train=256, n_test=1000)
+    model = MLP()
+    q = fxc.compile(model, fxc.baseline(), loss_fn=nn.CrossEntropyLoss(), example_inputs=(tx[:2],))
+    opt = fxc.fixed_point_optimizer(torch.optim.Adam(q.parameters(), lr=1e-3), q)
+    for i in range(0, 256, 32):
+        opt.zero_grad()
+        q.loss(q(tx[i:i + 32]), ty[i:i + 32]).backward()
+        opt.step()
+    q.eval()
+    with torch.no_grad():
+        sim = q(vx)
+    out, _ = _ort(to_onnx(integer_graph(q, (vx[:1],))), vx)
+    agree = (torch.from_numpy(out).argmax(1) == sim.argmax(1)).float().mean().item()
+    assert agree >= 0.99
+    assert np.abs(out - sim.numpy()).max() <= 4 * 2.0 ** -8
