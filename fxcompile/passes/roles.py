@@ -23,6 +23,8 @@ def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)).__name__
     if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):  # export graphs: aten.linear.default -> linear
+            return node.target.overloadpacket.__name__
         return getattr(node.target, "__name__", str(node.target)).split(".")[-1]
     if node.op == "call_method":
         return str(node.target)

@@ -36,6 +36,7 @@ class _Tracer(fx.Tracer):
         self.leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
         self.leaf_names = [x for x in leaf_modules if isinstance(x, str)]
         self.path: list[tuple[str, str]] = []  # (qualified name, class) of modules being traced
+        self.failed: tuple[str, str] | None = None  # the innermost module an exception came out of
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types) or any(fnmatch.fnmatchcase(qualname, p) for p in self.leaf_names):
@@ -47,6 +48,10 @@ class _Tracer(fx.Tracer):
         self.path.append((qualname, type(m).__name__))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None:
+                self.failed = self.path[-1]
+            raise
         finally:
             self.path.pop()
 
@@ -73,7 +78,7 @@ def _trace_fx(model: torch.nn.Module, leaf_modules: Sequence, concrete_args=None
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds; all become TraceError
-        path, cls = tracer.path[-1] if tracer.path else ("", type(model).__name__)
+        path, cls = tracer.failed or ("", type(model).__name__)
         where = f"module '{path}' ({cls})" if path else f"the top-level module ({cls})"
         hint = _LEAF_HINT.format(path=path) if path else (
             "make that code traceable, or use frontend='export' with example_inputs")
@@ -89,11 +94,23 @@ def _trace_export(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     if example_inputs is None:
         raise TraceError("frontend='export' needs example_inputs, e.g. compile(..., example_inputs=(x,))")
     try:
-        ep = torch.export.export(model, tuple(example_inputs), strict=False)
-        gm = ep.module()
+        # the batch dimension stays symbolic: training batches differ from the example's
+        dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() else None
+                        for x in example_inputs)
+        ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic, strict=False)
+        exported = ep.module()
     except Exception as exc:  # noqa: BLE001
         raise TraceError(f"torch.export cannot capture {type(model).__name__}: "
                          f"{str(exc).splitlines()[0]}") from exc
+    # A plain GraphModule over the exported graph: ep.module() refuses train()/eval(), which
+    # training loops and shape propagation call; the ATen graph itself is kept as is.
+    gm = fx.GraphModule(exported, exported.graph, type(model).__name__)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            # the export-time input checks: not a value of the model, and a cast's fan-out otherwise
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
     gm.meta["fxc_frontend"] = "export"
     return gm
 
@@ -118,4 +135,7 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable = (), frontend: str = "
         if frontend == "fx" or example_inputs is None:
             raise
         warnings.warn(f"{err} Falling back to frontend='export'.", stacklevel=2)
-        return _trace_export(model, example_inputs)
+        try:
+            return _trace_export(model, example_inputs)
+        except TraceError as export_err:
+            raise TraceError(f"{err} The fallback front-end failed too: {export_err}") from export_err
