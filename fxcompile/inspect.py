@@ -44,7 +44,7 @@ def inspect(qmodel: fx.GraphModule) -> str:
     policy = qmodel.meta.get("fxc_policy")
     fmts = sorted(a.formats())
     lines = [f"graph captured by: {qmodel.meta.get('fxc_frontend', '?')}",
-             f"policy: {getattr(policy, 'name', None) or policy!r}",
+             f"policy: {getattr(policy, 'name', None) or repr(policy)}",
              f"edges: {len(a)}  casts: {sum(len(list(gm.casts.children())) for _, gm in graphs(qmodel) if hasattr(gm, 'casts'))}"
              f"  distinct formats: {len(fmts)} ({', '.join(f'{b}.{f}' for b, f in fmts)})",
              "", a.table()]
