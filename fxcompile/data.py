@@ -7,6 +7,7 @@ holds the four official IDX files directly.  Nothing is ever downloaded.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -32,11 +33,22 @@ def _complete(raw: Path) -> bool:
     return all((raw / f[:-3]).exists() for f in IDX_FILES)
 
 
+def _fingerprint(folder: Path) -> str:
+    """Identify the source files by path, size and modification time."""
+    stamp = [str(folder)]
+    for f in IDX_FILES:
+        src = folder / f[:-3] if (folder / f[:-3]).exists() else folder / f
+        st = src.stat()
+        stamp.append(f"{src.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(stamp).encode()).hexdigest()[:16]
+
+
 def find_root(root: str | os.PathLike | None = None) -> Path:
     """Resolve the data root into torchvision's layout, or raise DataError saying what to do.
 
     torchvision reads the decompressed IDX files; when the root holds only the ``.gz``
-    files they are decompressed once into ``~/.cache/fxcompile`` (the root is never written).
+    files they are decompressed once into ``~/.cache/fxcompile``, in a folder keyed by the
+    source files' path, size and time (the root is never written).
     """
     root = root or os.environ.get("FXCOMPILE_DATA")
     if not root:
@@ -49,6 +61,7 @@ def find_root(root: str | os.PathLike | None = None) -> Path:
         if _complete(folder) and folder.parent.name == "FashionMNIST":
             return folder.parent.parent
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fxcompile" / "fashion-mnist"
+        cache = cache / _fingerprint(folder)  # one copy per source: another root never reads stale files
         raw = cache / "FashionMNIST" / "raw"
         raw.mkdir(parents=True, exist_ok=True)
         for f in IDX_FILES:
