@@ -1,0 +1,357 @@
+// Fused fixed-point cast kernels for CPU: one pass over memory, forward and backward.
+//
+// Each kernel replays quantize_reference (fxcompile/cast.py) operation by operation in the
+// same work precision, so results are equal bit for bit; -ffp-contract=off keeps the
+// compiler from fusing those steps.  Stochastic rounding draws u from a counter-based hash
+// of (seed, logical element index), which the pure-PyTorch reference reproduces.
+//
+// The forward also writes the saturation mask packed one bit per element (int64 words),
+// which is all the backward needs: 1/32 of a float32 activation instead of a saved output.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace {
+
+enum Rounding { NEAREST = 0, STOCHASTIC = 1, FLOOR = 2, TOWARD_ZERO = 3 };
+enum Overflow { SATURATE = 0, WRAP = 1, WRAP_POW2 = 2 };  // WRAP_POW2: internal fast path
+constexpr int64_t WORD = 64;              // elements per mask word; also the block size
+constexpr int64_t GRAIN_WORDS = 32768 / WORD;
+
+struct Spec {
+  int64_t frac = 0, qmin = 0, qmax = 0, zp = 0, rounding = 0, overflow = 0;
+  static Spec of(at::IntArrayRef s, const char* what) {
+    TORCH_CHECK(s.size() == 6, "fxcompile: ", what, " spec must be [frac, code_min, code_max, zero_point, "
+                "rounding, overflow] (6 ints), got ", s.size(), " ints");
+    TORCH_CHECK(s[4] >= 0 && s[4] <= 3 && s[5] >= 0 && s[5] <= 1, "fxcompile: ", what,
+                " spec has an unknown rounding or overflow index: ", s);
+    return Spec{s[0], s[1], s[2], s[3], s[4], s[5]};
+  }
+  // float32 holds every integer exactly up to 2**24; wrapping adds offsets up to twice the
+  // code range to a code, so wrapping formats wider than 22 bits work in float64.
+  bool needs_double() const { return qmax - qmin >= (int64_t(1) << (overflow == WRAP ? 22 : 24)); }
+};
+
+template <typename W>
+struct Params {
+  W scale, inv_scale, zp, qmin, qmax, range, inv_range;
+  uint32_t s0, s1;
+  Params(const Spec& s, uint64_t seed)
+      : scale(static_cast<W>(std::ldexp(1.0, static_cast<int>(s.frac)))),
+        inv_scale(static_cast<W>(std::ldexp(1.0, static_cast<int>(-s.frac)))),
+        zp(static_cast<W>(s.zp)), qmin(static_cast<W>(s.qmin)), qmax(static_cast<W>(s.qmax)),
+        range(static_cast<W>(s.qmax - s.qmin + 1)), inv_range(W(1) / range),
+        s0(static_cast<uint32_t>(seed)), s1(static_cast<uint32_t>(seed >> 32)) {}
+};
+
+// lowbias32 (C. Wellons): a bijective 32-bit mixer; two rounds key it by seed and index.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+template <typename W>
+inline W uniform(uint32_t h);
+template <>
+inline float uniform<float>(uint32_t h) { return static_cast<float>(static_cast<int32_t>(h >> 8)) * 0x1p-24f; }
+template <>
+inline double uniform<double>(uint32_t h) { return static_cast<double>(h) * 0x1p-32; }
+
+// torch.remainder for floats: fmod, then shift into the divisor's sign.
+template <typename W>
+inline W remainder(W a, W b) {
+  W m = std::fmod(a, b);
+  return (m != W(0) && ((b < W(0)) != (m < W(0)))) ? m + b : m;
+}
+
+// x * 2**frac -> rounded, offset, saturated or wrapped code (still a float of type W).
+// For integer-valued t and a power-of-two divisor every step here is exact, so this equals
+// torch.remainder up to the sign of a zero result, which the following "+ code_min" erases.
+template <typename W>
+inline W remainder_pow2(W a, W b, W inv_b) {
+  return a - b * std::floor(a * inv_b);
+}
+
+template <typename W, int R, int O, bool ZP>
+inline W to_code(W t, W u, const Params<W>& p) {
+  if (R == NEAREST) {
+    t = std::nearbyint(t);  // ties to even in the default rounding mode, like torch.round
+  } else if (R == FLOOR) {
+    t = std::floor(t);
+  } else if (R == TOWARD_ZERO) {
+    t = std::trunc(t);
+  } else {
+    W f = std::floor(t);
+    t = f + (u < t - f ? W(1) : W(0));
+  }
+  if (O == WRAP) t = remainder(t, p.range);
+  if (O == WRAP_POW2) t = remainder_pow2(t, p.range, p.inv_range);
+  if (ZP) t = t + p.zp;
+  if (O == SATURATE) {
+    t = std::min(std::max(t, p.qmin), p.qmax);
+  } else if (O == WRAP) {
+    t = remainder(t - p.qmin, p.range) + p.qmin;
+  } else {
+    t = remainder_pow2(t - p.qmin, p.range, p.inv_range) + p.qmin;
+  }
+  if (ZP) t = t - p.zp;
+  return t;
+}
+
+// One block of at most 64 elements starting at global index `start`.
+// With a mask (backward), x is an incoming gradient, zeroed where `zero_bits` has a bit; Q rounds.
+template <typename T, typename W, int R, int O, bool ZP, bool Q>
+inline void block(const T* x, T* y, int64_t start, int64_t len, const Params<W>& p, uint64_t zero_bits) {
+  const uint32_t lo = static_cast<uint32_t>(start);
+  const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(start) >> 32) ^ p.s1;
+  W u[WORD];
+  if (R == STOCHASTIC) {
+    for (int32_t j = 0; j < static_cast<int32_t>(WORD); ++j) {
+      u[j] = uniform<W>(mix32(mix32((lo + static_cast<uint32_t>(j)) ^ p.s0) + hi));
+    }
+  }
+  for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {
+    W xv = static_cast<W>(x[j]);
+    if (zero_bits) xv = ((zero_bits >> j) & 1) ? W(0) : xv;
+    if (Q) {
+      W t = to_code<W, R, O, ZP>(xv * p.scale, R == STOCHASTIC ? u[j] : W(0), p);
+      y[j] = static_cast<T>(t * p.inv_scale + W(0) * xv);  // 0 * +-Inf = NaN: non-finite stays so
+    } else {
+      y[j] = static_cast<T>(xv);
+    }
+  }
+}
+
+template <typename T>
+inline uint64_t saturated_bits_scalar(const T* y, int64_t len, T lo, T hi) {
+  uint64_t bits = 0;
+  for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {
+    const bool inside = (y[j] > lo) & (y[j] < hi);  // no short circuit: keeps the loop vectorisable
+    bits |= static_cast<uint64_t>(!inside) << j;
+  }
+  return bits;
+}
+
+// Compilers do not vectorise bit packing; compare-to-mask instructions do it directly.
+template <typename T>
+inline uint64_t saturated_bits(const T* y, int64_t len, T lo, T hi) {
+  return saturated_bits_scalar(y, len, lo, hi);
+}
+
+#if defined(__AVX512F__)
+template <>
+inline uint64_t saturated_bits<float>(const float* y, int64_t len, float lo, float hi) {
+  if (len != WORD) return saturated_bits_scalar(y, len, lo, hi);
+  const __m512 l = _mm512_set1_ps(lo), h = _mm512_set1_ps(hi);
+  uint64_t bits = 0;
+  for (int k = 0; k < WORD; k += 16) {
+    const __m512 v = _mm512_loadu_ps(y + k);
+    const __mmask16 inside = _mm512_cmp_ps_mask(v, l, _CMP_GT_OQ) & _mm512_cmp_ps_mask(v, h, _CMP_LT_OQ);
+    bits |= static_cast<uint64_t>(static_cast<uint16_t>(~inside)) << k;
+  }
+  return bits;
+}
+template <>
+inline uint64_t saturated_bits<double>(const double* y, int64_t len, double lo, double hi) {
+  if (len != WORD) return saturated_bits_scalar(y, len, lo, hi);
+  const __m512d l = _mm512_set1_pd(lo), h = _mm512_set1_pd(hi);
+  uint64_t bits = 0;
+  for (int k = 0; k < WORD; k += 8) {
+    const __m512d v = _mm512_loadu_pd(y + k);
+    const __mmask8 inside = _mm512_cmp_pd_mask(v, l, _CMP_GT_OQ) & _mm512_cmp_pd_mask(v, h, _CMP_LT_OQ);
+    bits |= static_cast<uint64_t>(static_cast<uint8_t>(~inside)) << k;
+  }
+  return bits;
+}
+#elif defined(__AVX2__)
+template <>
+inline uint64_t saturated_bits<float>(const float* y, int64_t len, float lo, float hi) {
+  if (len != WORD) return saturated_bits_scalar(y, len, lo, hi);
+  const __m256 l = _mm256_set1_ps(lo), h = _mm256_set1_ps(hi);
+  uint64_t bits = 0;
+  for (int k = 0; k < WORD; k += 8) {
+    const __m256 v = _mm256_loadu_ps(y + k);
+    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(v, l, _CMP_GT_OQ), _mm256_cmp_ps(v, h, _CMP_LT_OQ));
+    bits |= static_cast<uint64_t>(~_mm256_movemask_ps(inside) & 0xFF) << k;
+  }
+  return bits;
+}
+#endif
+
+// y = round(mask ? 0 : x); optionally writes the saturation bits of y into `mask_out`.
+template <typename T, typename W, int R, int O, bool ZP, bool Q>
+void run(const T* x, T* y, int64_t n, const Spec& s, uint64_t seed, const int64_t* mask_in, int64_t* mask_out) {
+  Params<W> p(s, seed);
+  T lo{}, hi{};
+  if (mask_out) {
+    // the same comparison as the reference: bounds in the value's own dtype
+    lo = static_cast<T>(static_cast<double>(s.qmin - s.zp) * std::ldexp(1.0, static_cast<int>(-s.frac)));
+    hi = static_cast<T>(static_cast<double>(s.qmax - s.zp) * std::ldexp(1.0, static_cast<int>(-s.frac)));
+  }
+  const int64_t words = (n + WORD - 1) / WORD;
+  at::parallel_for(0, words, GRAIN_WORDS, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t start = w * WORD, len = std::min(WORD, n - start);
+      const uint64_t zero = mask_in ? static_cast<uint64_t>(mask_in[w]) : 0;
+      block<T, W, R, O, ZP, Q>(x + start, y + start, start, len, p, zero);
+      if (mask_out) mask_out[w] = static_cast<int64_t>(saturated_bits<T>(y + start, len, lo, hi));
+    }
+  });
+}
+
+template <typename T, typename W>
+void dispatch_modes(const T* x, T* y, int64_t n, const Spec* s, uint64_t seed, const int64_t* mask_in,
+                    int64_t* mask_out) {
+  if (!s) return run<T, W, NEAREST, SATURATE, false, false>(x, y, n, Spec{}, seed, mask_in, nullptr);
+  const bool zp = s->zp != 0;
+  const uint64_t range = static_cast<uint64_t>(s->qmax - s->qmin + 1);
+  const int64_t overflow = s->overflow == WRAP && (range & (range - 1)) == 0 ? WRAP_POW2 : s->overflow;
+#define FXC_CASE(R, O)                                                                  \
+  if (s->rounding == R && overflow == O) {                                           \
+    if (zp) return run<T, W, R, O, true, true>(x, y, n, *s, seed, mask_in, mask_out);   \
+    return run<T, W, R, O, false, true>(x, y, n, *s, seed, mask_in, mask_out);          \
+  }
+  FXC_CASE(NEAREST, SATURATE) FXC_CASE(NEAREST, WRAP) FXC_CASE(NEAREST, WRAP_POW2)
+  FXC_CASE(STOCHASTIC, SATURATE) FXC_CASE(STOCHASTIC, WRAP) FXC_CASE(STOCHASTIC, WRAP_POW2)
+  FXC_CASE(FLOOR, SATURATE) FXC_CASE(FLOOR, WRAP) FXC_CASE(FLOOR, WRAP_POW2)
+  FXC_CASE(TOWARD_ZERO, SATURATE) FXC_CASE(TOWARD_ZERO, WRAP) FXC_CASE(TOWARD_ZERO, WRAP_POW2)
+#undef FXC_CASE
+}
+
+// The kernel entry: x -> y (same dtype), contiguous; mask words in/out optional.
+void launch(const at::Tensor& x, const at::Tensor& y, const Spec* s, uint64_t seed, const int64_t* mask_in,
+            int64_t* mask_out) {
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  const bool wide = x.scalar_type() == at::kDouble || (s && s->needs_double());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxcompile_cast", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (wide) {
+      dispatch_modes<scalar_t, double>(xp, yp, n, s, seed, mask_in, mask_out);
+    } else {
+      dispatch_modes<scalar_t, float>(xp, yp, n, s, seed, mask_in, mask_out);
+    }
+  });
+}
+
+// Same draw as fxcompile.kernels.draw_seed() in Python, from the default generator.
+uint64_t seed_or_draw(std::optional<int64_t> seed) {
+  if (seed.has_value()) return static_cast<uint64_t>(*seed);
+  return static_cast<uint64_t>(at::randint(0, int64_t(1) << 62, {}, at::TensorOptions().dtype(at::kLong)).item<int64_t>());
+}
+
+bool is_stochastic(at::IntArrayRef spec) { return spec.size() == 6 && spec[4] == STOCHASTIC; }
+
+at::Tensor quantize_cpu(const at::Tensor& x, at::IntArrayRef spec, std::optional<int64_t> seed) {
+  if (spec.empty()) return x.clone();
+  TORCH_CHECK(x.is_floating_point(), "fxcompile.quantize: expected a floating-point tensor, got ", x.scalar_type());
+  const Spec s = Spec::of(spec, "forward");
+  const uint64_t sd = is_stochastic(spec) ? seed_or_draw(seed) : 0;
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  launch(xc, y, &s, sd, nullptr, nullptr);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_mask_cpu(const at::Tensor& x, at::IntArrayRef spec,
+                                                     std::optional<int64_t> seed) {
+  TORCH_CHECK(x.is_floating_point(), "fxcompile.quantize_mask: expected a floating-point tensor, got ",
+              x.scalar_type());
+  const Spec s = Spec::of(spec, "forward");
+  const uint64_t sd = is_stochastic(spec) ? seed_or_draw(seed) : 0;
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor mask = at::empty({(x.numel() + WORD - 1) / WORD}, x.options().dtype(at::kLong));
+  launch(xc, y, &s, sd, nullptr, mask.mutable_data_ptr<int64_t>());
+  return {y, mask};
+}
+
+at::Tensor cast_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& mask, at::IntArrayRef spec,
+                             std::optional<int64_t> seed) {
+  TORCH_CHECK(grad.is_floating_point(), "fxcompile.cast_backward: expected a floating-point gradient");
+  const bool has_mask = mask.has_value() && mask->defined();
+  if (has_mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kLong && mask->is_contiguous() &&
+                mask->numel() == (grad.numel() + WORD - 1) / WORD,
+                "fxcompile.cast_backward: mask must hold ceil(numel / 64) int64 words");
+  }
+  std::optional<Spec> s;
+  if (!spec.empty()) s = Spec::of(spec, "backward");
+  const uint64_t sd = is_stochastic(spec) ? seed_or_draw(seed) : 0;
+  at::Tensor gc = grad.contiguous();
+  at::Tensor out = at::empty(grad.sizes(), grad.options());
+  launch(gc, out, s ? &*s : nullptr, sd, has_mask ? mask->const_data_ptr<int64_t>() : nullptr, nullptr);
+  return out;
+}
+
+// ---- autograd: one C++ node per cast, no Python on the hot path --------------------------------
+
+std::vector<int64_t> to_vec(const c10::IValue& v) { return v.toIntVector(); }
+
+struct CastFunction : public torch::autograd::Function<CastFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::IntArrayRef fwd,
+                            at::IntArrayRef bwd, bool clip) {
+    static auto qmask = c10::Dispatcher::singleton()
+        .findSchemaOrThrow("fxcompile::quantize_mask", "").typed<decltype(quantize_mask_cpu)>();
+    static auto quant = c10::Dispatcher::singleton()
+        .findSchemaOrThrow("fxcompile::quantize", "").typed<decltype(quantize_cpu)>();
+    ctx->saved_data["bwd"] = bwd.vec();
+    const bool use_mask = clip && !fwd.empty() && fwd[5] == SATURATE;
+    ctx->saved_data["clip"] = use_mask;
+    if (fwd.empty()) return x.view_as(x);
+    if (!use_mask) return quant.call(x, fwd, std::nullopt);
+    auto [y, mask] = qmask.call(x, fwd, std::nullopt);
+    ctx->save_for_backward({mask});
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto bwd_op = c10::Dispatcher::singleton()
+        .findSchemaOrThrow("fxcompile::cast_backward", "").typed<decltype(cast_backward_cpu)>();
+    std::vector<int64_t> bwd = to_vec(ctx->saved_data["bwd"]);
+    const bool clip = ctx->saved_data["clip"].toBool();
+    at::Tensor g = grads[0];
+    if (!clip && bwd.empty()) return {g, at::Tensor(), at::Tensor(), at::Tensor()};
+    std::optional<at::Tensor> mask;
+    if (clip) mask = ctx->get_saved_variables()[0];
+    return {bwd_op.call(g, mask, bwd, std::nullopt), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor cast_composite(const at::Tensor& x, at::IntArrayRef fwd, at::IntArrayRef bwd, bool clip) {
+  if (fwd.empty() && bwd.empty()) return x;
+  if (!(at::GradMode::is_enabled() && x.requires_grad())) {
+    static auto quant = c10::Dispatcher::singleton()
+        .findSchemaOrThrow("fxcompile::quantize", "").typed<decltype(quantize_cpu)>();
+    return fwd.empty() ? x : quant.call(x, fwd, std::nullopt);
+  }
+  return CastFunction::apply(x, fwd, bwd, clip);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fxcompile, CPU, m) {
+  m.impl("quantize", &quantize_cpu);
+  m.impl("quantize_mask", &quantize_mask_cpu);
+  m.impl("cast_backward", &cast_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fxcompile, CompositeImplicitAutograd, m) { m.impl("cast", &cast_composite); }

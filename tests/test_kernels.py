@@ -1,0 +1,257 @@
+"""The fused cast kernels against the pure-PyTorch reference and independent oracles."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+
+import pytest
+import torch
+
+import fxcompile as fxc
+from fxcompile import fixed, kernels
+from fxcompile.cast import _inside, cast, counter_uniform, quantize, quantize_reference
+from fxcompile.kernels import fallback
+
+FORMATS = [
+    fixed(16, 8), fixed(8, 4, signed=False), fixed(24, 12), fixed(8, -2), fixed(2, 0),
+    fixed(8, 3, mode="asymmetric", zero_point=5),
+    fixed(32, 16, overflow="wrap"), fixed(8, 4, signed=False, overflow="wrap"), fixed(23, 10, overflow="wrap"),
+    fixed(12, 20, mode="asymmetric", zero_point=-100, overflow="wrap"),
+]
+ROUNDINGS = ["nearest", "stochastic", "floor", "toward_zero"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SEED = 0x1234_5678_9ABC
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+            torch.bfloat16: torch.int16}[t.dtype]
+    return t.contiguous().reshape(-1).view(ints)
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal shape and dtype, NaN in the same places, every other element equal bit for bit."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    nan_a, nan_b = torch.isnan(a).reshape(-1), torch.isnan(b).reshape(-1)
+    assert torch.equal(nan_a, nan_b)
+    assert torch.equal(_bits(a)[~nan_a], _bits(b)[~nan_b])
+
+
+def _inputs(fmt, dtype):
+    """Values spanning many binades plus ties, signed zero, NaN and ±Inf, in several layouts."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, dtype=torch.float64, generator=g) * torch.logspace(-6, 12, 1000, dtype=torch.float64)
+    step = 2.0 ** -fmt.frac
+    x[:10] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5 * step, 1.5 * step, -0.0,
+                           -2.5 * step, 1e300, -1e300, 3.0], dtype=torch.float64)
+    x = x.to(dtype)
+    return {"1000": x, "strided": x[::3], "empty": x[:0], "0-d": x[5], "transposed": x.view(10, 100).t(),
+            "4-d": x[:960].view(2, 3, 10, 16)}
+
+
+def _reference(x, spec, seed):
+    return quantize_reference(x, spec, seed=seed) if spec[4] == 1 else quantize_reference(x, spec)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _loaded():
+    kernels.load()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_fused_forward_mask_and_backward_equal_the_reference(fmt, rounding, dtype):
+    spec = fmt.replace(rounding=rounding).spec()
+    for name, x in _inputs(fmt, dtype).items():
+        ref = _reference(x, spec, SEED)
+        assert_same_bits(torch.ops.fxcompile.quantize(x, spec, SEED), ref)
+        y, mask = torch.ops.fxcompile.quantize_mask(x, spec, SEED)
+        assert_same_bits(y, ref)
+        assert torch.equal(mask, kernels.pack_mask(~_inside(ref, spec))), name
+        grad = (torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 100).to(dtype)
+        assert_same_bits(torch.ops.fxcompile.cast_backward(grad, mask, spec, SEED),
+                         _reference(torch.where(_inside(ref, spec), grad, 0.0), spec, SEED))
+        assert_same_bits(torch.ops.fxcompile.cast_backward(grad, None, spec, SEED), _reference(grad, spec, SEED))
+        assert_same_bits(torch.ops.fxcompile.cast_backward(grad, mask, [], None),
+                         torch.where(_inside(ref, spec), grad, 0.0))
+
+
+def test_the_active_implementation_is_the_compiled_kernel():
+    # everything above would pass trivially against the fallback; say which one was tested
+    if os.environ.get("FXCOMPILE_KERNELS") == "python":
+        pytest.skip("fallback forced by FXCOMPILE_KERNELS=python")
+    assert kernels.backend() == "cpp"
+
+
+def _lowbias32(v: int) -> int:
+    m = 0xFFFFFFFF
+    v ^= v >> 16
+    v = (v * 0x7FEB352D) & m
+    v ^= v >> 15
+    v = (v * 0x846CA68B) & m
+    return v ^ (v >> 16)
+
+
+@pytest.mark.parametrize("seed", [0, 7, (1 << 62) - 1, 0xDEADBEEF_CAFEF00D])
+def test_counter_uniform_is_the_documented_hash(seed):
+    """Python integers as the oracle for the int64 tensor arithmetic of the reference."""
+    u32, u64 = counter_uniform((300,), seed, torch.float32), counter_uniform((300,), seed, torch.float64)
+    for i in (0, 1, 2, 63, 64, 299):
+        h = _lowbias32((_lowbias32((i & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF)) + ((i >> 32) ^ (seed >> 32)))
+                       & 0xFFFFFFFF)
+        assert u32[i].item() == (h >> 8) / 2 ** 24
+        assert u64[i].item() == h / 2 ** 32
+
+
+def _round_half_even(q: Fraction) -> int:
+    return round(q)  # Python rounds Fractions half to even
+
+
+def test_cast_autograd_against_exact_rational_arithmetic():
+    fwd, bwd = fixed(8, 4), fixed(8, 6)
+    x = torch.tensor([0.03125, 0.09375, -1.2, 7.9, 8.5, -9.0, 7.96875, 0.5], dtype=torch.float64)
+    g = torch.tensor([0.3, -0.015625, 1.1, 2.2, 5.0, -0.7, 0.1, 3.0], dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    y = cast(xr, fwd, bwd)
+    y.backward(g)
+    for xi, gi, yi, dxi in zip(x.tolist(), g.tolist(), y.tolist(), xr.grad.tolist()):
+        code = min(max(_round_half_even(Fraction(xi) * 2 ** 4), fwd.code_min), fwd.code_max)
+        assert Fraction(yi) == Fraction(code, 2 ** 4)
+        inside = fwd.code_min < code < fwd.code_max
+        gcode = min(max(_round_half_even(Fraction(gi) * 2 ** 6), bwd.code_min), bwd.code_max)
+        assert Fraction(dxi) == (Fraction(gcode, 2 ** 6) if inside else 0)
+
+
+def test_cast_saves_one_bit_per_element():
+    saved = []
+    x = torch.randn(3, 50, 7, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = cast(x, fixed(16, 8), fixed(16, 10))
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.int64, (x.numel() + 63) // 64)]
+    y.sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_cast_gradient_equals_reference_composition(clip):
+    fwd, bwd = fixed(8, 4, rounding="floor").spec(), fixed(10, 6).spec()
+    x = (torch.randn(5, 33) * 6).requires_grad_()
+    g = torch.randn(5, 33) * 3
+    y = cast(x, fwd, bwd, clip_gradient=clip)
+    y.backward(g)
+    ref = quantize_reference(x.detach(), fwd)
+    assert_same_bits(y.detach(), ref)
+    gin = torch.where(_inside(ref, fwd), g, 0.0) if clip else g
+    assert_same_bits(x.grad, quantize_reference(gin, bwd))
+
+
+def test_cast_edge_cases():
+    x = torch.randn(4, requires_grad=True)
+    assert cast(x, None, None) is x
+    assert cast(torch.arange(3), fixed(8, 4)).dtype == torch.int64
+    y = cast(x, None, fixed(8, 4))  # float forward, fixed-point gradient
+    assert torch.equal(y, x)
+    y.backward(torch.full((4,), 0.3))
+    assert torch.equal(x.grad, torch.full((4,), 0.3125))
+    with torch.no_grad():
+        assert cast(x, fixed(8, 4), fixed(8, 4)).grad_fn is None
+    with pytest.raises(RuntimeError, match="spec"):
+        torch.ops.fxcompile.quantize(x.detach(), [4, -127, 127])
+
+
+def test_stochastic_rounding_is_reproducible_from_the_global_seed_and_unbiased():
+    spec = fixed(16, 4, rounding="stochastic").spec()
+    x = torch.full((200_000,), 0.3)
+    torch.manual_seed(3)
+    a = quantize(x, spec)
+    torch.manual_seed(3)
+    seed = kernels.draw_seed()  # the kernel draws its seed exactly like this
+    assert torch.equal(a, quantize_reference(x, spec, seed=seed))
+    torch.manual_seed(3)
+    assert torch.equal(a, quantize(x, spec))
+    assert not torch.equal(a, quantize(x, spec))  # a fresh seed for the next call
+    assert set(a.unique().tolist()) == {0.25, 0.3125}
+    assert abs(a.double().mean().item() - 0.3) < 2e-4  # 6 sigma for 2e5 Bernoulli(0.8) steps of 1/16
+
+
+def test_stochastic_cast_backward_draws_its_own_seed():
+    spec = fixed(16, 8, rounding="stochastic").spec()
+    x = torch.randn(1000, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        x.grad = None
+        cast(x, spec, spec).backward(torch.full((1000,), 0.001))
+        grads.append(x.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+    assert set(grads[0].unique().tolist()) <= {0.0, 2 ** -8}
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_fallback_matches_the_kernel(rounding):
+    spec = fixed(12, 6, rounding=rounding).spec()
+    x = torch.randn(3, 70) * 40
+    y, mask = torch.ops.fxcompile.quantize_mask(x, spec, SEED)
+    fy, fmask = fallback.quantize_mask(x, spec, SEED)
+    assert_same_bits(fy, y)
+    assert torch.equal(fmask, mask)
+    g = torch.randn(3, 70)
+    assert_same_bits(fallback.cast_backward(g, mask, spec, SEED), torch.ops.fxcompile.cast_backward(g, mask, spec, SEED))
+
+
+def test_pack_and_unpack_mask_round_trip():
+    flags = torch.rand(130) < 0.5
+    words = kernels.pack_mask(flags)
+    assert words.shape == (3,) and words.dtype == torch.int64
+    assert torch.equal(kernels.unpack_mask(words, 130), flags)
+    assert kernels.pack_mask(torch.tensor([False] * 63 + [True])).item() == -(1 << 63)
+
+
+def test_without_a_compiler_the_fallback_is_used_with_one_warning():
+    script = textwrap.dedent("""
+        import warnings, torch
+        import fxcompile.kernels as k
+        def no_compiler():
+            raise OSError("g++: command not found")
+        k._build = no_compiler
+        from fxcompile import fixed
+        from fxcompile.cast import cast, quantize_reference
+        x = torch.randn(100, requires_grad=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = cast(x, fixed(8, 4), fixed(8, 4))
+            y = cast(y, fixed(8, 4), fixed(8, 4))
+        y.sum().backward()
+        assert k.backend() == "python", k.backend()
+        assert torch.equal(y, quantize_reference(x.detach(), fixed(8, 4).spec()))
+        assert torch.equal(x.grad, torch.where(x.abs() < 7.9, 1.0, 0.0))
+        mine = [w for w in caught if "fused C++ cast kernel" in str(w.message)]
+        assert len(mine) == 1, [str(w.message) for w in caught]
+        print("ok")
+    """)
+    env = dict(os.environ, FXCOMPILE_KERNELS="")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_compiled_model_under_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    policy = fxc.Policy(activation="16.8", gradient="16.10", weight="24.12", bias="16.8", loss="16.10")
+    qmodel = fxc.compile(model, policy)
+    x = torch.randn(5, 12)
+    eager = qmodel(x)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in qmodel.parameters()]
+    qmodel.zero_grad()
+    compiled = torch.compile(qmodel, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    assert torch.equal(out, eager)
+    for p, g in zip(qmodel.parameters(), eager_grads):
+        assert torch.equal(p.grad, g)
