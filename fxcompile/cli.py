@@ -39,6 +39,8 @@ def add_demo(sub):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--policy", default="baseline", help="policy name or file (default: baseline)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--onnx", default=None, help="write the exported integer ONNX model here "
+                   "(default: a temporary file)")
 
 
 def run_demo(args):
@@ -59,6 +61,21 @@ def run_demo(args):
           f"step-time ratio (fixed point / FP32): {fx['step_time_ms'] / fp32['step_time_ms']:.2f}")
     print()
     print(inspect(fx["model_object"]))
+    _demo_export(fx["model_object"], test_data, args.onnx)
+
+
+def _demo_export(qmodel, test_data, path):
+    import tempfile
+    from .export import export_onnx, verify
+    path = path or tempfile.mkstemp(prefix="fxcompile-demo-", suffix=".onnx")[1]
+    export_onnx(qmodel, path, example_inputs=(test_data[0][:1],))
+    r = verify(qmodel, path, *test_data)
+    print()
+    print(f"exported the integer graph to {path}; ONNX Runtime on all {r['images']} test images:")
+    print(f"  accuracy {100 * r['ort_accuracy']:.2f}% (fixed-point simulation {100 * r['simulation_accuracy']:.2f}%)")
+    print(f"  bit-exactness: {r['mismatches']} of {r['outputs']} output codes differ from the integer reference")
+    print(f"  top-1 agreement with the simulation {100 * r['top1_agreement']:.2f}%, "
+          f"largest output-code difference {r['max_code_difference']}")
 
 
 # ---- train ----------------------------------------------------------------------------------
@@ -138,7 +155,76 @@ def run_inspect(args):
             f.write(assignment(q).to_json())
 
 
-COMMANDS = ("demo", "train", "inspect")
+# ---- export / run-onnx ---------------------------------------------------------------------
+
+def add_export(sub):
+    p = sub.add_parser("export", help="export a trained model as an integer ONNX graph (no training)")
+    p.add_argument("output", help="the .onnx file to write")
+    p.add_argument("--model", default="seed_cnn", help="seed_cnn, mlp, residual_cnn, or module:callable")
+    p.add_argument("--policy", default="baseline", help="the policy it was trained under (name or file)")
+    p.add_argument("--state-dict", default=None, help="weights saved with torch.save(model.state_dict()) "
+                   "(or a dict holding them under 'model'); default: the untrained model")
+    p.add_argument("--input-shape", default="1,1,28,28", help="example input shape (comma separated)")
+
+
+def run_export(args):
+    from . import compile, fixed_point_optimizer
+    from .errors import ExportError, FormatError, PolicyError, TraceError
+    from .export import export_onnx, integer_graph
+    from .models import MODELS
+    model = MODELS[args.model]() if args.model in MODELS else _load_callable(args.model)
+    if args.state_dict:
+        try:
+            state = torch.load(args.state_dict, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch.load raises many kinds
+            raise SystemExit(f"fxcompile: cannot read weights from {args.state_dict}: {str(e).splitlines()[0]}") from None
+        state = state.get("model", state) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise SystemExit(f"fxcompile: {args.state_dict} does not fit {args.model}: {e}") from None
+    x = torch.zeros(tuple(int(s) for s in args.input_shape.split(",")))
+    try:
+        qmodel = compile(model, args.policy, example_inputs=(x,)).eval()
+        # weights trained in fixed point are on their grid already; others are rounded once here
+        fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
+        export_onnx(qmodel, args.output, example_inputs=(x,))
+    except (ExportError, TraceError, PolicyError, FormatError) as e:
+        raise SystemExit(f"fxcompile: {e}") from None
+    ops = integer_graph(qmodel, (x,)).ops
+    print(f"wrote {args.output}: {len(ops)} integer ops "
+          f"({', '.join(sorted({op.op for op in ops}))}); input 'x', outputs 'output' and 'output_codes'")
+
+
+def add_run_onnx(sub):
+    p = sub.add_parser("run-onnx", help="evaluate an exported ONNX model with ONNX Runtime on the test set")
+    p.add_argument("model", help="an .onnx file written by 'fxcompile export'")
+    p.add_argument("--data", help="Fashion-MNIST root (default: $FXCOMPILE_DATA)")
+    p.add_argument("--batch-size", type=int, default=500)
+
+
+def run_run_onnx(args):
+    import time
+    from .data import DataError, fashion_mnist
+    from .export import onnx_session
+    try:
+        _, (x, y) = fashion_mnist(args.data, train_subset=1)
+        session = onnx_session(args.model)
+    except DataError as e:
+        raise SystemExit(f"fxcompile: {e}") from None
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        raise SystemExit(f"fxcompile: cannot load {args.model} with ONNX Runtime: {e}") from None
+    name = session.get_inputs()[0].name
+    correct, t0 = 0, time.perf_counter()
+    for i in range(0, len(x), args.batch_size):
+        out = session.run(None, {name: x[i:i + args.batch_size].numpy()})[0]
+        correct += int((torch.from_numpy(out).argmax(1) == y[i:i + args.batch_size]).sum())
+    seconds = time.perf_counter() - t0
+    print(f"{args.model}: accuracy {100 * correct / len(x):.2f}% on {len(x)} test images "
+          f"(ONNX Runtime CPU, {1e3 * seconds / len(x):.3f} ms/image)")
+
+
+COMMANDS = ("demo", "train", "inspect", "export", "run-onnx")
 
 
 def main(argv=None):

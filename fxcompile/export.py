@@ -24,7 +24,7 @@ from .errors import ExportError
 from .passes.fold_bn import fold_bn
 from .passes.lower import IntegerGraph, lower
 
-__all__ = ["integer_graph", "export_onnx", "onnx_session"]
+__all__ = ["integer_graph", "export_onnx", "onnx_session", "verify"]
 
 
 def integer_graph(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> IntegerGraph:
@@ -71,3 +71,48 @@ def onnx_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None
         opts.inter_op_num_threads = 1
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def verify(qmodel: fx.GraphModule, model: onnx.ModelProto | str | os.PathLike, x: torch.Tensor,
+           y: torch.Tensor | None = None, batch_size: int = 500) -> dict:
+    """Run the exported ``model`` (ONNX Runtime), the integer reference and ``qmodel`` (the
+    float fixed-point simulation, eval mode) on ``x`` and compare them.
+
+    Returns ``mismatches`` (output codes where ORT differs from the integer reference),
+    ``outputs`` (number of output codes), ``top1_agreement`` (fraction of rows whose argmax
+    agrees between the integer graph and the simulation), ``max_code_difference`` (largest
+    |integer − simulation| in output codes), and with labels ``y`` the accuracy of each.
+    """
+    graph = integer_graph(qmodel, (x[:1],))
+    out_op = graph.op_of(graph.outputs[0])
+    session = onnx_session(model)
+    input_name = session.get_inputs()[0].name
+    from .backends.integer import run_integer
+    was_training = qmodel.training
+    qmodel.eval()
+    stats = {"mismatches": 0, "outputs": 0, "agree": 0, "max_code_difference": 0, "correct": [0, 0, 0]}
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size]
+            _, ort_codes = session.run(None, {input_name: xb.numpy()})
+            (ref_codes,) = run_integer(graph, xb, codes=True)
+            with torch.no_grad():
+                sim = qmodel(xb)
+            sim_codes = torch.round(sim.double() * 2.0 ** out_op.frac).to(torch.int64)
+            ort_codes = torch.from_numpy(ort_codes)
+            stats["mismatches"] += int((ort_codes != ref_codes).sum())
+            stats["outputs"] += ref_codes.numel()
+            stats["agree"] += int((ref_codes.argmax(1) == sim.argmax(1)).sum())
+            stats["max_code_difference"] = max(stats["max_code_difference"], int((ref_codes - sim_codes).abs().max()))
+            if y is not None:
+                yb = y[i:i + batch_size]
+                for k, pred in enumerate((ort_codes, ref_codes, sim)):
+                    stats["correct"][k] += int((pred.argmax(1) == yb).sum())
+    finally:
+        qmodel.train(was_training)
+    result = {"images": len(x), "mismatches": stats["mismatches"], "outputs": stats["outputs"],
+              "top1_agreement": stats["agree"] / len(x), "max_code_difference": stats["max_code_difference"]}
+    if y is not None:
+        for k, name in enumerate(("ort_accuracy", "integer_accuracy", "simulation_accuracy")):
+            result[name] = stats["correct"][k] / len(x)
+    return result
