@@ -34,6 +34,9 @@ def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
 def _is_float_tensor_value(node: fx.Node) -> bool | None:
     meta = node.meta.get("tensor_meta")
     if meta is None:
+        kind = node.meta.get("type")  # shape propagation records the type of every result
+        if isinstance(kind, type) and not issubclass(kind, torch.Tensor):
+            return False
         return None  # unknown: the cast checks at run time
     return isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point
 
