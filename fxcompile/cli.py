@@ -91,17 +91,36 @@ def add_train(sub):
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--weight-rounding", choices=["nearest", "stochastic", "floor", "toward_zero"], default=None)
     p.add_argument("--out", default=None, help="write metrics to this .json or .csv file")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint atomically into this folder "
+                   "(one subfolder per seed); keeps the last two")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100; "
+                   "epoch ends are always checkpointed)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in "
+                   "--checkpoint-dir (a run killed at any point ends as if never interrupted)")
+    p.add_argument("--telemetry", type=int, default=0, metavar="N",
+                   help="count overflow/underflow/NaN on every edge, one step in N (0: off)")
 
 
 def run_train(args):
     from .train import TrainConfig, train, write_metrics
     policy = None if args.policy == "fp32" else args.policy
+    if args.resume and not args.checkpoint_dir:
+        raise SystemExit("fxcompile: --resume needs --checkpoint-dir DIR (the folder the run checkpointed into)")
+    if args.checkpoint_every < 1 or args.telemetry < 0:
+        raise SystemExit("fxcompile: --checkpoint-every must be >= 1 and --telemetry >= 0")
     train_data, test_data = _load_data(args)
     runs = []
     for seed in args.seeds:
         cfg = TrainConfig(model=args.model, policy=policy, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, seed=seed, weight_rounding=args.weight_rounding)
-        m = train(cfg, train_data, test_data)
+                          lr=args.lr, seed=seed, weight_rounding=args.weight_rounding,
+                          checkpoint_every=args.checkpoint_every, telemetry=args.telemetry)
+        from .checkpoint import CheckpointError
+        from .errors import FormatError, PolicyError
+        try:
+            m = train(cfg, train_data, test_data, resume=args.resume,
+                      checkpoint_dir=f"{args.checkpoint_dir}/seed-{seed}" if args.checkpoint_dir else None)
+        except (CheckpointError, PolicyError, FormatError) as e:
+            raise SystemExit(f"fxcompile: {e}") from None
         history = ", ".join(f"{100 * h['accuracy']:.2f}" for h in m["history"])
         print(f"{args.policy} seed {seed}: test accuracy {100 * m['accuracy']:.2f}% (per epoch: {history})", flush=True)
         runs.append(m)

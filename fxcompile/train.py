@@ -31,6 +31,9 @@ class TrainConfig:
     seed: int = 0
     weight_rounding: str | None = None   # override the update rounding of parameter storage
     progress: bool = True
+    checkpoint_every: int = 100   # steps between checkpoints (with a checkpoint_dir; epoch ends always)
+    telemetry: int = 0            # N > 0: count overflow/underflow/NaN on every cast, one step in N
+    saturation_warning: float = 0.01   # warn once per edge saturating more than this fraction
 
     def policy_name(self) -> str:
         if self.policy is None:
@@ -62,22 +65,37 @@ def _build(cfg: TrainConfig, example: torch.Tensor):
     return qmodel, qmodel.loss, opt
 
 
-def train(cfg: TrainConfig, train_data, test_data) -> dict:
-    """Train from ``cfg`` on (x, y) tensors; returns metrics (test accuracy after each epoch)."""
+def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resume: bool = False) -> dict:
+    """Train from ``cfg`` on (x, y) tensors; returns metrics (test accuracy after each epoch).
+
+    With ``checkpoint_dir`` the run is checkpointed atomically every ``cfg.checkpoint_every``
+    steps and at each epoch end (:mod:`fxcompile.checkpoint`); ``resume=True`` continues from
+    the newest good checkpoint there, ending bit-identical to an uninterrupted run.
+    """
     torch.manual_seed(cfg.seed)
     (tx, ty), (vx, vy) = train_data, test_data
     model, loss_fn, opt = _build(cfg, tx[:2])
+    if cfg.telemetry and isinstance(model, torch.fx.GraphModule):
+        from . import telemetry
+        telemetry.enable(model, every=cfg.telemetry)
     g = torch.Generator().manual_seed(cfg.seed)
     step_times, epochs, losses = [], [], []
     steps_per_epoch = (len(tx) + cfg.batch_size - 1) // cfg.batch_size
+    ckpt, start_epoch, start_step = None, 0, 0
+    if checkpoint_dir is not None:
+        from .checkpoint import TrainingCheckpointer
+        ckpt = TrainingCheckpointer(checkpoint_dir, cfg, len(tx), cfg.checkpoint_every, resume)
+        start_epoch, start_step, epochs, losses = ckpt.restore(model, opt, g)
     bar = None
     if cfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"{cfg.policy_name()} seed {cfg.seed}", leave=False)
-    for epoch in range(cfg.epochs):
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=min(start_epoch * steps_per_epoch + start_step,
+                   cfg.epochs * steps_per_epoch), desc=f"{cfg.policy_name()} seed {cfg.seed}", leave=False)
+    for epoch in range(start_epoch, cfg.epochs):
         model.train()
+        shuffle_state = g.get_state()  # a mid-epoch checkpoint redraws this epoch's permutation
         perm = torch.randperm(len(tx), generator=g)
-        for i in range(steps_per_epoch):
+        for i in range(start_step if epoch == start_epoch else 0, steps_per_epoch):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -90,8 +108,14 @@ def train(cfg: TrainConfig, train_data, test_data) -> dict:
                 bar.update()
                 if i % 50 == 0:
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if ckpt is not None and ckpt.due(i + 1, steps_per_epoch):
+                ckpt.save(model, opt, shuffle_state, epoch, i + 1, steps_per_epoch, epochs, losses)
         epochs.append({"epoch": epoch + 1, "accuracy": evaluate(model, vx, vy),
                        "train_loss": statistics.fmean(losses[-steps_per_epoch:])})
+        if cfg.telemetry and isinstance(model, torch.fx.GraphModule):
+            telemetry.check(model, cfg.saturation_warning)
+        if ckpt is not None:
+            ckpt.save(model, opt, g.get_state(), epoch + 1, 0, steps_per_epoch, epochs, losses)
     if bar is not None:
         bar.close()
     return {"policy": cfg.policy_name(), "model": cfg.model if isinstance(cfg.model, str) else type(cfg.model).__name__,

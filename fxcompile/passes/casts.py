@@ -29,6 +29,7 @@ class Cast(nn.Module):
         super().__init__()
         self.forward_identity = forward_identity
         self.clip_gradient = clip_gradient and edge.role not in ("weight", "bias")
+        self.counters = None  # fxcompile.telemetry.EdgeCounters while telemetry is on
         self.set_edge(edge)
 
     def set_edge(self, edge: Edge) -> None:
@@ -42,6 +43,8 @@ class Cast(nn.Module):
         self._bwd = spec_of(edge.backward)
 
     def forward(self, x):
+        if self.counters is not None:
+            return self.counters.cast(x, self._fwd, self._bwd, self.clip_gradient)
         return cast(x, self._fwd, self._bwd, self.clip_gradient)
 
     def extra_repr(self) -> str:
