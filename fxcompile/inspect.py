@@ -39,7 +39,8 @@ def assignment(qmodel: fx.GraphModule) -> Assignment:
 
 
 def inspect(qmodel: fx.GraphModule) -> str:
-    """A text report: front-end, policy, the edge table and the distinct formats used."""
+    """A text report: front-end, policy, the edge table, the distinct formats used, and the
+    overflow/underflow/NaN counters of edges where telemetry counted any."""
     a = assignment(qmodel)
     policy = qmodel.meta.get("fxc_policy")
     fmts = sorted(a.formats())
@@ -48,6 +49,10 @@ def inspect(qmodel: fx.GraphModule) -> str:
              f"edges: {len(a)}  casts: {sum(len(list(gm.casts.children())) for _, gm in graphs(qmodel) if hasattr(gm, 'casts'))}"
              f"  distinct formats: {len(fmts)} ({', '.join(f'{b}.{f}' for b, f in fmts)})",
              "", a.table()]
+    from .telemetry import table  # counters, when telemetry is on (fxcompile.telemetry.enable)
+    counts = table(qmodel)
+    if counts:
+        lines += ["", counts]
     return "\n".join(lines)
 
 
