@@ -5,6 +5,7 @@
     print(fxc.inspect(qmodel))
 """
 from .assignment import Assignment, Edge
+from .auto import Auto, auto
 from .cast import cast
 from .compiler import compile
 from .errors import ExportError, FormatError, PolicyError, TraceError
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = ["FixedPoint", "fixed", "as_format", "cast", "Policy", "Override", "ROLES", "baseline", "optimized",
            "fp32", "load_policy", "compile", "assignment", "inspect", "to_dot", "Assignment", "Edge",
-           "fixed_point_optimizer", "FormatError", "PolicyError", "TraceError", "ExportError",
+           "fixed_point_optimizer", "auto", "Auto", "FormatError", "PolicyError", "TraceError", "ExportError",
            "export_onnx"]

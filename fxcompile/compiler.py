@@ -7,6 +7,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
+from .auto import Auto
+from .errors import PolicyError
+from .passes.calibrate import calibrate
+from .passes.choose_formats import choose_formats
 from .policy import Policy, warn_unused
 from .passes import annotate_roles, assign_formats, expose_params, insert_casts, propagate_shapes, trace
 
@@ -25,18 +29,40 @@ class LossGraph(torch.nn.Module):
 
 
 def _pipeline(model, policy, *, loss_graph=False, leaf_modules=(), frontend="fx", example_inputs=None):
-    gm = trace(model, leaf_modules, frontend, example_inputs)
-    gm = expose_params(gm)
-    if example_inputs is not None:
-        gm = propagate_shapes(gm, example_inputs)
-    gm = annotate_roles(gm, loss_graph=loss_graph)
+    gm = _annotated(model, loss_graph=loss_graph, leaf_modules=leaf_modules, frontend=frontend,
+                    example_inputs=example_inputs)
     gm = assign_formats(gm, policy, warn_unused_overrides=False)
     return insert_casts(gm)
 
 
+def _annotated(model, *, loss_graph=False, leaf_modules=(), frontend="fx", example_inputs=None):
+    gm = trace(model, leaf_modules, frontend, example_inputs)
+    gm = expose_params(gm)
+    if example_inputs is not None:
+        gm = propagate_shapes(gm, example_inputs)
+    return annotate_roles(gm, loss_graph=loss_graph)
+
+
+def _auto_pipeline(model, policy: Auto, loss_fn, calibration_data, **front):
+    """Calibrate the model (and loss) graph on sample batches, then let the cost model choose."""
+    if calibration_data is None:
+        raise PolicyError("fxc.auto(...) chooses formats from calibration: pass calibration_data=[(x, y), ...] "
+                          "(a few training batches) to compile")
+    calibration_data = list(calibration_data)
+    gm = _annotated(model, **front)
+    loss = _annotated(LossGraph(loss_fn), loss_graph=True) if loss_fn is not None else None
+    gm = calibrate(gm, calibration_data, loss_graph=loss)
+    gm = choose_formats(gm, policy, loss_graph=loss)
+    for g in (gm, loss):
+        if g is not None:
+            g.meta["fxc_calibration_batches"] = len(calibration_data)
+            insert_casts(g)
+    return gm, loss
+
+
 def compile(model: torch.nn.Module, policy: Policy | str | None = None, *, loss_fn: Callable | None = None,
             example_inputs: Sequence | None = None, leaf_modules: Iterable = (), frontend: str = "fx",
-            ) -> fx.GraphModule:
+            calibration_data: Iterable | None = None) -> fx.GraphModule:
     """Return a trainable fixed-point GraphModule of ``model`` under ``policy``.
 
     The result shares parameters with ``model``.  With ``loss_fn`` the loss is compiled too
@@ -45,7 +71,19 @@ def compile(model: torch.nn.Module, policy: Policy | str | None = None, *, loss_
 
         qmodel = fxc.compile(model, fxc.baseline(), loss_fn=nn.CrossEntropyLoss())
         loss = qmodel.loss(qmodel(x), y); loss.backward()
+
+    With ``policy=fxc.auto(...)`` the formats are chosen by the cost model from statistics of
+    ``calibration_data`` (batches ``(x, y)``), forward and backward.
     """
+    if isinstance(policy, Auto):
+        gm, loss = _auto_pipeline(model, policy, loss_fn, calibration_data, leaf_modules=leaf_modules,
+                                  frontend=frontend, example_inputs=example_inputs)
+        gm.meta["fxc_policy"] = policy
+        if loss is not None:
+            if hasattr(gm, "loss"):
+                raise ValueError("the model already has an attribute 'loss'; compile's loss graph needs that name")
+            gm.add_module("loss", loss)
+        return gm
     policy = Policy.coerce(policy)
     gm = _pipeline(model, policy, leaf_modules=leaf_modules, frontend=frontend, example_inputs=example_inputs)
     gm.meta["fxc_policy"] = policy

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .auto import Auto
 from .compiler import compile
 from .optim import fixed_point_optimizer
 from .policy import Policy
@@ -53,14 +54,26 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
-def _build(cfg: TrainConfig, example: torch.Tensor):
+def calibration_batches(cfg: TrainConfig, train_data, count: int) -> list:
+    """``count`` training batches of ``cfg.batch_size`` drawn with their own generator, so the
+    training order stays the one ``cfg.seed`` gives."""
+    tx, ty = train_data
+    idx = torch.randperm(len(tx), generator=torch.Generator().manual_seed(10_000 + cfg.seed))
+    return [(tx[i], ty[i]) for i in idx[:count * cfg.batch_size].split(cfg.batch_size)]
+
+
+def _build(cfg: TrainConfig, example: torch.Tensor, train_data=None):
     from .models import build
     model = build(cfg.model) if isinstance(cfg.model, str) else cfg.model
     criterion = nn.CrossEntropyLoss()
     if cfg.policy is None or cfg.policy == "fp32":
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         return model, (lambda out, y: criterion(out, y)), opt
-    qmodel = compile(model, Policy.coerce(cfg.policy), loss_fn=criterion, example_inputs=(example,))
+    if isinstance(cfg.policy, Auto):
+        batches = calibration_batches(cfg, train_data, cfg.policy.calibration_batches)
+        qmodel = compile(model, cfg.policy, loss_fn=criterion, example_inputs=(example,), calibration_data=batches)
+    else:
+        qmodel = compile(model, Policy.coerce(cfg.policy), loss_fn=criterion, example_inputs=(example,))
     opt = fixed_point_optimizer(torch.optim.Adam(qmodel.parameters(), lr=cfg.lr), qmodel, cfg.weight_rounding)
     return qmodel, qmodel.loss, opt
 
@@ -74,7 +87,7 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
     """
     torch.manual_seed(cfg.seed)
     (tx, ty), (vx, vy) = train_data, test_data
-    model, loss_fn, opt = _build(cfg, tx[:2])
+    model, loss_fn, opt = _build(cfg, tx[:2], train_data)
     if cfg.telemetry and isinstance(model, torch.fx.GraphModule):
         from . import telemetry
         telemetry.enable(model, every=cfg.telemetry)

@@ -1,0 +1,118 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fxcompile as fxc
+from fxcompile.models import ResidualCNN
+from fxcompile.passes.choose_formats import _BIG, solve
+
+
+def _brute_force(cost, k, format_cost=0.0):
+    best = np.inf
+    for size in range(1, k + 1):
+        for subset in itertools.combinations(range(cost.shape[1]), size):
+            best = min(best, cost[:, subset].min(axis=1).sum() + format_cost * size)
+    return best
+
+
+def _unimodal_table(rng, v, m):
+    centre = rng.integers(0, m, v)
+    f = np.arange(m)[None, :]
+    return rng.uniform(0.1, 3, (v, 1)) * np.abs(f - centre[:, None]) ** rng.uniform(1, 3, (v, 1)) + rng.uniform(0, 1, (v, 1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_solver_objective_equals_brute_force(seed, k):
+    rng = np.random.default_rng(seed)
+    cost = _unimodal_table(rng, 12, 9) if seed % 2 == 0 else rng.uniform(0, 1, (12, 9))  # odd seeds: any rows
+    chosen, assign, objective, exact, curve = solve(cost, k)
+    assert exact
+    assert len(chosen) <= k
+    assert objective == pytest.approx(_brute_force(cost, k), rel=1e-12)
+    assert objective == pytest.approx(cost[np.arange(len(cost)), assign].sum(), rel=1e-12)
+    for kk, value in curve.items():
+        assert value == pytest.approx(_brute_force(cost, kk), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_solver_with_two_widths_and_a_format_cost_equals_brute_force(seed):
+    rng = np.random.default_rng(100 + seed)
+    a, b = _unimodal_table(rng, 6, 5), _unimodal_table(rng, 5, 4)
+    cost = np.full((11, 9), _BIG)
+    cost[:6, :5], cost[6:, 5:] = a, b
+    widths = np.array([8] * 5 + [16] * 4)
+    for k in (2, 3, 4):
+        chosen, assign, objective, exact, _ = solve(cost, k, widths, format_cost=0.05)
+        assert exact and len(chosen) <= k
+        assert objective == pytest.approx(_brute_force(cost, k, 0.05), rel=1e-12)
+
+
+def test_solver_refuses_fewer_formats_than_widths():
+    cost = np.full((2, 4), _BIG)
+    cost[0, :2], cost[1, 2:] = 1.0, 1.0
+    with pytest.raises(fxc.PolicyError, match="max_formats=1"):
+        solve(cost, 1, np.array([8, 8, 16, 16]))
+
+
+def _compile(policy, model=None):
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    model = model or ResidualCNN(width=4)
+    return fxc.compile(model, policy, loss_fn=nn.CrossEntropyLoss(), example_inputs=(x[:2],),
+                       calibration_data=[(x, y)]), x, y
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return _compile(fxc.auto(max_formats=3, bits=16, margin=0))
+
+
+def test_compiled_model_never_uses_more_than_k_formats(compiled):
+    q, _, _ = compiled
+    assert len(fxc.assignment(q).formats()) == 3
+    q, _, _ = _compile(fxc.auto(max_formats=1, bits=16))
+    assert fxc.assignment(q).formats() == {q.meta["fxc_solution"].formats[0]}
+    q, _, _ = _compile(fxc.auto(max_formats=2, bits={"activation": 8, "gradient": 8, "weight": 16}))
+    formats = fxc.assignment(q).formats()
+    assert len(formats) == 2 and {b for b, _ in formats} == {8, 16}
+
+
+def test_adder_inputs_and_fan_out_gradients_share_a_binary_point(compiled):
+    q, _, _ = compiled
+    nodes = {n.name: n for n in q.graph.nodes}
+    add = nodes["add"]
+    # the values meeting in the residual add share their forward frac
+    fracs = {a.meta["fxc_edge"].forward.frac for a in add.all_input_nodes}
+    assert len(fracs) == 1
+    # relu1 fans out to conv2 and the add: the two gradients summed into it share a frac
+    uses = nodes["relu1"].meta["fxc_uses"]
+    assert set(uses) == {"conv2", "add"}
+    assert uses["conv2"].backward.frac == uses["add"].backward.frac
+
+
+def test_gradient_fracs_follow_gradient_magnitudes(compiled):
+    q, _, _ = compiled
+    nodes = {n.name: n for n in q.graph.nodes}
+    conv1 = nodes["conv1"]
+    stats = conv1.meta["fxc_stats"]
+    bwd = conv1.meta["fxc_value"].backward
+    # the chosen gradient format neither saturates nor flushes most calibrated gradients
+    assert stats.gradient.overflow_rate(bwd) == 0.0
+    assert stats.gradient.underflow_rate(bwd) < 0.05
+    assert bwd.frac > conv1.meta["fxc_value"].forward.frac
+
+
+def test_solution_beats_one_format_from_the_global_max_and_trains(compiled):
+    q, x, y = compiled
+    sol = q.meta["fxc_solution"]
+    assert sol.exact and sol.objective <= sol.baseline_objective
+    assert sorted(sol.curve) == [1, 2, 3] and sol.curve[3] <= sol.curve[2] <= sol.curve[1]
+    opt = fxc.fixed_point_optimizer(torch.optim.Adam(q.parameters(), 1e-3), q)
+    loss = q.loss(q(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in q.parameters())

@@ -1,0 +1,52 @@
+import pytest
+import torch
+from torch import nn
+
+import fxcompile as fxc
+from fxcompile.data import synthetic
+from fxcompile.models import MLP
+from fxcompile.train import TrainConfig, train
+
+
+def test_bits_per_role_fall_back_to_coarser_roles():
+    a = fxc.auto(max_formats=3, bits={"activation": 8, "gradient": 8, "weight": 16})
+    assert a.bits_for("activation_in") == (8,) and a.bits_for("input") == (8,)
+    assert a.bits_for("weight_gradient") == (8,) and a.bits_for("loss") == (8,)
+    assert a.bits_for("bias") == (16,)
+    assert fxc.auto(bits=(8, 16)).bits_for("weight") == (8, 16)
+    assert fxc.auto(bits={"gradient": 8}).bits_for("weight") == (16,)
+
+
+@pytest.mark.parametrize("kwargs,field", [({"max_formats": 0}, "max_formats"), ({"bits": 40}, "bits"),
+                                          ({"bits": {"activations": 8}}, "activations"),
+                                          ({"objective": "snr"}, "objective"), ({"margin": -1}, "margin"),
+                                          ({"gradient_rounding": "up"}, "gradient_rounding")])
+def test_invalid_settings_name_the_field(kwargs, field):
+    with pytest.raises(fxc.PolicyError, match=field):
+        fxc.auto(**kwargs)
+
+
+def test_compile_needs_calibration_data():
+    with pytest.raises(fxc.PolicyError, match="calibration_data"):
+        fxc.compile(MLP(), fxc.auto(), loss_fn=nn.CrossEntropyLoss())
+
+
+def test_different_widths_in_one_adder_are_an_error():
+    class Skip(nn.Module):
+        def forward(self, x):
+            return x + torch.relu(x)
+    with pytest.raises(fxc.PolicyError, match="same bits"):
+        fxc.compile(Skip(), fxc.auto(bits={"input": 8, "activation": 16}), calibration_data=[torch.randn(2, 3)])
+
+
+def test_train_accepts_an_auto_policy():
+    (tx, ty), (vx, vy) = synthetic(n_train=96, n_test=64)
+    policy = fxc.auto(max_formats=2, bits=16, calibration_batches=2)
+    m = train(TrainConfig(model="mlp", policy=policy, epochs=1, progress=False), (tx, ty), (vx, vy))
+    q = m["model_object"]
+    assert len(fxc.assignment(q).formats()) <= 2
+    assert m["final_loss_finite"] and 0.0 <= m["accuracy"] <= 1.0
+    assert m["policy"].startswith("auto(K=2")
+    # plain policies still train the old way
+    m = train(TrainConfig(model="mlp", policy="baseline", epochs=1, progress=False), (tx, ty), (vx, vy))
+    assert m["policy"] == "baseline"
