@@ -80,6 +80,21 @@ def _check_formats(formats: dict, where: str, key: tuple) -> dict:
     return out
 
 
+def _warn_conflicts(overrides: list[Override]) -> None:
+    # Later overrides win, so a second override of the same target silently replaces a format
+    # the user also wrote down; that is almost always an editing mistake.
+    for j, b in enumerate(overrides):
+        for i, a in enumerate(overrides[:j]):
+            if (a.pattern, a.op) != (b.pattern, b.op):
+                continue
+            for role in sorted(set(a.formats) & set(b.formats)):
+                if a.formats[role] != b.formats[role]:
+                    first, second = (str(f) if f else "float" for f in (a.formats[role], b.formats[role]))
+                    warnings.warn(f"policy overrides[{i}] and overrides[{j}] ({b.describe()}) both set "
+                                  f"{role!r}, to {first} and {second}; the later one wins; remove one of them",
+                                  stacklevel=4)
+
+
 class Policy:
     """Role → format, plus ordered overrides (later overrides win)."""
 
@@ -96,6 +111,7 @@ class Policy:
                 o = Override(formats=o, pattern=pattern, op=op)
             self.overrides.append(Override(_check_formats(o.formats, f"overrides[{i}]", ("overrides", i)),
                                            o.pattern, o.op))
+        _warn_conflicts(self.overrides)
         self.clip_gradient = bool(clip_gradient)
         self.name = name
 

@@ -64,12 +64,26 @@ def _failing_operation(exc: BaseException) -> str:
     return "an operation fx cannot trace"
 
 
+# (what fx says, the class of failure): the first match names the failure
+_FAILURES = (
+    ("cannot be iterated", "Python iteration over a traced tensor (a for loop, unpacking or *args)"),
+    ("'len' is not supported", "the Python builtin len() on a traced tensor"),
+    ("cannot be interpreted as an integer", "a traced size used as a Python int (range(), indexing)"),
+    ("argument must be a string, a bytes-like object or a real number",
+     "a traced size or value converted with int()/float() (a dynamic shape used as a Python number)"),
+    ("expected np.ndarray", "a traced tensor passed to NumPy"),
+    ("control flow", "data-dependent control flow (if/while/assert on a traced value)"),
+    ("bool", "data-dependent control flow (if/while/assert on a traced value)"),
+    ("a leaf Variable that requires grad is being used in an in-place operation",
+     "an in-place operation on an input or parameter"),
+)
+
+
 def _explain(exc: BaseException) -> str:
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if "control flow" in msg or "bool" in msg.lower():
-        return f"data-dependent control flow ({msg})"
-    if "iterate" in msg.lower() or "len(" in msg:
-        return f"Python iteration over a traced value ({msg})"
+    for pattern, failure in _FAILURES:
+        if pattern in msg:
+            return f"{failure} ({msg})"
     return msg
 
 
