@@ -35,7 +35,7 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="Fashion-MNIST root (default: $FXCOMPILE_DATA)")
     p.add_argument("--train-subset", type=int, default=12000)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--out", default=None, help="keep the .onnx files in this folder")
+    p.add_argument("--out", default=None, help="keep the .onnx files and trained weights (.pt) in this folder")
     p.add_argument("--rows", nargs="*", default=None, help="model:policy pairs (default: the four above)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -49,6 +49,7 @@ def main(argv=None):
         m = train(TrainConfig(model=model, policy=policy, epochs=args.epochs, progress=False), (tx, ty), (vx, vy))
         qmodel = m["model_object"]
         path = out / f"{model}_{policy}.onnx"
+        torch.save(qmodel.state_dict(), path.with_suffix(".pt"))  # for `fxcompile export --state-dict`
         fxc.export_onnx(qmodel, path, example_inputs=(vx[:1],))
         r = verify(qmodel, path, vx, vy)
         r.update(model=model, policy=policy, seconds=time.perf_counter() - t0)

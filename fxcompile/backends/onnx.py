@@ -4,12 +4,18 @@ Between the input quantizer and the output dequantizers every tensor is int64 an
 has an int64 kernel on ONNX Runtime's CPU provider, so ORT reproduces the integer reference
 (:mod:`fxcompile.backends.integer`) bit for bit.  ORT's integer support shapes the lowering:
 
-* Conv is float-only and ConvInteger 8-bit only, so a convolution is im2col (Pad, one
-  strided Slice per kernel offset, Concat) followed by an int64 MatMul;
+* Conv is float-only, ConvInteger 8-bit only and ORT's int64 MatMul is slow, so a
+  convolution is im2col (Pad, one strided Slice per kernel offset, Concat) followed by
+  ``MatMulInteger`` on 8-bit pieces: the input codes, offset to be non-negative, split into
+  uint8 limbs, times the weight codes split into balanced base-256 digits (int8), each
+  partial sum exact in int32 (checked from K), recombined in int64.  When the bound cannot
+  be guaranteed (unknown input range, very long sums) an int64 ``MatMul`` does it directly;
 * integer Div truncates toward zero and BitShift is unsigned, so a rounding right shift by
-  ``s`` bits is ``r = Mod(v, 2**s)`` (non-negative remainder), ``q = (v − r) / 2**s`` (exact
-  floor), and for ties to even ``q + (r + (q mod 2) + 2**(s−1) − 1) / 2**s``, all int64;
-* Relu has no int64 kernel: ``Max(v, 0)``; saturation is an int64 ``Clip``; wrap is ``Mod``;
+  ``s`` bits is ``r = v AND (2**s − 1)`` (two's complement: the non-negative remainder),
+  ``q = (v − r) / 2**s`` (exact floor), and for ties to even
+  ``q + (r + (q AND 1) + 2**(s−1) − 1) / 2**s``, all int64 (``BitwiseAnd``, opset 18: ORT's
+  int64 ``Mod`` is several times slower);
+* Relu has no int64 kernel: ``Max(v, 0)``; saturation is an int64 ``Clip``; wrap is a mask;
   MaxPool is float-only: ``Max`` over the kernel-offset slices; a power-of-two average pool
   is a sum of slices.
 
@@ -34,7 +40,7 @@ from ..passes.lower import IntegerGraph, IntOp
 
 __all__ = ["to_onnx", "EMITTERS", "OPSET"]
 
-OPSET = 17
+OPSET = 18  # BitwiseAnd
 INT64_MIN = np.iinfo(np.int64).min
 
 
@@ -70,7 +76,8 @@ def _saturate(b: _Builder, t: str, fmt: FixedPoint) -> str:
     zp, lo, hi = fmt.zero_point, fmt.code_min, fmt.code_max
     if fmt.overflow == "saturate":
         return b.node("Clip", [t, b.const(lo - zp), b.const(hi - zp)])
-    wrapped = b.node("Mod", [b.node("Add", [t, b.const(zp - lo)]), b.const(hi - lo + 1)], fmod=0)
+    # a wrapping format spans all 2**bits codes: the modulo is a mask
+    wrapped = b.node("BitwiseAnd", [b.node("Add", [t, b.const(zp - lo)]), b.const(hi - lo)])
     return b.node("Add", [wrapped, b.const(lo - zp)])
 
 
@@ -103,12 +110,12 @@ def emit_requantize(b: _Builder, op: IntOp, v: str) -> str:
         t = b.node("Div", [v, b.const(1 << shift)])  # int Div truncates toward zero
     else:
         d = b.const(1 << shift)
-        r = b.node("Mod", [v, d], fmod=0)  # 0 <= r < d
+        r = b.node("BitwiseAnd", [v, b.const((1 << shift) - 1)])  # 0 <= r < d
         q = b.node("Div", [b.node("Sub", [v, r]), d])  # exact: floor(v / d)
         if fmt.rounding == "floor":
             t = q
         else:  # nearest, ties to even: round up when r > d/2, or r == d/2 and q is odd
-            odd = b.node("Mod", [q, b.const(2)], fmod=0)
+            odd = b.node("BitwiseAnd", [q, b.const(1)])
             bump = b.node("Add", [b.node("Add", [r, odd]), b.const((1 << (shift - 1)) - 1)])
             t = b.node("Add", [q, b.node("Div", [bump, d])])
     return _saturate(b, t, fmt)
@@ -143,6 +150,62 @@ def _pad(b: _Builder, x: str, padding, value: int = 0) -> tuple[str, bool]:
     return b.node("Pad", [x, b.const([0, 0, ph, pw, 0, 0, ph, pw]), b.const(value)]), True
 
 
+def _digits(w: np.ndarray) -> list[np.ndarray]:
+    """Balanced base-256 digits of int64 ``w``: ``w = Σ d_j · 256**j`` with ``d_j`` in [-128, 127]."""
+    digits, rest = [], w.astype(np.int64)
+    while True:
+        d = (rest + 128) % 256 - 128
+        digits.append(d)
+        rest = (rest - d) // 256
+        if not rest.any():
+            return digits
+
+
+def _limbs(b: _Builder, x: str, fmt: FixedPoint | None, k: int) -> tuple[str, int, int] | None:
+    """``x − lo`` split into uint8 limbs stacked along axis 0, or None if 8-bit MatMuls cannot
+    hold the sums exactly (unknown range, or so many terms that int32 could overflow)."""
+    if fmt is None or k * 255 * 128 >= 2 ** 31:
+        return None
+    lo, hi = fmt.code_min - fmt.zero_point, fmt.code_max - fmt.zero_point
+    count = max(1, ((hi - lo).bit_length() + 7) // 8)
+    u = b.node("Sub", [x, b.const(lo)]) if lo else x
+    limbs = []
+    for i in range(count):
+        t = b.node("Div", [u, b.const(256 ** i)]) if i else u  # u >= 0: Div is floor
+        t = b.node("BitwiseAnd", [t, b.const(255)]) if i < count - 1 else t
+        limbs.append(b.node("Cast", [t], to=TensorProto.UINT8))
+    return (b.node("Concat", limbs, axis=0) if count > 1 else limbs[0]), count, lo
+
+
+def _combine(b: _Builder, y: str, count: int, digits: list[np.ndarray], k: int, out_shape: list[int]) -> str:
+    """Σ_i Σ_j 256**(i+j) · Y[i, :, j] of the int32 limb × digit products, exactly.
+
+    The digits of one limb are combined in int32 when ``k · 255 · Σ_j 256**j · max|d_j|``
+    (a bound on that sum) fits, since ORT's int64 elementwise ops are far slower; the limbs
+    are combined in int64.
+    """
+    ndigits = len(digits)
+    if ndigits > 1 and k * 255 * sum(256 ** j * int(np.abs(d).max()) for j, d in enumerate(digits)) < 2 ** 31:
+        y = b.node("Reshape", [y, b.const([count, -1, ndigits, *out_shape])])
+        scale = np.array([256 ** j for j in range(ndigits)], dtype=np.int32)
+        y = b.node("Mul", [y, b.const(scale.reshape(1, 1, ndigits, *[1] * len(out_shape)), np.int32)])
+        y = b.node("ReduceSum", [y, b.const([2])], keepdims=0)
+        digit_steps, ndigits = [1], 1
+    else:
+        digit_steps = [256 ** j for j in range(ndigits)]
+    y = b.node("Cast", [y], to=TensorProto.INT64)
+    if count == 1 and ndigits == 1:
+        return y
+    y = b.node("Reshape", [y, b.const([count, -1, ndigits, *out_shape])])
+    scale = np.array([[256 ** i * step for step in digit_steps] for i in range(count)], dtype=np.int64)
+    y = b.node("Mul", [y, b.const(scale.reshape(count, 1, ndigits, *[1] * len(out_shape)))])
+    return b.node("ReduceSum", [y, b.const([0, 2])], keepdims=0)
+
+
+def _input_format(b: _Builder, name: str) -> FixedPoint | None:
+    return next((op.fmt for op in b.graph.ops if op.out == name), None)
+
+
 def emit_conv2d(b: _Builder, op: IntOp, x: str, shapes) -> str:
     weight, bias = op.attrs["weight"].numpy(), op.attrs["bias"]
     o, c, kh, kw = weight.shape
@@ -158,6 +221,52 @@ def emit_conv2d(b: _Builder, op: IntOp, x: str, shapes) -> str:
     if bias is not None:
         acc = b.node("Add", [acc, b.const(bias.numpy().reshape(o, 1), name=f"{op.out}.bias")])
     return b.node("Reshape", [acc, b.const([0, o, ho, wo])])
+
+
+def emit_conv2d_8bit(b: _Builder, op: IntOp, x: str) -> str | None:
+    """The convolution as 8-bit MatMulIntegers on limbs of ``x − lo`` and digits of the weight
+    (ORT's int64 MatMul is slow; its 8-bit one is fast).  Exact: int32 holds each limb sum."""
+    weight = op.attrs["weight"].numpy()
+    o, c, kh, kw = weight.shape
+    n, _, h, w = b.graph.shapes[op.inputs[0]]
+    (ph, pw), stride, dil = op.attrs["padding"], op.attrs["stride"], op.attrs["dilation"]
+    xp, _ = _pad(b, x, (ph, pw))  # pad before the offset: padding is a code 0 like any other
+    limbs = _limbs(b, xp, _input_format(b, op.inputs[0]), c * kh * kw)
+    if limbs is None:
+        return None
+    stacked, count, lo = limbs
+    cols = _slices(b, stacked, (n, c, h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
+    ho, wo = _out_size(h + 2 * ph, kh, stride[0], dil[0]), _out_size(w + 2 * pw, kw, stride[1], dil[1])
+    if len(cols) > 1:
+        cols = [b.node("Concat", [b.node("Unsqueeze", [s, b.const([2])]) for s in cols], axis=2)]
+    cols = b.node("Reshape", [cols[0], b.const([0, c * kh * kw, ho * wo])])
+    flat = weight.reshape(o, c * kh * kw)
+    digits = _digits(flat)
+    a = (np.concatenate(digits, axis=0) + 128).astype(np.uint8)  # uint8 with zero point 128
+    y = b.node("MatMulInteger", [b.const(a, np.uint8, name=f"{op.out}.weight_digits"), cols,
+                                 b.const(128, np.uint8)])
+    acc = _combine(b, y, count, digits, c * kh * kw, [o, ho * wo])
+    # sum((u + lo) · w) = sum(u · w) + lo · sum(w): the offset is a constant per channel
+    bias = lo * flat.sum(axis=1) + (op.attrs["bias"].numpy() if op.attrs["bias"] is not None else 0)
+    if np.any(bias):
+        acc = b.node("Add", [acc, b.const(bias.reshape(o, 1), name=f"{op.out}.bias")])
+    return b.node("Reshape", [acc, b.const([0, o, ho, wo])])
+
+
+def emit_linear_8bit(b: _Builder, op: IntOp, x: str) -> str | None:
+    """``linear`` as one 8-bit MatMulInteger on limbs × weight digits (see emit_conv2d_8bit)."""
+    weight = op.attrs["weight"].numpy()
+    o, k = weight.shape
+    limbs = _limbs(b, x, _input_format(b, op.inputs[0]), k)
+    if limbs is None:
+        return None
+    stacked, count, lo = limbs
+    digits = _digits(weight)
+    bmat = np.concatenate([d.T for d in digits], axis=1).astype(np.int8)  # (K, digits · O)
+    y = b.node("MatMulInteger", [stacked, b.const(bmat, np.int8, name=f"{op.out}.weight_digits")])
+    acc = _combine(b, y, count, digits, k, [o])
+    bias = lo * weight.sum(axis=1) + (op.attrs["bias"].numpy() if op.attrs["bias"] is not None else 0)
+    return b.node("Add", [acc, b.const(bias, name=f"{op.out}.bias")]) if np.any(bias) else acc
 
 
 def emit_linear(b: _Builder, op: IntOp, x: str) -> str:
@@ -204,11 +313,18 @@ EMITTERS: dict[str, Callable] = {
     "reshape": lambda b, op, x: b.node("Reshape", [x, b.const(list(op.attrs["shape"]))]),
 }
 _NEEDS_SHAPES = {"conv2d", "max_pool2d", "sum_pool2d"}
+# conv/linear through 8-bit MatMulInteger when the sums fit int32 (else the int64 MatMul above)
+FAST_EMITTERS: dict[str, Callable] = {"conv2d": emit_conv2d_8bit, "linear": emit_linear_8bit}
 
 
-def to_onnx(graph: IntegerGraph, name: str = "fxcompile_integer") -> onnx.ModelProto:
-    """The ONNX model of ``graph``: float inputs (batch dimension ``N``), float and int64 outputs."""
+def to_onnx(graph: IntegerGraph, name: str = "fxcompile_integer", eight_bit: bool = True) -> onnx.ModelProto:
+    """The ONNX model of ``graph``: float inputs (batch dimension ``N``), float and int64 outputs.
+
+    ``eight_bit`` lowers conv/linear to 8-bit ``MatMulInteger`` on limbs where that is exact
+    (fast on ORT); ``False`` keeps every product in an int64 ``MatMul``.
+    """
     b, env = _Builder(), {}
+    b.graph = graph
     inputs = []
     for i, (inp, shape) in enumerate(zip(graph.inputs, graph.input_shapes)):
         env[inp] = inp
@@ -217,10 +333,13 @@ def to_onnx(graph: IntegerGraph, name: str = "fxcompile_integer") -> onnx.ModelP
     for op in graph.ops:
         b.prefix = f"{op.op}/{op.out}"
         args = [env[i] for i in op.inputs]
-        if op.op in _NEEDS_SHAPES:
-            env[op.out] = EMITTERS[op.op](b, op, *args, graph.shapes)
-        else:
-            env[op.out] = EMITTERS[op.op](b, op, *args)
+        fast = FAST_EMITTERS.get(op.op) if eight_bit else None
+        out = fast(b, op, *args) if fast else None
+        if out is None and op.op in _NEEDS_SHAPES:
+            out = EMITTERS[op.op](b, op, *args, graph.shapes)
+        elif out is None:
+            out = EMITTERS[op.op](b, op, *args)
+        env[op.out] = out
         if op.op == "dequantize":
             shape = ["N", *graph.shapes[op.out][1:]]
             out = "output" if len(graph.outputs) == 1 else f"output_{len(outputs)}"

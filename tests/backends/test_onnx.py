@@ -121,3 +121,27 @@ def test_top1_agrees_with_the_fixed_point_simulation():
     agree = (torch.from_numpy(out).argmax(1) == sim.argmax(1)).float().mean().item()
     assert agree >= 0.99
     assert np.abs(out - sim.numpy()).max() <= 4 * 2.0 ** -8
+
+
+def test_weight_digits_reconstruct_the_codes():
+    from fxcompile.backends.onnx import _digits
+    w = np.concatenate([np.arange(-70000, 70000, 7), [2 ** 23 - 1, -(2 ** 23) + 1, 0, 127, 128, -128, -129]])
+    digits = _digits(w)
+    assert all(d.min() >= -128 and d.max() <= 127 for d in digits)
+    assert np.array_equal(sum(d * 256 ** j for j, d in enumerate(digits)), w)
+
+
+@pytest.mark.parametrize("eight_bit", [True, False])
+def test_both_matmul_lowerings_are_bit_exact(eight_bit):
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 28, 28) * 2
+    q = on_grid(fxc.compile(SeedCNN(), fxc.Policy(activation="16.8", weight="24.12", bias="16.8"),
+                            example_inputs=(x[:1],)))
+    with torch.no_grad():  # large weights: three digits, and int64 digit sums
+        q.get_submodule("conv2").weight.mul_(300.0).clamp_(-2000, 2000)
+    graph = integer_graph(on_grid(q), (x[:1],))
+    model = to_onnx(graph, eight_bit=eight_bit)
+    ops = {n.op_type for n in model.graph.node}
+    assert ("MatMulInteger" in ops) == eight_bit and ("MatMul" in ops) != eight_bit
+    _, codes = _ort(model, x)
+    assert np.array_equal(codes, run_integer(graph, x, codes=True)[0].numpy())
