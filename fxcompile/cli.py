@@ -153,6 +153,41 @@ def add_inspect(sub):
     p.add_argument("--frontend", default="fx", choices=["fx", "export", "auto"])
     p.add_argument("--dot", help="also write the rewritten graph as Graphviz DOT to this file")
     p.add_argument("--json", help="also write the Assignment as JSON to this file")
+    a = p.add_argument_group("cost model (--assignment): calibrate, let fxc.auto choose, report noise and hardware")
+    a.add_argument("--assignment", action="store_true",
+                   help="choose formats with fxc.auto instead of --policy and print predicted noise per edge")
+    a.add_argument("--max-formats", type=int, default=3, help="K: distinct (bits, frac) formats allowed")
+    a.add_argument("--bits", default="16", help="16, or per role: activation=8,gradient=8,weight=16")
+    a.add_argument("--objective", default="nsr", choices=["nsr", "reach"])
+    a.add_argument("--gradient-rounding", default="nearest", choices=["nearest", "stochastic"])
+    a.add_argument("--margin", type=int, default=2, help="octaves of drift allowed for (default 2)")
+    a.add_argument("--data", help="calibrate on Fashion-MNIST training batches from this root "
+                   "(default: random inputs of --input-shape)")
+    a.add_argument("--calibration-batches", type=int, default=4)
+    a.add_argument("--profile", help="write the per-edge |value|/|gradient| profile PNG here")
+    a.add_argument("--noise-vs-k", help="write the objective-vs-K plot PNG here")
+    a.add_argument("--calibration-json", help="write the calibration statistics as JSON here")
+
+
+def _auto_compile(args, model, shape):
+    from . import auto, compile
+    from .train import TrainConfig, calibration_batches
+    bits = int(args.bits) if "=" not in args.bits else {k: int(v) for k, v in
+                                                        (kv.split("=") for kv in args.bits.split(","))}
+    policy = auto(max_formats=args.max_formats, bits=bits, objective=args.objective,
+                  gradient_rounding=args.gradient_rounding, margin=args.margin)
+    if args.data:
+        from .data import fashion_mnist
+        train_data, _ = fashion_mnist(args.data, train_subset=args.calibration_batches * 32)
+        batches = calibration_batches(TrainConfig(), train_data, args.calibration_batches)
+    else:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            classes = model(torch.randn(shape, generator=g)).shape[1]
+        batches = [(torch.randn(shape, generator=g), torch.randint(0, classes, (shape[0],), generator=g))
+                   for _ in range(args.calibration_batches)]
+    return compile(model, policy, loss_fn=torch.nn.CrossEntropyLoss(), example_inputs=(batches[0][0][:1],),
+                   leaf_modules=args.leaf, frontend=args.frontend, calibration_data=batches)
 
 
 def run_inspect(args):
@@ -161,17 +196,94 @@ def run_inspect(args):
     model = _load_callable(args.model)
     shape = tuple(int(s) for s in args.input_shape.split(","))
     try:
-        q = compile(model, args.policy, example_inputs=(torch.randn(shape),), leaf_modules=args.leaf,
-                    frontend=args.frontend)
+        if args.assignment:
+            q = _auto_compile(args, model, shape)
+        else:
+            q = compile(model, args.policy, example_inputs=(torch.randn(shape),), leaf_modules=args.leaf,
+                        frontend=args.frontend)
     except (TraceError, PolicyError, FormatError) as e:
         raise SystemExit(f"fxcompile: {e}") from None
     print(inspect(q))
+    if args.assignment:
+        from .passes.calibrate import save_calibration
+        from .profile import plot_noise_vs_k, plot_profile
+        if args.profile:
+            plot_profile(q, args.profile)
+        if args.noise_vs_k:
+            plot_noise_vs_k(q, args.noise_vs_k)
+        if args.calibration_json:
+            save_calibration(q, args.calibration_json)
     if args.dot:
         with open(args.dot, "w") as f:
             f.write(to_dot(q))
     if args.json:
         with open(args.json, "w") as f:
             f.write(assignment(q).to_json())
+
+
+# ---- sweep / report -------------------------------------------------------------------------
+
+def add_sweep(sub):
+    p = sub.add_parser("sweep", help="run a sweep file (grid of policies/hyperparameters x seeds) into a CSV; "
+                       "re-running resumes")
+    p.add_argument("files", nargs="+", help="sweep TOML file(s); several files make one deduplicated sweep")
+    p.add_argument("--out", help="results CSV (default: the file's 'output' or results/<name>.csv)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: a process pool, one torch thread per worker; ray: Ray tasks")
+    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start Ray locally)")
+    p.add_argument("--data", help="Fashion-MNIST root (default: $FXCOMPILE_DATA)")
+    p.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 instead of the files' seeds")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a [defaults] key of every file, e.g. --set epochs=2 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list the points and runs, train nothing")
+
+
+def _parse_set(items):
+    import tomllib
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"fxcompile: --set takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def run_sweep(args):
+    from .sweep import SweepError, load_sweep, read_rows, run_sweep as run
+    try:
+        sweep = load_sweep(args.files, overrides=_parse_set(args.set),
+                           seeds=list(range(args.seeds)) if args.seeds else None)
+        out = args.out or sweep.output or f"results/{sweep.name}.csv"
+        if args.dry_run:
+            for p in sweep.points:
+                print(f"{p.id}  {p.config['dataset']:<13} {p.config['model']:<10} {p.config['policy_name']:<10} "
+                      f"epochs {p.config['epochs']} batch {p.config['batch_size']}  {p.label}")
+            print(f"{len(sweep.points)} points x {len(sweep.seeds)} seeds = {len(sweep.runs)} runs -> {out}")
+            return
+        run(sweep, out, executor=args.executor, workers=args.workers, root=args.data, ray_address=args.ray_address)
+        print(f"{len(read_rows(out))} finished runs in {out}")
+    except SweepError as e:
+        raise SystemExit(f"fxcompile: {e}") from None
+
+
+def add_report(sub):
+    p = sub.add_parser("report", help="statistics, plots and a Markdown summary of sweep results")
+    p.add_argument("files", nargs="+", help="results CSV file(s) written by 'fxcompile sweep'")
+    p.add_argument("--out", default=None, help="folder for plots and summary.md (default: <first CSV>_report)")
+
+
+def run_report(args):
+    from .report import report
+    from .sweep import SweepError
+    try:
+        print(report(args.files, args.out))
+    except SweepError as e:
+        raise SystemExit(f"fxcompile: {e}") from None
 
 
 # ---- export / run-onnx ---------------------------------------------------------------------
@@ -243,7 +355,7 @@ def run_run_onnx(args):
           f"(ONNX Runtime CPU, {1e3 * seconds / len(x):.3f} ms/image)")
 
 
-COMMANDS = ("demo", "train", "inspect", "export", "run-onnx")
+COMMANDS = ("demo", "train", "inspect", "sweep", "report", "export", "run-onnx")
 
 
 def main(argv=None):

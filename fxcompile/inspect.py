@@ -49,6 +49,9 @@ def inspect(qmodel: fx.GraphModule) -> str:
              f"edges: {len(a)}  casts: {sum(len(list(gm.casts.children())) for _, gm in graphs(qmodel) if hasattr(gm, 'casts'))}"
              f"  distinct formats: {len(fmts)} ({', '.join(f'{b}.{f}' for b, f in fmts)})",
              "", a.table()]
+    if "fxc_solution" in qmodel.meta:  # chosen by the cost model: predicted noise, stats, hardware
+        from .profile import assignment_report
+        lines += ["", assignment_report(qmodel)]
     from .telemetry import table  # counters, when telemetry is on (fxcompile.telemetry.enable)
     counts = table(qmodel)
     if counts:

@@ -50,3 +50,20 @@ def test_train_accepts_an_auto_policy():
     # plain policies still train the old way
     m = train(TrainConfig(model="mlp", policy="baseline", epochs=1, progress=False), (tx, ty), (vx, vy))
     assert m["policy"] == "baseline"
+
+
+def test_inspect_assignment_reports_noise_hardware_and_writes_plots(tmp_path, capsys):
+    from fxcompile.cli import main
+    main(["inspect", "fxcompile.models:ResidualCNN", "--assignment", "--input-shape", "4,1,28,28",
+          "--max-formats", "3", "--bits", "activation=8,gradient=8,weight=16", "--calibration-batches", "1",
+          "--profile", str(tmp_path / "p.png"), "--noise-vs-k", str(tmp_path / "k.png"),
+          "--calibration-json", str(tmp_path / "c.json")])
+    out = capsys.readouterr().out
+    assert "NSR fwd" in out and "objective by K: K=2:" in out and "K=3:" in out
+    # convolutions and the linear layer multiply an 8-bit activation by a 16-bit weight
+    assert "MAC operand widths: 8x16 (3x)" in out
+    for name in ("p.png", "k.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    from fxcompile.passes.calibrate import load_calibration
+    stats = load_calibration(tmp_path / "c.json")
+    assert "loss.loss_fn" in stats and stats["conv1"].gradient.count > 0

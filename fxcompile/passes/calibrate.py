@@ -155,7 +155,12 @@ class TensorStats:
         """:meth:`squared_error` of the signed symmetric formats ``(bits, f)`` for every ``f`` in
         ``fracs`` at once (the cost model's inner loop)."""
         f = np.asarray(fracs, dtype=np.float64)[:, None]
-        e, n, s1, s2 = self.exponents[None, :], self.hist[None, :], self.hist_abs[None, :], self.hist_sq[None, :]
+        nz = np.nonzero(self.hist)[0]
+        if not len(nz):
+            return np.zeros(len(f))
+        used = slice(nz[0], nz[-1] + 1)  # empty bins add nothing; skip them
+        e, n = self.exponents[None, used], self.hist[None, used]
+        s1, s2 = self.hist_abs[None, used], self.hist_sq[None, used]
         step = 2.0 ** -f
         top = (2.0 ** (bits - 1) - 1) * step
         sat = e - 1 >= bits - 1 - f

@@ -469,8 +469,8 @@ def hardware_summary(qmodel: fx.GraphModule) -> dict:
             moved += (value.forward.bits if value.forward else 32) * n_fwd
             moved += (value.backward.bits if value.backward else 32) * n_bwd
             if node.meta.get("fxc_op") in _MAC_OPS:
-                operands = [a.meta["fxc_uses"][node.name].forward for a in node.all_input_nodes[:2]
-                            if node.name in a.meta.get("fxc_uses", {})]
+                # after insert_casts the operands are cast nodes carrying their edge
+                operands = [a.meta["fxc_edge"].forward for a in node.all_input_nodes[:2] if "fxc_edge" in a.meta]
                 widths = [f.bits if f else 32 for f in operands]
                 macs.append((prefix + node.name, "x".join(map(str, widths))))
     return {"formats": sorted(formats), "bits_moved": int(moved), "macs": macs}
