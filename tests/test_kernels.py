@@ -255,3 +255,27 @@ def test_compiled_model_under_torch_compile_matches_eager():
     assert torch.equal(out, eager)
     for p, g in zip(qmodel.parameters(), eager_grads):
         assert torch.equal(p.grad, g)
+
+
+def _backward_kernel_calls(loss) -> int:
+    """How many times backward allocated a new gradient (the out-of-place operator ran)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    return sum(e.count for e in prof.key_averages() if e.key == "fxcompile::cast_backward")
+
+
+def test_backward_overwrites_the_gradient_buffer_only_when_it_owns_it():
+    fwd, bwd = fixed(16, 8).spec(), fixed(16, 10).spec()
+    x = (torch.randn(4, 100) * 200).requires_grad_()
+    w = torch.randn(4, 100)
+    assert _backward_kernel_calls((cast(x, fwd, bwd) * w).sum()) == 0  # mul's fresh gradient is reused
+    ref = quantize_reference(x.detach(), fwd)
+    assert_same_bits(x.grad, quantize_reference(torch.where(_inside(ref, fwd), w, 0.0), bwd))
+    # add's backward hands one gradient tensor to both casts: neither may overwrite it
+    a, b = (torch.randn(300) * 300).requires_grad_(), (torch.randn(300) * 300).requires_grad_()
+    g = torch.randn(300) * 0.37
+    fwd2, bwd2 = fixed(8, 2).spec(), fixed(8, 3).spec()
+    assert _backward_kernel_calls(((cast(a, fwd, bwd) + cast(b, fwd2, bwd2)) * g).sum()) >= 1
+    for leaf, f, bw in ((a, fwd, bwd), (b, fwd2, bwd2)):
+        ref = quantize_reference(leaf.detach(), f)
+        assert_same_bits(leaf.grad, quantize_reference(torch.where(_inside(ref, f), g, 0.0), bw))

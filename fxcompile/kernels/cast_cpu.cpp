@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -117,7 +118,10 @@ inline W to_code(W t, W u, const Params<W>& p) {
 // One block of at most 64 elements starting at global index `start`.
 // With a mask (backward), x is an incoming gradient, zeroed where `zero_bits` has a bit; Q rounds.
 template <typename T, typename W, int R, int O, bool ZP, bool Q>
-inline void block(const T* x, T* y, int64_t start, int64_t len, const Params<W>& p, uint64_t zero_bits) {
+inline void block(const T* __restrict__ x, T* __restrict__ y, int64_t start, int64_t len, const Params<W>& p,
+                  uint64_t zero_bits) {
+  // __restrict__ drops the runtime overlap check that would send in-place calls (x == y) to
+  // the scalar loop; element j is read before it is written, so in place is safe.
   const uint32_t lo = static_cast<uint32_t>(start);
   const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(start) >> 32) ^ p.s1;
   W u[WORD];
@@ -259,14 +263,21 @@ uint64_t seed_or_draw(std::optional<int64_t> seed) {
 
 bool is_stochastic(at::IntArrayRef spec) { return spec.size() == 6 && spec[4] == STOCHASTIC; }
 
+// The tensor the kernel reads: x when contiguous, else a copy of x in the output buffer `out`
+// (the kernel then runs in place, so a strided input costs no temporary).
+at::Tensor source(const at::Tensor& x, const at::Tensor& out) {
+  if (x.is_contiguous()) return x;
+  out.copy_(x);
+  return out;
+}
+
 at::Tensor quantize_cpu(const at::Tensor& x, at::IntArrayRef spec, std::optional<int64_t> seed) {
   if (spec.empty()) return x.clone();
   TORCH_CHECK(x.is_floating_point(), "fxcompile.quantize: expected a floating-point tensor, got ", x.scalar_type());
   const Spec s = Spec::of(spec, "forward");
   const uint64_t sd = is_stochastic(spec) ? seed_or_draw(seed) : 0;
-  at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options());
-  launch(xc, y, &s, sd, nullptr, nullptr);
+  launch(source(x, y), y, &s, sd, nullptr, nullptr);
   return y;
 }
 
@@ -276,15 +287,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_mask_cpu(const at::Tensor& x, at::In
               x.scalar_type());
   const Spec s = Spec::of(spec, "forward");
   const uint64_t sd = is_stochastic(spec) ? seed_or_draw(seed) : 0;
-  at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options());
   at::Tensor mask = at::empty({(x.numel() + WORD - 1) / WORD}, x.options().dtype(at::kLong));
-  launch(xc, y, &s, sd, nullptr, mask.mutable_data_ptr<int64_t>());
+  launch(source(x, y), y, &s, sd, nullptr, mask.mutable_data_ptr<int64_t>());
   return {y, mask};
 }
 
-at::Tensor cast_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& mask, at::IntArrayRef spec,
-                             std::optional<int64_t> seed) {
+// Writes the cast's gradient into `out` (which may be `grad` itself).
+void cast_backward_into(const at::Tensor& grad, const std::optional<at::Tensor>& mask, at::IntArrayRef spec,
+                        std::optional<int64_t> seed, const at::Tensor& out) {
   TORCH_CHECK(grad.is_floating_point(), "fxcompile.cast_backward: expected a floating-point gradient");
   const bool has_mask = mask.has_value() && mask->defined();
   if (has_mask) {
@@ -295,10 +306,25 @@ at::Tensor cast_backward_cpu(const at::Tensor& grad, const std::optional<at::Ten
   std::optional<Spec> s;
   if (!spec.empty()) s = Spec::of(spec, "backward");
   const uint64_t sd = is_stochastic(spec) ? seed_or_draw(seed) : 0;
-  at::Tensor gc = grad.contiguous();
+  launch(source(grad, out), out, s ? &*s : nullptr, sd, has_mask ? mask->const_data_ptr<int64_t>() : nullptr,
+         nullptr);
+}
+
+at::Tensor cast_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& mask, at::IntArrayRef spec,
+                             std::optional<int64_t> seed) {
   at::Tensor out = at::empty(grad.sizes(), grad.options());
-  launch(gc, out, s ? &*s : nullptr, sd, has_mask ? mask->const_data_ptr<int64_t>() : nullptr, nullptr);
+  cast_backward_into(grad, mask, spec, seed, out);
   return out;
+}
+
+// True when the autograd engine handed us the only reference to a plain CPU gradient buffer:
+// `grads` (our copy) and the engine's list hold it, nothing else does (no other consumer,
+// hook, view or saved tensor), so the backward may overwrite it instead of allocating.
+bool owned_buffer(const at::Tensor& g) {
+  return g.use_count() <= 2 && g.storage().use_count() == 1 && g.is_contiguous() && g.device().is_cpu() &&
+         g.layout() == at::kStrided && !g.requires_grad() && !g.is_inference() &&
+         !g.unsafeGetTensorImpl()->is_python_dispatch() && !at::functionalization::impl::isFunctionalTensor(g) &&
+         g.key_set().has(c10::DispatchKey::CPU);
 }
 
 // ---- autograd: one C++ node per cast, no Python on the hot path --------------------------------
@@ -328,10 +354,14 @@ struct CastFunction : public torch::autograd::Function<CastFunction> {
         .findSchemaOrThrow("fxcompile::cast_backward", "").typed<decltype(cast_backward_cpu)>();
     std::vector<int64_t> bwd = to_vec(ctx->saved_data["bwd"]);
     const bool clip = ctx->saved_data["clip"].toBool();
-    at::Tensor g = grads[0];
+    const at::Tensor& g = grads[0];
     if (!clip && bwd.empty()) return {g, at::Tensor(), at::Tensor(), at::Tensor()};
     std::optional<at::Tensor> mask;
     if (clip) mask = ctx->get_saved_variables()[0];
+    if (owned_buffer(g)) {
+      cast_backward_into(g, mask, bwd, std::nullopt, g);
+      return {g, at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     return {bwd_op.call(g, mask, bwd, std::nullopt), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -1,0 +1,172 @@
+"""Training-step time of fixed-point models relative to FP32, measured side by side.
+
+Every variant of a model trains in the same process on the same batch; repeats are
+interleaved (FP32, then each fixed-point variant, in a rotating order) so machine noise
+hits all of them alike, and the ratio of median step times is printed.  A step is
+``zero_grad``, forward, loss, backward, optimizer step (SGD; the fixed-point variants also
+store the parameters back in their formats with ``fxc.fixed_point_optimizer``)::
+
+    python benchmarks/step_time.py                      # seed CNN, resnet18, MLP; 2 threads
+    python benchmarks/step_time.py --models seed_cnn --repeats 30 --threads 1
+    python benchmarks/step_time.py --torch-compile      # also the inductor-compiled variants
+
+Variants: ``nearest`` (every role quantized with the baseline formats, round to nearest),
+``stochastic`` (the shipped baseline policy: gradients, weights and biases rounded
+stochastically), ``all_stochastic`` (every role stochastic) and, when ``qtorch`` imports,
+``qpytorch`` (QPyTorch's ``Quantizer`` after every layer with the same formats and its
+low-precision optimizer wrapper for the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import fxcompile as fxc
+from fxcompile import kernels
+from fxcompile.models import MLP, SeedCNN
+
+BASELINE = dict(activation="16.8", gradient="16.10", loss="16.10", weight="24.12", bias="16.8")
+
+
+def _stochastic(formats, roles):
+    return {r: (f"{f},stochastic" if r in roles else f) for r, f in formats.items()}
+
+
+POLICIES = {
+    "nearest": lambda: fxc.Policy(name="nearest", **BASELINE),
+    "stochastic": lambda: fxc.Policy(name="stochastic", **_stochastic(BASELINE, {"gradient", "weight", "bias"})),
+    "all_stochastic": lambda: fxc.Policy(name="all_stochastic", **_stochastic(BASELINE, set(BASELINE))),
+}
+
+
+def _resnet18():
+    import torchvision
+    return torchvision.models.resnet18(num_classes=10)
+
+
+MODELS = {  # name -> (builder, input shape without batch, batch size)
+    "seed_cnn": (SeedCNN, (1, 28, 28), 32),
+    "resnet18": (_resnet18, (3, 64, 64), 8),
+    "mlp": (MLP, (1, 28, 28), 32),
+}
+
+
+def _fp32_step(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def _fixed_step(model, policy, x, y, compile_mode=False):
+    qmodel = fxc.compile(model, policy, loss_fn=nn.CrossEntropyLoss())
+    opt = fxc.fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=1e-3), qmodel)
+    forward = torch.compile(qmodel) if compile_mode else qmodel
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        qmodel.loss(forward(x), y).backward()
+        opt.step()
+    return step
+
+
+def _qpytorch_step(model, x, y):
+    """QPyTorch: a Quantizer after every leaf layer (forward 16.8, backward 16.10), weights in 24.12."""
+    from qtorch import FixedPoint
+    from qtorch.optim import OptimLP
+    from qtorch.quant import Quantizer, quantizer
+
+    def wrap(module):
+        for name, child in module.named_children():
+            if len(list(child.children())) == 0:
+                q = Quantizer(forward_number=FixedPoint(16, 8), backward_number=FixedPoint(16, 10),
+                              forward_rounding="nearest", backward_rounding="nearest")
+                setattr(module, name, nn.Sequential(child, q))
+            else:
+                wrap(child)
+        return module
+    model = wrap(model)
+    loss_fn = nn.CrossEntropyLoss()
+    weight_quant = quantizer(forward_number=FixedPoint(24, 12), forward_rounding="nearest")
+    opt = OptimLP(torch.optim.SGD(model.parameters(), lr=1e-3), weight_quant=weight_quant)
+
+    def step():
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def _variants(name, args):
+    build, shape, batch = MODELS[name]
+    torch.manual_seed(0)
+    base = build()
+    x = torch.randn(batch, *shape)
+    y = torch.randint(0, 10, (batch,))
+    steps = {"fp32": _fp32_step(copy.deepcopy(base), x, y)}
+    for policy in args.policies:
+        steps[policy] = _fixed_step(copy.deepcopy(base), POLICIES[policy](), x, y)
+    if args.torch_compile:
+        steps["fp32+compile"] = _fp32_step(torch.compile(copy.deepcopy(base)), x, y)
+        steps["nearest+compile"] = _fixed_step(copy.deepcopy(base), POLICIES["nearest"](), x, y, True)
+    try:
+        steps["qpytorch"] = _qpytorch_step(copy.deepcopy(base), x, y)
+    except ImportError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - qtorch builds its own extension; report, do not fail
+        warnings.warn(f"qpytorch variant skipped: {exc}")
+    return steps
+
+
+def measure(steps: dict, repeats: int, inner: int, warmup: int) -> dict[str, float]:
+    """Median seconds per step of each entry, repeats interleaved in a rotating order."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {k: [] for k in steps}
+    names = list(steps)
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                steps[k]()
+            times[k].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="seed_cnn,resnet18,mlp")
+    p.add_argument("--policies", default="nearest,stochastic,all_stochastic")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--inner", type=int, default=5, help="steps per timed repeat")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--torch-compile", action="store_true", help="add torch.compile (inductor) variants")
+    args = p.parse_args(argv)
+    args.policies = args.policies.split(",")
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cast kernels: {kernels.load()}, "
+          f"{args.repeats} interleaved repeats x {args.inner} steps")
+    for name in args.models.split(","):
+        medians = measure(_variants(name, args), args.repeats, args.inner, args.warmup)
+        fp32 = medians["fp32"]
+        print(f"\n{name} (batch {MODELS[name][2]}, input {MODELS[name][1]})")
+        for k, t in medians.items():
+            base = medians["fp32+compile"] if k == "nearest+compile" else fp32
+            print(f"  {k:<16}{1e3 * t:9.2f} ms/step   ratio {t / base:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
