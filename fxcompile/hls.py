@@ -49,7 +49,7 @@ from .formats import FixedPoint
 from .passes.fold_bn import fold_bn
 from .passes.lower import IntegerGraph, IntOp, lower
 
-__all__ = ["to_hls4ml", "hls_precision", "hls_plan", "HlsLayer", "ROUNDING", "require_hls4ml"]
+__all__ = ["to_hls4ml", "hls_precision", "hls_plan", "HlsLayer", "ROUNDING", "require_hls4ml", "predict_codes"]
 
 ROUNDING = {"nearest": "AP_RND_CONV", "floor": "AP_TRN", "toward_zero": "AP_TRN_ZERO"}
 _PASSTHROUGH = ("relu", "max_pool2d", "reshape")
@@ -286,3 +286,12 @@ def to_hls4ml(qmodel: fx.GraphModule, output_dir: str | os.PathLike, example_inp
     if write:
         hls_model.write()
     return hls_model
+
+
+def predict_codes(hls_model, x: torch.Tensor, frac: int) -> torch.Tensor:
+    """Run ``hls_model``'s C simulation on ``x`` (float, PyTorch layout) and return the output
+    codes at binary point ``frac`` (int64, one row per input)."""
+    import numpy as np
+    data = np.ascontiguousarray(x.detach().double().reshape(len(x), -1).numpy())
+    y = np.asarray(hls_model.predict(data), dtype=np.float64).reshape(len(x), -1)
+    return torch.from_numpy(np.round(y * 2.0 ** frac).astype(np.int64))
