@@ -11,6 +11,7 @@ from .compiler import compile
 from .errors import ExportError, FormatError, PolicyError, TraceError
 from .export import export_onnx
 from .formats import FixedPoint, as_format, fixed
+from .hls import to_hls4ml  # imports hls4ml only when called
 from .inspect import assignment, inspect, to_dot
 from .optim import fixed_point_optimizer
 from .policy import ROLES, Override, Policy, baseline, fp32, load_policy, optimized
@@ -20,4 +21,4 @@ __version__ = "0.1.0"
 __all__ = ["FixedPoint", "fixed", "as_format", "cast", "Policy", "Override", "ROLES", "baseline", "optimized",
            "fp32", "load_policy", "compile", "assignment", "inspect", "to_dot", "Assignment", "Edge",
            "fixed_point_optimizer", "auto", "Auto", "FormatError", "PolicyError", "TraceError", "ExportError",
-           "export_onnx"]
+           "export_onnx", "to_hls4ml"]

@@ -1,0 +1,101 @@
+"""Train briefly, hand off to hls4ml, and check its C simulation against the integer reference.
+
+For each (model, policy) row: a short fixed-point training (``fxcompile.train.train``), then
+``fxc.to_hls4ml`` (an hls4ml project with ``ap_fixed`` types from the assignment), then
+hls4ml's C simulation (``hls_model.compile()`` builds it with g++; no FPGA tools) and the
+integer reference (``fxcompile.backends.integer.run_integer``) on the first ``--images``
+Fashion-MNIST test images:
+
+* hls != ref  — output codes where the C simulation differs from the integer reference
+                (0 = bit-exact),
+* accuracies  — of the C simulation and of the integer reference on those images,
+* the seconds spent converting/writing, building with g++, and simulating.
+
+Policies: ``baseline`` (parameters stochastic-rounded on update, forward edges nearest
+with saturation) and ``floor_wrap`` (the same, but every forward activation and input
+edge rounds with ``floor`` and wraps on overflow).
+
+    python examples/hls4ml_handoff.py --data /path/to/fashion-mnist [--epochs 1 --train-subset 6000]
+
+Needs ``pip install -e ".[hls]"`` and g++.  The SeedCNN build takes several minutes (g++ -O3
+on hls4ml's unrolled convolution templates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import fxcompile as fxc
+from fxcompile.backends.integer import run_integer
+from fxcompile.data import fashion_mnist
+from fxcompile.hls import hls_plan, predict_codes
+from fxcompile.train import TrainConfig, train
+
+ROWS = [("mlp", "baseline"), ("mlp", "floor_wrap"), ("seed_cnn", "baseline"), ("seed_cnn", "floor_wrap")]
+
+
+def floor_wrap() -> fxc.Policy:
+    """The baseline with floor rounding and wrap overflow on every forward value."""
+    return fxc.Policy(name="floor_wrap", input="16.8,floor,wrap", activation="16.8,floor,wrap",
+                      gradient="16.10,stochastic", loss="16.10", weight="24.12,stochastic", bias="16.8,stochastic")
+
+
+POLICIES = {"baseline": fxc.baseline, "floor_wrap": floor_wrap}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=None, help="Fashion-MNIST root (default: $FXCOMPILE_DATA)")
+    p.add_argument("--train-subset", type=int, default=6000)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--images", type=int, default=1000, help="test images to simulate (default 1000)")
+    p.add_argument("--out", default=None, help="keep the hls4ml projects in this folder")
+    p.add_argument("--rows", nargs="*", default=None, help="model:policy pairs (default: the four above)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    (tx, ty), (vx, vy) = fashion_mnist(args.data, train_subset=args.train_subset)
+    x, y = vx[:args.images], vy[:args.images]
+    rows = [tuple(r.split(":")) for r in args.rows] if args.rows else ROWS
+    out = Path(args.out or tempfile.mkdtemp(prefix="fxcompile-hls4ml-"))
+    print(f"training {args.epochs} epoch(s) on {len(tx)} images; simulating {len(x)} test images; projects in {out}")
+    table = []
+    for model, policy in rows:
+        t0 = time.perf_counter()
+        m = train(TrainConfig(model=model, policy=POLICIES[policy](), epochs=args.epochs, progress=False),
+                  (tx, ty), (vx, vy))
+        qmodel = m["model_object"].eval()
+        t1 = time.perf_counter()
+        graph, layers = hls_plan(qmodel, (x[:1],))
+        hls_model = fxc.to_hls4ml(qmodel, out / f"{model}_{policy}", example_inputs=(x[:1],))
+        t2 = time.perf_counter()
+        hls_model.compile()
+        t3 = time.perf_counter()
+        codes = predict_codes(hls_model, x, graph.op_of(graph.outputs[0]).frac)
+        t4 = time.perf_counter()
+        (ref,) = run_integer(graph, x, codes=True)
+        r = dict(model=model, policy=policy, differ=int((codes != ref).sum()), outputs=ref.numel(),
+                 hls_acc=(codes.argmax(1) == y).float().mean().item(), ref_acc=(ref.argmax(1) == y).float().mean().item(),
+                 train=t1 - t0, convert=t2 - t1, build=t3 - t2, simulate=t4 - t3)
+        table.append(r)
+        print(f"  {model} {policy}: {r['differ']} of {r['outputs']} output codes differ; "
+              f"train {r['train']:.0f} s, convert+write {r['convert']:.0f} s, g++ build {r['build']:.0f} s, "
+              f"simulate {r['simulate']:.0f} s", flush=True)
+        for layer in layers:
+            print(f"    {layer.name:<8} {layer.kind:<10} " + ", ".join(f"{k} {v}" for k, v in layer.precision.items()))
+    print()
+    head = f"{'model':<10}{'policy':<12}{'hls != ref':>11}{'of outputs':>11}{'hls acc':>9}{'ref acc':>9}" \
+           f"{'build s':>9}{'sim s':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in table:
+        print(f"{r['model']:<10}{r['policy']:<12}{r['differ']:>11}{r['outputs']:>11}{100 * r['hls_acc']:>8.2f}%"
+              f"{100 * r['ref_acc']:>8.2f}%{r['build']:>9.0f}{r['simulate']:>7.0f}")
+
+
+if __name__ == "__main__":
+    main()
