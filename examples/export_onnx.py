@@ -42,6 +42,7 @@ def main(argv=None):
     (tx, ty), (vx, vy) = fashion_mnist(args.data, train_subset=args.train_subset)
     rows = [tuple(r.split(":")) for r in args.rows] if args.rows else ROWS
     out = Path(args.out or tempfile.mkdtemp(prefix="fxcompile-export-"))
+    out.mkdir(parents=True, exist_ok=True)
     print(f"training {args.epochs} epoch(s) on {len(tx)} images, then exporting; evaluating on all {len(vx)} test images")
     table = []
     for model, policy in rows:

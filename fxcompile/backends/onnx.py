@@ -48,6 +48,18 @@ class _Builder:
     def __init__(self):
         self.nodes, self.initializers, self._consts, self._count = [], [], {}, 0
         self.prefix = "graph"
+        self.types: dict[str, type] = {}  # integer values held in int32; all others are int64
+
+    def dtype(self, name: str) -> type:
+        return self.types.get(name, np.int64)
+
+    def int64(self, name: str) -> str:
+        """``name`` as int64 (ops whose results may outgrow int32 work in int64)."""
+        return name if self.dtype(name) == np.int64 else self.node("Cast", [name], to=TensorProto.INT64)
+
+    def int32(self, name: str) -> str:
+        self.types[name] = np.int32
+        return name
 
     def node(self, op_type: str, inputs, **attrs) -> str:
         self._count += 1
@@ -72,13 +84,18 @@ def _wide(fmt: FixedPoint) -> bool:
     return fmt.code_max - fmt.code_min >= 1 << 24
 
 
-def _saturate(b: _Builder, t: str, fmt: FixedPoint) -> str:
+def _int32_codes(fmt: FixedPoint) -> bool:
+    """Codes of ``fmt`` travel as int32 (ORT's int64 elementwise kernels are many times slower)."""
+    return fmt.overflow == "saturate" and fmt.bits <= 30 and abs(fmt.zero_point) < 2 ** 29
+
+
+def _saturate(b: _Builder, t: str, fmt: FixedPoint, dt=np.int64) -> str:
     zp, lo, hi = fmt.zero_point, fmt.code_min, fmt.code_max
     if fmt.overflow == "saturate":
-        return b.node("Clip", [t, b.const(lo - zp), b.const(hi - zp)])
+        return b.node("Clip", [t, b.const(lo - zp, dt), b.const(hi - zp, dt)])
     # a wrapping format spans all 2**bits codes: the modulo is a mask
-    wrapped = b.node("BitwiseAnd", [b.node("Add", [t, b.const(zp - lo)]), b.const(hi - lo)])
-    return b.node("Add", [wrapped, b.const(lo - zp)])
+    wrapped = b.node("BitwiseAnd", [b.node("Add", [t, b.const(zp - lo, dt)]), b.const(hi - lo, dt)])
+    return b.node("Add", [wrapped, b.const(lo - zp, dt)])
 
 
 def emit_quantize(b: _Builder, op: IntOp, x: str) -> str:
@@ -95,6 +112,8 @@ def emit_quantize(b: _Builder, op: IntOp, x: str) -> str:
     if fmt.overflow == "saturate":  # clamp in float: huge inputs must not overflow the int cast
         t = b.node("Clip", [t, b.const(fmt.code_min - fmt.zero_point, ftype),
                             b.const(fmt.code_max - fmt.zero_point, ftype)])
+        if _int32_codes(fmt):
+            return b.int32(b.node("Cast", [t], to=TensorProto.INT32))
         return b.node("Cast", [t], to=TensorProto.INT64)
     return _saturate(b, b.node("Cast", [t], to=TensorProto.INT64), fmt)
 
@@ -102,23 +121,38 @@ def emit_quantize(b: _Builder, op: IntOp, x: str) -> str:
 def emit_requantize(b: _Builder, op: IntOp, v: str) -> str:
     fmt: FixedPoint = op.attrs["fmt"]
     shift = op.attrs["shift"]
+    # right shifts only shrink values: int32 codes stay int32; anything else works in int64
+    dt = np.int32 if b.dtype(v) == np.int32 and 0 <= shift <= 29 else np.int64
+    v = v if dt == np.int32 else b.int64(v)
     if shift < 0:
         t = b.node("Mul", [v, b.const(1 << -shift)])
     elif shift == 0:
         t = v
     elif fmt.rounding == "toward_zero":
-        t = b.node("Div", [v, b.const(1 << shift)])  # int Div truncates toward zero
+        t = b.node("Div", [v, b.const(1 << shift, dt)])  # int Div truncates toward zero
     else:
-        d = b.const(1 << shift)
-        r = b.node("BitwiseAnd", [v, b.const((1 << shift) - 1)])  # 0 <= r < d
+        t = _round_shift(b, v, shift, fmt.rounding, dt)
+    t = _saturate(b, t, fmt, dt)
+    if dt == np.int32:
+        return b.int32(t)
+    return b.int32(b.node("Cast", [t], to=TensorProto.INT32)) if _int32_codes(fmt) else t
+
+
+def _round_shift(b: _Builder, v: str, shift: int, rounding: str, dt, remainder: str | None = None) -> str:
+    """floor or ties-to-even of ``v / 2**shift``; given ``remainder`` (in [0, 2**shift)), of
+    ``(v · 2**shift + remainder) / 2**shift`` instead."""
+    d = b.const(1 << shift, dt)
+    if remainder is None:
+        r = b.node("BitwiseAnd", [v, b.const((1 << shift) - 1, dt)])  # two's complement: 0 <= r < d
         q = b.node("Div", [b.node("Sub", [v, r]), d])  # exact: floor(v / d)
-        if fmt.rounding == "floor":
-            t = q
-        else:  # nearest, ties to even: round up when r > d/2, or r == d/2 and q is odd
-            odd = b.node("BitwiseAnd", [q, b.const(1)])
-            bump = b.node("Add", [b.node("Add", [r, odd]), b.const((1 << (shift - 1)) - 1)])
-            t = b.node("Add", [q, b.node("Div", [bump, d])])
-    return _saturate(b, t, fmt)
+    else:
+        q, r = v, remainder
+    if rounding == "floor":
+        return q
+    # nearest, ties to even: round up when r > d/2, or r == d/2 and q is odd
+    odd = b.node("BitwiseAnd", [q, b.const(1, dt)])
+    bump = b.node("Add", [b.node("Add", [r, odd]), b.const((1 << (shift - 1)) - 1, dt)])
+    return b.node("Add", [q, b.node("Div", [bump, d])])
 
 
 def emit_dequantize(b: _Builder, op: IntOp, v: str) -> str:
@@ -147,7 +181,9 @@ def _pad(b: _Builder, x: str, padding, value: int = 0) -> tuple[str, bool]:
     ph, pw = padding
     if not (ph or pw):
         return x, False
-    return b.node("Pad", [x, b.const([0, 0, ph, pw, 0, 0, ph, pw]), b.const(value)]), True
+    out = b.node("Pad", [x, b.const([0, 0, ph, pw, 0, 0, ph, pw]), b.const(value, b.dtype(x))])
+    b.types[out] = b.dtype(x)
+    return out, True
 
 
 def _digits(w: np.ndarray) -> list[np.ndarray]:
@@ -168,11 +204,13 @@ def _limbs(b: _Builder, x: str, fmt: FixedPoint | None, k: int) -> tuple[str, in
         return None
     lo, hi = fmt.code_min - fmt.zero_point, fmt.code_max - fmt.zero_point
     count = max(1, ((hi - lo).bit_length() + 7) // 8)
-    u = b.node("Sub", [x, b.const(lo)]) if lo else x
+    dt = b.dtype(x) if hi - lo < 2 ** 31 else np.int64
+    x = x if dt == b.dtype(x) else b.int64(x)
+    u = b.node("Sub", [x, b.const(lo, dt)]) if lo else x
     limbs = []
     for i in range(count):
-        t = b.node("Div", [u, b.const(256 ** i)]) if i else u  # u >= 0: Div is floor
-        t = b.node("BitwiseAnd", [t, b.const(255)]) if i < count - 1 else t
+        t = b.node("Div", [u, b.const(256 ** i, dt)]) if i else u  # u >= 0: Div is floor
+        t = b.node("BitwiseAnd", [t, b.const(255, dt)]) if i < count - 1 else t
         limbs.append(b.node("Cast", [t], to=TensorProto.UINT8))
     return (b.node("Concat", limbs, axis=0) if count > 1 else limbs[0]), count, lo
 
@@ -211,7 +249,7 @@ def emit_conv2d(b: _Builder, op: IntOp, x: str, shapes) -> str:
     o, c, kh, kw = weight.shape
     n, _, h, w = shapes[op.inputs[0]]
     (ph, pw), stride, dil = op.attrs["padding"], op.attrs["stride"], op.attrs["dilation"]
-    xp, _ = _pad(b, x, (ph, pw))
+    xp, _ = _pad(b, b.int64(x), (ph, pw))
     cols = _slices(b, xp, (n, c, h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
     ho, wo = _out_size(h + 2 * ph, kh, stride[0], dil[0]), _out_size(w + 2 * pw, kw, stride[1], dil[1])
     if len(cols) > 1:  # (N, C, K, Ho, Wo): rows ordered (c, kh, kw) like the weight
@@ -270,7 +308,7 @@ def emit_linear_8bit(b: _Builder, op: IntOp, x: str) -> str | None:
 
 
 def emit_linear(b: _Builder, op: IntOp, x: str) -> str:
-    acc = b.node("MatMul", [x, b.const(op.attrs["weight"].numpy().T.copy(), name=f"{op.out}.weight")])
+    acc = b.node("MatMul", [b.int64(x), b.const(op.attrs["weight"].numpy().T.copy(), name=f"{op.out}.weight")])
     if op.attrs["bias"] is not None:
         acc = b.node("Add", [acc, b.const(op.attrs["bias"].numpy(), name=f"{op.out}.bias")])
     return acc
@@ -279,14 +317,15 @@ def emit_linear(b: _Builder, op: IntOp, x: str) -> str:
 def emit_max_pool2d(b: _Builder, op: IntOp, x: str, shapes) -> str:
     n, c, h, w = shapes[op.inputs[0]]
     ph, pw = op.attrs["padding"]
-    xp, _ = _pad(b, x, (ph, pw), INT64_MIN)  # padding never wins a max
+    dt = b.dtype(x)
+    xp, _ = _pad(b, x, (ph, pw), np.iinfo(dt).min)  # padding never wins a max
     wins = _slices(b, xp, (n, c, h + 2 * ph, w + 2 * pw), op.attrs["kernel"], op.attrs["stride"],
                    op.attrs["dilation"])
-    return b.node("Max", wins) if len(wins) > 1 else wins[0]
+    return _same_type(b, x, b.node("Max", wins) if len(wins) > 1 else wins[0])
 
 
 def emit_sum_pool2d(b: _Builder, op: IntOp, x: str, shapes) -> str:
-    wins = _slices(b, x, shapes[op.inputs[0]], op.attrs["kernel"], op.attrs["stride"])
+    wins = _slices(b, b.int64(x), shapes[op.inputs[0]], op.attrs["kernel"], op.attrs["stride"])
     total = wins[0]
     for win in wins[1:]:  # Sum has no int64 kernel
         total = b.node("Add", [total, win])
@@ -295,9 +334,15 @@ def emit_sum_pool2d(b: _Builder, op: IntOp, x: str, shapes) -> str:
 
 def emit_add(b: _Builder, op: IntOp, x: str, y: str) -> str:
     sx, sy = op.attrs["shifts"]
+    x, y = b.int64(x), b.int64(y)
     x = b.node("Mul", [x, b.const(1 << sx)]) if sx else x
     y = b.node("Mul", [y, b.const(1 << sy)]) if sy else y
     return b.node("Add", [x, y])
+
+
+def _same_type(b: _Builder, x: str, out: str) -> str:
+    b.types[out] = b.dtype(x)
+    return out
 
 
 EMITTERS: dict[str, Callable] = {
@@ -306,11 +351,11 @@ EMITTERS: dict[str, Callable] = {
     "dequantize": emit_dequantize,
     "conv2d": emit_conv2d,
     "linear": emit_linear,
-    "relu": lambda b, op, x: b.node("Max", [x, b.const(0)]),
+    "relu": lambda b, op, x: _same_type(b, x, b.node("Max", [x, b.const(0, b.dtype(x))])),
     "max_pool2d": emit_max_pool2d,
     "sum_pool2d": emit_sum_pool2d,
     "add": emit_add,
-    "reshape": lambda b, op, x: b.node("Reshape", [x, b.const(list(op.attrs["shape"]))]),
+    "reshape": lambda b, op, x: _same_type(b, x, b.node("Reshape", [x, b.const(list(op.attrs["shape"]))])),
 }
 _NEEDS_SHAPES = {"conv2d", "max_pool2d", "sum_pool2d"}
 # conv/linear through 8-bit MatMulInteger when the sums fit int32 (else the int64 MatMul above)
@@ -344,7 +389,8 @@ def to_onnx(graph: IntegerGraph, name: str = "fxcompile_integer", eight_bit: boo
             shape = ["N", *graph.shapes[op.out][1:]]
             out = "output" if len(graph.outputs) == 1 else f"output_{len(outputs)}"
             b.nodes.append(helper.make_node("Identity", [env[op.out]], [out], name=f"dequantize/{out}/output"))
-            b.nodes.append(helper.make_node("Identity", [args[0]], [f"{out}_codes"], name=f"{op.op}/{out}/codes"))
+            b.nodes.append(helper.make_node("Cast", [args[0]], [f"{out}_codes"], to=TensorProto.INT64,
+                                            name=f"{op.op}/{out}/codes"))
             outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
             codes.append(helper.make_tensor_value_info(f"{out}_codes", TensorProto.INT64, shape))
     g = helper.make_graph(b.nodes, name, inputs, outputs + codes, initializer=b.initializers)

@@ -79,7 +79,7 @@ def test_every_value_between_quantizer_and_dequantizer_is_integer():
                 checked += 1
     assert checked > 100
     quantizers = [n for n in model.graph.node if n.name.startswith("quantize/")]
-    assert quantizers[-1].op_type == "Cast" and quantizers[-1].attribute[0].i == onnx.TensorProto.INT64
+    assert quantizers[-1].op_type == "Cast" and quantizers[-1].attribute[0].i in INTEGER_TYPES
 
 
 def test_check_model_full_check():
