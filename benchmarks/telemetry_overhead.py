@@ -50,10 +50,13 @@ def main(argv=None):
             if step >= 10:  # warm-up
                 times.append(time.perf_counter() - t0)
     off, on = (statistics.median(runs[n][2]) for n in ("off", "on"))
+    mean_off, mean_on = (statistics.fmean(runs[n][2]) for n in ("off", "on"))
     counts = telemetry.summary(runs["on"][0])
     print(f"seed CNN, batch {args.batch_size}, {args.steps} steps, {args.threads} thread(s), every {args.every}, "
           f"kernel backend {kernels.backend()}")
     print(f"median step: telemetry off {1e3 * off:.2f} ms, on {1e3 * on:.2f} ms, ratio on/off {on / off:.3f}")
+    print(f"mean step:   telemetry off {1e3 * mean_off:.2f} ms, on {1e3 * mean_on:.2f} ms, "
+          f"ratio on/off {mean_on / mean_off:.3f}")
     print(f"edges counted: {len(counts)}; forward values counted: {sum(c['forward_elements'] for c in counts)}")
 
 
