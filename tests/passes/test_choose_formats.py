@@ -116,3 +116,17 @@ def test_solution_beats_one_format_from_the_global_max_and_trains(compiled):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in q.parameters())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_heuristic_for_several_widths_per_decision_is_bounded_by_brute_force(seed):
+    rng = np.random.default_rng(200 + seed)
+    cost = _unimodal_table(rng, 10, 8)
+    cost[::3, :4] = _BIG  # some decisions may only take the wider candidates
+    widths = np.array([8] * 4 + [16] * 4)
+    chosen, assign, objective, exact, _ = solve(cost, 3, widths)
+    assert not exact and len(chosen) <= 3
+    best = _brute_force(cost, 3)
+    assert best <= objective + 1e-9
+    assert objective == pytest.approx(cost[np.arange(len(cost)), assign].sum())
+    assert objective <= 1.25 * best  # swap search lands close on tables this small
