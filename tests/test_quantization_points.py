@@ -210,3 +210,29 @@ def test_a_removed_cast_is_detected():
 def test_unquantized_weight_update_is_detected():
     bad = _sabotaged(lambda q: None, store=False)
     assert any("fc2.bias after the step" in b for b in bad), bad
+
+
+class TiedMLP(nn.Module):
+    """One Linear called twice: its weight is one value with two uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(torch.relu(self.fc(x)))))
+
+
+def test_shared_weight_gradient_is_summed_then_quantized():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 8, generator=g) * 4, torch.randint(0, 10, (6,), generator=g)
+    policy = fxc.Policy(activation="16.8", gradient="16.10", loss="16.10", weight="24.12", bias="16.8",
+                        weight_gradient="16.5")
+    q = fxc.compile(TiedMLP(), policy, loss_fn=nn.CrossEntropyLoss(), example_inputs=(x,))
+    bad, seen, rm, _, _ = train_step(q, x, y)
+    assert not bad, "\n".join(bad)
+    weight = next(n for n in q.graph.nodes if n.op == "get_attr" and n.target == "fc.weight")
+    assert len(weight.meta["fxc_uses"]) == 2
+    assert off_grid(q.fc.weight.grad, fxc.fixed(16, 5)) == 0

@@ -66,7 +66,12 @@ def _rule_for(mod: nn.Module):
 
 
 def expose_params(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite parameter-owning ``call_module`` nodes; returns ``gm`` (modified in place)."""
+    """Rewrite parameter-owning ``call_module`` nodes; returns ``gm`` (modified in place).
+
+    A module called several times gets one ``get_attr`` node per parameter, used by every
+    call, so a shared weight is one value with fan-out and its summed gradient is quantized.
+    """
+    exposed: dict[str, fx.Node] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
@@ -75,9 +80,12 @@ def expose_params(gm: fx.GraphModule) -> fx.GraphModule:
         if not params:
             continue
         with gm.graph.inserting_before(node):
-            p_nodes = {name: gm.graph.get_attr(f"{node.target}.{name}") for name in params}
-            for p in p_nodes.values():
-                p.meta["fxc_module"] = node.target
+            for name in params:
+                target = f"{node.target}.{name}"
+                if target not in exposed:
+                    exposed[target] = gm.graph.get_attr(target)
+                    exposed[target].meta["fxc_module"] = node.target
+            p_nodes = {name: exposed[f"{node.target}.{name}"] for name in params}
             rule = _rule_for(mod)
             simple = rule is not None and len(node.args) == 1 and not node.kwargs
             if simple:

@@ -75,3 +75,19 @@ def test_other_parametrised_leaves_go_through_call_with_parameters():
 def test_parameterless_modules_stay():
     gm = expose_params(trace(nn.Sequential(nn.ReLU(), nn.Flatten())))
     assert [n.op for n in gm.graph.nodes].count("call_module") == 2
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))
+
+
+def test_a_module_called_twice_exposes_each_parameter_once():
+    gm = _check_same(Tied(), torch.randn(3, 4))
+    getattrs = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    assert [n.target for n in getattrs] == ["fc.weight", "fc.bias"]
+    assert all(len(n.users) == 2 for n in getattrs)
