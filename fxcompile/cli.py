@@ -355,7 +355,58 @@ def run_run_onnx(args):
           f"(ONNX Runtime CPU, {1e3 * seconds / len(x):.3f} ms/image)")
 
 
-COMMANDS = ("demo", "train", "inspect", "sweep", "report", "export", "run-onnx")
+def add_hls4ml(sub):
+    p = sub.add_parser("hls4ml", help="write an hls4ml project bit-exact with the integer graph (needs the hls extra)")
+    p.add_argument("output_dir", help="the hls4ml project folder to write")
+    p.add_argument("--model", default="seed_cnn", help="seed_cnn, mlp, residual_cnn, or module:callable")
+    p.add_argument("--policy", default="baseline", help="the policy it was trained under (name or file)")
+    p.add_argument("--state-dict", default=None, help="weights saved with torch.save(model.state_dict()) "
+                   "(or a dict holding them under 'model'); default: the untrained model")
+    p.add_argument("--input-shape", default="1,1,28,28", help="example input shape (comma separated)")
+    p.add_argument("--backend", default="Vivado", help="hls4ml backend (default Vivado)")
+    p.add_argument("--io-type", default="io_parallel", choices=("io_parallel", "io_stream"))
+    p.add_argument("--part", default=None, help="FPGA part (default: the backend's)")
+    p.add_argument("--compile", action="store_true", help="also build the C simulation with g++")
+
+
+def run_hls4ml(args):
+    from . import compile, fixed_point_optimizer
+    from .errors import ExportError, FormatError, PolicyError, TraceError
+    from .hls import hls_plan, require_hls4ml, to_hls4ml
+    from .models import MODELS
+    try:
+        require_hls4ml()
+    except ImportError as e:
+        raise SystemExit(f"fxcompile: {e}") from None
+    model = MODELS[args.model]() if args.model in MODELS else _load_callable(args.model)
+    if args.state_dict:
+        try:
+            state = torch.load(args.state_dict, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch.load raises many kinds
+            raise SystemExit(f"fxcompile: cannot read weights from {args.state_dict}: {str(e).splitlines()[0]}") from None
+        state = state.get("model", state) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise SystemExit(f"fxcompile: {args.state_dict} does not fit {args.model}: {e}") from None
+    x = torch.zeros(tuple(int(s) for s in args.input_shape.split(",")))
+    try:
+        qmodel = compile(model, args.policy, example_inputs=(x,)).eval()
+        fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
+        _, layers = hls_plan(qmodel, (x,))
+        hls_model = to_hls4ml(qmodel, args.output_dir, example_inputs=(x,), backend=args.backend,
+                              io_type=args.io_type, part=args.part)
+    except (ExportError, TraceError, PolicyError, FormatError) as e:
+        raise SystemExit(f"fxcompile: {e}") from None
+    print(f"wrote hls4ml project {args.output_dir} ({args.backend}, {args.io_type}):")
+    for layer in layers:
+        print(f"  {layer.name:<10} {layer.kind:<10} " + ", ".join(f"{k} {v}" for k, v in layer.precision.items()))
+    if args.compile:
+        hls_model.compile()
+        print("built the C simulation: hls_model.predict(x) gives the integer graph's outputs")
+
+
+COMMANDS = ("demo", "train", "inspect", "sweep", "report", "export", "run-onnx", "hls4ml")
 
 
 def main(argv=None):

@@ -151,3 +151,29 @@ def test_c_simulation_equals_integer_reference(tmp_path, model, policy, scale):
     assert len(torch.unique(ref)) > 10  # the comparison is not vacuous
     if out_fmt.overflow == "saturate":
         assert (ref.abs() == out_fmt.code_max).any()  # saturation happened
+
+
+def test_importing_fxcompile_does_not_import_hls4ml():
+    import subprocess
+    import sys
+    code = "import sys, fxcompile; assert callable(fxcompile.to_hls4ml); assert 'hls4ml' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- command line ------------------------------------------------------------------------
+
+def test_cli_without_hls4ml_says_how_to_install(monkeypatch, tmp_path):
+    from fxcompile.cli import main
+    monkeypatch.setitem(__import__("sys").modules, "hls4ml", None)  # import hls4ml now fails
+    with pytest.raises(SystemExit, match=r"pip install.*\[hls\]"):
+        main(["hls4ml", str(tmp_path / "prj"), "--model", "mlp"])
+
+
+def test_cli_writes_the_project_with_the_assignment_types(tmp_path, capsys):
+    _needs_hls4ml()
+    from fxcompile.cli import main
+    main(["hls4ml", str(tmp_path / "prj"), "--model", "mlp", "--policy", "baseline"])
+    assert "fc1" in capsys.readouterr().out
+    defines = (tmp_path / "prj" / "firmware" / "defines.h").read_text()
+    assert "typedef ap_fixed<16,8,AP_RND_CONV,AP_SAT_SYM,0> input_t;" in defines
+    assert "typedef ap_fixed<24,12,AP_RND_CONV,AP_SAT_SYM,0> fc1_weight_t;" in defines
