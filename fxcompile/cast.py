@@ -128,7 +128,7 @@ def _inside(y: torch.Tensor, spec: Sequence[int]) -> torch.Tensor:
 
 
 def cast(x, forward: FixedPoint | Sequence[int] | None, backward: FixedPoint | Sequence[int] | None = None,
-         clip_gradient: bool = True):
+         clip_gradient: bool = True, parameter: bool = False):
     """Cast ``x`` to ``forward`` and its gradient to ``backward``.
 
     ``clip_gradient`` zeroes the gradient where the forward value saturated (the derivative
@@ -136,7 +136,8 @@ def cast(x, forward: FixedPoint | Sequence[int] | None, backward: FixedPoint | S
     Values that are not floating-point tensors (sizes, ints, tuples) pass through untouched,
     so a cast can sit on any edge of a traced graph.  The work is one call of the operator
     ``torch.ops.fxcompile.cast`` (forward and backward are fused kernels, the autograd node
-    lives in C++ and saves only a one-bit-per-element saturation mask).
+    lives in C++ and saves only a one-bit-per-element saturation mask).  ``parameter`` marks
+    a stored parameter, returned as is (a view) when it already holds values of ``forward``.
     """
     if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
         return x
@@ -146,7 +147,7 @@ def cast(x, forward: FixedPoint | Sequence[int] | None, backward: FixedPoint | S
         return x
     if kernels.backend() is None:
         kernels.load()
-    return torch.ops.fxcompile.cast.default(x, fwd, bwd, bool(clip_gradient))
+    return torch.ops.fxcompile.cast.default(x, fwd, bwd, bool(clip_gradient), bool(parameter))
 
 
 

@@ -279,3 +279,21 @@ def test_backward_overwrites_the_gradient_buffer_only_when_it_owns_it():
     for leaf, f, bw in ((a, fwd, bwd), (b, fwd2, bwd2)):
         ref = quantize_reference(leaf.detach(), f)
         assert_same_bits(leaf.grad, quantize_reference(torch.where(_inside(ref, f), g, 0.0), bw))
+
+
+def test_parameter_cast_passes_a_parameter_on_its_grid_through_without_a_copy():
+    fmt = fixed(24, 12)
+    w = torch.nn.Parameter(quantize_reference(torch.randn(64, 30), fmt.spec()))
+    y = cast(w, fmt, fixed(16, 10), clip_gradient=False, parameter=True)
+    assert y.data_ptr() == w.data_ptr() and torch.equal(y, w)
+    y.backward(torch.full_like(y, 0.3))
+    assert torch.equal(w.grad, torch.full_like(w, 0.2998046875))  # gradient still rounded to 16.10
+    with torch.no_grad():
+        assert cast(w, fmt, None, parameter=True) is w
+    off_grid = torch.nn.Parameter(w.detach() + 2 ** -14)  # one element off the grid is enough
+    y = cast(off_grid, fmt, None, clip_gradient=False, parameter=True)
+    assert y.data_ptr() != off_grid.data_ptr()
+    assert_same_bits(y.detach(), quantize_reference(off_grid.detach(), fmt.spec()))
+    signed_zero = torch.tensor([-0.0, 1.0])  # asymmetric formats turn -0 into +0: not "already fixed"
+    asym = fixed(8, 4, mode="asymmetric", zero_point=3)
+    assert_same_bits(cast(signed_zero, asym, None, parameter=True), quantize_reference(signed_zero, asym.spec()))

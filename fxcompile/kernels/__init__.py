@@ -8,7 +8,12 @@ the pure-PyTorch reference (one warning says so)::
     quantize(Tensor x, int[] spec, int? seed=None) -> Tensor
     quantize_mask(Tensor x, int[] spec, int? seed=None) -> (Tensor y, Tensor mask)
     cast_backward(Tensor grad, Tensor? mask, int[] spec, int? seed=None) -> Tensor
-    cast(Tensor x, int[] forward, int[] backward, bool clip=True) -> Tensor   # autograd-aware
+    cast(Tensor x, int[] forward, int[] backward, bool clip=True, bool parameter=False) -> Tensor
+
+``cast`` is the autograd-aware one.  ``parameter=True`` marks a stored parameter: when every
+element is already exactly in the forward format (as ``fxc.fixed_point_optimizer`` keeps
+them), the C++ cast returns the parameter itself (a view) instead of a rounded copy, so
+the layers save the parameter for backward as in FP32 rather than a copy of it.
 
 ``mask`` is the saturation mask of ``y`` packed one bit per element into ``ceil(numel / 64)``
 int64 words (bit ``i % 64`` of word ``i // 64`` is set where ``y[i]`` sits at or beyond a bound
@@ -43,7 +48,8 @@ _LIB = torch.library.Library("fxcompile", "FRAGMENT")
 _LIB.define("quantize(Tensor x, int[] spec, int? seed=None) -> Tensor", tags=_SEEDED)
 _LIB.define("quantize_mask(Tensor x, int[] spec, int? seed=None) -> (Tensor, Tensor)", tags=_SEEDED)
 _LIB.define("cast_backward(Tensor grad, Tensor? mask, int[] spec, int? seed=None) -> Tensor", tags=_SEEDED)
-_LIB.define("cast(Tensor x, int[] forward, int[] backward, bool clip=True) -> Tensor", tags=_SEEDED)
+_LIB.define("cast(Tensor x, int[] forward, int[] backward, bool clip=True, bool parameter=False) -> Tensor",
+            tags=_SEEDED)
 
 _backend: str | None = None
 _lock = threading.Lock()

@@ -16,6 +16,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <type_traits>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -255,6 +258,65 @@ void launch(const at::Tensor& x, const at::Tensor& y, const Spec* s, uint64_t se
   });
 }
 
+// ---- "is x already in the format?": lets parameter casts skip the rounded copy -------------------
+
+template <typename T>
+inline auto bits_of(T v) {
+  using U = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
+  U u;
+  std::memcpy(&u, &v, sizeof(T));
+  return u;
+}
+
+// Any rounding mode leaves a value of the format unchanged and moves every other value, so
+// round-to-nearest decides for all of them; the comparison is bit for bit (signed zeros too).
+template <typename T, typename W, int O, bool ZP>
+bool fixed_run(const T* x, int64_t n, const Spec& s) {
+  const Params<W> p(s, 0);
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, (n + WORD - 1) / WORD, GRAIN_WORDS, [&](int64_t w0, int64_t w1) {
+    T tmp[WORD];
+    for (int64_t w = w0; w < w1 && ok.load(std::memory_order_relaxed); ++w) {
+      const int64_t start = w * WORD, len = std::min(WORD, n - start);
+      block<T, W, NEAREST, O, ZP, true>(x + start, tmp, start, len, p, 0);
+      bool same = true;
+      for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) same &= bits_of(tmp[j]) == bits_of(x[start + j]);
+      if (!same) ok.store(false, std::memory_order_relaxed);
+    }
+  });
+  return ok.load();
+}
+
+template <typename T, typename W>
+bool fixed_modes(const T* x, int64_t n, const Spec& s) {
+  const uint64_t range = static_cast<uint64_t>(s.qmax - s.qmin + 1);
+  const int64_t o = s.overflow == WRAP && (range & (range - 1)) == 0 ? WRAP_POW2 : s.overflow;
+  const bool zp = s.zp != 0;
+#define FXC_FIXED(O) \
+  if (o == O) return zp ? fixed_run<T, W, O, true>(x, n, s) : fixed_run<T, W, O, false>(x, n, s);
+  FXC_FIXED(SATURATE) FXC_FIXED(WRAP) FXC_FIXED(WRAP_POW2)
+#undef FXC_FIXED
+  return false;
+}
+
+// A plain dense CPU tensor (not a fake, functional or other wrapper seen while tracing).
+bool plain_cpu(const at::Tensor& t) {
+  return t.device().is_cpu() && t.layout() == at::kStrided && !t.unsafeGetTensorImpl()->is_python_dispatch() &&
+         !at::functionalization::impl::isFunctionalTensor(t) && t.key_set().has(c10::DispatchKey::CPU);
+}
+
+bool already_fixed(const at::Tensor& x, at::IntArrayRef spec) {
+  if (spec.empty() || !plain_cpu(x) || !x.is_contiguous() || !x.is_floating_point()) return false;
+  const Spec s = Spec::of(spec, "forward");
+  const bool wide = x.scalar_type() == at::kDouble || s.needs_double();
+  bool result = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxcompile_is_fixed", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    result = wide ? fixed_modes<scalar_t, double>(xp, x.numel(), s) : fixed_modes<scalar_t, float>(xp, x.numel(), s);
+  });
+  return result;
+}
+
 // Same draw as fxcompile.kernels.draw_seed() in Python, from the default generator.
 uint64_t seed_or_draw(std::optional<int64_t> seed) {
   if (seed.has_value()) return static_cast<uint64_t>(*seed);
@@ -321,10 +383,8 @@ at::Tensor cast_backward_cpu(const at::Tensor& grad, const std::optional<at::Ten
 // `grads` (our copy) and the engine's list hold it, nothing else does (no other consumer,
 // hook, view or saved tensor), so the backward may overwrite it instead of allocating.
 bool owned_buffer(const at::Tensor& g) {
-  return g.use_count() <= 2 && g.storage().use_count() == 1 && g.is_contiguous() && g.device().is_cpu() &&
-         g.layout() == at::kStrided && !g.requires_grad() && !g.is_inference() &&
-         !g.unsafeGetTensorImpl()->is_python_dispatch() && !at::functionalization::impl::isFunctionalTensor(g) &&
-         g.key_set().has(c10::DispatchKey::CPU);
+  return g.use_count() <= 2 && g.storage().use_count() == 1 && g.is_contiguous() && !g.requires_grad() &&
+         !g.is_inference() && plain_cpu(g);
 }
 
 // ---- autograd: one C++ node per cast, no Python on the hot path --------------------------------
@@ -333,7 +393,7 @@ std::vector<int64_t> to_vec(const c10::IValue& v) { return v.toIntVector(); }
 
 struct CastFunction : public torch::autograd::Function<CastFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::IntArrayRef fwd,
-                            at::IntArrayRef bwd, bool clip) {
+                            at::IntArrayRef bwd, bool clip, bool parameter) {
     static auto qmask = c10::Dispatcher::singleton()
         .findSchemaOrThrow("fxcompile::quantize_mask", "").typed<decltype(quantize_mask_cpu)>();
     static auto quant = c10::Dispatcher::singleton()
@@ -341,7 +401,7 @@ struct CastFunction : public torch::autograd::Function<CastFunction> {
     ctx->saved_data["bwd"] = bwd.vec();
     const bool use_mask = clip && !fwd.empty() && fwd[5] == SATURATE;
     ctx->saved_data["clip"] = use_mask;
-    if (fwd.empty()) return x.view_as(x);
+    if (fwd.empty() || (parameter && !use_mask && already_fixed(x, fwd))) return x.view_as(x);
     if (!use_mask) return quant.call(x, fwd, std::nullopt);
     auto [y, mask] = qmask.call(x, fwd, std::nullopt);
     ctx->save_for_backward({mask});
@@ -355,25 +415,25 @@ struct CastFunction : public torch::autograd::Function<CastFunction> {
     std::vector<int64_t> bwd = to_vec(ctx->saved_data["bwd"]);
     const bool clip = ctx->saved_data["clip"].toBool();
     const at::Tensor& g = grads[0];
-    if (!clip && bwd.empty()) return {g, at::Tensor(), at::Tensor(), at::Tensor()};
+    if (!clip && bwd.empty()) return {g, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     std::optional<at::Tensor> mask;
     if (clip) mask = ctx->get_saved_variables()[0];
     if (owned_buffer(g)) {
       cast_backward_into(g, mask, bwd, std::nullopt, g);
-      return {g, at::Tensor(), at::Tensor(), at::Tensor()};
+      return {g, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    return {bwd_op.call(g, mask, bwd, std::nullopt), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {bwd_op.call(g, mask, bwd, std::nullopt), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-at::Tensor cast_composite(const at::Tensor& x, at::IntArrayRef fwd, at::IntArrayRef bwd, bool clip) {
+at::Tensor cast_composite(const at::Tensor& x, at::IntArrayRef fwd, at::IntArrayRef bwd, bool clip, bool parameter) {
   if (fwd.empty() && bwd.empty()) return x;
   if (!(at::GradMode::is_enabled() && x.requires_grad())) {
     static auto quant = c10::Dispatcher::singleton()
         .findSchemaOrThrow("fxcompile::quantize", "").typed<decltype(quantize_cpu)>();
-    return fwd.empty() ? x : quant.call(x, fwd, std::nullopt);
+    return fwd.empty() || (parameter && already_fixed(x, fwd)) ? x : quant.call(x, fwd, std::nullopt);
   }
-  return CastFunction::apply(x, fwd, bwd, clip);
+  return CastFunction::apply(x, fwd, bwd, clip, parameter);
 }
 
 }  // namespace

@@ -67,7 +67,7 @@ class _Cast(torch.autograd.Function):
         return torch.ops.fxcompile.cast_backward(grad, mask, ctx.bwd), None, None, None
 
 
-def cast(x, fwd, bwd, clip=True):
+def cast(x, fwd, bwd, clip=True, parameter=False):  # always a rounded copy: same values
     if not fwd and not bwd:
         return x
     if not (torch.is_grad_enabled() and x.requires_grad):

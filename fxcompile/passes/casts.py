@@ -41,11 +41,13 @@ class Cast(nn.Module):
             fwd = fwd.replace(rounding="nearest")
         self._fwd = [] if self.forward_identity else spec_of(fwd)
         self._bwd = spec_of(edge.backward)
+        # a parameter already on its grid is passed through rather than copied (see cast())
+        self._parameter = edge.role in ("weight", "bias")
 
     def forward(self, x):
         if self.counters is not None:
             return self.counters.cast(x, self._fwd, self._bwd, self.clip_gradient)
-        return cast(x, self._fwd, self._bwd, self.clip_gradient)
+        return cast(x, self._fwd, self._bwd, self.clip_gradient, self._parameter)
 
     def extra_repr(self) -> str:
         fwd = "identity" if self.forward_identity else (self.edge.forward or "float")
