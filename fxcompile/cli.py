@@ -364,7 +364,6 @@ def add_hls4ml(sub):
                    "(or a dict holding them under 'model'); default: the untrained model")
     p.add_argument("--input-shape", default="1,1,28,28", help="example input shape (comma separated)")
     p.add_argument("--backend", default="Vivado", help="hls4ml backend (default Vivado)")
-    p.add_argument("--io-type", default="io_parallel", choices=("io_parallel", "io_stream"))
     p.add_argument("--part", default=None, help="FPGA part (default: the backend's)")
     p.add_argument("--compile", action="store_true", help="also build the C simulation with g++")
 
@@ -394,11 +393,10 @@ def run_hls4ml(args):
         qmodel = compile(model, args.policy, example_inputs=(x,)).eval()
         fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
         _, layers = hls_plan(qmodel, (x,))
-        hls_model = to_hls4ml(qmodel, args.output_dir, example_inputs=(x,), backend=args.backend,
-                              io_type=args.io_type, part=args.part)
+        hls_model = to_hls4ml(qmodel, args.output_dir, example_inputs=(x,), backend=args.backend, part=args.part)
     except (ExportError, TraceError, PolicyError, FormatError) as e:
         raise SystemExit(f"fxcompile: {e}") from None
-    print(f"wrote hls4ml project {args.output_dir} ({args.backend}, {args.io_type}):")
+    print(f"wrote hls4ml project {args.output_dir} ({args.backend}, io_parallel):")
     for layer in layers:
         print(f"  {layer.name:<10} {layer.kind:<10} " + ", ".join(f"{k} {v}" for k, v in layer.precision.items()))
     if args.compile:

@@ -251,15 +251,15 @@ def _sequential(layers: list[HlsLayer]) -> nn.Sequential:
 
 
 def to_hls4ml(qmodel: fx.GraphModule, output_dir: str | os.PathLike, example_inputs: Sequence[torch.Tensor],
-              backend: str = "Vivado", io_type: str = "io_parallel", project_name: str = "myproject",
-              part: str | None = None, clock_period: float = 5, reuse_factor: int = 1,
-              strategy: str = "Latency", write: bool = True):
+              backend: str = "Vivado", project_name: str = "myproject", part: str | None = None,
+              clock_period: float = 5, write: bool = True):
     """Convert ``qmodel`` to an hls4ml ``ModelGraph`` in ``output_dir`` and (``write``) write the project.
 
     The result's C simulation (``hls_model.compile()``, ``hls_model.predict(x)``) gives the
-    integer reference's outputs bit for bit.  Outputs are in hls4ml's channels-last layout
-    (the same as PyTorch's for the usual dense classifier head).  ``backend``, ``io_type``,
-    ``part``, ``clock_period``, ``reuse_factor`` and ``strategy`` go to hls4ml unchanged.
+    integer reference's outputs bit for bit; ``x`` is in PyTorch's layout (channels first).
+    The project is ``io_parallel`` with the ``Latency`` strategy and reuse factor 1, the
+    configuration whose arithmetic is checked; ``backend`` (checked: ``Vivado``), ``part``
+    and ``clock_period`` go to hls4ml unchanged.
     """
     hls4ml = require_hls4ml()
     graph, layers = hls_plan(qmodel, example_inputs)
@@ -269,8 +269,7 @@ def to_hls4ml(qmodel: fx.GraphModule, output_dir: str | os.PathLike, example_inp
         model, input_shape, granularity="name", backend=backend, default_precision=layers[0].precision["result"],
         # 'full': the design takes PyTorch's channels-first input and transposes it itself; it
         # also brings the weights (dense ones too) into hls4ml's layout
-        default_reuse_factor=reuse_factor, channels_last_conversion="full")
-    config["Model"]["Strategy"] = strategy
+        default_reuse_factor=1, channels_last_conversion="full")
     layer_config = config["LayerName"]
     input_name = next(iter(n for n in layer_config if n not in {l.name for l in layers}))
     for layer in layers:
@@ -282,7 +281,7 @@ def to_hls4ml(qmodel: fx.GraphModule, output_dir: str | os.PathLike, example_inp
     kwargs = {"part": part} if part else {}
     hls_model = hls4ml.converters.convert_from_pytorch_model(
         model, hls_config=config, output_dir=str(output_dir), project_name=project_name, backend=backend,
-        io_type=io_type, clock_period=clock_period, **kwargs)
+        io_type="io_parallel", clock_period=clock_period, **kwargs)
     if write:
         hls_model.write()
     return hls_model
