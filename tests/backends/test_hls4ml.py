@@ -14,6 +14,7 @@ import fxcompile as fxc
 from fxcompile.backends.integer import run_integer
 from fxcompile.errors import ExportError
 from fxcompile.hls import hls_plan, hls_precision, predict_codes
+from fxcompile.passes.fold_bn import fold_bn
 
 
 def on_grid(q):
@@ -100,6 +101,36 @@ def test_accumulator_covers_the_largest_sum_exactly():
     assert fc1.precision["accum"] == f"ap_fixed<{width},{width - 10},AP_TRN,AP_WRAP>"
     assert fc1.precision["result"] == "ap_fixed<8,4,AP_RND_CONV,AP_SAT_SYM>"
     assert fc1.edges == {"weight": "fc1_weight->*", "bias": "fc1_bias->*", "result": "fc1->*"}
+
+
+def test_batch_norm_is_folded_into_the_convolution():
+    class ConvBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, bias=False)
+            self.bn = nn.BatchNorm2d(3)
+            self.relu = nn.ReLU()
+            self.flatten = nn.Flatten()
+            self.fc = nn.Linear(3 * 6 * 6, 4)
+
+        def forward(self, x):
+            return self.fc(self.flatten(self.relu(self.bn(self.conv(x)))))
+
+    torch.manual_seed(0)
+    net = ConvBN()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+        net.bn.weight.uniform_(0.5, 2)
+    x = torch.randn(2, 2, 8, 8)
+    q = on_grid(fxc.compile(net, fxc.baseline(), example_inputs=(x,)))
+    graph, layers = hls_plan(q, (x[:1],))
+    assert [l.kind for l in layers] == ["input", "conv2d", "relu", "reshape", "linear"]
+    conv = layers[1].module
+    folded = dict(fold_bn(q).named_parameters())  # W·s and (b − μ)·s + β, in their formats
+    assert torch.equal(conv.weight.detach(), folded["conv.weight"].detach().double())
+    assert torch.equal(conv.bias.detach(), folded["conv.bias"].detach().double())
+    assert "bias" in layers[1].precision  # the folded bias takes the batch norm's bias format
 
 
 def test_unsupported_op_is_named():
