@@ -29,6 +29,7 @@ Each graph output ``output`` (``output_<i>`` if several; float32) comes with ``o
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -197,47 +198,110 @@ def _digits(w: np.ndarray) -> list[np.ndarray]:
             return digits
 
 
-def _limbs(b: _Builder, x: str, fmt: FixedPoint | None, k: int) -> tuple[str, int, int] | None:
-    """``x − lo`` split into uint8 limbs stacked along axis 0, or None if 8-bit MatMuls cannot
-    hold the sums exactly (unknown range, or so many terms that int32 could overflow)."""
+@dataclasses.dataclass
+class _Plan:
+    """How a conv/linear splits into 8-bit products, and the bounds that make it exact."""
+
+    flat: np.ndarray           # weight codes (O, K)
+    lo: int                    # the input offset: u = x − lo >= 0
+    count: int                 # uint8 limbs of u
+    digits: list[np.ndarray]   # balanced base-256 digits of the weight
+    bias: np.ndarray           # int64 bias, with the offset's contribution lo · Σ w folded in
+    digit_sum_bound: int       # |Σ_j 256**j · (limb · digit_j sums)| for one limb
+
+
+def _plan(b: _Builder, op: IntOp) -> _Plan | None:
+    """None when 8-bit products cannot be exact: unknown input range, or so many terms that
+    an int32 sum of uint8 × int8 products could overflow."""
+    fmt = _input_format(b, op.inputs[0])
+    weight = op.attrs["weight"].numpy()
+    flat = weight.reshape(weight.shape[0], -1)
+    k = flat.shape[1]
     if fmt is None or k * 255 * 128 >= 2 ** 31:
         return None
     lo, hi = fmt.code_min - fmt.zero_point, fmt.code_max - fmt.zero_point
-    count = max(1, ((hi - lo).bit_length() + 7) // 8)
-    dt = b.dtype(x) if hi - lo < 2 ** 31 else np.int64
+    digits = _digits(flat)
+    bias = lo * flat.sum(axis=1) + (op.attrs["bias"].numpy() if op.attrs["bias"] is not None else 0)
+    bound = k * 255 * sum(256 ** j * int(np.abs(d).max()) for j, d in enumerate(digits))
+    return _Plan(flat, lo, max(1, ((hi - lo).bit_length() + 7) // 8), digits, np.asarray(bias, np.int64), bound)
+
+
+def _limbs(b: _Builder, x: str, plan: _Plan) -> str:
+    """``x − lo`` split into uint8 limbs, stacked along axis 0."""
+    dt = b.dtype(x) if plan.lo > -(2 ** 30) else np.int64
     x = x if dt == b.dtype(x) else b.int64(x)
-    u = b.node("Sub", [x, b.const(lo, dt)]) if lo else x
+    u = b.node("Sub", [x, b.const(plan.lo, dt)]) if plan.lo else x
     limbs = []
-    for i in range(count):
+    for i in range(plan.count):
         t = b.node("Div", [u, b.const(256 ** i, dt)]) if i else u  # u >= 0: Div is floor
-        t = b.node("BitwiseAnd", [t, b.const(255, dt)]) if i < count - 1 else t
+        t = b.node("BitwiseAnd", [t, b.const(255, dt)]) if i < plan.count - 1 else t
         limbs.append(b.node("Cast", [t], to=TensorProto.UINT8))
-    return (b.node("Concat", limbs, axis=0) if count > 1 else limbs[0]), count, lo
+    return b.node("Concat", limbs, axis=0) if plan.count > 1 else limbs[0]
 
 
-def _combine(b: _Builder, y: str, count: int, digits: list[np.ndarray], k: int, out_shape: list[int]) -> str:
-    """Σ_i Σ_j 256**(i+j) · Y[i, :, j] of the int32 limb × digit products, exactly.
+def _digit_sums(b: _Builder, y: str, plan: _Plan, out_shape: list[int]) -> str:
+    """int32 (limbs, N, *out_shape): Σ_j 256**j · Y[:, j] (exact when digit_sum_bound fits)."""
+    nd = len(plan.digits)
+    y = b.node("Reshape", [y, b.const([plan.count, -1, nd, *out_shape])])
+    if nd == 1:
+        return b.node("Reshape", [y, b.const([plan.count, -1, *out_shape])])
+    scale = np.array([256 ** j for j in range(nd)], dtype=np.int32).reshape(1, 1, nd, *[1] * len(out_shape))
+    return b.node("ReduceSum", [b.node("Mul", [y, b.const(scale, np.int32)]), b.const([2])], keepdims=0)
 
-    The digits of one limb are combined in int32 when ``k · 255 · Σ_j 256**j · max|d_j|``
-    (a bound on that sum) fits, since ORT's int64 elementwise ops are far slower; the limbs
-    are combined in int64.
-    """
-    ndigits = len(digits)
-    if ndigits > 1 and k * 255 * sum(256 ** j * int(np.abs(d).max()) for j, d in enumerate(digits)) < 2 ** 31:
-        y = b.node("Reshape", [y, b.const([count, -1, ndigits, *out_shape])])
-        scale = np.array([256 ** j for j in range(ndigits)], dtype=np.int32)
-        y = b.node("Mul", [y, b.const(scale.reshape(1, 1, ndigits, *[1] * len(out_shape)), np.int32)])
-        y = b.node("ReduceSum", [y, b.const([2])], keepdims=0)
-        digit_steps, ndigits = [1], 1
+
+def _combine(b: _Builder, y: str, plan: _Plan, out_shape: list[int]) -> str:
+    """int64 Σ_i Σ_j 256**(i+j) · Y[i, :, j] of the int32 limb × digit products, exactly
+    (digits of one limb are summed in int32 when their bound allows: ORT's int64 ops are slow)."""
+    if plan.digit_sum_bound < 2 ** 31:
+        y, steps = b.node("Cast", [_digit_sums(b, y, plan, out_shape)], to=TensorProto.INT64), [1]
     else:
-        digit_steps = [256 ** j for j in range(ndigits)]
-    y = b.node("Cast", [y], to=TensorProto.INT64)
-    if count == 1 and ndigits == 1:
-        return y
-    y = b.node("Reshape", [y, b.const([count, -1, ndigits, *out_shape])])
-    scale = np.array([[256 ** i * step for step in digit_steps] for i in range(count)], dtype=np.int64)
-    y = b.node("Mul", [y, b.const(scale.reshape(count, 1, ndigits, *[1] * len(out_shape)))])
+        y, steps = b.node("Cast", [y], to=TensorProto.INT64), [256 ** j for j in range(len(plan.digits))]
+    if plan.count == 1 and len(steps) == 1:
+        return b.node("Reshape", [y, b.const([-1, *out_shape])])
+    y = b.node("Reshape", [y, b.const([plan.count, -1, len(steps), *out_shape])])
+    scale = np.array([[256 ** i * step for step in steps] for i in range(plan.count)], dtype=np.int64)
+    y = b.node("Mul", [y, b.const(scale.reshape(plan.count, 1, len(steps), *[1] * len(out_shape)))])
     return b.node("ReduceSum", [y, b.const([0, 2])], keepdims=0)
+
+
+def _fused_requantize(b: _Builder, y: str, plan: _Plan, out_shape: list[int], req: IntOp) -> str | None:
+    """The requantize that follows a conv/linear, done on the int32 limb sums Z_i without ever
+    forming the int64 accumulator Σ_i 256**i · Z_i + bias: with s the shift, each Z_i splits
+    into an integer part and a remainder below 2**s, the remainders are summed and carried,
+    and the tie rule reads the final remainder.  None unless every step provably fits int32."""
+    fmt, s = req.attrs["fmt"], req.attrs["shift"]
+    if not (plan.digit_sum_bound < 2 ** 31 and 0 < s <= 26 and fmt.rounding in ("nearest", "floor")
+            and _int32_codes(fmt)):
+        return None
+    bq, br = plan.bias >> s, plan.bias & ((1 << s) - 1)  # bias = bq · 2**s + br, 0 <= br < 2**s
+    bound = int(np.abs(bq).max(initial=0)) + plan.count + 2
+    for i in range(plan.count):
+        bound += plan.digit_sum_bound << (8 * i - s) if 8 * i >= s else (plan.digit_sum_bound >> (s - 8 * i)) + 1
+    if bound >= 2 ** 31 or (plan.count + 1) << s >= 2 ** 31:
+        return None
+    dt, bshape = np.int32, (-1, *[1] * (len(out_shape) - 1))
+    z = _digit_sums(b, y, plan, out_shape)
+    whole, rest = [], []
+    for i in range(plan.count):
+        zi = b.node("Slice", [z, b.const([i]), b.const([i + 1]), b.const([0])]) if plan.count > 1 else z
+        if 8 * i >= s:
+            whole.append(b.node("Mul", [zi, b.const(1 << (8 * i - s), dt)]) if 8 * i > s else zi)
+            continue
+        t = s - 8 * i
+        r = b.node("BitwiseAnd", [zi, b.const((1 << t) - 1, dt)])
+        whole.append(b.node("Div", [b.node("Sub", [zi, r]), b.const(1 << t, dt)]))  # exact floor
+        rest.append(b.node("Mul", [r, b.const(256 ** i, dt)]) if i else r)
+    total = b.node("Add", [whole[0], b.const(bq.reshape(bshape), dt)])
+    for w in whole[1:]:
+        total = b.node("Add", [total, w])
+    rsum = b.node("Add", [rest[0], b.const(br.reshape(bshape), dt)])
+    for r in rest[1:]:
+        rsum = b.node("Add", [rsum, r])
+    carry = b.node("Div", [rsum, b.const(1 << s, dt)])  # rsum >= 0: Div is floor
+    total = b.node("Add", [total, carry])
+    remainder = b.node("BitwiseAnd", [rsum, b.const((1 << s) - 1, dt)])
+    out = _saturate(b, _round_shift(b, total, s, fmt.rounding, dt, remainder), fmt, dt)
+    return b.int32(b.node("Reshape", [out, b.const([-1, *out_shape])]))
 
 
 def _input_format(b: _Builder, name: str) -> FixedPoint | None:
@@ -261,50 +325,51 @@ def emit_conv2d(b: _Builder, op: IntOp, x: str, shapes) -> str:
     return b.node("Reshape", [acc, b.const([0, o, ho, wo])])
 
 
-def emit_conv2d_8bit(b: _Builder, op: IntOp, x: str) -> str | None:
-    """The convolution as 8-bit MatMulIntegers on limbs of ``x − lo`` and digits of the weight
-    (ORT's int64 MatMul is slow; its 8-bit one is fast).  Exact: int32 holds each limb sum."""
-    weight = op.attrs["weight"].numpy()
-    o, c, kh, kw = weight.shape
+def emit_conv2d_8bit(b: _Builder, op: IntOp, x: str, req: IntOp | None = None) -> str | None:
+    """The convolution as one 8-bit MatMulInteger of weight digits × im2col of the input limbs
+    (ORT's int64 MatMul is slow; its 8-bit one is fast).  Exact: int32 holds each limb sum.
+    With ``req``, also the requantize that follows (see :func:`_fused_requantize`)."""
+    plan = _plan(b, op)
+    if plan is None:
+        return None
+    o, c, kh, kw = op.attrs["weight"].shape
     n, _, h, w = b.graph.shapes[op.inputs[0]]
     (ph, pw), stride, dil = op.attrs["padding"], op.attrs["stride"], op.attrs["dilation"]
     xp, _ = _pad(b, x, (ph, pw))  # pad before the offset: padding is a code 0 like any other
-    limbs = _limbs(b, xp, _input_format(b, op.inputs[0]), c * kh * kw)
-    if limbs is None:
-        return None
-    stacked, count, lo = limbs
+    stacked = _limbs(b, xp, plan)
     cols = _slices(b, stacked, (n, c, h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
     ho, wo = _out_size(h + 2 * ph, kh, stride[0], dil[0]), _out_size(w + 2 * pw, kw, stride[1], dil[1])
     if len(cols) > 1:
         cols = [b.node("Concat", [b.node("Unsqueeze", [s, b.const([2])]) for s in cols], axis=2)]
     cols = b.node("Reshape", [cols[0], b.const([0, c * kh * kw, ho * wo])])
-    flat = weight.reshape(o, c * kh * kw)
-    digits = _digits(flat)
-    a = (np.concatenate(digits, axis=0) + 128).astype(np.uint8)  # uint8 with zero point 128
+    a = (np.concatenate(plan.digits, axis=0) + 128).astype(np.uint8)  # uint8 with zero point 128
     y = b.node("MatMulInteger", [b.const(a, np.uint8, name=f"{op.out}.weight_digits"), cols,
                                  b.const(128, np.uint8)])
-    acc = _combine(b, y, count, digits, c * kh * kw, [o, ho * wo])
+    if req is not None:
+        fused = _fused_requantize(b, y, plan, [o, ho, wo], req)
+        if fused is not None:
+            return fused
+    acc = _combine(b, y, plan, [o, ho * wo])
     # sum((u + lo) · w) = sum(u · w) + lo · sum(w): the offset is a constant per channel
-    bias = lo * flat.sum(axis=1) + (op.attrs["bias"].numpy() if op.attrs["bias"] is not None else 0)
-    if np.any(bias):
-        acc = b.node("Add", [acc, b.const(bias.reshape(o, 1), name=f"{op.out}.bias")])
+    if np.any(plan.bias):
+        acc = b.node("Add", [acc, b.const(plan.bias.reshape(o, 1), name=f"{op.out}.bias")])
     return b.node("Reshape", [acc, b.const([0, o, ho, wo])])
 
 
-def emit_linear_8bit(b: _Builder, op: IntOp, x: str) -> str | None:
+def emit_linear_8bit(b: _Builder, op: IntOp, x: str, req: IntOp | None = None) -> str | None:
     """``linear`` as one 8-bit MatMulInteger on limbs × weight digits (see emit_conv2d_8bit)."""
-    weight = op.attrs["weight"].numpy()
-    o, k = weight.shape
-    limbs = _limbs(b, x, _input_format(b, op.inputs[0]), k)
-    if limbs is None:
+    plan = _plan(b, op)
+    if plan is None:
         return None
-    stacked, count, lo = limbs
-    digits = _digits(weight)
-    bmat = np.concatenate([d.T for d in digits], axis=1).astype(np.int8)  # (K, digits · O)
-    y = b.node("MatMulInteger", [stacked, b.const(bmat, np.int8, name=f"{op.out}.weight_digits")])
-    acc = _combine(b, y, count, digits, k, [o])
-    bias = lo * weight.sum(axis=1) + (op.attrs["bias"].numpy() if op.attrs["bias"] is not None else 0)
-    return b.node("Add", [acc, b.const(bias, name=f"{op.out}.bias")]) if np.any(bias) else acc
+    o = plan.flat.shape[0]
+    bmat = np.concatenate([d.T for d in plan.digits], axis=1).astype(np.int8)  # (K, digits · O)
+    y = b.node("MatMulInteger", [_limbs(b, x, plan), b.const(bmat, np.int8, name=f"{op.out}.weight_digits")])
+    if req is not None:
+        fused = _fused_requantize(b, y, plan, [o], req)
+        if fused is not None:
+            return fused
+    acc = _combine(b, y, plan, [o])
+    return b.node("Add", [acc, b.const(plan.bias, name=f"{op.out}.bias")]) if np.any(plan.bias) else acc
 
 
 def emit_linear(b: _Builder, op: IntOp, x: str) -> str:
@@ -362,13 +427,19 @@ _NEEDS_SHAPES = {"conv2d", "max_pool2d", "sum_pool2d"}
 FAST_EMITTERS: dict[str, Callable] = {"conv2d": emit_conv2d_8bit, "linear": emit_linear_8bit}
 
 
+def _only_requantize(graph: IntegerGraph, op: IntOp) -> IntOp | None:
+    """The requantize op that is the only consumer of ``op``'s output, if any."""
+    users = [u for u in graph.ops if op.out in u.inputs]
+    return users[0] if len(users) == 1 and users[0].op == "requantize" else None
+
+
 def to_onnx(graph: IntegerGraph, name: str = "fxcompile_integer", eight_bit: bool = True) -> onnx.ModelProto:
     """The ONNX model of ``graph``: float inputs (batch dimension ``N``), float and int64 outputs.
 
     ``eight_bit`` lowers conv/linear to 8-bit ``MatMulInteger`` on limbs where that is exact
     (fast on ORT); ``False`` keeps every product in an int64 ``MatMul``.
     """
-    b, env = _Builder(), {}
+    b, env, fused = _Builder(), {}, set()
     b.graph = graph
     inputs = []
     for i, (inp, shape) in enumerate(zip(graph.inputs, graph.input_shapes)):
@@ -377,9 +448,17 @@ def to_onnx(graph: IntegerGraph, name: str = "fxcompile_integer", eight_bit: boo
     outputs, codes = [], []
     for op in graph.ops:
         b.prefix = f"{op.op}/{op.out}"
+        if op.out in fused:
+            continue
         args = [env[i] for i in op.inputs]
-        fast = FAST_EMITTERS.get(op.op) if eight_bit else None
-        out = fast(b, op, *args) if fast else None
+        fast, out = FAST_EMITTERS.get(op.op) if eight_bit else None, None
+        if fast:
+            req = _only_requantize(graph, op)
+            out = fast(b, op, *args, req=req)
+            if out is not None and req is not None and b.dtype(out) == np.int32:  # requantized too
+                env[req.out] = out
+                fused.add(req.out)
+                continue
         if out is None and op.op in _NEEDS_SHAPES:
             out = EMITTERS[op.op](b, op, *args, graph.shapes)
         elif out is None:
