@@ -128,7 +128,10 @@ def plot_profile(qmodel: fx.GraphModule, path: str) -> None:
             ax.barh(i, hi - lo, left=lo, height=0.8, color="tab:orange", alpha=0.25)
             ax.text(hi + 0.3, i, label, va="center", fontsize=7, color="tab:orange")
         if boxes:
-            ax.bxp([b for _, b in boxes], positions=[i for i, _ in boxes], vert=False, widths=0.5,
+            # matplotlib 3.10 renamed vert=False to orientation="horizontal"
+            side = ({"orientation": "horizontal"} if tuple(map(int, matplotlib.__version__.split(".")[:2])) >= (3, 10)
+                    else {"vert": False})
+            ax.bxp([b for _, b in boxes], positions=[i for i, _ in boxes], **side, widths=0.5,
                    showfliers=False, patch_artist=True, boxprops={"facecolor": "tab:blue", "alpha": 0.6})
         ax.set_yticks(range(len(vals)), [v[0] for v in vals], fontsize=7)
         ax.set_xlabel(f"log2 |{kind}|  (box: calibration quartiles, whiskers: smallest bin..max; "
