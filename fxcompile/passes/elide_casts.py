@@ -1,0 +1,107 @@
+"""Pass: turn casts whose forward provably changes nothing into forward identities.
+
+A cast right after a *format-preserving* op — ReLU, a max-pool whose windows do not
+overlap, flatten/view/reshape — whose only input is a cast with the same forward and
+backward formats receives values that are already in its forward format (the op only
+selects, reorders or zeroes values of that format), and its saturation clip is implied
+by the input cast's (the op maps a bound only to itself).  Such a cast keeps its backward
+rounding, so the gradient on its edge is still fixed point, but its forward becomes the
+identity: no rounded copy, no saturation mask saved.  Gradients are unchanged bit for bit
+under deterministic rounding (stochastic rounding draws differently, with the same law)::
+
+    >>> qmodel = elide_identity_casts(fxc.compile(model, policy))
+    >>> [n.target for n in elided_casts(qmodel)]
+    ['casts.relu1', 'casts.pool1', ...]
+
+Elided casts are marked ``node.meta["fxc_elided"] = True`` and their :class:`Cast` has
+``forward_identity`` set; the graph and its assignment are otherwise untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .casts import Cast
+
+__all__ = ["elide_identity_casts", "elided_casts", "format_preserving"]
+
+_FUNCTIONS = {F.relu, torch.relu, torch.flatten, torch.reshape}
+_METHODS = {"relu", "flatten", "view", "reshape"}
+_MODULES = (nn.ReLU, nn.Flatten, nn.Identity)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+
+def _tuple(v, n):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def _non_overlapping_pool(pool: nn.Module) -> bool:
+    # Overlapping windows sum gradients in backward; the sum of two rounded gradients is not
+    # the rounded sum, so only pools that route each gradient to one input qualify.
+    n = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(pool)]
+    kernel, stride = _tuple(pool.kernel_size, n), _tuple(pool.stride or pool.kernel_size, n)
+    return (all(s >= k for k, s in zip(kernel, stride)) and all(d == 1 for d in _tuple(pool.dilation, n))
+            and not pool.return_indices)
+
+
+def format_preserving(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Does ``node`` map values of any fixed-point format to values of that format, bounds to bounds?"""
+    if node.op == "call_function":
+        return node.target in _FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _METHODS
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, _MODULES) or (isinstance(mod, _POOLS) and _non_overlapping_pool(mod))
+    return False
+
+
+def _cast_module(gm: fx.GraphModule, node) -> Cast | None:
+    if isinstance(node, fx.Node) and node.op == "call_module" and "fxc_edge" in node.meta:
+        mod = gm.get_submodule(node.target)
+        return mod if isinstance(mod, Cast) else None
+    return None
+
+
+def _elide(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in gm.graph.nodes:
+        cast = _cast_module(gm, node)
+        if cast is None or cast.forward_identity or cast.edge.forward is None or not node.args:
+            continue
+        op = node.args[0]
+        if not isinstance(op, fx.Node) or len(op.users) != 1 or not format_preserving(gm, op) or not op.args:
+            continue
+        source = _cast_module(gm, op.args[0])
+        extra_tensors = [a for a in list(op.args[1:]) + list(op.kwargs.values()) if isinstance(a, fx.Node)
+                         and "fxc_edge" in a.meta]
+        if source is None or extra_tensors:
+            continue
+        if (source.edge.forward, source.edge.backward) != (cast.edge.forward, cast.edge.backward):
+            continue
+        # an elided source still clips, through its own source (transitively)
+        source_clips = source.clip_gradient or op.args[0].meta.get("fxc_elided", False)
+        if cast.clip_gradient and not source_clips:
+            continue  # the source would not clip what this cast clips
+        cast.forward_identity = True
+        cast.clip_gradient = False  # implied by the source's clip, see the module docstring
+        cast.set_edge(cast.edge)
+        node.meta["fxc_elided"] = True
+        count += 1
+    return count
+
+
+def elide_identity_casts(gm: fx.GraphModule) -> fx.GraphModule:
+    """Apply to ``gm`` and, if present, its compiled loss graph ``gm.loss``; returns ``gm``."""
+    _elide(gm)
+    loss = getattr(gm, "loss", None)
+    if isinstance(loss, fx.GraphModule):
+        _elide(loss)
+    return gm
+
+
+def elided_casts(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.meta.get("fxc_elided")]
