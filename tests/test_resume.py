@@ -57,6 +57,16 @@ def _assert_same_parameters(a: dict, b: dict):
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    _kill_and_resume(tmp_path, kill_after=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [1, 9, 10, 11, 17])
+def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, kill_after):
+    _kill_and_resume(tmp_path, kill_after)
+
+
+def _kill_and_resume(tmp_path, kill_after):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     ckdir, out = tmp_path / "ckpt", tmp_path / "final.pt"
@@ -65,7 +75,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     # kill once a few steps are checkpointed: mid-epoch, at whatever the process is doing then
-    while len(checkpoints(ckdir)) < 2 or int(checkpoints(ckdir)[-1].stem.split("-")[1]) < 3:
+    while not checkpoints(ckdir) or int(checkpoints(ckdir)[-1].stem.split("-")[1]) < kill_after:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "the training subprocess made no checkpoint"
         time.sleep(0.005)
