@@ -161,7 +161,8 @@ def _needs_hls4ml():
     (TinyMLP, fxc.Policy(activation="10.5", weight="12.8,stochastic", bias="10.6,stochastic", name="nearest_sat"), 3.0),
 ], ids=["conv_floor_wrap", "dense_nearest_saturate"])
 def test_c_simulation_equals_integer_reference(tmp_path, model, policy, scale):
-    """Narrow formats and large inputs so that rounding ties, saturation and wrap all occur."""
+    """Narrow formats and large inputs so that saturation (dense) and wrap (conv) occur, and
+    exact ties at the dense model's input binary point (5 bits)."""
     _needs_hls4ml()
     from fxcompile.hls import to_hls4ml
     torch.manual_seed(0)
@@ -182,6 +183,22 @@ def test_c_simulation_equals_integer_reference(tmp_path, model, policy, scale):
     assert len(torch.unique(ref)) > 10  # the comparison is not vacuous
     if out_fmt.overflow == "saturate":
         assert (ref.abs() == out_fmt.code_max).any()  # saturation happened
+    else:
+        assert _wrapped(graph, x)  # some cast wrapped
+
+
+def _wrapped(graph, x) -> bool:
+    """Whether any requantize of the integer graph wrapped on ``x`` (its rounded value left the range)."""
+    from fxcompile.backends.integer import KERNELS
+    from fxcompile.passes.lower import round_shift
+    env, wrapped = dict(zip(graph.inputs, (x,))), False
+    for op in graph.ops:
+        args = [env[i] for i in op.inputs]
+        if op.op == "requantize" and op.fmt.overflow == "wrap":
+            t = round_shift(args[0], op.attrs["shift"], op.fmt.rounding)
+            wrapped |= bool(((t < op.fmt.code_min) | (t > op.fmt.code_max)).any())
+        env[op.out] = KERNELS[op.op](op, *args)
+    return wrapped
 
 
 def test_importing_fxcompile_does_not_import_hls4ml():
