@@ -21,7 +21,7 @@ import sys
 import time
 
 SIZES = (64, 224, 299)
-MAX_PARAMS = 100_000_000
+MAX_PARAMS = 200_000_000
 
 
 def _first_line(exc: BaseException) -> str:
