@@ -25,6 +25,7 @@ import torch
 import fxcompile as fxc
 from fxcompile.data import fashion_mnist
 from fxcompile.export import verify
+from fxcompile.models import build
 from fxcompile.train import TrainConfig, train
 
 ROWS = [("seed_cnn", "baseline"), ("seed_cnn", "optimized"), ("mlp", "baseline"), ("residual_cnn", "baseline")]
@@ -37,20 +38,27 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--out", default=None, help="keep the .onnx files and trained weights (.pt) in this folder")
     p.add_argument("--rows", nargs="*", default=None, help="model:policy pairs (default: the four above)")
+    p.add_argument("--reuse", action="store_true", help="load <out>/<model>_<policy>.pt where it exists "
+                   "instead of training")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     (tx, ty), (vx, vy) = fashion_mnist(args.data, train_subset=args.train_subset)
     rows = [tuple(r.split(":")) for r in args.rows] if args.rows else ROWS
     out = Path(args.out or tempfile.mkdtemp(prefix="fxcompile-export-"))
     out.mkdir(parents=True, exist_ok=True)
-    print(f"training {args.epochs} epoch(s) on {len(tx)} images, then exporting; evaluating on all {len(vx)} test images")
+    print(f"training {args.epochs} epoch(s) on {len(tx)} images, then exporting; "
+          f"evaluating on all {len(vx)} test images")
     table = []
     for model, policy in rows:
         t0 = time.perf_counter()
-        m = train(TrainConfig(model=model, policy=policy, epochs=args.epochs, progress=False), (tx, ty), (vx, vy))
-        qmodel = m["model_object"]
         path = out / f"{model}_{policy}.onnx"
-        torch.save(qmodel.state_dict(), path.with_suffix(".pt"))  # for `fxcompile export --state-dict`
+        if args.reuse and path.with_suffix(".pt").exists():
+            qmodel = fxc.compile(build(model), policy, example_inputs=(vx[:1],))
+            qmodel.load_state_dict(torch.load(path.with_suffix(".pt"), weights_only=True))
+        else:
+            m = train(TrainConfig(model=model, policy=policy, epochs=args.epochs, progress=False), (tx, ty), (vx, vy))
+            qmodel = m["model_object"]
+            torch.save(qmodel.state_dict(), path.with_suffix(".pt"))  # for `fxcompile export --state-dict`
         fxc.export_onnx(qmodel, path, example_inputs=(vx[:1],))
         r = verify(qmodel, path, vx, vy)
         r.update(model=model, policy=policy, seconds=time.perf_counter() - t0)

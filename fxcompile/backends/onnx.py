@@ -42,7 +42,6 @@ from ..passes.lower import IntegerGraph, IntOp
 __all__ = ["to_onnx", "EMITTERS", "OPSET"]
 
 OPSET = 18  # BitwiseAnd
-INT64_MIN = np.iinfo(np.int64).min
 
 
 class _Builder:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.fx as fx
