@@ -88,10 +88,10 @@ class PointStats:
         return json.dumps({k: v for k, v in self.config.items() if k not in ("policy", "policy_name", *drop)},
                           sort_keys=True)
 
-    def describe(self) -> str:
+    def describe(self, batch: bool = True) -> str:
         c = self.config
-        return (f"{c['dataset']}, {c['model']}, {c['epochs']} epoch(s), batch {c['batch_size']}, lr {c['lr']}, "
-                f"train subset {c.get('train_subset') or 'all'}")
+        return (f"{c['dataset']}, {c['model']}, {c['epochs']} epoch(s), " + (f"batch {c['batch_size']}, " if batch
+                else "") + f"lr {c['lr']}, train subset {c.get('train_subset') or 'all'}")
 
 
 def load_results(files: Iterable[str | Path]) -> list[dict]:
@@ -270,7 +270,7 @@ def _plots(points: list[PointStats], out: Path) -> list[tuple[str, str]]:
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
         ax.set_xticks(range(1, max(len(h) for p in group for h in p.histories) + 1))
-        ax.set_title(f"{group[0].policy_name}: one line per batch size\n{group[0].describe()}", fontsize=9)
+        ax.set_title(f"{group[0].policy_name}: one line per batch size\n{group[0].describe(batch=False)}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         name = f"epochs{'' if i == 0 else f'_{i}'}.png"

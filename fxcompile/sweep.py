@@ -4,6 +4,7 @@ A sweep file is TOML::
 
     name = "weight-share"
     seeds = 2                       # a count (seeds 0..n-1) or a list [0, 3, 7]
+    output = "results/weight.csv"   # optional; --out wins; default results/<name>.csv
 
     [defaults]                      # every point starts from these
     dataset = "fashion_mnist"       # fashion_mnist, digits (scikit-learn, bundled) or synthetic
