@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import fxcompile as fxc
-from fxcompile.compiler import LossGraph, _annotated
+from fxcompile.compiler import LossGraph, _front
 from fxcompile.passes.calibrate import calibrate
 from fxcompile.passes.choose_formats import choose_formats
 
@@ -44,8 +44,8 @@ def main(argv=None):
     for name in args.models:
         model, shape = build(name)
         x, y = torch.randn(shape), torch.randint(0, 10, (shape[0],))
-        gm = _annotated(model, example_inputs=(x,))
-        lg = _annotated(LossGraph(nn.CrossEntropyLoss()), loss_graph=True)
+        gm = _front(model, example_inputs=(x,))
+        lg = _front(LossGraph(nn.CrossEntropyLoss()), loss_graph=True)
         t0 = time.perf_counter()
         calibrate(gm, [(x, y)], loss_graph=lg)
         print(f"{name}: {sum(1 for n in gm.graph.nodes if n.meta.get('fxc_role'))} values, "

@@ -13,6 +13,7 @@ from .passes.calibrate import calibrate
 from .passes.choose_formats import choose_formats
 from .policy import Policy, warn_unused
 from .passes import annotate_roles, assign_formats, expose_params, insert_casts, propagate_shapes, trace
+from .passes.elide_casts import elide_identity_casts
 
 __all__ = ["compile", "LossGraph"]
 
@@ -28,14 +29,8 @@ class LossGraph(torch.nn.Module):
         return self.loss_fn(prediction, target)
 
 
-def _pipeline(model, policy, *, loss_graph=False, leaf_modules=(), frontend="fx", example_inputs=None):
-    gm = _annotated(model, loss_graph=loss_graph, leaf_modules=leaf_modules, frontend=frontend,
-                    example_inputs=example_inputs)
-    gm = assign_formats(gm, policy, warn_unused_overrides=False)
-    return insert_casts(gm)
-
-
-def _annotated(model, *, loss_graph=False, leaf_modules=(), frontend="fx", example_inputs=None):
+def _front(model, *, loss_graph=False, leaf_modules=(), frontend="fx", example_inputs=None):
+    """Capture and annotate: trace, expose parameters, shapes (with example inputs), roles."""
     gm = trace(model, leaf_modules, frontend, example_inputs)
     gm = expose_params(gm)
     if example_inputs is not None:
@@ -43,26 +38,9 @@ def _annotated(model, *, loss_graph=False, leaf_modules=(), frontend="fx", examp
     return annotate_roles(gm, loss_graph=loss_graph)
 
 
-def _auto_pipeline(model, policy: Auto, loss_fn, calibration_data, **front):
-    """Calibrate the model (and loss) graph on sample batches, then let the cost model choose."""
-    if calibration_data is None:
-        raise PolicyError("fxc.auto(...) chooses formats from calibration: pass calibration_data=[(x, y), ...] "
-                          "(a few training batches) to compile")
-    calibration_data = list(calibration_data)
-    gm = _annotated(model, **front)
-    loss = _annotated(LossGraph(loss_fn), loss_graph=True) if loss_fn is not None else None
-    gm = calibrate(gm, calibration_data, loss_graph=loss)
-    gm = choose_formats(gm, policy, loss_graph=loss)
-    for g in (gm, loss):
-        if g is not None:
-            g.meta["fxc_calibration_batches"] = len(calibration_data)
-            insert_casts(g)
-    return gm, loss
-
-
-def compile(model: torch.nn.Module, policy: Policy | str | None = None, *, loss_fn: Callable | None = None,
+def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *, loss_fn: Callable | None = None,
             example_inputs: Sequence | None = None, leaf_modules: Iterable = (), frontend: str = "fx",
-            calibration_data: Iterable | None = None) -> fx.GraphModule:
+            calibration_data: Iterable | None = None, elide_casts: bool = True) -> fx.GraphModule:
     """Return a trainable fixed-point GraphModule of ``model`` under ``policy``.
 
     The result shares parameters with ``model``.  With ``loss_fn`` the loss is compiled too
@@ -73,24 +51,36 @@ def compile(model: torch.nn.Module, policy: Policy | str | None = None, *, loss_
         loss = qmodel.loss(qmodel(x), y); loss.backward()
 
     With ``policy=fxc.auto(...)`` the formats are chosen by the cost model from statistics of
-    ``calibration_data`` (batches ``(x, y)``), forward and backward.
+    ``calibration_data`` (batches ``(x, y)``), forward and backward.  ``elide_casts`` turns
+    casts whose forward provably changes nothing (after ReLU, max-pool, flatten) into forward
+    identities; their gradients are still rounded.
     """
-    if isinstance(policy, Auto):
-        gm, loss = _auto_pipeline(model, policy, loss_fn, calibration_data, leaf_modules=leaf_modules,
-                                  frontend=frontend, example_inputs=example_inputs)
-        gm.meta["fxc_policy"] = policy
-        if loss is not None:
-            if hasattr(gm, "loss"):
-                raise ValueError("the model already has an attribute 'loss'; compile's loss graph needs that name")
-            gm.add_module("loss", loss)
-        return gm
-    policy = Policy.coerce(policy)
-    gm = _pipeline(model, policy, leaf_modules=leaf_modules, frontend=frontend, example_inputs=example_inputs)
+    auto = isinstance(policy, Auto)
+    policy = policy if auto else Policy.coerce(policy)
+    gm = _front(model, leaf_modules=leaf_modules, frontend=frontend, example_inputs=example_inputs)
+    loss = _front(LossGraph(loss_fn), loss_graph=True) if loss_fn is not None else None
+    graphs = [g for g in (gm, loss) if g is not None]
+    if auto:
+        if calibration_data is None:
+            raise PolicyError("fxc.auto(...) chooses formats from calibration: pass calibration_data=[(x, y), ...] "
+                              "(a few training batches) to compile")
+        calibration_data = list(calibration_data)
+        for g in graphs:
+            g.meta["fxc_calibration_batches"] = len(calibration_data)
+        gm = calibrate(gm, calibration_data, loss_graph=loss)
+        gm = choose_formats(gm, policy, loss_graph=loss)
+    else:
+        for g in graphs:
+            assign_formats(g, policy, warn_unused_overrides=False)
+        # one warning over the model and loss graphs: an override may target either
+        warn_unused(policy, [m for g in graphs for m in g.meta["fxc_override_matches"]])
+    for g in graphs:
+        insert_casts(g)
+        if elide_casts:
+            elide_identity_casts(g)
     gm.meta["fxc_policy"] = policy
-    if loss_fn is not None:
+    if loss is not None:
         if hasattr(gm, "loss"):
             raise ValueError("the model already has an attribute 'loss'; compile's loss graph needs that name")
-        gm.add_module("loss", _pipeline(LossGraph(loss_fn), policy, loss_graph=True))
-    # one warning over the model and loss graphs: an override may target either
-    warn_unused(policy, gm.meta["fxc_override_matches"] + (gm.loss.meta["fxc_override_matches"] if loss_fn else []))
+        gm.add_module("loss", loss)
     return gm
