@@ -9,7 +9,7 @@ store the parameters back in their formats with ``fxc.fixed_point_optimizer``)::
     python benchmarks/step_time.py                      # seed CNN, resnet18, MLP; 2 threads
     python benchmarks/step_time.py --models seed_cnn --repeats 30 --threads 1
     python benchmarks/step_time.py --torch-compile      # also the inductor-compiled variants
-    python benchmarks/step_time.py --elide              # also with identity casts elided
+    python benchmarks/step_time.py --no-elide           # also without identity-cast elision
 
 Variants: ``nearest`` (every role quantized with the baseline formats, round to nearest),
 ``stochastic`` (the shipped baseline policy: gradients, weights and biases rounded
@@ -32,7 +32,6 @@ from torch import nn
 import fxcompile as fxc
 from fxcompile import kernels
 from fxcompile.models import MLP, SeedCNN
-from fxcompile.passes.elide_casts import elide_identity_casts
 
 BASELINE = dict(activation="16.8", gradient="16.10", loss="16.10", weight="24.12", bias="16.8")
 
@@ -71,10 +70,8 @@ def _fp32_step(model, x, y):
     return step
 
 
-def _fixed_step(model, policy, x, y, compile_mode=False, elide=False):
-    qmodel = fxc.compile(model, policy, loss_fn=nn.CrossEntropyLoss())
-    if elide:
-        elide_identity_casts(qmodel)
+def _fixed_step(model, policy, x, y, compile_mode=False, elide=True):
+    qmodel = fxc.compile(model, policy, loss_fn=nn.CrossEntropyLoss(), elide_casts=elide)
     opt = fxc.fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=1e-3), qmodel)
     forward = torch.compile(qmodel) if compile_mode else qmodel
 
@@ -121,8 +118,8 @@ def _variants(name, args):
     steps = {"fp32": _fp32_step(copy.deepcopy(base), x, y)}
     for policy in args.policies:
         steps[policy] = _fixed_step(copy.deepcopy(base), POLICIES[policy](), x, y)
-        if args.elide:
-            steps[policy + "+elide"] = _fixed_step(copy.deepcopy(base), POLICIES[policy](), x, y, elide=True)
+        if args.no_elide:
+            steps[policy + "-no-elide"] = _fixed_step(copy.deepcopy(base), POLICIES[policy](), x, y, elide=False)
     if args.torch_compile:
         steps["fp32+compile"] = _fp32_step(torch.compile(copy.deepcopy(base)), x, y)
         steps["nearest+compile"] = _fixed_step(copy.deepcopy(base), POLICIES["nearest"](), x, y, True)
@@ -160,7 +157,8 @@ def main(argv=None):
     p.add_argument("--inner", type=int, default=5, help="steps per timed repeat")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--torch-compile", action="store_true", help="add torch.compile (inductor) variants")
-    p.add_argument("--elide", action="store_true", help="add variants with fxcompile.passes.elide_casts applied")
+    p.add_argument("--no-elide", action="store_true",
+                   help="add variants compiled with elide_casts=False (compile() elides identity casts by default)")
     args = p.parse_args(argv)
     args.policies = args.policies.split(",")
     torch.set_num_threads(args.threads)
