@@ -145,7 +145,6 @@ def _result_rows(path):
     return sorted((r["point"], r["seed"], r["accuracy"], r["history"], r["final_loss"]) for r in read_rows(path))
 
 
-@pytest.mark.slow   # starts a process pool and a local Ray instance
 def test_ray_and_local_executors_give_identical_rows(tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[dev]' installs it)")
     sweep = load_sweep(_write(tmp_path, TINY))
