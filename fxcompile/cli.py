@@ -298,10 +298,8 @@ def add_export(sub):
     p.add_argument("--input-shape", default="1,1,28,28", help="example input shape (comma separated)")
 
 
-def run_export(args):
-    from . import compile, fixed_point_optimizer
-    from .errors import ExportError, FormatError, PolicyError, TraceError
-    from .export import export_onnx, integer_graph
+def _trained_model(args):
+    """The model named by --model with the weights of --state-dict, and a zero example input."""
     from .models import MODELS
     model = MODELS[args.model]() if args.model in MODELS else _load_callable(args.model)
     if args.state_dict:
@@ -315,10 +313,23 @@ def run_export(args):
         except RuntimeError as e:
             raise SystemExit(f"fxcompile: {args.state_dict} does not fit {args.model}: {e}") from None
     x = torch.zeros(tuple(int(s) for s in args.input_shape.split(",")))
+    return model, x
+
+
+def _compile_for_deployment(model, policy, x):
+    from . import compile, fixed_point_optimizer
+    qmodel = compile(model, policy, example_inputs=(x,)).eval()
+    # weights trained in fixed point are on their grid already; others are rounded once here
+    fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
+    return qmodel
+
+
+def run_export(args):
+    from .errors import ExportError, FormatError, PolicyError, TraceError
+    from .export import export_onnx, integer_graph
+    model, x = _trained_model(args)
     try:
-        qmodel = compile(model, args.policy, example_inputs=(x,)).eval()
-        # weights trained in fixed point are on their grid already; others are rounded once here
-        fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
+        qmodel = _compile_for_deployment(model, args.policy, x)
         export_onnx(qmodel, args.output, example_inputs=(x,))
     except (ExportError, TraceError, PolicyError, FormatError) as e:
         raise SystemExit(f"fxcompile: {e}") from None
@@ -369,29 +380,15 @@ def add_hls4ml(sub):
 
 
 def run_hls4ml(args):
-    from . import compile, fixed_point_optimizer
     from .errors import ExportError, FormatError, PolicyError, TraceError
     from .hls import hls_plan, require_hls4ml, to_hls4ml
-    from .models import MODELS
     try:
         require_hls4ml()
     except ImportError as e:
         raise SystemExit(f"fxcompile: {e}") from None
-    model = MODELS[args.model]() if args.model in MODELS else _load_callable(args.model)
-    if args.state_dict:
-        try:
-            state = torch.load(args.state_dict, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch.load raises many kinds
-            raise SystemExit(f"fxcompile: cannot read weights from {args.state_dict}: {str(e).splitlines()[0]}") from None
-        state = state.get("model", state) if isinstance(state, dict) else state
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise SystemExit(f"fxcompile: {args.state_dict} does not fit {args.model}: {e}") from None
-    x = torch.zeros(tuple(int(s) for s in args.input_shape.split(",")))
+    model, x = _trained_model(args)
     try:
-        qmodel = compile(model, args.policy, example_inputs=(x,)).eval()
-        fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
+        qmodel = _compile_for_deployment(model, args.policy, x)
         _, layers = hls_plan(qmodel, (x,))
         hls_model = to_hls4ml(qmodel, args.output_dir, example_inputs=(x,), backend=args.backend, part=args.part)
     except (ExportError, TraceError, PolicyError, FormatError) as e:
