@@ -288,14 +288,19 @@ def run_report(args):
 
 # ---- export / run-onnx ---------------------------------------------------------------------
 
-def add_export(sub):
-    p = sub.add_parser("export", help="export a trained model as an integer ONNX graph (no training)")
-    p.add_argument("output", help="the .onnx file to write")
+def _trained_model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags :func:`_trained_model` reads."""
     p.add_argument("--model", default="seed_cnn", help="seed_cnn, mlp, residual_cnn, or module:callable")
     p.add_argument("--policy", default="baseline", help="the policy it was trained under (name or file)")
     p.add_argument("--state-dict", default=None, help="weights saved with torch.save(model.state_dict()) "
                    "(or a dict holding them under 'model'); default: the untrained model")
     p.add_argument("--input-shape", default="1,1,28,28", help="example input shape (comma separated)")
+
+
+def add_export(sub):
+    p = sub.add_parser("export", help="export a trained model as an integer ONNX graph (no training)")
+    p.add_argument("output", help="the .onnx file to write")
+    _trained_model_flags(p)
 
 
 def _trained_model(args):
@@ -369,11 +374,7 @@ def run_run_onnx(args):
 def add_hls4ml(sub):
     p = sub.add_parser("hls4ml", help="write an hls4ml project bit-exact with the integer graph (needs the hls extra)")
     p.add_argument("output_dir", help="the hls4ml project folder to write")
-    p.add_argument("--model", default="seed_cnn", help="seed_cnn, mlp, residual_cnn, or module:callable")
-    p.add_argument("--policy", default="baseline", help="the policy it was trained under (name or file)")
-    p.add_argument("--state-dict", default=None, help="weights saved with torch.save(model.state_dict()) "
-                   "(or a dict holding them under 'model'); default: the untrained model")
-    p.add_argument("--input-shape", default="1,1,28,28", help="example input shape (comma separated)")
+    _trained_model_flags(p)
     p.add_argument("--backend", default="Vivado", help="hls4ml backend (default Vivado)")
     p.add_argument("--part", default=None, help="FPGA part (default: the backend's)")
     p.add_argument("--compile", action="store_true", help="also build the C simulation with g++")

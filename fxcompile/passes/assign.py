@@ -14,10 +14,15 @@ import torch.fx as fx
 from ..assignment import Edge
 from ..policy import Policy, warn_unused
 
-__all__ = ["assign_formats", "VALUE_ROLE", "GRADIENT_ROLE", "names_of"]
+__all__ = ["assign_formats", "VALUE_ROLE", "GRADIENT_ROLE", "edge_roles", "names_of"]
 
 VALUE_ROLE = {"input": "input", "activation": "activation_out", "weight": "weight", "bias": "bias", "loss": "loss"}
 GRADIENT_ROLE = {"weight": "weight_gradient", "bias": "bias_gradient", "loss": "loss"}
+
+
+def edge_roles(role: str) -> tuple[str, str]:
+    """The policy roles of a value with role ``role``: (forward, backward)."""
+    return VALUE_ROLE[role], GRADIENT_ROLE.get(role, "gradient")
 _PARAMETER = ("weight", "bias")
 
 
@@ -50,7 +55,7 @@ def assign_formats(gm: fx.GraphModule, policy: Policy, warn_unused_overrides: bo
             continue
         names, op = names_of(node), node.meta.get("fxc_op")
         seen.append((names, op))
-        value_role, grad_role = VALUE_ROLE[role], GRADIENT_ROLE.get(role, "gradient")
+        value_role, grad_role = edge_roles(role)
         node.meta["fxc_value"] = Edge(node.name, "*", value_role, policy.format_for(value_role, names, op),
                                       grad_role, policy.format_for(grad_role, names, op), op, _shape(node))
         uses = {}

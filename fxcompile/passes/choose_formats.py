@@ -56,7 +56,7 @@ from ..assignment import Edge
 from ..auto import Auto
 from ..errors import PolicyError
 from ..formats import FixedPoint
-from .assign import GRADIENT_ROLE, VALUE_ROLE, _shape
+from .assign import _shape, edge_roles
 
 __all__ = ["choose_formats", "solve", "Solution", "hardware_summary", "ADDERS", "must_share_graph"]
 
@@ -282,7 +282,7 @@ def _decisions(graphs: list[fx.GraphModule], policy: Auto) -> list[_Decision]:
             if role is None:
                 continue
             stats = node.meta.get("fxc_stats")
-            value_role, grad_role = VALUE_ROLE[role], GRADIENT_ROLE.get(role, "gradient")
+            value_role, grad_role = edge_roles(role)
             out.append(_Decision((gi, node.name, "fwd"), value_role, policy.bits_for(value_role),
                                  stats.value if stats else None, policy.rounding))
             out.append(_Decision((gi, node.name, "bwd"), grad_role, policy.bits_for(grad_role),
@@ -419,7 +419,7 @@ def _write(gm: fx.GraphModule, gi: int, fmt_of: dict, policy: Auto) -> None:
         if role is None:
             continue
         op = node.meta.get("fxc_op")
-        value_role, grad_role = VALUE_ROLE[role], GRADIENT_ROLE.get(role, "gradient")
+        value_role, grad_role = edge_roles(role)
         (fwd, fwd_nsr), (bwd, bwd_nsr) = fmt_of[(gi, node.name, "fwd")], fmt_of[(gi, node.name, "bwd")]
         node.meta["fxc_value"] = Edge(node.name, "*", value_role, fwd, grad_role, bwd, op, _shape(node))
         noise = {"*": (fwd_nsr, bwd_nsr)}
