@@ -250,12 +250,7 @@ def _plots(points: list[PointStats], out: Path) -> list[tuple[str, str]]:
         ax.set_xlabel("fractional-bit share of the role's format (frac / bits)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"one role at a time, others {ref.policy_name}\n{ref.describe()}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        name = f"frac_share{'' if i == 0 else f'_{i}'}.png"
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
+        name = _save(fig, ax, out, "frac_share", i)
         made.append((name, f"accuracy vs fractional-bit share, one line per role ({ref.policy_name}); "
                            "error bars: 95 % CI"))
     for i, group in enumerate(batch_lines(points)):
@@ -271,15 +266,22 @@ def _plots(points: list[PointStats], out: Path) -> list[tuple[str, str]]:
         ax.set_ylabel("test accuracy (%)")
         ax.set_xticks(range(1, max(len(h) for p in group for h in p.histories) + 1))
         ax.set_title(f"{group[0].policy_name}: one line per batch size\n{group[0].describe(batch=False)}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        name = f"epochs{'' if i == 0 else f'_{i}'}.png"
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
+        name = _save(fig, ax, out, "epochs", i)
         made.append((name, f"accuracy vs epochs, one line per batch size ({group[0].policy_name}); "
                            "error bars: 95 % CI"))
     return made
+
+
+def _save(fig, ax, out: Path, stem: str, i: int) -> str:
+    """Grid, legend, write ``<stem>[_i].png`` into ``out`` and close the figure; returns the name."""
+    import matplotlib.pyplot as plt
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    name = f"{stem}{'' if i == 0 else f'_{i}'}.png"
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=120)
+    plt.close(fig)
+    return name
 
 
 def report(files: Sequence[str | Path], out: str | Path | None = None) -> str:
