@@ -31,6 +31,7 @@ or from Python, inside an initialised process group::
 # no `from __future__ import annotations`: DDP checks the hook's GradBucket annotation at runtime
 import argparse
 import dataclasses
+import gc
 import math
 import os
 import statistics
@@ -168,6 +169,20 @@ def train_ddp(cfg, train_data, test_data, fixed_point_comm: bool = True) -> dict
             "history": history, "step_time_ms": 1e3 * statistics.median(times), "model_object": model}
 
 
+def close_process_group(synchronize: bool = True) -> None:
+    """Destroy the default process group so that the process exits cleanly.
+
+    Collects garbage first: a DDP reducer or finished gloo work still holding tensors when the
+    interpreter shuts down makes the process abort ("terminate called without an active
+    exception", SIGABRT) after all its work is done. ``synchronize`` waits for every rank
+    first; pass ``False`` on an error path, where a peer may never arrive.
+    """
+    gc.collect()
+    if synchronize:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv=None):
     """torchrun entry point: ``torchrun --nproc-per-node 2 -m fxcompile.distributed ...``."""
     from .sweep import build_model, load_dataset
@@ -186,6 +201,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    ok = False
     try:
         train_data, test_data = load_dataset(args.dataset, args.train_subset, 0, args.data)
         torch.manual_seed(args.seed)
@@ -197,8 +213,10 @@ def main(argv=None):
             per_epoch = ", ".join(f"{100 * h['accuracy']:.2f}" for h in m["history"])
             print(f"{args.policy} on {m['world_size']} ranks, global batch {args.batch_size}: test accuracy "
                   f"{100 * m['accuracy']:.2f}% (per epoch: {per_epoch})", flush=True)
+        del m
+        ok = True
     finally:
-        dist.destroy_process_group()
+        close_process_group(synchronize=ok)
 
 
 if __name__ == "__main__":

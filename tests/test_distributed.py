@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from fxcompile.distributed import FixedPointAllReduce, fixed_point_allreduce_hook, train_ddp
+from fxcompile.distributed import FixedPointAllReduce, close_process_group, fixed_point_allreduce_hook, train_ddp
 
 WORLD = 2
 TIMEOUT_S = 300
@@ -97,14 +97,16 @@ def _nan_case(rank):
 
 def _hook_worker(rank, port, out_dir):
     _init(rank, port)
+    ok = False
     try:
         # 8.4: int32 codes; 32.20: int64 codes (31 + 1 bits of sum > 30)
         out = {fmt: _exact_case(rank, fmt) for fmt in ("8.4", "32.20")}
         out["nan"] = _nan_case(rank)
         with open(os.path.join(out_dir, f"hook_{rank}.json"), "w") as f:
             json.dump(out, f)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        close_process_group(synchronize=ok)
 
 
 def test_allreduce_is_the_sum_of_the_ranks_quantized_gradients(tmp_path):
@@ -127,6 +129,7 @@ def _data():
 def _train_worker(rank, port, out_dir):
     from fxcompile.train import TrainConfig
     _init(rank, port)
+    ok = False
     try:
         train_data, test_data = _data()
         cfg = TrainConfig(model="mlp", policy="baseline", epochs=2, batch_size=64, seed=0, progress=False)
@@ -137,8 +140,10 @@ def _train_worker(rank, port, out_dir):
         with open(os.path.join(out_dir, f"train_{rank}.json"), "w") as f:
             json.dump({"accuracy": m["accuracy"], "same_parameters": all(torch.equal(gathered[0], t) for t in gathered)},
                       f)
+        del m
+        ok = True
     finally:
-        dist.destroy_process_group()
+        close_process_group(synchronize=ok)
 
 
 @pytest.mark.slow   # two training processes plus the single-process reference
