@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -69,13 +70,21 @@ def find_root(root: str | os.PathLike | None = None) -> Path:
             if target.exists():
                 continue
             src = folder / f[:-3]
-            tmp = target.with_suffix(".tmp")
-            if src.exists():
-                shutil.copyfile(src, tmp)
-            else:
-                with gzip.open(folder / f, "rb") as fin, open(tmp, "wb") as fout:
-                    shutil.copyfileobj(fin, fout)
-            tmp.rename(target)  # atomic: a killed run never leaves a half file behind
+            # a private temporary name: runs started together each write their own, and the
+            # atomic replace means a killed run never leaves a half file behind
+            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=raw)
+            try:
+                with os.fdopen(fd, "wb") as fout:
+                    if src.exists():
+                        with open(src, "rb") as fin:
+                            shutil.copyfileobj(fin, fout)
+                    else:
+                        with gzip.open(folder / f, "rb") as fin:
+                            shutil.copyfileobj(fin, fout)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         return cache
     missing = [f for f in IDX_FILES if not (root / f).exists()]
     raise DataError(f"{root} does not hold the Fashion-MNIST IDX files (missing: {', '.join(missing)}); "

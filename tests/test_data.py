@@ -94,3 +94,26 @@ def test_two_roots_do_not_share_a_cache(tmp_path, monkeypatch):
     (tb, _), _ = fashion_mnist(tmp_path / "b")
     assert len(ta) == 7 and len(tb) == 9
     assert find_root(tmp_path / "a") != find_root(tmp_path / "b")
+
+
+def test_runs_started_together_prepare_the_cache_without_tripping_over_each_other(tmp_path, monkeypatch):
+    import concurrent.futures
+    import threading
+    import fxcompile.data as data
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _write_idx(tmp_path / "data", n_train=300)
+    gate = threading.Barrier(4)
+    real_copy = data.shutil.copyfileobj
+
+    def copy_in_lockstep(fin, fout, *args):   # every worker is mid-write before any finishes
+        real_copy(fin, fout, *args)
+        gate.wait(timeout=10)
+    monkeypatch.setattr(data.shutil, "copyfileobj", copy_in_lockstep)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        roots = list(pool.map(lambda _: find_root(tmp_path / "data"), range(4)))
+    assert len(set(roots)) == 1
+    raw = roots[0] / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(f[:-3] for f in IDX_FILES)  # no temporaries left
+    monkeypatch.setattr(data.shutil, "copyfileobj", real_copy)
+    (tx, _), _ = fashion_mnist(tmp_path / "data")
+    assert tx.shape == (300, 1, 28, 28)
