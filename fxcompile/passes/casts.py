@@ -28,6 +28,7 @@ class Cast(nn.Module):
     def __init__(self, edge: Edge, clip_gradient: bool = True, forward_identity: bool = False):
         super().__init__()
         self.forward_identity = forward_identity
+        self.backward_identity = False  # set by elide_casts when the gradient arrives on its grid
         self.clip_gradient = clip_gradient and edge.role not in ("weight", "bias")
         self.counters = None  # fxcompile.telemetry.EdgeCounters while telemetry is on
         self.set_edge(edge)
@@ -40,7 +41,7 @@ class Cast(nn.Module):
             # format's rounding applies to the update (fixed_point_optimizer), not to reads.
             fwd = fwd.replace(rounding="nearest")
         self._fwd = [] if self.forward_identity else spec_of(fwd)
-        self._bwd = spec_of(edge.backward)
+        self._bwd = [] if self.backward_identity else spec_of(edge.backward)
         # a parameter already on its grid is passed through rather than copied (see cast())
         self._parameter = edge.role in ("weight", "bias")
 
@@ -51,7 +52,8 @@ class Cast(nn.Module):
 
     def extra_repr(self) -> str:
         fwd = "identity" if self.forward_identity else (self.edge.forward or "float")
-        return f"{self.edge.name}: {self.edge.role} {fwd}, {self.edge.backward_role} {self.edge.backward or 'float'}"
+        bwd = "identity" if self.backward_identity else (self.edge.backward or "float")
+        return f"{self.edge.name}: {self.edge.role} {fwd}, {self.edge.backward_role} {bwd}"
 
 
 def _add_cast(gm: fx.GraphModule, source: fx.Node, name: str, edge: Edge, clip: bool, identity=False) -> fx.Node:

@@ -15,6 +15,15 @@ under deterministic rounding (stochastic rounding draws differently, with the sa
 
 Elided casts are marked ``node.meta["fxc_elided"] = True`` and their :class:`Cast` has
 ``forward_identity`` set; the graph and its assignment are otherwise untouched.
+
+The mirror image holds for gradients.  When a cast's only consumer is a format-preserving
+op whose only consumer is a cast with the same backward format, the gradient reaching the
+first cast is the second cast's rounded, saturated gradient routed through the op's
+backward (ReLU zeroes, a non-overlapping pool scatters, flatten reshapes): it is already
+on the grid and in range, so rounding it again changes nothing.  That cast's backward
+becomes the identity (``backward_identity``, ``node.meta["fxc_backward_elided"]``); a
+saturation clip it applies in backward is kept.  A cast with both identities costs one
+Python call.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from torch import nn
 
 from .casts import Cast
 
-__all__ = ["elide_identity_casts", "elided_casts", "format_preserving"]
+__all__ = ["elide_identity_casts", "elided_casts", "backward_elided_casts", "format_preserving"]
 
 _FUNCTIONS = {F.relu, torch.relu, torch.flatten, torch.reshape}
 _METHODS = {"relu", "flatten", "view", "reshape"}
@@ -94,14 +103,44 @@ def _elide(gm: fx.GraphModule) -> int:
     return count
 
 
+def _elide_backward(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in gm.graph.nodes:
+        cast = _cast_module(gm, node)
+        if cast is None or cast.backward_identity or cast.edge.backward is None or len(node.users) != 1:
+            continue
+        (op,) = node.users
+        if not format_preserving(gm, op) or not op.args or op.args[0] is not node or len(op.users) != 1:
+            continue
+        if any(isinstance(a, fx.Node) for a in list(op.args[1:]) + list(op.kwargs.values())):
+            continue
+        (consumer,) = op.users
+        downstream = _cast_module(gm, consumer)
+        # the consumer's gradient leaves it rounded and saturated to this format (or, if its own
+        # backward is an identity, arrives that way: the property is inherited along the chain)
+        if downstream is None or consumer.args[0] is not op or downstream.edge.backward != cast.edge.backward:
+            continue
+        cast.backward_identity = True
+        cast.set_edge(cast.edge)
+        node.meta["fxc_backward_elided"] = True
+        count += 1
+    return count
+
+
 def elide_identity_casts(gm: fx.GraphModule) -> fx.GraphModule:
     """Apply to ``gm`` and, if present, its compiled loss graph ``gm.loss``; returns ``gm``."""
-    _elide(gm)
-    loss = getattr(gm, "loss", None)
-    if isinstance(loss, fx.GraphModule):
-        _elide(loss)
+    for g in (gm, getattr(gm, "loss", None)):
+        if isinstance(g, fx.GraphModule):
+            _elide(g)
+            _elide_backward(g)
     return gm
 
 
 def elided_casts(gm: fx.GraphModule) -> list[fx.Node]:
+    """Casts whose forward is the identity."""
     return [n for n in gm.graph.nodes if n.meta.get("fxc_elided")]
+
+
+def backward_elided_casts(gm: fx.GraphModule) -> list[fx.Node]:
+    """Casts whose backward rounding is the identity."""
+    return [n for n in gm.graph.nodes if n.meta.get("fxc_backward_elided")]

@@ -72,7 +72,9 @@ def test_parameter_casts_do_not_clip_and_policy_can_turn_clipping_off():
     off = Policy(activation="16.8", gradient="16.10", clip_gradient=False)
     q = fxc.compile(MLP(), off, example_inputs=(torch.randn(1, 1, 28, 28),))
     assert not q.casts.fc1.clip_gradient
-    assert "fc1->*: activation_out 16.8, gradient 16.10" in repr(q.casts.fc1)
+    # fc1's gradient arrives through ReLU from the 16.10 cast after it: its own rounding is elided
+    assert "fc1->*: activation_out 16.8, gradient identity" in repr(q.casts.fc1)
+    assert "fc3->*: activation_out 16.8, gradient 16.10" in repr(q.casts.fc3)
 
 
 def test_fp32_policy_is_the_identity():
