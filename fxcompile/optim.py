@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .cast import quantize
+from . import kernels
 from .formats import FixedPoint
 from .inspect import graphs
 
@@ -37,10 +37,14 @@ def fixed_point_optimizer(optimizer: torch.optim.Optimizer, qmodel: fx.GraphModu
     params = [(p, (fmt if rounding is None else fmt.replace(rounding=rounding)).spec())
               for _, p, fmt in parameter_formats(qmodel)]
 
+    kernels.load()
+    inplace = torch.ops.fxcompile.quantize_.default
+
     @torch.no_grad()
     def store(*_):
         for p, spec in params:
-            p.copy_(quantize(p, spec))
+            if spec:
+                inplace(p, spec, None)   # one pass over the parameter, no copy
 
     store()
     optimizer.register_step_post_hook(store)

@@ -70,6 +70,9 @@ def test_fused_forward_mask_and_backward_equal_the_reference(fmt, rounding, dtyp
     for name, x in _inputs(fmt, dtype).items():
         ref = _reference(x, spec, SEED)
         assert_same_bits(torch.ops.fxcompile.quantize(x, spec, SEED), ref)
+        inplace = x.clone()   # keeps the transposed layout: in place on a non-contiguous tensor too
+        assert torch.ops.fxcompile.quantize_(inplace, spec, SEED) is inplace
+        assert_same_bits(inplace, ref)
         y, mask = torch.ops.fxcompile.quantize_mask(x, spec, SEED)
         assert_same_bits(y, ref)
         assert torch.equal(mask, kernels.pack_mask(~_inside(ref, spec))), name
@@ -199,6 +202,7 @@ def test_fallback_matches_the_kernel(rounding):
     y, mask = torch.ops.fxcompile.quantize_mask(x, spec, SEED)
     fy, fmask = fallback.quantize_mask(x, spec, SEED)
     assert_same_bits(fy, y)
+    assert_same_bits(fallback.quantize_(x.clone(), spec, SEED), y)
     assert torch.equal(fmask, mask)
     g = torch.randn(3, 70)
     assert_same_bits(fallback.cast_backward(g, mask, spec, SEED), torch.ops.fxcompile.cast_backward(g, mask, spec, SEED))

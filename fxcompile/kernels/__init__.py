@@ -1,11 +1,12 @@
 """Fused cast kernels, registered as ``torch.ops.fxcompile.*`` operators.
 
-Four operators, defined here once and implemented either by the C++ kernel in
+Five operators, defined here once and implemented either by the C++ kernel in
 ``cast_cpu.cpp`` (vectorised, multi-threaded with ATen's OpenMP pool, built with
 ``torch.utils.cpp_extension`` on first use and cached) or, when no compiler is available, by
 the pure-PyTorch reference (one warning says so)::
 
     quantize(Tensor x, int[] spec, int? seed=None) -> Tensor
+    quantize_(Tensor(a!) x, int[] spec, int? seed=None) -> Tensor(a!)    # in place
     quantize_mask(Tensor x, int[] spec, int? seed=None) -> (Tensor y, Tensor mask)
     cast_backward(Tensor grad, Tensor? mask, int[] spec, int? seed=None) -> Tensor
     cast(Tensor x, int[] forward, int[] backward, bool clip=True, bool parameter=False) -> Tensor
@@ -46,6 +47,7 @@ KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "cast_cpu.cpp")
 _SEEDED = (torch.Tag.nondeterministic_seeded,)
 _LIB = torch.library.Library("fxcompile", "FRAGMENT")
 _LIB.define("quantize(Tensor x, int[] spec, int? seed=None) -> Tensor", tags=_SEEDED)
+_LIB.define("quantize_(Tensor(a!) x, int[] spec, int? seed=None) -> Tensor(a!)", tags=_SEEDED)
 _LIB.define("quantize_mask(Tensor x, int[] spec, int? seed=None) -> (Tensor, Tensor)", tags=_SEEDED)
 _LIB.define("cast_backward(Tensor grad, Tensor? mask, int[] spec, int? seed=None) -> Tensor", tags=_SEEDED)
 _LIB.define("cast(Tensor x, int[] forward, int[] backward, bool clip=True, bool parameter=False) -> Tensor",

@@ -343,6 +343,22 @@ at::Tensor quantize_cpu(const at::Tensor& x, at::IntArrayRef spec, std::optional
   return y;
 }
 
+// In place: one pass, no allocation for a contiguous x (fixed-point parameter storage).
+at::Tensor& quantize_inplace_cpu(at::Tensor& x, at::IntArrayRef spec, std::optional<int64_t> seed) {
+  if (spec.empty()) return x;
+  TORCH_CHECK(x.is_floating_point(), "fxcompile.quantize_: expected a floating-point tensor, got ", x.scalar_type());
+  const Spec s = Spec::of(spec, "forward");
+  const uint64_t sd = is_stochastic(spec) ? seed_or_draw(seed) : 0;
+  if (x.is_contiguous()) {
+    launch(x, x, &s, sd, nullptr, nullptr);
+  } else {
+    at::Tensor y = x.contiguous();
+    launch(y, y, &s, sd, nullptr, nullptr);
+    x.copy_(y);
+  }
+  return x;
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_mask_cpu(const at::Tensor& x, at::IntArrayRef spec,
                                                      std::optional<int64_t> seed) {
   TORCH_CHECK(x.is_floating_point(), "fxcompile.quantize_mask: expected a floating-point tensor, got ",
@@ -440,6 +456,7 @@ at::Tensor cast_composite(const at::Tensor& x, at::IntArrayRef fwd, at::IntArray
 
 TORCH_LIBRARY_IMPL(fxcompile, CPU, m) {
   m.impl("quantize", &quantize_cpu);
+  m.impl("quantize_", &quantize_inplace_cpu);
   m.impl("quantize_mask", &quantize_mask_cpu);
   m.impl("cast_backward", &cast_backward_cpu);
 }

@@ -30,6 +30,12 @@ def quantize(x, spec, seed=None):
     return quantize_reference(x, spec) if s is None else quantize_reference(x, spec, seed=s)
 
 
+def quantize_(x, spec, seed=None):
+    if spec:
+        x.copy_(quantize(x, spec, seed))
+    return x
+
+
 def quantize_mask(x, spec, seed=None):
     from ..cast import _inside
     y = quantize(x, spec, seed)
@@ -79,6 +85,10 @@ def _fake_quantize(x, spec, seed=None):
     return torch.empty_like(x)
 
 
+def _fake_quantize_inplace(x, spec, seed=None):
+    return x
+
+
 def _fake_quantize_mask(x, spec, seed=None):
     return torch.empty_like(x), x.new_empty(((x.numel() + 63) // 64,), dtype=torch.int64)
 
@@ -91,10 +101,12 @@ def register(lib: torch.library.Library, cpu: bool) -> None:
     """Register fake (meta) and CUDA implementations; with ``cpu`` also CPU and the autograd cast."""
     if not cpu:
         torch.library.register_fake("fxcompile::quantize", _fake_quantize, lib=lib)
+        torch.library.register_fake("fxcompile::quantize_", _fake_quantize_inplace, lib=lib)
         torch.library.register_fake("fxcompile::quantize_mask", _fake_quantize_mask, lib=lib)
         torch.library.register_fake("fxcompile::cast_backward", _fake_cast_backward, lib=lib)
     for key in (("CPU",) if cpu else ("CUDA",)):
         lib.impl("quantize", quantize, key)
+        lib.impl("quantize_", quantize_, key)
         lib.impl("quantize_mask", quantize_mask, key)
         lib.impl("cast_backward", cast_backward, key)
     if cpu:
