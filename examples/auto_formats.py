@@ -37,6 +37,7 @@ def main(argv=None):
     p.add_argument("--bits", default="16", help="16, or per role: activation=8,gradient=8,weight=16")
     p.add_argument("--objective", default="nsr", choices=OBJECTIVES)
     p.add_argument("--gradient-rounding", default="nearest")
+    p.add_argument("--update-rounding", default="stochastic", help="rounding of each weight/bias update")
     p.add_argument("--margin", type=int, default=2, help="octaves of drift the formats allow for (see fxc.Auto)")
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5)
@@ -48,7 +49,7 @@ def main(argv=None):
 
     train_data, test_data = fashion_mnist(args.data, train_subset=args.train_subset)
     policy = fxc.auto(max_formats=args.max_formats, bits=parse_bits(args.bits), objective=args.objective,
-                      gradient_rounding=args.gradient_rounding, margin=args.margin, calibration_batches=args.calibration_batches)
+                      gradient_rounding=args.gradient_rounding, update_rounding=args.update_rounding, margin=args.margin, calibration_batches=args.calibration_batches)
     runs = {}
     for name, pol in ([("fp32", None)] if args.fp32 else []) + [(str(policy), policy)]:
         accs = []

@@ -37,7 +37,11 @@ class Auto:
     distinct format used (the solver may then use fewer than ``max_formats``).
     ``bits_cost``: added per bit moved per element, relative to all elements (only matters
     when ``bits`` offers several widths).  ``fracs``: the candidate binary points.
-    ``gradient_rounding``: the rounding of every backward format.  ``margin``: octaves by
+    ``gradient_rounding``: the rounding of every backward format.  ``update_rounding``: the
+    rounding of stored weights and biases, which :func:`fxcompile.fixed_point_optimizer`
+    applies to each update (reads of a stored parameter are exact whatever it is);
+    ``"stochastic"``, as in the shipped policies, keeps updates smaller than half a step
+    from being lost.  ``margin``: octaves by
     which forward values may grow and gradients shrink after calibration (the cost of a
     frac is averaged over those drifts), so formats chosen on the untrained model keep
     headroom for the trained one.
@@ -49,6 +53,7 @@ class Auto:
     fracs: tuple[int, int] = (-16, 48)
     rounding: str = "nearest"
     gradient_rounding: str = "nearest"
+    update_rounding: str = "stochastic"
     margin: int = 2
     format_cost: float = 0.0
     bits_cost: float = 0.0
@@ -61,7 +66,7 @@ class Auto:
             raise PolicyError(f"auto: max_formats must be a positive int, got {self.max_formats!r}")
         if self.objective not in OBJECTIVES:
             raise PolicyError(f"auto: objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for field in ("rounding", "gradient_rounding"):
+        for field in ("rounding", "gradient_rounding", "update_rounding"):
             if getattr(self, field) not in ROUNDINGS:
                 raise PolicyError(f"auto: {field} must be one of {ROUNDINGS}, got {getattr(self, field)!r}")
         if isinstance(self.margin, bool) or not isinstance(self.margin, int) or not 0 <= self.margin <= 16:
@@ -95,6 +100,7 @@ class Auto:
             return self.name
         bits = self.bits if not isinstance(self.bits, dict) else ",".join(f"{k}={v}" for k, v in self.bits.items())
         extra = f", gradient_rounding={self.gradient_rounding}" if self.gradient_rounding != "nearest" else ""
+        extra += f", update_rounding={self.update_rounding}" if self.update_rounding != "stochastic" else ""
         return f"auto(K={self.max_formats}, bits={bits}, objective={self.objective}{extra})"
 
     def __str__(self) -> str:

@@ -20,7 +20,8 @@ def test_bits_per_role_fall_back_to_coarser_roles():
 @pytest.mark.parametrize("kwargs,field", [({"max_formats": 0}, "max_formats"), ({"bits": 40}, "bits"),
                                           ({"bits": {"activations": 8}}, "activations"),
                                           ({"objective": "snr"}, "objective"), ({"margin": -1}, "margin"),
-                                          ({"gradient_rounding": "up"}, "gradient_rounding")])
+                                          ({"gradient_rounding": "up"}, "gradient_rounding"),
+                                          ({"update_rounding": "down"}, "update_rounding")])
 def test_invalid_settings_name_the_field(kwargs, field):
     with pytest.raises(fxc.PolicyError, match=field):
         fxc.auto(**kwargs)
@@ -29,6 +30,30 @@ def test_invalid_settings_name_the_field(kwargs, field):
 def test_compile_needs_calibration_data():
     with pytest.raises(fxc.PolicyError, match="calibration_data"):
         fxc.compile(MLP(), fxc.auto(), loss_fn=nn.CrossEntropyLoss())
+
+
+@pytest.mark.parametrize("update", [None, "nearest"])
+def test_stored_parameters_round_their_updates_stochastically_unless_told(update):
+    from fxcompile.optim import fixed_point_optimizer, parameter_formats
+    torch.manual_seed(0)
+    options = {} if update is None else {"update_rounding": update}
+    q = fxc.compile(MLP(), fxc.auto(max_formats=2, **options), loss_fn=nn.CrossEntropyLoss(),
+                    calibration_data=[(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))])
+    records = fxc.assignment(q)
+    parameters = [r for r in records if r.role in ("weight", "bias")]
+    others = [r for r in records if r.role not in ("weight", "bias") and r.forward is not None]
+    assert parameters and others
+    assert {r.forward.rounding for r in parameters} == {update or "stochastic"}
+    assert {r.forward.rounding for r in others} == {"nearest"}
+    # an update far below half a step survives on average only when it is rounded stochastically
+    name, p, fmt = parameter_formats(q)[0]
+    opt = fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=1.0), q)
+    before = p.detach().clone()
+    for _ in range(64):
+        p.grad = torch.full_like(p, -fmt.scale / 8)
+        opt.step()
+    moved = float((p.detach() - before).mean() / (64 * fmt.scale / 8))
+    assert (0.8 < moved < 1.2) if update is None else moved == 0.0, (name, moved)
 
 
 def test_different_widths_in_one_adder_are_an_error():

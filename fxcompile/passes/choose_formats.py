@@ -404,7 +404,8 @@ def choose_formats(gm: fx.GraphModule, policy: Auto, loss_graph: fx.GraphModule 
         w, f = cand[assign[ci]]
         for k in comp:
             d = decisions[index[k]]
-            fmt_of[k] = (FixedPoint(w, f, rounding=d.rounding), float(member_nsr.get((k, w), np.zeros(len(fracs)))
+            rounding = policy.update_rounding if d.role in _PARAMETER else d.rounding
+            fmt_of[k] = (FixedPoint(w, f, rounding=rounding), float(member_nsr.get((k, w), np.zeros(len(fracs)))
                                                                        [f - fracs[0]]) if (k, w) in member_nsr else 0.0)
     for gi, g in enumerate(graphs):
         _write(g, gi, fmt_of, policy)
