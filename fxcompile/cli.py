@@ -301,6 +301,9 @@ def add_export(sub):
     p = sub.add_parser("export", help="export a trained model as an integer ONNX graph (no training)")
     p.add_argument("output", help="the .onnx file to write")
     _trained_model_flags(p)
+    p.add_argument("--flavour", default="integer", choices=["integer", "qdq", "qonnx"],
+                   help="integer: int64 ops, bit-exact on ONNX Runtime (default); qdq: float ops with "
+                   "QuantizeLinear/DequantizeLinear pairs; qonnx: float ops with QONNX Quant nodes (FINN, hls4ml)")
 
 
 def _trained_model(args):
@@ -335,9 +338,14 @@ def run_export(args):
     model, x = _trained_model(args)
     try:
         qmodel = _compile_for_deployment(model, args.policy, x)
-        export_onnx(qmodel, args.output, example_inputs=(x,))
+        exported = export_onnx(qmodel, args.output, example_inputs=(x,), flavour=args.flavour)
     except (ExportError, TraceError, PolicyError, FormatError) as e:
         raise SystemExit(f"fxcompile: {e}") from None
+    if args.flavour != "integer":
+        quantizers = [n for n in exported.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Quant")]
+        print(f"wrote {args.output}: {args.flavour} model, {len(exported.graph.node)} nodes of which "
+              f"{len(quantizers)} quantizers; input 'x', output 'output' (float, not bit-exact)")
+        return
     ops = integer_graph(qmodel, (x,)).ops
     print(f"wrote {args.output}: {len(ops)} integer ops "
           f"({', '.join(sorted({op.op for op in ops}))}); input 'x', outputs 'output' and 'output_codes'")

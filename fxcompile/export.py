@@ -1,11 +1,15 @@
 """Deploy: a trained fixed-point model as an integer graph, and as an ONNX file.
 
 ``integer_graph`` chains the deploy passes (fold batch norm, lower to integer ops);
-``export_onnx`` writes that graph as ONNX that ONNX Runtime runs bit-exactly::
+``export_onnx`` writes that graph as ONNX that ONNX Runtime runs bit-exactly, or, with
+``flavour="qdq"`` or ``"qonnx"``, the BN-folded float model with QuantizeLinear/DequantizeLinear
+pairs (:mod:`fxcompile.backends.qdq`) or QONNX ``Quant`` nodes (:mod:`fxcompile.backends.qonnx`)
+at every fixed-point edge::
 
     qmodel = fxc.compile(model, fxc.baseline(), loss_fn=nn.CrossEntropyLoss())
     ...train...
     fxc.export_onnx(qmodel, "model.onnx", example_inputs=(x[:1],))
+    fxc.export_onnx(qmodel, "model_qdq.onnx", example_inputs=(x[:1],), flavour="qdq")
 """
 
 from __future__ import annotations
@@ -20,11 +24,15 @@ import torch
 import torch.fx as fx
 
 from .backends.onnx import to_onnx
+from .backends.qdq import to_qdq
+from .backends.qonnx import to_qonnx
 from .errors import ExportError
 from .passes.fold_bn import fold_bn
 from .passes.lower import IntegerGraph, lower
 
-__all__ = ["integer_graph", "export_onnx", "onnx_session", "verify"]
+__all__ = ["integer_graph", "export_onnx", "onnx_session", "verify", "FLAVOURS"]
+
+FLAVOURS = ("integer", "qdq", "qonnx")
 
 
 def integer_graph(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> IntegerGraph:
@@ -35,17 +43,27 @@ def integer_graph(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
 
 
 def export_onnx(qmodel: fx.GraphModule, path: str | os.PathLike, example_inputs: Sequence[torch.Tensor],
-                ) -> onnx.ModelProto:
+                flavour: str = "integer") -> onnx.ModelProto:
     """Write ``qmodel``'s integer graph to ``path`` as ONNX and return the model.
 
     Float input → quantizer → int64 ops only → dequantizer → float output ``output`` (plus its
-    int64 codes ``output_codes``); the batch dimension is free.  The model passes
-    ``onnx.checker.check_model(full_check=True)``.  The file is written to a temporary name
-    and renamed, so a failed export leaves nothing at ``path``; raises :class:`ExportError`
-    naming every node that does not lower.
+    int64 codes ``output_codes``); the batch dimension is free.  ``flavour="qdq"`` writes the
+    QDQ model and ``"qonnx"`` the QONNX model instead (float output ``output``; not bit-exact:
+    see their modules).  The model passes ``onnx.checker.check_model(full_check=True)``.
+    The file is written to a temporary name and renamed, so a failed export leaves nothing at
+    ``path``; raises :class:`ExportError` naming every node that does not lower (or, for the
+    other flavours, every edge whose format the flavour cannot write).
     """
     path = Path(path)
-    model = to_onnx(integer_graph(qmodel, example_inputs), name=type(qmodel).__name__)
+    if flavour not in FLAVOURS:
+        raise ExportError(f"unknown export flavour {flavour!r}; flavours are {', '.join(FLAVOURS)}")
+    if flavour == "integer":
+        model = to_onnx(integer_graph(qmodel, example_inputs), name=type(qmodel).__name__)
+    else:
+        if not isinstance(qmodel, fx.GraphModule):
+            raise ExportError(f"expected a model compiled with fxc.compile, got {type(qmodel).__name__}")
+        to_flavour = to_qdq if flavour == "qdq" else to_qonnx
+        model = to_flavour(fold_bn(qmodel), tuple(example_inputs), name=type(qmodel).__name__)
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:
