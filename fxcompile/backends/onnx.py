@@ -1,23 +1,51 @@
-"""ONNX backend: an :class:`IntegerGraph` as an ONNX model of int64 ops.
+"""ONNX backend: an :class:`IntegerGraph` as an ONNX model of integer ops.
 
-Between the input quantizer and the output dequantizers every tensor is int64 and every op
-has an int64 kernel on ONNX Runtime's CPU provider, so ORT reproduces the integer reference
-(:mod:`fxcompile.backends.integer`) bit for bit.  ORT's integer support shapes the lowering:
+Between the input quantizer and the output dequantizers every tensor is an integer tensor
+and every op has an integer kernel on ONNX Runtime's CPU provider, so ORT reproduces the
+integer reference (:mod:`fxcompile.backends.integer`) bit for bit.  The export knows every
+constant and the range of every value (from the input format, the weights and each op), and
+spends that knowledge on speed:
 
-* Conv is float-only, ConvInteger 8-bit only and ORT's int64 MatMul is slow, so a
-  convolution is im2col (Pad, one strided Slice per kernel offset, Concat) followed by
-  ``MatMulInteger`` on 8-bit pieces: the input codes, offset to be non-negative, split into
-  uint8 limbs, times the weight codes split into balanced base-256 digits (int8), each
-  partial sum exact in int32 (checked from K), recombined in int64.  When the bound cannot
-  be guaranteed (unknown input range, very long sums) an int64 ``MatMul`` does it directly;
-* integer Div truncates toward zero and BitShift is unsigned, so a rounding right shift by
-  ``s`` bits is ``r = v AND (2**s − 1)`` (two's complement: the non-negative remainder),
-  ``q = (v − r) / 2**s`` (exact floor), and for ties to even
-  ``q + (r + (q AND 1) + 2**(s−1) − 1) / 2**s``, all int64 (``BitwiseAnd``, opset 18: ORT's
-  int64 ``Mod`` is several times slower);
-* Relu has no int64 kernel: ``Max(v, 0)``; saturation is an int64 ``Clip``; wrap is a mask;
-  MaxPool is float-only: ``Max`` over the kernel-offset slices; a power-of-two average pool
-  is a sum of slices.
+* **int32 where it provably fits.**  Each value carries an interval ``[lo, hi]`` of its codes
+  (a format's range; a conv/linear's exact per-channel bound from its weights; ReLU, pooling
+  and add propagate it); a value lives in int32 when its interval fits, else int64.  ORT's
+  int32 elementwise kernels are several times faster than its int64 ones.
+* **Conv/linear on 8-bit limbs.**  ORT has no integer Conv above 8 bits, its int64 MatMul is
+  slow and ``ConvInteger`` with int8 weights is slower than float.  The fast kernel is
+  ``MatMulInteger`` with a uint8 left operand and an int8 right one, so: the input codes,
+  offset by ``lo`` to be non-negative only when ``lo < 0`` (the offset's contribution
+  ``lo · Σ w`` folds into the bias), are split into as many uint8 limbs as ``hi − lo`` needs
+  (two for a 16-bit ReLU output), stacked along the batch axis; the constant weight codes
+  are split into as many balanced base-128 digits in [-64, 63] as their largest code needs
+  (two for a 24.12 weight with |w| < 2).  Digits below 64 keep every pair of uint8 × int8
+  products below 2**15, so the result is exact even on kernels that add pairs in int16
+  (x86 without VNNI).  One ``MatMulInteger`` per digit; the partial sums are recombined
+  (``Σ 256**i · 128**j · Y_ij + bias``) in int32 when the per-channel bound proves it fits,
+  else in int64.  When even one partial sum could overflow int32, an int64 ``MatMul`` does
+  the product directly (also with ``eight_bit=False``).
+* **Small K: one int32 MatMul.**  When K is small (a first conv on one channel) the 8-bit
+  form costs little arithmetic but writes limbs × digits large partial sums, and those
+  passes over memory dominate; if the per-channel bound Σ|w| · max|x| + |b| fits int32, one
+  int32 ``MatMul`` writes the accumulator once.  A rough cost model picks per layer.
+* **Channels last.**  Convolution is im2col in NHWC (``Pad``; strided ``Slice`` per kernel
+  column concatenated on the channel axis, then per kernel row concatenated again: ORT's
+  ``Concat`` copies one block per innermost run, and runs of C bytes are slow), so the
+  columns are the uint8 left operand as they stand and the product comes out NHWC again:
+  4-D values stay NHWC from the first conv to the next flatten or output, where one
+  ``Transpose`` restores NCHW.
+* **Monotone ops commute with max-pooling.**  A saturating requantize and ReLU are
+  non-decreasing, so ``maxpool(relu(requantize(acc))) = relu(requantize(maxpool(acc)))``
+  exactly: the pool runs first on the accumulator and the rounding on a quarter of the
+  values.  MaxPool itself is float-only: ``Max`` over the kernel-offset slices.
+* **Rounding shifts.**  Integer ``Div`` truncates toward zero and ``BitShift`` is unsigned, so
+  a rounding right shift by ``s`` is done on a non-negative value: saturate first
+  (``Clip(v, lo · 2**s, hi · 2**s)``: rounding is monotone and these bounds round to
+  themselves; a following ReLU raises ``lo`` to 0), add ``−m · 2**s`` with ``m`` even when
+  the clipped value may be negative (ties to even are unchanged by an even offset), then
+  ``q = t / 2**s`` is the floor and ties to even is
+  ``(t + 2**(s−1) − 1 + (q AND 1)) / 2**s``.  A wrapping format works in int64 and wraps
+  with a mask.  A power-of-two average pool is a sum of slices.  (ORT's int32 ``Div`` and
+  ``BitwiseAnd`` cost several Adds each; ``Mod`` more.)
 
 Node names start with the op they lower (``quantize/…``, ``conv2d/…``, ``dequantize/…``).
 Each graph output ``output`` (``output_<i>`` if several; float32) comes with ``output_codes``
@@ -41,31 +69,56 @@ from ..passes.lower import IntegerGraph, IntOp
 
 __all__ = ["to_onnx", "EMITTERS", "OPSET"]
 
-OPSET = 18  # BitwiseAnd
+OPSET = 18  # BitwiseAnd; Split with num_outputs
+INT32 = (-(2 ** 31), 2 ** 31 - 1)
+_ONNX_TYPE = {np.int32: TensorProto.INT32, np.int64: TensorProto.INT64, np.uint8: TensorProto.UINT8}
+_NUMPY_TYPE = {v: k for k, v in _ONNX_TYPE.items()}
+
+
+def _fits32(lo: int, hi: int) -> bool:
+    return INT32[0] <= lo and hi <= INT32[1]
 
 
 class _Builder:
-    def __init__(self):
+    """Nodes and constants of the model being built, and what is known about each value:
+    its integer type, its interval of codes and whether a 4-D value is channels-last."""
+
+    def __init__(self, graph: IntegerGraph, shapes: dict):
+        self.graph, self.shapes = graph, shapes
         self.nodes, self.initializers, self._consts, self._count = [], [], {}, 0
         self.prefix = "graph"
-        self.types: dict[str, type] = {}  # integer values held in int32; all others are int64
+        self.types: dict[str, type] = {}
+        self.ranges: dict[str, tuple[int, int]] = {}
+        self.channels_last: set[str] = set()
 
     def dtype(self, name: str) -> type:
         return self.types.get(name, np.int64)
 
-    def int64(self, name: str) -> str:
-        """``name`` as int64 (ops whose results may outgrow int32 work in int64)."""
-        return name if self.dtype(name) == np.int64 else self.node("Cast", [name], to=TensorProto.INT64)
-
-    def int32(self, name: str) -> str:
-        self.types[name] = np.int32
-        return name
-
     def node(self, op_type: str, inputs, **attrs) -> str:
+        """Append a node; its integer output type follows ``to`` (Cast), int32 (MatMulInteger)
+        or its first input."""
         self._count += 1
         out = f"{self.prefix}/{op_type}_{self._count}"
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        if op_type == "Cast":
+            dtype = _NUMPY_TYPE.get(attrs["to"])
+        else:
+            dtype = np.int32 if op_type == "MatMulInteger" else self.types.get(inputs[0])
+        if dtype is not None:
+            self.types[out] = dtype
         return out
+
+    def value(self, name: str, lo: int, hi: int, like: str | None = None) -> str:
+        """Record ``name``'s interval of codes, and that it is channels-last if ``like`` is."""
+        self.ranges[name] = (int(lo), int(hi))
+        if like in self.channels_last:
+            self.channels_last.add(name)
+        return name
+
+    def cast(self, name: str, dtype) -> str:
+        if self.dtype(name) == dtype:
+            return name
+        return self.value(self.node("Cast", [name], to=_ONNX_TYPE[dtype]), *self.ranges[name], like=name)
 
     def const(self, value, dtype=np.int64, name: str | None = None) -> str:
         array = np.asarray(value, dtype=dtype)
@@ -78,28 +131,42 @@ class _Builder:
             self._consts[key] = name
         return name
 
+    def nhwc(self, x: str) -> str:
+        if x in self.channels_last:
+            return x
+        out = self.node("Transpose", [x], perm=[0, 2, 3, 1])
+        self.channels_last.add(out)
+        return self.value(out, *self.ranges[x])
+
+    def nchw(self, x: str) -> str:
+        if x not in self.channels_last:
+            return x
+        out = self.node("Transpose", [x], perm=[0, 3, 1, 2])
+        return self.value(out, *self.ranges[x])
+
+    def spatial_axes(self, x: str) -> list[int]:
+        return [1, 2] if x in self.channels_last else [2, 3]
+
+
+def _centred_range(fmt: FixedPoint) -> tuple[int, int]:
+    return fmt.code_min - fmt.zero_point, fmt.code_max - fmt.zero_point
+
 
 def _wide(fmt: FixedPoint) -> bool:
     # float32 holds every code exactly only below 2**24 (the simulation switches to float64 too)
     return fmt.code_max - fmt.code_min >= 1 << 24
 
 
-def _int32_codes(fmt: FixedPoint) -> bool:
-    """Codes of ``fmt`` travel as int32 (ORT's int64 elementwise kernels are many times slower)."""
-    return fmt.overflow == "saturate" and fmt.bits <= 30 and abs(fmt.zero_point) < 2 ** 29
-
-
-def _saturate(b: _Builder, t: str, fmt: FixedPoint, dt=np.int64) -> str:
+def _wrap(b: _Builder, t: str, fmt: FixedPoint) -> str:
+    """int64 ``t`` wrapped into ``fmt``'s 2**bits codes (a mask: the codes span a power of two)."""
     zp, lo, hi = fmt.zero_point, fmt.code_min, fmt.code_max
-    if fmt.overflow == "saturate":
-        return b.node("Clip", [t, b.const(lo - zp, dt), b.const(hi - zp, dt)])
-    # a wrapping format spans all 2**bits codes: the modulo is a mask
-    wrapped = b.node("BitwiseAnd", [b.node("Add", [t, b.const(zp - lo, dt)]), b.const(hi - lo, dt)])
-    return b.node("Add", [wrapped, b.const(lo - zp, dt)])
+    wrapped = b.node("BitwiseAnd", [b.node("Add", [t, b.const(zp - lo)]), b.const(hi - lo)])
+    return b.node("Add", [wrapped, b.const(lo - zp)])
 
 
 def emit_quantize(b: _Builder, op: IntOp, x: str) -> str:
     fmt: FixedPoint = op.attrs["fmt"]
+    lo, hi = _centred_range(fmt)
     ftype = np.float64 if _wide(fmt) else np.float32
     if _wide(fmt):
         x = b.node("Cast", [x], to=TensorProto.DOUBLE)
@@ -110,49 +177,90 @@ def emit_quantize(b: _Builder, op: IntOp, x: str) -> str:
         t = b.node("Floor", [t])
     # toward_zero: the float → int Cast below truncates
     if fmt.overflow == "saturate":  # clamp in float: huge inputs must not overflow the int cast
-        t = b.node("Clip", [t, b.const(fmt.code_min - fmt.zero_point, ftype),
-                            b.const(fmt.code_max - fmt.zero_point, ftype)])
-        if _int32_codes(fmt):
-            return b.int32(b.node("Cast", [t], to=TensorProto.INT32))
-        return b.node("Cast", [t], to=TensorProto.INT64)
-    return _saturate(b, b.node("Cast", [t], to=TensorProto.INT64), fmt)
+        t = b.node("Clip", [t, b.const(lo, ftype), b.const(hi, ftype)])
+        return b.value(b.node("Cast", [t], to=_ONNX_TYPE[_int_type(lo, hi)]), lo, hi)
+    t = _wrap(b, b.node("Cast", [t], to=TensorProto.INT64), fmt)
+    return b.cast(b.value(t, lo, hi), _int_type(lo, hi))
+
+
+def _int_type(lo: int, hi: int) -> type:
+    return np.int32 if _fits32(lo, hi) else np.int64
 
 
 def emit_requantize(b: _Builder, op: IntOp, v: str) -> str:
+    """Rounding shift, then saturation (with ``attrs["relu"]``, clamped at 0 too) or wrap."""
     fmt: FixedPoint = op.attrs["fmt"]
-    shift = op.attrs["shift"]
-    # right shifts only shrink values: int32 codes stay int32; anything else works in int64
-    dt = np.int32 if b.dtype(v) == np.int32 and 0 <= shift <= 29 else np.int64
-    v = v if dt == np.int32 else b.int64(v)
-    if shift < 0:
-        t = b.node("Mul", [v, b.const(1 << -shift)])
-    elif shift == 0:
-        t = v
-    elif fmt.rounding == "toward_zero":
-        t = b.node("Div", [v, b.const(1 << shift, dt)])  # int Div truncates toward zero
-    else:
-        t = _round_shift(b, v, shift, fmt.rounding, dt)
-    t = _saturate(b, t, fmt, dt)
-    if dt == np.int32:
-        return b.int32(t)
-    return b.int32(b.node("Cast", [t], to=TensorProto.INT32)) if _int32_codes(fmt) else t
+    s, rounding = op.attrs["shift"], fmt.rounding
+    vlo, vhi = b.ranges[v]
+    olo, ohi = _centred_range(fmt)
+    if op.attrs.get("relu"):
+        olo, ohi = max(olo, 0), max(ohi, 0)
+    out_type = _int_type(olo, ohi)
+    if fmt.overflow == "wrap":  # int64 wraps like the reference's int64 arithmetic
+        t = b.cast(v, np.int64)
+        if s < 0:
+            t = b.node("Mul", [t, b.const(1 << -s)])
+        elif s > 0:
+            t = _round_shift(b, t, s, rounding, vlo, vhi)
+        return b.cast(b.value(_wrap(b, t, fmt), olo, ohi, like=v), out_type)
+    if s <= 0:  # an exact left shift: saturate after it
+        lo, hi = vlo << -s, vhi << -s
+        t = b.cast(v, _int_type(lo, hi))
+        t = b.value(b.node("Mul", [t, b.const(1 << -s, b.dtype(t))]), lo, hi, like=t) if s else t
+        return b.cast(_clip(b, t, olo, ohi), out_type)
+    # saturate before rounding: rounding is monotone and lo · 2**s, hi · 2**s round to lo, hi
+    t = _clip(b, v, olo << s, ohi << s)
+    lo, hi = b.ranges[t]
+    return b.cast(_round_shift(b, t, s, rounding, lo, hi), out_type)
 
 
-def _round_shift(b: _Builder, v: str, shift: int, rounding: str, dt, remainder: str | None = None) -> str:
-    """floor or ties-to-even of ``v / 2**shift``; given ``remainder`` (in [0, 2**shift)), of
-    ``(v · 2**shift + remainder) / 2**shift`` instead."""
-    d = b.const(1 << shift, dt)
-    if remainder is None:
-        r = b.node("BitwiseAnd", [v, b.const((1 << shift) - 1, dt)])  # two's complement: 0 <= r < d
-        q = b.node("Div", [b.node("Sub", [v, r]), d])  # exact: floor(v / d)
-    else:
-        q, r = v, remainder
-    if rounding == "floor":
-        return q
-    # nearest, ties to even: round up when r > d/2, or r == d/2 and q is odd
-    odd = b.node("BitwiseAnd", [q, b.const(1, dt)])
-    bump = b.node("Add", [b.node("Add", [r, odd]), b.const((1 << (shift - 1)) - 1, dt)])
-    return b.node("Add", [q, b.node("Div", [bump, d])])
+def _clip(b: _Builder, v: str, lo: int, hi: int) -> str:
+    """``v`` clamped to [lo, hi] (nothing when its interval already lies inside)."""
+    vlo, vhi = b.ranges[v]
+    lo, hi = max(lo, vlo), min(hi, vhi)
+    if lo > hi:  # the whole interval lies beyond one bound: every value becomes that bound
+        lo = hi = hi if vlo > hi else lo
+    if (lo, hi) == (vlo, vhi):
+        return v
+    dt = b.dtype(v)
+    return b.value(b.node("Clip", [v, b.const(lo, dt), b.const(hi, dt)]), lo, hi, like=v)
+
+
+def _relu(b: _Builder, v: str) -> str:
+    lo, hi = b.ranges[v]
+    if lo >= 0:
+        return v
+    return b.value(b.node("Max", [v, b.const(0, b.dtype(v))]), 0, max(hi, 0), like=v)
+
+
+def _round_shift(b: _Builder, v: str, s: int, rounding: str, lo: int, hi: int) -> str:
+    """``v / 2**s`` rounded (``nearest``: ties to even) for ``v`` in [lo, hi]."""
+    d = 1 << s
+    if rounding == "toward_zero":  # integer Div truncates toward zero
+        return b.value(b.node("Div", [v, b.const(d, b.dtype(v))]), _trunc(lo, d), _trunc(hi, d), like=v)
+    m = (lo // (2 * d)) * 2 if lo < 0 else 0  # an even offset keeps ties to even where they were
+    if not _fits32(0, hi - m * d + d) and b.dtype(v) == np.int32:
+        v = b.cast(v, np.int64)
+    dt = b.dtype(v)
+    if hi - m * d + d >= 2 ** 63:  # no room for the offset: the two's complement remainder instead
+        r = b.node("BitwiseAnd", [v, b.const(d - 1, dt)])
+        t, m = b.node("Sub", [v, r]), 0
+        q = b.node("Div", [t, b.const(d, dt)])  # exact
+        if rounding != "floor":
+            bump = b.node("Add", [b.node("Add", [r, b.node("BitwiseAnd", [q, b.const(1, dt)])]), b.const(d // 2 - 1, dt)])
+            q = b.node("Add", [q, b.node("Div", [bump, b.const(d, dt)])])
+        return b.value(q, lo // d, -(-hi // d), like=v)
+    t = b.value(b.node("Add", [v, b.const(-m * d, dt)]), lo - m * d, hi - m * d, like=v) if m else v
+    q = b.node("Div", [t, b.const(d, dt)])  # t >= 0: Div is the floor
+    if rounding != "floor":  # ties to even: (t + d/2 − 1 + (q AND 1)) / d
+        odd = b.node("BitwiseAnd", [q, b.const(1, dt)])
+        q = b.node("Div", [b.node("Add", [b.node("Add", [t, odd]), b.const(d // 2 - 1, dt)]), b.const(d, dt)])
+    q = b.node("Add", [q, b.const(m, dt)]) if m else q
+    return b.value(q, lo // d, -(-hi // d), like=v)
+
+
+def _trunc(v: int, d: int) -> int:
+    return -(-v // d) if v < 0 else v // d
 
 
 def emit_dequantize(b: _Builder, op: IntOp, v: str) -> str:
@@ -164,249 +272,258 @@ def _out_size(size, k, s, d=1):
     return (size - d * (k - 1) - 1) // s + 1
 
 
-def _slices(b: _Builder, x: str, shape, kernel, stride, dilation=(1, 1)) -> list[str]:
-    """One strided slice of ``x`` (N, C, H, W) per kernel offset."""
-    ho, wo = (_out_size(shape[2], kernel[0], stride[0], dilation[0]),
-              _out_size(shape[3], kernel[1], stride[1], dilation[1]))
-    out = []
+def _slices(b: _Builder, x: str, hw, kernel, stride, dilation=(1, 1)) -> list[str]:
+    """One strided slice of ``x``'s spatial axes (size ``hw``) per kernel offset."""
+    ho, wo = _out_size(hw[0], kernel[0], stride[0], dilation[0]), _out_size(hw[1], kernel[1], stride[1], dilation[1])
+    axes, out = b.const(b.spatial_axes(x)), []
     for i in range(kernel[0]):
         for j in range(kernel[1]):
             starts = [i * dilation[0], j * dilation[1]]
             ends = [starts[0] + stride[0] * (ho - 1) + 1, starts[1] + stride[1] * (wo - 1) + 1]
-            out.append(b.node("Slice", [x, b.const(starts), b.const(ends), b.const([2, 3]), b.const(list(stride))]))
+            sl = b.node("Slice", [x, b.const(starts), b.const(ends), axes, b.const(list(stride))])
+            if x in b.channels_last:
+                b.channels_last.add(sl)
+            out.append(sl)
     return out
 
 
-def _pad(b: _Builder, x: str, padding, value: int = 0) -> tuple[str, bool]:
+def _im2col(b: _Builder, x: str, hw, kernel, stride, dilation) -> str:
+    """Channels-last columns (N, Ho, Wo, kh · kw · C) of ``x`` (N, H, W, C), rows ordered
+    (kh, kw, c): the kw offsets are concatenated first, then kh slices of that (ORT's Concat
+    copies one block per innermost run, and C-byte runs are slow)."""
+    ho, wo = _out_size(hw[0], kernel[0], stride[0], dilation[0]), _out_size(hw[1], kernel[1], stride[1], dilation[1])
+    for axis, k, n, st, d in ((2, kernel[1], wo, stride[1], dilation[1]), (1, kernel[0], ho, stride[0], dilation[0])):
+        parts = [b.node("Slice", [x, b.const([j * d]), b.const([j * d + st * (n - 1) + 1]), b.const([axis]),
+                                  b.const([st])]) for j in range(k)]
+        x = b.node("Concat", parts, axis=3) if k > 1 else parts[0]
+    return x
+
+
+def _pad(b: _Builder, x: str, padding, value: int = 0) -> str:
     ph, pw = padding
     if not (ph or pw):
-        return x, False
-    out = b.node("Pad", [x, b.const([0, 0, ph, pw, 0, 0, ph, pw]), b.const(value, b.dtype(x))])
-    b.types[out] = b.dtype(x)
-    return out, True
+        return x
+    pads = [0, ph, pw, 0, 0, ph, pw, 0] if x in b.channels_last else [0, 0, ph, pw, 0, 0, ph, pw]
+    lo, hi = b.ranges[x]
+    out = b.node("Pad", [x, b.const(pads), b.const(value, b.dtype(x))])
+    return b.value(out, min(lo, value), max(hi, value), like=x)
 
 
-def _digits(w: np.ndarray) -> list[np.ndarray]:
-    """Balanced base-256 digits of int64 ``w``: ``w = Σ d_j · 256**j`` with ``d_j`` in [-128, 127]."""
-    digits, rest = [], w.astype(np.int64)
+def _digits(w: np.ndarray, base: int = 128) -> list[np.ndarray]:
+    """Balanced base-``base`` digits of int64 ``w``: ``w = Σ d_j · base**j``, ``d_j`` in [-base/2, base/2)."""
+    digits, rest, half = [], w.astype(np.int64), base // 2
     while True:
-        d = (rest + 128) % 256 - 128
+        d = (rest + half) % base - half
         digits.append(d)
-        rest = (rest - d) // 256
+        rest = (rest - d) // base
         if not rest.any():
             return digits
 
 
+def _interval(weight: np.ndarray, bias: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel, the exact interval of ``Σ_k w_k · x_k + b`` for x in [lo, hi]
+    (``weight`` (K, O)); Python integers, so no bound overflows."""
+    pos = np.clip(weight, 0, None).sum(axis=0).astype(object)
+    neg = np.clip(weight, None, 0).sum(axis=0).astype(object)
+    b = bias.astype(object)
+    return pos * lo + neg * hi + b, pos * hi + neg * lo + b
+
+
 @dataclasses.dataclass
 class _Plan:
-    """How a conv/linear splits into 8-bit products, and the bounds that make it exact."""
+    """How a conv/linear splits into uint8 × int8 products, and whether int32 holds the sums."""
 
-    flat: np.ndarray           # weight codes (O, K)
-    lo: int                    # the input offset: u = x − lo >= 0
-    count: int                 # uint8 limbs of u
-    digits: list[np.ndarray]   # balanced base-256 digits of the weight
-    bias: np.ndarray           # int64 bias, with the offset's contribution lo · Σ w folded in
-    digit_sum_bound: int       # |Σ_j 256**j · (limb · digit_j sums)| for one limb
+    offset: int                # u = x − offset >= 0
+    limbs: int                 # uint8 limbs of u
+    digits: list[np.ndarray]   # balanced base-128 digits of the (K, O) weight
+    bias: np.ndarray           # int64 bias, with the offset's contribution offset · Σ w folded in
+    int32: bool                # every partial and combined sum fits int32
 
 
-def _plan(b: _Builder, op: IntOp) -> _Plan | None:
-    """None when 8-bit products cannot be exact: unknown input range, or so many terms that
-    an int32 sum of uint8 × int8 products could overflow."""
-    fmt = _input_format(b, op.inputs[0])
-    weight = op.attrs["weight"].numpy()
-    flat = weight.reshape(weight.shape[0], -1)
-    k = flat.shape[1]
-    if fmt is None or k * 255 * 128 >= 2 ** 31:
-        return None
-    lo, hi = fmt.code_min - fmt.zero_point, fmt.code_max - fmt.zero_point
+def _plan(b: _Builder, flat: np.ndarray, bias: np.ndarray, x: str) -> _Plan | None:
+    """None when one uint8 × int8 partial sum could overflow int32's MatMulInteger output."""
+    lo, hi = b.ranges[x]
+    offset = min(lo, 0)
+    count = max(1, ((hi - offset).bit_length() + 7) // 8)
     digits = _digits(flat)
-    bias = lo * flat.sum(axis=1) + (op.attrs["bias"].numpy() if op.attrs["bias"] is not None else 0)
-    bound = k * 255 * sum(256 ** j * int(np.abs(d).max()) for j, d in enumerate(digits))
-    return _Plan(flat, lo, max(1, ((hi - lo).bit_length() + 7) // 8), digits, np.asarray(bias, np.int64), bound)
+    limb_max = [min(255, (hi - offset) >> (8 * i)) for i in range(count)]
+    sums = [np.abs(d).sum(axis=0).astype(object) for d in digits]  # Σ_k |d_jk| per channel
+    if max(limb_max) * max(int(s.max(initial=0)) for s in sums) > INT32[1]:
+        return None
+    bias = np.asarray(bias + offset * flat.sum(axis=0), np.int64)
+    # every intermediate of the recombination, per channel: the scaled partial sums, the
+    # running digit sums of each limb (a limb times a truncated weight), the running limb
+    # sums (a truncated input times the weight) and the total with the bias
+    bounds, partial = [], np.zeros_like(flat)
+    for j, d in enumerate(digits):
+        partial = partial + d * 128 ** j
+        bounds += [limb_max[i] * 128 ** j * sums[j] for i in range(count)]
+        bounds += [limb_max[i] * np.abs(partial).sum(axis=0).astype(object) for i in range(count)]
+    weight_sum, u_max = np.abs(flat).sum(axis=0).astype(object), 0
+    for i in range(count):
+        u_max += 256 ** i * limb_max[i]
+        bounds += [256 ** i * limb_max[i] * weight_sum, u_max * weight_sum]
+    bounds.append(u_max * weight_sum + np.abs(bias).astype(object))
+    bound = max(int(np.max(v, initial=0)) for v in bounds)
+    return _Plan(offset, count, digits, bias, bound <= INT32[1])
+
+
+# Rough costs on ORT's CPU provider (ns): an int32 MatMul multiply-add; a uint8 × int8
+# MatMulInteger one; one elementwise pass over an int32 element too large for the cache.
+_NS_MAC_INT32, _NS_MAC_8BIT, _NS_PASS = 0.13, 0.006, 1.0
+
+
+def _direct_int32(b: _Builder, plan: _Plan | None, flat: np.ndarray, bias: np.ndarray, x: str, rows: int) -> bool:
+    """Whether one int32 MatMul does this conv/linear (``rows`` output rows a sample): it needs
+    every partial sum inside int32, and to be cheaper than the 8-bit products, which pay for
+    their many large partial sums (about three passes each) when K is small."""
+    lo, hi = b.ranges[x]
+    bound = int(np.abs(flat).sum(axis=0).max(initial=0)) * max(-lo, hi) + int(np.abs(bias).max(initial=0))
+    if bound > INT32[1]:
+        return False
+    if plan is None:
+        return True
+    k, o = flat.shape
+    macs, outputs = rows * k * o, rows * o
+    products = plan.limbs * len(plan.digits)
+    return macs * _NS_MAC_INT32 + outputs * _NS_PASS < products * (macs * _NS_MAC_8BIT + 3 * outputs * _NS_PASS)
 
 
 def _limbs(b: _Builder, x: str, plan: _Plan) -> str:
-    """``x − lo`` split into uint8 limbs, stacked along axis 0."""
-    dt = b.dtype(x) if plan.lo > -(2 ** 30) else np.int64
-    x = x if dt == b.dtype(x) else b.int64(x)
-    u = b.node("Sub", [x, b.const(plan.lo, dt)]) if plan.lo else x
+    """``x − offset`` split into uint8 limbs, stacked along axis 0."""
+    hi = b.ranges[x][1] - plan.offset
+    if b.dtype(x) == np.int32 and not _fits32(0, hi):
+        x = b.cast(x, np.int64)
+    dt = b.dtype(x)
+    u = b.node("Sub", [x, b.const(plan.offset, dt)]) if plan.offset else x
     limbs = []
-    for i in range(plan.count):
+    for i in range(plan.limbs):
         t = b.node("Div", [u, b.const(256 ** i, dt)]) if i else u  # u >= 0: Div is floor
-        t = b.node("BitwiseAnd", [t, b.const(255, dt)]) if i < plan.count - 1 else t
+        t = b.node("BitwiseAnd", [t, b.const(255, dt)]) if i < plan.limbs - 1 else t
         limbs.append(b.node("Cast", [t], to=TensorProto.UINT8))
-    return b.node("Concat", limbs, axis=0) if plan.count > 1 else limbs[0]
+    out = b.node("Concat", limbs, axis=0) if plan.limbs > 1 else limbs[0]
+    if x in b.channels_last:
+        b.channels_last.add(out)
+    return out
 
 
-def _digit_sums(b: _Builder, y: str, plan: _Plan, out_shape: list[int]) -> str:
-    """int32 (limbs, N, *out_shape): Σ_j 256**j · Y[:, j] (exact when digit_sum_bound fits)."""
-    nd = len(plan.digits)
-    y = b.node("Reshape", [y, b.const([plan.count, -1, nd, *out_shape])])
-    if nd == 1:
-        return b.node("Reshape", [y, b.const([plan.count, -1, *out_shape])])
-    scale = np.array([256 ** j for j in range(nd)], dtype=np.int32).reshape(1, 1, nd, *[1] * len(out_shape))
-    return b.node("ReduceSum", [b.node("Mul", [y, b.const(scale, np.int32)]), b.const([2])], keepdims=0)
-
-
-def _combine(b: _Builder, y: str, plan: _Plan, out_shape: list[int]) -> str:
-    """int64 Σ_i Σ_j 256**(i+j) · Y[i, :, j] of the int32 limb × digit products, exactly
-    (digits of one limb are summed in int32 when their bound allows: ORT's int64 ops are slow)."""
-    if plan.digit_sum_bound < 2 ** 31:
-        y, steps = b.node("Cast", [_digit_sums(b, y, plan, out_shape)], to=TensorProto.INT64), [1]
-    else:
-        y, steps = b.node("Cast", [y], to=TensorProto.INT64), [256 ** j for j in range(len(plan.digits))]
-    if plan.count == 1 and len(steps) == 1:
-        return b.node("Reshape", [y, b.const([-1, *out_shape])])
-    y = b.node("Reshape", [y, b.const([plan.count, -1, len(steps), *out_shape])])
-    scale = np.array([[256 ** i * step for step in steps] for i in range(plan.count)], dtype=np.int64)
-    y = b.node("Mul", [y, b.const(scale.reshape(plan.count, 1, len(steps), *[1] * len(out_shape)))])
-    return b.node("ReduceSum", [y, b.const([0, 2])], keepdims=0)
-
-
-def _fused_requantize(b: _Builder, y: str, plan: _Plan, out_shape: list[int], req: IntOp) -> str | None:
-    """The requantize that follows a conv/linear, done on the int32 limb sums Z_i without ever
-    forming the int64 accumulator Σ_i 256**i · Z_i + bias: with s the shift, each Z_i splits
-    into an integer part and a remainder below 2**s, the remainders are summed and carried,
-    and the tie rule reads the final remainder.  None unless every step provably fits int32."""
-    fmt, s = req.attrs["fmt"], req.attrs["shift"]
-    if not (plan.digit_sum_bound < 2 ** 31 and 0 < s <= 26 and fmt.rounding in ("nearest", "floor")
-            and _int32_codes(fmt)):
-        return None
-    bq, br = plan.bias >> s, plan.bias & ((1 << s) - 1)  # bias = bq · 2**s + br, 0 <= br < 2**s
-    bound = int(np.abs(bq).max(initial=0)) + plan.count + 2
-    for i in range(plan.count):
-        bound += plan.digit_sum_bound << (8 * i - s) if 8 * i >= s else (plan.digit_sum_bound >> (s - 8 * i)) + 1
-    if bound >= 2 ** 31 or (plan.count + 1) << s >= 2 ** 31:
-        return None
-    dt, bshape = np.int32, (-1, *[1] * (len(out_shape) - 1))
-    z = _digit_sums(b, y, plan, out_shape)
-    whole, rest = [], []
-    for i in range(plan.count):
-        zi = b.node("Slice", [z, b.const([i]), b.const([i + 1]), b.const([0])]) if plan.count > 1 else z
-        if 8 * i >= s:
-            whole.append(b.node("Mul", [zi, b.const(1 << (8 * i - s), dt)]) if 8 * i > s else zi)
-            continue
-        t = s - 8 * i
-        r = b.node("BitwiseAnd", [zi, b.const((1 << t) - 1, dt)])
-        whole.append(b.node("Div", [b.node("Sub", [zi, r]), b.const(1 << t, dt)]))  # exact floor
-        rest.append(b.node("Mul", [r, b.const(256 ** i, dt)]) if i else r)
-    total = b.node("Add", [whole[0], b.const(bq.reshape(bshape), dt)])
-    for w in whole[1:]:
-        total = b.node("Add", [total, w])
-    rsum = b.node("Add", [rest[0], b.const(br.reshape(bshape), dt)])
-    for r in rest[1:]:
-        rsum = b.node("Add", [rsum, r])
-    carry = b.node("Div", [rsum, b.const(1 << s, dt)])  # rsum >= 0: Div is floor
-    total = b.node("Add", [total, carry])
-    remainder = b.node("BitwiseAnd", [rsum, b.const((1 << s) - 1, dt)])
-    out = _saturate(b, _round_shift(b, total, s, fmt.rounding, dt, remainder), fmt, dt)
-    return b.int32(b.node("Reshape", [out, b.const([-1, *out_shape])]))
-
-
-def _input_format(b: _Builder, name: str) -> FixedPoint | None:
-    return next((op.fmt for op in b.graph.ops if op.out == name), None)
-
-
-def emit_conv2d(b: _Builder, op: IntOp, x: str, shapes) -> str:
-    weight, bias = op.attrs["weight"].numpy(), op.attrs["bias"]
-    o, c, kh, kw = weight.shape
-    n, _, h, w = shapes[op.inputs[0]]
-    (ph, pw), stride, dil = op.attrs["padding"], op.attrs["stride"], op.attrs["dilation"]
-    xp, _ = _pad(b, b.int64(x), (ph, pw))
-    cols = _slices(b, xp, (n, c, h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
-    ho, wo = _out_size(h + 2 * ph, kh, stride[0], dil[0]), _out_size(w + 2 * pw, kw, stride[1], dil[1])
-    if len(cols) > 1:  # (N, C, K, Ho, Wo): rows ordered (c, kh, kw) like the weight
-        cols = [b.node("Concat", [b.node("Unsqueeze", [s, b.const([2])]) for s in cols], axis=2)]
-    cols = b.node("Reshape", [cols[0], b.const([0, c * kh * kw, ho * wo])])
-    acc = b.node("MatMul", [b.const(weight.reshape(o, c * kh * kw), name=f"{op.out}.weight"), cols])
-    if bias is not None:
-        acc = b.node("Add", [acc, b.const(bias.numpy().reshape(o, 1), name=f"{op.out}.bias")])
-    return b.node("Reshape", [acc, b.const([0, o, ho, wo])])
-
-
-def emit_conv2d_8bit(b: _Builder, op: IntOp, x: str, req: IntOp | None = None) -> str | None:
-    """The convolution as one 8-bit MatMulInteger of weight digits × im2col of the input limbs
-    (ORT's int64 MatMul is slow; its 8-bit one is fast).  Exact: int32 holds each limb sum.
-    With ``req``, also the requantize that follows (see :func:`_fused_requantize`)."""
-    plan = _plan(b, op)
-    if plan is None:
-        return None
-    o, c, kh, kw = op.attrs["weight"].shape
-    n, _, h, w = b.graph.shapes[op.inputs[0]]
-    (ph, pw), stride, dil = op.attrs["padding"], op.attrs["stride"], op.attrs["dilation"]
-    xp, _ = _pad(b, x, (ph, pw))  # pad before the offset: padding is a code 0 like any other
-    stacked = _limbs(b, xp, plan)
-    cols = _slices(b, stacked, (n, c, h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
-    ho, wo = _out_size(h + 2 * ph, kh, stride[0], dil[0]), _out_size(w + 2 * pw, kw, stride[1], dil[1])
-    if len(cols) > 1:
-        cols = [b.node("Concat", [b.node("Unsqueeze", [s, b.const([2])]) for s in cols], axis=2)]
-    cols = b.node("Reshape", [cols[0], b.const([0, c * kh * kw, ho * wo])])
-    a = (np.concatenate(plan.digits, axis=0) + 128).astype(np.uint8)  # uint8 with zero point 128
-    y = b.node("MatMulInteger", [b.const(a, np.uint8, name=f"{op.out}.weight_digits"), cols,
-                                 b.const(128, np.uint8)])
-    if req is not None:
-        fused = _fused_requantize(b, y, plan, [o, ho, wo], req)
-        if fused is not None:
-            return fused
-    acc = _combine(b, y, plan, [o, ho * wo])
-    # sum((u + lo) · w) = sum(u · w) + lo · sum(w): the offset is a constant per channel
+def _products(b: _Builder, cols: str, plan: _Plan, name: str) -> str:
+    """``Σ_i Σ_j 256**i · 128**j · (limb_i · digit_j) + bias``: one MatMulInteger per digit,
+    recombined in int32 when the plan's bound allows (else int64)."""
+    dt = np.int32 if plan.int32 else np.int64
+    acc = None
+    for j, d in enumerate(plan.digits):
+        y = b.node("MatMulInteger", [cols, b.const(d.astype(np.int8), np.int8, name=f"{name}.weight_digit{j}")])
+        y = y if dt == np.int32 else b.node("Cast", [y], to=TensorProto.INT64)
+        if j:
+            y = b.node("Mul", [y, b.const(128 ** j, dt)])
+        acc = y if acc is None else b.node("Add", [acc, y])
+    if plan.limbs > 1:  # the limbs are stacked along the batch axis: split them off
+        stacked = b.node("Reshape", [acc, b.const([plan.limbs, -1, plan.bias.shape[0]])])
+        parts = [f"{stacked}/limb{i}" for i in range(plan.limbs)]
+        b.nodes.append(helper.make_node("Split", [stacked], parts, name=f"{stacked}/Split", axis=0,
+                                        num_outputs=plan.limbs))
+        b.types.update((p, dt) for p in parts)
+        acc = parts[0]
+        for i, part in enumerate(parts[1:], 1):
+            acc = b.node("Add", [acc, b.node("Mul", [part, b.const(256 ** i, dt)])])
     if np.any(plan.bias):
-        acc = b.node("Add", [acc, b.const(plan.bias.reshape(o, 1), name=f"{op.out}.bias")])
-    return b.node("Reshape", [acc, b.const([0, o, ho, wo])])
-
-
-def emit_linear_8bit(b: _Builder, op: IntOp, x: str, req: IntOp | None = None) -> str | None:
-    """``linear`` as one 8-bit MatMulInteger on limbs × weight digits (see emit_conv2d_8bit)."""
-    plan = _plan(b, op)
-    if plan is None:
-        return None
-    o = plan.flat.shape[0]
-    bmat = np.concatenate([d.T for d in plan.digits], axis=1).astype(np.int8)  # (K, digits · O)
-    y = b.node("MatMulInteger", [_limbs(b, x, plan), b.const(bmat, np.int8, name=f"{op.out}.weight_digits")])
-    if req is not None:
-        fused = _fused_requantize(b, y, plan, [o], req)
-        if fused is not None:
-            return fused
-    acc = _combine(b, y, plan, [o])
-    return b.node("Add", [acc, b.const(plan.bias, name=f"{op.out}.bias")]) if np.any(plan.bias) else acc
-
-
-def emit_linear(b: _Builder, op: IntOp, x: str) -> str:
-    acc = b.node("MatMul", [b.int64(x), b.const(op.attrs["weight"].numpy().T.copy(), name=f"{op.out}.weight")])
-    if op.attrs["bias"] is not None:
-        acc = b.node("Add", [acc, b.const(op.attrs["bias"].numpy(), name=f"{op.out}.bias")])
+        acc = b.node("Add", [acc, b.const(plan.bias, dt, name=f"{name}.bias")])
     return acc
 
 
-def emit_max_pool2d(b: _Builder, op: IntOp, x: str, shapes) -> str:
-    n, c, h, w = shapes[op.inputs[0]]
+def emit_conv2d(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
+    weight = op.attrs["weight"].numpy()
+    bias = op.attrs["bias"].numpy() if op.attrs["bias"] is not None else np.zeros(weight.shape[0], np.int64)
+    o, c, kh, kw = weight.shape
+    n, _, h, w = b.shapes[op.inputs[0]]
+    (ph, pw), stride, dil = op.attrs["padding"], op.attrs["stride"], op.attrs["dilation"]
+    ho, wo = _out_size(h + 2 * ph, kh, stride[0], dil[0]), _out_size(w + 2 * pw, kw, stride[1], dil[1])
+    flat = weight.transpose(2, 3, 1, 0).reshape(kh * kw * c, o)  # rows (kh, kw, c): the NHWC columns
+    x = b.nhwc(x)
+    lo, hi = _interval(flat, bias, *b.ranges[x])
+    plan = _plan(b, flat, bias, x) if eight_bit else None
+    dt = np.int64
+    if eight_bit and _direct_int32(b, plan, flat, bias, x, ho * wo):
+        plan, dt = None, np.int32
+    # padding is a code 0 like any other: pad before the offset
+    xp = _pad(b, x if plan is not None else b.cast(x, dt), (ph, pw))
+    src = _limbs(b, xp, plan) if plan is not None else xp
+    cols = _im2col(b, src, (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
+    if plan is not None:
+        acc = _products(b, cols, plan, op.out)
+        acc = b.node("Reshape", [acc, b.const([-1, ho, wo, o])])
+    else:
+        acc = b.node("MatMul", [cols, b.const(flat, dt, name=f"{op.out}.weight")])
+        if op.attrs["bias"] is not None:
+            acc = b.node("Add", [acc, b.const(bias, dt, name=f"{op.out}.bias")])
+    b.channels_last.add(acc)
+    return b.value(acc, min(lo), max(hi))
+
+
+def emit_linear(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
+    weight = op.attrs["weight"].numpy()
+    bias = op.attrs["bias"].numpy() if op.attrs["bias"] is not None else np.zeros(weight.shape[0], np.int64)
+    flat = weight.T.copy()
+    x = b.nchw(x)
+    lo, hi = _interval(flat, bias, *b.ranges[x])
+    plan = _plan(b, flat, bias, x) if eight_bit else None
+    dt = np.int64
+    if eight_bit and _direct_int32(b, plan, flat, bias, x, 1):
+        plan, dt = None, np.int32
+    if plan is not None:
+        acc = _products(b, _limbs(b, x, plan), plan, op.out)
+        if plan.limbs > 1:
+            acc = b.node("Reshape", [acc, b.const([-1, flat.shape[1]])])
+    else:
+        acc = b.node("MatMul", [b.cast(x, dt), b.const(flat, dt, name=f"{op.out}.weight")])
+        if op.attrs["bias"] is not None:
+            acc = b.node("Add", [acc, b.const(bias, dt, name=f"{op.out}.bias")])
+    return b.value(acc, min(lo), max(hi))
+
+
+def emit_max_pool2d(b: _Builder, op: IntOp, x: str) -> str:
+    n, c, h, w = b.shapes[op.inputs[0]]
     ph, pw = op.attrs["padding"]
-    dt = b.dtype(x)
-    xp, _ = _pad(b, x, (ph, pw), np.iinfo(dt).min)  # padding never wins a max
-    wins = _slices(b, xp, (n, c, h + 2 * ph, w + 2 * pw), op.attrs["kernel"], op.attrs["stride"],
-                   op.attrs["dilation"])
-    return _same_type(b, x, b.node("Max", wins) if len(wins) > 1 else wins[0])
+    xp = _pad(b, x, (ph, pw), np.iinfo(b.dtype(x)).min)  # padding never wins a max
+    wins = _slices(b, xp, (h + 2 * ph, w + 2 * pw), op.attrs["kernel"], op.attrs["stride"], op.attrs["dilation"])
+    out = b.node("Max", wins) if len(wins) > 1 else wins[0]
+    return b.value(out, *b.ranges[x], like=x)
 
 
-def emit_sum_pool2d(b: _Builder, op: IntOp, x: str, shapes) -> str:
-    wins = _slices(b, b.int64(x), shapes[op.inputs[0]], op.attrs["kernel"], op.attrs["stride"])
+def emit_sum_pool2d(b: _Builder, op: IntOp, x: str) -> str:
+    kernel = op.attrs["kernel"]
+    k = kernel[0] * kernel[1]
+    lo, hi = b.ranges[x]
+    x = b.cast(x, _int_type(k * lo, k * hi))
+    wins = _slices(b, x, b.shapes[op.inputs[0]][2:], kernel, op.attrs["stride"])
     total = wins[0]
-    for win in wins[1:]:  # Sum has no int64 kernel
+    for win in wins[1:]:  # Sum has no integer kernel
         total = b.node("Add", [total, win])
-    return total
+    return b.value(total, k * lo, k * hi, like=x)
 
 
 def emit_add(b: _Builder, op: IntOp, x: str, y: str) -> str:
     sx, sy = op.attrs["shifts"]
-    x, y = b.int64(x), b.int64(y)
-    x = b.node("Mul", [x, b.const(1 << sx)]) if sx else x
-    y = b.node("Mul", [y, b.const(1 << sy)]) if sy else y
-    return b.node("Add", [x, y])
+    if (x in b.channels_last) != (y in b.channels_last):
+        x, y = b.nhwc(x), b.nhwc(y)
+    (xl, xh), (yl, yh) = b.ranges[x], b.ranges[y]
+    lo, hi = (xl << sx) + (yl << sy), (xh << sx) + (yh << sy)
+    dt = np.int32 if all(_fits32(*r) for r in ((lo, hi), (xl << sx, xh << sx), (yl << sy, yh << sy))) else np.int64
+    layout, x, y = x, b.cast(x, dt), b.cast(y, dt)
+    x = b.node("Mul", [x, b.const(1 << sx, dt)]) if sx else x
+    y = b.node("Mul", [y, b.const(1 << sy, dt)]) if sy else y
+    return b.value(b.node("Add", [x, y]), lo, hi, like=layout)
 
 
-def _same_type(b: _Builder, x: str, out: str) -> str:
-    b.types[out] = b.dtype(x)
-    return out
+def emit_relu(b: _Builder, op: IntOp, x: str) -> str:
+    return _relu(b, x)
+
+
+def emit_reshape(b: _Builder, op: IntOp, x: str) -> str:
+    x = b.nchw(x)  # the shape is in NCHW order
+    out = b.node("Reshape", [x, b.const(list(op.attrs["shape"]))])
+    return b.value(out, *b.ranges[x])
 
 
 EMITTERS: dict[str, Callable] = {
@@ -415,21 +532,59 @@ EMITTERS: dict[str, Callable] = {
     "dequantize": emit_dequantize,
     "conv2d": emit_conv2d,
     "linear": emit_linear,
-    "relu": lambda b, op, x: _same_type(b, x, b.node("Max", [x, b.const(0, b.dtype(x))])),
+    "relu": emit_relu,
     "max_pool2d": emit_max_pool2d,
     "sum_pool2d": emit_sum_pool2d,
     "add": emit_add,
-    "reshape": lambda b, op, x: _same_type(b, x, b.node("Reshape", [x, b.const(list(op.attrs["shape"]))])),
+    "reshape": emit_reshape,
 }
-_NEEDS_SHAPES = {"conv2d", "max_pool2d", "sum_pool2d"}
-# conv/linear through 8-bit MatMulInteger when the sums fit int32 (else the int64 MatMul above)
-FAST_EMITTERS: dict[str, Callable] = {"conv2d": emit_conv2d_8bit, "linear": emit_linear_8bit}
+_WEIGHTED = {"conv2d", "linear"}
 
 
-def _only_requantize(graph: IntegerGraph, op: IntOp) -> IntOp | None:
-    """The requantize op that is the only consumer of ``op``'s output, if any."""
-    users = [u for u in graph.ops if op.out in u.inputs]
-    return users[0] if len(users) == 1 and users[0].op == "requantize" else None
+def _rewrite(graph: IntegerGraph) -> tuple[list[IntOp], dict]:
+    """The ops to emit and their shapes: a saturating requantize (and a ReLU after it) moved
+    behind the max pool that follows them (both are non-decreasing, so they commute with
+    max), then a ReLU after a saturating requantize folded into its clamp."""
+    ops, shapes = list(graph.ops), dict(graph.shapes)
+
+    def producer(name):
+        return next((o for o in ops if o.out == name), None)
+
+    def only_user(op):
+        users = [u for u in ops if op.out in u.inputs]
+        return users[0] if len(users) == 1 and op.out not in graph.outputs else None
+
+    def saturating(op):
+        return op is not None and op.op == "requantize" and op.attrs["fmt"].overflow == "saturate"
+
+    def index(op):
+        return next(i for i, o in enumerate(ops) if o is op)
+
+    for pool in [p for p in ops if p.op == "max_pool2d"]:
+        chain, src = [], producer(pool.inputs[0])
+        if src is not None and src.op == "relu" and only_user(src) is pool:
+            chain, src = [src], producer(src.inputs[0])
+        if not (saturating(src) and only_user(src) is (chain[0] if chain else pool)):
+            continue
+        chain.insert(0, src)
+        acc = producer(src.inputs[0])
+        if acc is None:
+            continue
+        moved = [dataclasses.replace(pool, out=f"{pool.out}_acc", inputs=(acc.out,), frac=acc.frac, fmt=acc.fmt)]
+        for k, op in enumerate(chain):
+            out = pool.out if k == len(chain) - 1 else f"{op.out}_pooled"
+            moved.append(dataclasses.replace(op, inputs=(moved[-1].out,), out=out))
+        for op in moved:
+            shapes[op.out] = graph.shapes[pool.out]
+        at = index(src)
+        ops = [o for o in ops if all(o is not c for c in (pool, *chain))]
+        ops[at:at] = moved
+    for relu in [r for r in ops if r.op == "relu"]:
+        src = producer(relu.inputs[0])
+        if saturating(src) and only_user(src) is relu:
+            ops[index(src)] = dataclasses.replace(src, out=relu.out, attrs={**src.attrs, "relu": True})
+            del ops[index(relu)]
+    return ops, shapes
 
 
 def to_onnx(graph: IntegerGraph, name: str = "fxcompile_integer", eight_bit: bool = True) -> onnx.ModelProto:
@@ -438,31 +593,20 @@ def to_onnx(graph: IntegerGraph, name: str = "fxcompile_integer", eight_bit: boo
     ``eight_bit`` lowers conv/linear to 8-bit ``MatMulInteger`` on limbs where that is exact
     (fast on ORT); ``False`` keeps every product in an int64 ``MatMul``.
     """
-    b, env, fused = _Builder(), {}, set()
-    b.graph = graph
+    ops, shapes = _rewrite(graph)
+    b, env = _Builder(graph, shapes), {}
     inputs = []
-    for i, (inp, shape) in enumerate(zip(graph.inputs, graph.input_shapes)):
+    for inp, shape in zip(graph.inputs, graph.input_shapes):
         env[inp] = inp
         inputs.append(helper.make_tensor_value_info(inp, TensorProto.FLOAT, ["N", *shape[1:]]))
     outputs, codes = [], []
-    for op in graph.ops:
+    for op in ops:
         b.prefix = f"{op.op}/{op.out}"
-        if op.out in fused:
-            continue
         args = [env[i] for i in op.inputs]
-        fast, out = FAST_EMITTERS.get(op.op) if eight_bit else None, None
-        if fast:
-            req = _only_requantize(graph, op)
-            out = fast(b, op, *args, req=req)
-            if out is not None and req is not None and b.dtype(out) == np.int32:  # requantized too
-                env[req.out] = out
-                fused.add(req.out)
-                continue
-        if out is None and op.op in _NEEDS_SHAPES:
-            out = EMITTERS[op.op](b, op, *args, graph.shapes)
-        elif out is None:
-            out = EMITTERS[op.op](b, op, *args)
-        env[op.out] = out
+        if op.op == "dequantize":
+            args = [b.nchw(args[0])]
+        kwargs = {"eight_bit": eight_bit} if op.op in _WEIGHTED else {}
+        env[op.out] = EMITTERS[op.op](b, op, *args, **kwargs)
         if op.op == "dequantize":
             shape = ["N", *graph.shapes[op.out][1:]]
             out = "output" if len(graph.outputs) == 1 else f"output_{len(outputs)}"
