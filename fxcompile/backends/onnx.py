@@ -239,7 +239,7 @@ def _round_shift(b: _Builder, v: str, s: int, rounding: str, lo: int, hi: int) -
     if rounding == "toward_zero":  # integer Div truncates toward zero
         return b.value(b.node("Div", [v, b.const(d, b.dtype(v))]), _trunc(lo, d), _trunc(hi, d), like=v)
     m = (lo // (2 * d)) * 2 if lo < 0 else 0  # an even offset keeps ties to even where they were
-    if not _fits32(0, hi - m * d + d) and b.dtype(v) == np.int32:
+    if not (_fits32(lo - d, hi + d) and _fits32(0, max(hi, 0) - m * d + d)):
         v = b.cast(v, np.int64)
     dt = b.dtype(v)
     if hi - m * d + d >= 2 ** 63:  # no room for the offset: the two's complement remainder instead
@@ -250,11 +250,12 @@ def _round_shift(b: _Builder, v: str, s: int, rounding: str, lo: int, hi: int) -
             bump = b.node("Add", [b.node("Add", [r, b.node("BitwiseAnd", [q, b.const(1, dt)])]), b.const(d // 2 - 1, dt)])
             q = b.node("Add", [q, b.node("Div", [bump, b.const(d, dt)])])
         return b.value(q, lo // d, -(-hi // d), like=v)
-    t = b.value(b.node("Add", [v, b.const(-m * d, dt)]), lo - m * d, hi - m * d, like=v) if m else v
+    if rounding == "floor":
+        t = b.node("Add", [v, b.const(-m * d, dt)]) if m else v
+    else:  # ties to even: (t + d/2 − 1 + bit s of t) / d; m · d is a multiple of 2d, so v's bit s
+        odd = b.node("Min", [b.node("BitwiseAnd", [v, b.const(d, dt)]), b.const(1, dt)])
+        t = b.node("Add", [b.node("Add", [v, b.const(d // 2 - 1 - m * d, dt)]), odd])
     q = b.node("Div", [t, b.const(d, dt)])  # t >= 0: Div is the floor
-    if rounding != "floor":  # ties to even: (t + d/2 − 1 + (q AND 1)) / d
-        odd = b.node("BitwiseAnd", [q, b.const(1, dt)])
-        q = b.node("Div", [b.node("Add", [b.node("Add", [t, odd]), b.const(d // 2 - 1, dt)]), b.const(d, dt)])
     q = b.node("Add", [q, b.const(m, dt)]) if m else q
     return b.value(q, lo // d, -(-hi // d), like=v)
 
@@ -483,12 +484,31 @@ def emit_linear(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
 
 
 def emit_max_pool2d(b: _Builder, op: IntOp, x: str) -> str:
+    """Max over the kernel-offset slices; tiling windows of a channels-last value are two
+    ``ReduceMax`` over reshapes instead (whole rows, then C-element runs: fewer copies).
+    ``attrs["bias"]`` (per channel) is added after the max."""
     n, c, h, w = b.shapes[op.inputs[0]]
-    ph, pw = op.attrs["padding"]
-    xp = _pad(b, x, (ph, pw), np.iinfo(b.dtype(x)).min)  # padding never wins a max
-    wins = _slices(b, xp, (h + 2 * ph, w + 2 * pw), op.attrs["kernel"], op.attrs["stride"], op.attrs["dilation"])
-    out = b.node("Max", wins) if len(wins) > 1 else wins[0]
-    return b.value(out, *b.ranges[x], like=x)
+    (ph, pw), (kh, kw), stride = op.attrs["padding"], op.attrs["kernel"], op.attrs["stride"]
+    lo, hi = b.ranges[x]
+    if (x in b.channels_last and (kh, kw) == tuple(stride) and not (ph or pw) and op.attrs["dilation"] == (1, 1)
+            and h % kh == 0 and w % kw == 0):
+        rows = b.node("ReduceMax", [b.node("Reshape", [x, b.const([-1, kh, w * c])]), b.const([1])], keepdims=0)
+        out = b.node("ReduceMax", [b.node("Reshape", [rows, b.const([-1, kw, c])]), b.const([1])], keepdims=0)
+        out = b.node("Reshape", [out, b.const([-1, h // kh, w // kw, c])])
+    else:
+        xp = _pad(b, x, (ph, pw), np.iinfo(b.dtype(x)).min)  # padding never wins a max
+        wins = _slices(b, xp, (h + 2 * ph, w + 2 * pw), (kh, kw), stride, op.attrs["dilation"])
+        out = b.node("Max", wins) if len(wins) > 1 else wins[0]
+    b.value(out, lo, hi, like=x)
+    bias = op.attrs.get("bias")
+    if bias is None:
+        return out
+    bias = bias.numpy()
+    lo, hi = lo + int(bias.min()), hi + int(bias.max())
+    out = b.cast(out, _int_type(lo, hi))
+    shape = (-1,) if out in b.channels_last else (-1, 1, 1)
+    return b.value(b.node("Add", [out, b.const(bias.reshape(shape), b.dtype(out), name=f"{op.out}.bias")]), lo, hi,
+                   like=out)
 
 
 def emit_sum_pool2d(b: _Builder, op: IntOp, x: str) -> str:
@@ -544,7 +564,8 @@ _WEIGHTED = {"conv2d", "linear"}
 def _rewrite(graph: IntegerGraph) -> tuple[list[IntOp], dict]:
     """The ops to emit and their shapes: a saturating requantize (and a ReLU after it) moved
     behind the max pool that follows them (both are non-decreasing, so they commute with
-    max), then a ReLU after a saturating requantize folded into its clamp."""
+    max; the conv's bias moves behind the pool too), then a ReLU after a saturating
+    requantize folded into its clamp."""
     ops, shapes = list(graph.ops), dict(graph.shapes)
 
     def producer(name):
@@ -570,7 +591,13 @@ def _rewrite(graph: IntegerGraph) -> tuple[list[IntOp], dict]:
         acc = producer(src.inputs[0])
         if acc is None:
             continue
-        moved = [dataclasses.replace(pool, out=f"{pool.out}_acc", inputs=(acc.out,), frac=acc.frac, fmt=acc.fmt)]
+        pooled_attrs = dict(pool.attrs)
+        if acc.op == "conv2d" and acc.attrs["bias"] is not None and only_user(acc) is src:
+            # a per-channel constant commutes with a max over one channel's window too
+            pooled_attrs["bias"] = acc.attrs["bias"]
+            ops[index(acc)] = dataclasses.replace(acc, attrs={**acc.attrs, "bias": None})
+        moved = [dataclasses.replace(pool, out=f"{pool.out}_acc", inputs=(acc.out,), frac=acc.frac, fmt=acc.fmt,
+                                     attrs=pooled_attrs)]
         for k, op in enumerate(chain):
             out = pool.out if k == len(chain) - 1 else f"{op.out}_pooled"
             moved.append(dataclasses.replace(op, inputs=(moved[-1].out,), out=out))
