@@ -15,11 +15,11 @@ spends that knowledge on speed:
   ``MatMulInteger`` with a uint8 left operand and an int8 right one, so: the input codes,
   offset by ``lo`` to be non-negative only when ``lo < 0`` (the offset's contribution
   ``lo · Σ w`` folds into the bias), are split into as many uint8 limbs as ``hi − lo`` needs
-  (two for a 16-bit ReLU output), stacked along the batch axis; the constant weight codes
+  (two for a 16-bit ReLU output); the constant weight codes
   are split into as many balanced base-128 digits in [-64, 63] as their largest code needs
   (two for a 24.12 weight with |w| < 2).  Digits below 64 keep every pair of uint8 × int8
   products below 2**15, so the result is exact even on kernels that add pairs in int16
-  (x86 without VNNI).  One ``MatMulInteger`` per digit; the partial sums are recombined
+  (x86 without VNNI).  One ``MatMulInteger`` per limb and digit; the partial sums are recombined
   (``Σ 256**i · 128**j · Y_ij + bias``) in int32 when the per-channel bound proves it fits,
   else in int64.  When even one partial sum could overflow int32, an int64 ``MatMul`` does
   the product directly (also with ``eight_bit=False``).
@@ -69,7 +69,7 @@ from ..passes.lower import IntegerGraph, IntOp
 
 __all__ = ["to_onnx", "EMITTERS", "OPSET"]
 
-OPSET = 18  # BitwiseAnd; Split with num_outputs
+OPSET = 18  # BitwiseAnd
 INT32 = (-(2 ** 31), 2 ** 31 - 1)
 _ONNX_TYPE = {np.int32: TensorProto.INT32, np.int64: TensorProto.INT64, np.uint8: TensorProto.UINT8}
 _NUMPY_TYPE = {v: k for k, v in _ONNX_TYPE.items()}
@@ -390,8 +390,8 @@ def _direct_int32(b: _Builder, plan: _Plan | None, flat: np.ndarray, bias: np.nd
     return macs * _NS_MAC_INT32 + outputs * _NS_PASS < products * (macs * _NS_MAC_8BIT + 3 * outputs * _NS_PASS)
 
 
-def _limbs(b: _Builder, x: str, plan: _Plan) -> str:
-    """``x − offset`` split into uint8 limbs, stacked along axis 0."""
+def _limbs(b: _Builder, x: str, plan: _Plan) -> list[str]:
+    """``x − offset`` split into uint8 limbs."""
     hi = b.ranges[x][1] - plan.offset
     if b.dtype(x) == np.int32 and not _fits32(0, hi):
         x = b.cast(x, np.int64)
@@ -402,32 +402,27 @@ def _limbs(b: _Builder, x: str, plan: _Plan) -> str:
         t = b.node("Div", [u, b.const(256 ** i, dt)]) if i else u  # u >= 0: Div is floor
         t = b.node("BitwiseAnd", [t, b.const(255, dt)]) if i < plan.limbs - 1 else t
         limbs.append(b.node("Cast", [t], to=TensorProto.UINT8))
-    out = b.node("Concat", limbs, axis=0) if plan.limbs > 1 else limbs[0]
-    if x in b.channels_last:
-        b.channels_last.add(out)
-    return out
+        if x in b.channels_last:
+            b.channels_last.add(limbs[-1])
+    return limbs
 
 
-def _products(b: _Builder, cols: str, plan: _Plan, name: str) -> str:
-    """``Σ_i Σ_j 256**i · 128**j · (limb_i · digit_j) + bias``: one MatMulInteger per digit,
-    recombined in int32 when the plan's bound allows (else int64)."""
+def _products(b: _Builder, cols: list[str], plan: _Plan, name: str) -> str:
+    """``Σ_i 256**i · Σ_j 128**j · (limb_i · digit_j) + bias``: one MatMulInteger per limb
+    and digit (separate tensors: stacking them costs a copy of each), recombined in int32
+    when the plan's bound allows (else int64)."""
     dt = np.int32 if plan.int32 else np.int64
+    digits = [b.const(d.astype(np.int8), np.int8, name=f"{name}.weight_digit{j}") for j, d in enumerate(plan.digits)]
     acc = None
-    for j, d in enumerate(plan.digits):
-        y = b.node("MatMulInteger", [cols, b.const(d.astype(np.int8), np.int8, name=f"{name}.weight_digit{j}")])
-        y = y if dt == np.int32 else b.node("Cast", [y], to=TensorProto.INT64)
-        if j:
-            y = b.node("Mul", [y, b.const(128 ** j, dt)])
-        acc = y if acc is None else b.node("Add", [acc, y])
-    if plan.limbs > 1:  # the limbs are stacked along the batch axis: split them off
-        stacked = b.node("Reshape", [acc, b.const([plan.limbs, -1, plan.bias.shape[0]])])
-        parts = [f"{stacked}/limb{i}" for i in range(plan.limbs)]
-        b.nodes.append(helper.make_node("Split", [stacked], parts, name=f"{stacked}/Split", axis=0,
-                                        num_outputs=plan.limbs))
-        b.types.update((p, dt) for p in parts)
-        acc = parts[0]
-        for i, part in enumerate(parts[1:], 1):
-            acc = b.node("Add", [acc, b.node("Mul", [part, b.const(256 ** i, dt)])])
+    for i, limb in enumerate(cols):
+        part = None
+        for j, digit in enumerate(digits):
+            y = b.node("MatMulInteger", [limb, digit])
+            y = y if dt == np.int32 else b.node("Cast", [y], to=TensorProto.INT64)
+            y = b.node("Mul", [y, b.const(128 ** j, dt)]) if j else y
+            part = y if part is None else b.node("Add", [part, y])
+        part = b.node("Mul", [part, b.const(256 ** i, dt)]) if i else part
+        acc = part if acc is None else b.node("Add", [acc, part])
     if np.any(plan.bias):
         acc = b.node("Add", [acc, b.const(plan.bias, dt, name=f"{name}.bias")])
     return acc
@@ -449,12 +444,11 @@ def emit_conv2d(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
         plan, dt = None, np.int32
     # padding is a code 0 like any other: pad before the offset
     xp = _pad(b, x if plan is not None else b.cast(x, dt), (ph, pw))
-    src = _limbs(b, xp, plan) if plan is not None else xp
-    cols = _im2col(b, src, (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
     if plan is not None:
+        cols = [_im2col(b, limb, (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil) for limb in _limbs(b, xp, plan)]
         acc = _products(b, cols, plan, op.out)
-        acc = b.node("Reshape", [acc, b.const([-1, ho, wo, o])])
     else:
+        cols = _im2col(b, xp, (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
         acc = b.node("MatMul", [cols, b.const(flat, dt, name=f"{op.out}.weight")])
         if op.attrs["bias"] is not None:
             acc = b.node("Add", [acc, b.const(bias, dt, name=f"{op.out}.bias")])
@@ -474,8 +468,6 @@ def emit_linear(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
         plan, dt = None, np.int32
     if plan is not None:
         acc = _products(b, _limbs(b, x, plan), plan, op.out)
-        if plan.limbs > 1:
-            acc = b.node("Reshape", [acc, b.const([-1, flat.shape[1]])])
     else:
         acc = b.node("MatMul", [b.cast(x, dt), b.const(flat, dt, name=f"{op.out}.weight")])
         if op.attrs["bias"] is not None:
