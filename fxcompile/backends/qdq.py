@@ -25,9 +25,13 @@ This flavour is **not bit-exact** with the integer graph (:mod:`fxcompile.backen
   (``-(2**(b-1) - 1)``) becomes ``-2**(b-1)``, and a format narrower than its container
   (say 12 bits in int16) does not saturate at all until the container does.
 
-Measured on a trained SeedCNN (``examples/export_flavours.py``): a handful of output codes
-differ by one or a few codes; top-1 agreement stays at or near 100 %.  What cannot be
-expressed raises :class:`~fxcompile.errors.ExportError` naming the edge and format: an
+Measured with ``examples/export_flavours.py`` (SeedCNN, one epoch of fixed-point training,
+ONNX Runtime with or without its graph optimizations alike): baseline policy, 1 of 100,000
+Fashion-MNIST test output codes off by one (8 of 20,000 on the synthetic default), top-1
+agreement 100 %; optimized policy (16.4 activations), none.  The tests hold the flavour to
+at most one differing output code per image, none off by more than 4, and top-1 agreement
+of at least 95 %.  Rounding and zero point are exact: QuantizeLinear rounds ``x / scale``
+half to even and then adds the zero point, as the formats do.  What cannot be expressed raises :class:`~fxcompile.errors.ExportError` naming the edge and format: an
 activation edge that is wider than 16 bits, that rounds other than to nearest (``floor``,
 ``toward_zero``), or that wraps on overflow::
 

@@ -171,3 +171,17 @@ def test_export_command_writes_the_qdq_flavour(tmp_path, capsys):
     main(["export", str(tmp_path / "m.onnx"), "--model", "mlp", "--flavour", "qdq"])
     assert "qdq model" in capsys.readouterr().out
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
+
+
+@pytest.mark.parametrize("fmt", ["u8.4,asymmetric,zp=7", "16.8,asymmetric,zp=-301", "u16.9", "8.3,asymmetric"])
+def test_quantize_linear_is_our_cast_where_the_container_is_the_format(fmt):
+    # full-range formats of 8 or 16 bits, odd zero points included: every tie, both bounds, beyond
+    fmt = fxc.FixedPoint.parse(fmt)
+    lo, hi = (fmt.code_min - fmt.zero_point - 3) * fmt.scale, (fmt.code_max - fmt.zero_point + 3) * fmt.scale
+    x = torch.cat([torch.linspace(lo, hi, 40001, dtype=torch.float64).float(),
+                   (torch.arange(-2000, 2000) + 0.5).float() * fmt.scale]).reshape(-1, 1)
+    q = fxc.compile(nn.Flatten(), fxc.Policy(activation=fmt, input=fmt), example_inputs=(x[:1],)).eval()
+    session = onnx_session(to_qdq(fold_bn(q), (x[:1],)))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    (ref,) = run_integer(integer_graph(q, (x[:1],)), x)
+    assert np.array_equal(out, ref.numpy())
