@@ -38,7 +38,8 @@ def main(argv=None):
     p.add_argument("--objective", default="nsr", choices=OBJECTIVES)
     p.add_argument("--gradient-rounding", default="nearest")
     p.add_argument("--update-rounding", default="stochastic", help="rounding of each weight/bias update")
-    p.add_argument("--margin", type=int, default=2, help="octaves of drift the formats allow for (see fxc.Auto)")
+    p.add_argument("--margin", type=int, default=None,
+                   help="octaves of drift the formats allow for (default: 4 at >= 12 bits, else 1; see fxc.Auto)")
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -27,6 +27,20 @@ def test_invalid_settings_name_the_field(kwargs, field):
         fxc.auto(**kwargs)
 
 
+def test_default_margin_depends_on_the_width_and_an_explicit_one_wins():
+    assert fxc.auto().margin_for(16) == 4 and fxc.auto().margin_for(12) == 4 and fxc.auto().margin_for(8) == 1
+    assert fxc.auto(margin=2).margin_for(16) == 2 and fxc.auto(margin=0).margin_for(8) == 0
+    assert "margin=2" in str(fxc.auto(margin=2)) and "margin" not in str(fxc.auto())
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
+
+    def logits_format(policy):
+        q = fxc.compile(MLP(), policy, loss_fn=nn.CrossEntropyLoss(), calibration_data=batches)
+        return next(r.forward for r in fxc.assignment(q) if r.name == "fc3->*")
+    # more octaves of headroom: a coarser binary point for the same values
+    assert logits_format(fxc.auto(max_formats=3)).frac < logits_format(fxc.auto(max_formats=3, margin=1)).frac
+
+
 def test_compile_needs_calibration_data():
     with pytest.raises(fxc.PolicyError, match="calibration_data"):
         fxc.compile(MLP(), fxc.auto(), loss_fn=nn.CrossEntropyLoss())

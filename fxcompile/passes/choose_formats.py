@@ -382,7 +382,7 @@ def choose_formats(gm: fx.GraphModule, policy: Auto, loss_graph: fx.GraphModule 
             for m in members:
                 if m.stats is None or not m.stats.count:
                     continue
-                nsr = _expected_nsr(m, w, fracs, policy.margin)
+                nsr = _expected_nsr(m, w, fracs, policy.margin_for(w))
                 member_nsr[(m.key, w)] = nsr
                 row += m.weight * nsr
                 elements += m.stats.count
