@@ -160,7 +160,8 @@ def add_inspect(sub):
     a.add_argument("--bits", default="16", help="16, or per role: activation=8,gradient=8,weight=16")
     a.add_argument("--objective", default="nsr", choices=["nsr", "reach"])
     a.add_argument("--gradient-rounding", default="nearest", choices=["nearest", "stochastic"])
-    a.add_argument("--margin", type=int, default=2, help="octaves of drift allowed for (default 2)")
+    a.add_argument("--margin", type=int, default=None,
+                   help="octaves of drift allowed for (default: 4 for formats of 12 bits or more, else 1)")
     a.add_argument("--data", help="calibrate on Fashion-MNIST training batches from this root "
                    "(default: random inputs of --input-shape)")
     a.add_argument("--calibration-batches", type=int, default=4)
