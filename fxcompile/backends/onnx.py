@@ -401,9 +401,7 @@ def _limbs(b: _Builder, x: str, plan: _Plan) -> list[str]:
     for i in range(plan.limbs):
         t = b.node("Div", [u, b.const(256 ** i, dt)]) if i else u  # u >= 0: Div is floor
         t = b.node("BitwiseAnd", [t, b.const(255, dt)]) if i < plan.limbs - 1 else t
-        limbs.append(b.node("Cast", [t], to=TensorProto.UINT8))
-        if x in b.channels_last:
-            b.channels_last.add(limbs[-1])
+        limbs.append(b.value(b.node("Cast", [t], to=TensorProto.UINT8), 0, min(255, hi >> (8 * i)), like=x))
     return limbs
 
 
@@ -442,13 +440,12 @@ def emit_conv2d(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
     dt = np.int64
     if eight_bit and _direct_int32(b, plan, flat, bias, x, ho * wo):
         plan, dt = None, np.int32
-    # padding is a code 0 like any other: pad before the offset
-    xp = _pad(b, x if plan is not None else b.cast(x, dt), (ph, pw))
-    if plan is not None:
-        cols = [_im2col(b, limb, (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil) for limb in _limbs(b, xp, plan)]
+    if plan is not None:  # padding is a code 0 like any other: each limb pads with its digit of −offset
+        cols = [_im2col(b, _pad(b, limb, (ph, pw), (-plan.offset >> (8 * i)) & 255), (h + 2 * ph, w + 2 * pw),
+                        (kh, kw), stride, dil) for i, limb in enumerate(_limbs(b, x, plan))]
         acc = _products(b, cols, plan, op.out)
     else:
-        cols = _im2col(b, xp, (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
+        cols = _im2col(b, _pad(b, b.cast(x, dt), (ph, pw)), (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
         acc = b.node("MatMul", [cols, b.const(flat, dt, name=f"{op.out}.weight")])
         if op.attrs["bias"] is not None:
             acc = b.node("Add", [acc, b.const(bias, dt, name=f"{op.out}.bias")])

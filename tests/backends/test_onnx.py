@@ -183,3 +183,31 @@ def test_baseline_convolutions_and_pools_work_in_int32(model):
     body = [n for n in onnx_model.graph.node if n.name.startswith(("conv2d/", "max_pool2d/", "sum_pool2d/", "add/"))]
     wide = [n.name for n in body if any(types.get(o) == onnx.TensorProto.INT64 for o in n.output)]
     assert wide == [] and (body or model is MLP)
+
+
+@pytest.mark.parametrize("prefer", ["8-bit", "int32"])
+@pytest.mark.parametrize("activation", ["16.8", "12.5,asymmetric,zp=-301", "u12.4"])
+def test_signed_and_offset_inputs_to_padded_strided_convolutions(prefer, activation, monkeypatch):
+    """Signed conv inputs (offset limbs, padding with the offset's digits) on both product
+    paths: the 8-bit limbs and the direct int32 MatMul."""
+    import fxcompile.backends.onnx as backend
+    monkeypatch.setattr(backend, "_NS_MAC_INT32", 1e9 if prefer == "8-bit" else 0.0)
+    torch.manual_seed(0)
+
+    class Net(nn.Module):  # no ReLU: the second conv sees signed codes
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=2, stride=2),
+                                      nn.MaxPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = Net()
+    policy = fxc.Policy(activation=activation, input="16.8", weight="16.11", bias="16.8")
+    x = torch.randn(8, 1, 28, 28) * 3
+    graph = integer_graph(on_grid(fxc.compile(model, policy, example_inputs=(x[:2],))), (x[:2],))
+    onnx_model = to_onnx(graph)
+    assert ("MatMulInteger" in {n.op_type for n in onnx_model.graph.node}) == (prefer == "8-bit")
+    _, codes = _ort(onnx_model, x)
+    assert np.array_equal(codes, run_integer(graph, x, codes=True)[0].numpy())
