@@ -2,15 +2,19 @@
 
 Both are exported from the same (untrained: latency does not depend on the weights) model,
 loaded into ONNX Runtime's CPU provider with one intra-op thread, and timed side by side in
-this process, alternating, on the same batch; the figure is the ratio of the medians::
+this process, alternating, on the same batch; the figure is the ratio of the medians.
+``--profile`` also prints where the integer graph's time goes (ORT's profiler, kernel time
+summed by op type and by the lowered op: node names start with it)::
 
-    python benchmarks/onnx_latency.py [--models seed_cnn mlp residual_cnn] [--batch 64] [--repeats 20]
+    python benchmarks/onnx_latency.py [--models seed_cnn mlp residual_cnn] [--batch 64] [--repeats 20] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import io
+import json
 import statistics
 import tempfile
 import time
@@ -30,14 +34,39 @@ def _float_onnx(model, x) -> onnx.ModelProto:
     return onnx.load_from_string(buf.getvalue())
 
 
-def measure(name: str, policy: str, batch: int, repeats: int) -> tuple[float, float]:
+def profile(model: onnx.ModelProto, feed: dict, repeats: int, top: int = 8) -> str:
+    """Kernel time of ``model`` per run (ORT's profiler, one thread), by op type and by the
+    lowered op (the first two parts of a node's name, e.g. ``conv2d/conv1``)."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.enable_profiling, opts.intra_op_num_threads, opts.inter_op_num_threads = True, 1, 1
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.profile_file_prefix = f"{tmp}/ort"
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        for _ in range(repeats):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = [e for e in json.load(f) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    by_op, by_source = collections.Counter(), collections.Counter()
+    for e in events:
+        by_op[e["args"]["op_name"]] += e["dur"] / repeats
+        by_source["/".join(e["name"].split("/")[:2])] += e["dur"] / repeats
+    total = sum(by_op.values())
+    lines = [f"  kernel time {total / 1e3:.2f} ms a run"]
+    for title, counter in (("op type", by_op), ("lowered op", by_source)):
+        lines.append(f"  by {title}: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in counter.most_common(top)))
+    return "\n".join(lines)
+
+
+def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool = False):
     torch.manual_seed(0)
     model = build(name).eval()
     x = torch.randn(batch, 1, 28, 28)
     qmodel = fxc.compile(model, policy, example_inputs=(x[:1],)).eval()
     fxc.fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
     with tempfile.TemporaryDirectory() as tmp:
-        integer = onnx_session(fxc.export_onnx(qmodel, f"{tmp}/{name}.onnx", (x[:1],)), threads=1)
+        exported = fxc.export_onnx(qmodel, f"{tmp}/{name}.onnx", (x[:1],))
+    integer = onnx_session(exported, threads=1)
     floating = onnx_session(_float_onnx(model, x[:1]), threads=1)
     feed = {"x": x.numpy()}
     times = {"integer": [], "float": []}
@@ -48,7 +77,8 @@ def measure(name: str, policy: str, batch: int, repeats: int) -> tuple[float, fl
             t0 = time.perf_counter()
             session.run(None, feed)
             times[key].append(time.perf_counter() - t0)
-    return statistics.median(times["integer"]), statistics.median(times["float"])
+    report = profile(exported, feed, repeats) if with_profile else ""
+    return statistics.median(times["integer"]), statistics.median(times["float"]), report
 
 
 def main(argv=None):
@@ -57,13 +87,16 @@ def main(argv=None):
     p.add_argument("--policy", default="baseline")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--profile", action="store_true", help="also print where the integer graph's time goes")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(f"ONNX Runtime CPU, 1 thread, batch {args.batch}, median of {args.repeats}; policy {args.policy}")
     print(f"{'model':<14}{'integer ms':>12}{'float ms':>10}{'ratio':>8}")
     for name in args.models:
-        t_int, t_float = measure(name, args.policy, args.batch, args.repeats)
+        t_int, t_float, report = measure(name, args.policy, args.batch, args.repeats, args.profile)
         print(f"{name:<14}{1e3 * t_int:>12.2f}{1e3 * t_float:>10.2f}{t_int / t_float:>8.2f}", flush=True)
+        if report:
+            print(report, flush=True)
 
 
 if __name__ == "__main__":
