@@ -11,10 +11,13 @@ each run on the whole test set and compared code by code with the integer refere
 * qonnx   — float ops between QONNX ``Quant`` nodes, qonnx's own executor (``execute_onnx``).
 
 Columns: output codes that differ from the reference (of all output codes), the largest
-|code difference|, top-1 agreement with the reference, and each one's accuracy::
+|code difference|, top-1 agreement with the reference, and each one's accuracy.  Policies are
+names, files, or ``8bit`` (8-bit activations and weights: the QDQ model ONNX Runtime fuses
+into QLinearConv/QGemm)::
 
     python examples/export_flavours.py                      # synthetic data
-    python examples/export_flavours.py --data /path/to/fashion-mnist --train-subset 12000
+    python examples/export_flavours.py --data /path/to/fashion-mnist --train-subset 12000 \
+        --policies baseline optimized 8bit
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ from fxcompile.backends.integer import run_integer
 from fxcompile.data import fashion_mnist, synthetic
 from fxcompile.export import integer_graph, onnx_session
 from fxcompile.train import TrainConfig, train
+
+
+EIGHT_BIT = fxc.Policy(activation="8.3", input="u8.7", weight="8.6,stochastic", bias="16.8,stochastic",
+                       gradient="16.10,stochastic", loss="16.10")
 
 
 def ort_runner(path, optimize: bool):
@@ -90,7 +97,9 @@ def main(argv=None):
     rows = []
     for policy in args.policies:
         t0 = time.perf_counter()
-        m = train(TrainConfig(model=args.model, policy=policy, epochs=args.epochs, progress=False), (tx, ty), (vx, vy))
+        cfg = TrainConfig(model=args.model, policy=EIGHT_BIT if policy == "8bit" else policy, epochs=args.epochs,
+                          progress=False)
+        m = train(cfg, (tx, ty), (vx, vy))
         qmodel = m["model_object"].eval()
         graph = integer_graph(qmodel, (vx[:1],))
         ref, frac = reference_codes(graph, vx, args.batch_size), graph.op_of(graph.outputs[0]).frac

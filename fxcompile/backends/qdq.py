@@ -6,9 +6,15 @@ becomes the pattern toolchains such as ONNX Runtime's quantized-op fusion and Te
 * an activation edge: ``QuantizeLinear → DequantizeLinear`` with scale ``2**-frac`` and the
   format's zero point, in the smallest container type holding its codes (int8/uint8 up to
   8 bits, int16/uint16 up to 16: opset 21);
-* a weight or bias edge: the parameter's integer codes as an initializer (int8, int16 or
-  int32: weights such as 24.12 fit int32, which DequantizeLinear reads) followed by
+* a weight edge: the parameter's integer codes as an initializer (int8, int16 or int32:
+  weights such as 24.12 fit int32, which DequantizeLinear reads) followed by
   ``DequantizeLinear``;
+* a bias edge: the same, except that a Conv/Gemm bias is written by default as int32 codes
+  at scale ``x_scale · w_scale`` — the bias format's values shifted exactly to the
+  accumulator's binary point, as the integer graph adds them — because that is the form
+  ONNX Runtime fuses (DequantizeLinear → Conv → QuantizeLinear into QLinearConv, Gemm into
+  QGemm, for 8-bit activations and weights) and TensorRT expects.  ``bias_scale="format"``
+  keeps the bias format's own scale and type instead (ORT then fuses nothing);
 
 and the ops between them (Conv, Gemm, Relu, MaxPool, AveragePool, Reshape, Add) are the
 float ops of the model.  Node names are ``quantize/<cast>`` and ``dequantize/<cast>``, after
@@ -31,8 +37,8 @@ Fashion-MNIST test output codes off by one (8 of 20,000 on the synthetic default
 agreement 100 %; optimized policy (16.4 activations), none.  The tests hold the flavour to
 at most one differing output code per image, none off by more than 4, and top-1 agreement
 of at least 95 %.  Rounding and zero point are exact: QuantizeLinear rounds ``x / scale``
-half to even and then adds the zero point, as the formats do.  What cannot be expressed raises :class:`~fxcompile.errors.ExportError` naming the edge and format: an
-activation edge that is wider than 16 bits, that rounds other than to nearest (``floor``,
+half to even and then adds the zero point, as the formats do.  What cannot be expressed
+raises :class:`~fxcompile.errors.ExportError` naming the edge and format: an activation edge that is wider than 16 bits, that rounds other than to nearest (``floor``,
 ``toward_zero``), or that wraps on overflow::
 
     >>> model = to_qdq(fold_bn(qmodel), (x[:1],))
@@ -87,6 +93,7 @@ class FloatGraph:
 
     def __init__(self):
         self.nodes, self.initializers, self._consts, self._count = [], [], {}, 0
+        self.gm: fx.GraphModule | None = None
 
     def node(self, op_type: str, inputs, name: str | None = None, domain: str = "", **attrs) -> str:
         self._count += 1
@@ -100,7 +107,7 @@ class FloatGraph:
         key = None if name else (array.dtype.str, array.shape, array.tobytes())
         if key is not None and key in self._consts:
             return self._consts[key]
-        name = name or f"const/{len(self.initializers)}"
+        name = name or f"const/{len(self._consts)}"
         self.initializers.append(numpy_helper.from_array(array, name))
         if key is not None:
             self._consts[key] = name
@@ -116,13 +123,32 @@ class FloatGraph:
     def parameter(self, value: torch.Tensor, fmt: FixedPoint, cast: str) -> str:
         raise NotImplementedError
 
+    def bias(self, x: str, w: str, b: str) -> str:
+        """The bias operand of a Conv/Gemm reading ``x`` and ``w`` (by default ``b`` itself)."""
+        return b
+
 
 class QDQGraph(FloatGraph):
+    """``bias_scale="accumulator"`` (the default) writes a Conv/Gemm bias as int32 codes at
+    scale ``x_scale · w_scale`` (the accumulator's binary point), the form ONNX Runtime fuses
+    into QLinearConv/QGemm and TensorRT reads; the values are the bias format's, shifted
+    exactly.  A bias with more fractional bits than the accumulator, or whose shifted codes
+    overflow int32, keeps its own format, as every bias does with ``bias_scale="format"``."""
+
+    def __init__(self, bias_scale: str = "accumulator"):
+        super().__init__()
+        if bias_scale not in ("accumulator", "format"):
+            raise ValueError(f"bias_scale must be 'accumulator' or 'format', got {bias_scale!r}")
+        self.bias_scale = bias_scale
+        self.formats: dict[str, FixedPoint] = {}   # dequantized tensor → its format
+        self._parameters: dict[str, tuple] = {}    # dequantized parameter → (its node, centred codes)
+
     def check(self, fmt, where, constant):
         if constant:
-            # a constant has no QuantizeLinear: its codes only need an integer type DequantizeLinear reads
-            if container(fmt, 32) is None and container(fmt.replace(zero_point=0), 32) is None:
-                return f"{where} has format {fmt}, whose codes do not fit int32"
+            # a constant has no QuantizeLinear: its codes only need an integer type DequantizeLinear
+            # reads; above 16 bits that is int32, centred (an int32 DequantizeLinear has no zero point)
+            if container(fmt) is None and not -2 ** 31 <= fmt.code_min - fmt.zero_point <= fmt.code_max - fmt.zero_point < 2 ** 31:
+                return f"{where} has format {fmt}, whose centred codes do not fit int32"
             return None
         problems = []
         if container(fmt) is None:
@@ -138,19 +164,39 @@ class QDQGraph(FloatGraph):
         scale = self.const(2.0 ** -fmt.frac, np.float32)
         zero = self.const(fmt.zero_point, np_type)
         q = self.node("QuantizeLinear", [x, scale, zero], name=f"quantize/{cast}")
-        return self.node("DequantizeLinear", [q, scale, zero], name=f"dequantize/{cast}")
+        out = self.node("DequantizeLinear", [q, scale, zero], name=f"dequantize/{cast}")
+        self.formats[out] = fmt
+        return out
 
     def parameter(self, value, fmt, cast):
         codes = parameter_codes(value, fmt)
-        found = container(fmt, 32)
-        if found is None:  # wide asymmetric: centred codes, zero point 0, the same values
-            codes, fmt = codes - fmt.zero_point, fmt.replace(zero_point=0)
-            found = container(fmt, 32)
-        _, np_type = found
-        inputs = [self.const(codes.numpy(), np_type, name=f"{cast}/codes"), self.const(2.0 ** -fmt.frac, np.float32)]
-        if np_type != np.int32:  # an int32 DequantizeLinear takes no zero point (it is 0)
-            inputs.append(self.const(fmt.zero_point, np_type))
-        return self.node("DequantizeLinear", inputs, name=f"dequantize/{cast}")
+        found = container(fmt)
+        inputs = [None, self.const(2.0 ** -fmt.frac, np.float32)]
+        if found is None:  # wider than 16 bits: centred int32 codes, no zero point (it is 0)
+            inputs[0] = self.const((codes - fmt.zero_point).numpy(), np.int32, name=f"{cast}/codes")
+        else:
+            inputs[0] = self.const(codes.numpy(), found[1], name=f"{cast}/codes")
+            inputs.append(self.const(fmt.zero_point, found[1]))
+        out = self.node("DequantizeLinear", inputs, name=f"dequantize/{cast}")
+        self.formats[out] = fmt
+        self._parameters[out] = (self.nodes[-1], codes - fmt.zero_point)
+        return out
+
+    def bias(self, x, w, b):
+        if self.bias_scale != "accumulator" or b not in self._parameters or x not in self.formats \
+                or w not in self.formats:
+            return b
+        node, centred = self._parameters[b]
+        shift = self.formats[x].frac + self.formats[w].frac - self.formats[b].frac
+        codes = centred.to(torch.int64) << max(shift, 0)
+        if shift < 0 or codes.abs().max() >= 2 ** 31:
+            return b  # not exact at the accumulator's binary point: the bias keeps its own format
+        old = node.input[0]
+        self.initializers = [t for t in self.initializers if t.name != old]
+        scale = self.const(2.0 ** -(self.formats[x].frac + self.formats[w].frac), np.float32)
+        node.input[:] = [self.const(codes.numpy(), np.int32, name=old), scale]
+        del self._parameters[b]  # rewritten once: a bias shared by layers keeps the first one's scale
+        return b
 
 
 def parameter_codes(value: torch.Tensor, fmt: FixedPoint) -> torch.Tensor:
@@ -164,12 +210,13 @@ def parameter_codes(value: torch.Tensor, fmt: FixedPoint) -> torch.Tensor:
 # ---- the float ops: fx node → ONNX, one rule per op (the ops that lower) -------------------
 
 def _conv2d(g: FloatGraph, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-    (ph, pw), inputs = _pair(padding), [x, w] + ([b] if b is not None else [])
+    (ph, pw), inputs = _pair(padding), [x, w] + ([g.bias(x, w, b)] if b is not None else [])
     return g.node("Conv", inputs, strides=list(_pair(stride)), pads=[ph, pw, ph, pw],
                   dilations=list(_pair(dilation)), group=groups)
 
 
 def _linear(g: FloatGraph, node, x, w, b=None):
+    b = None if b is None else g.bias(x, w, b)
     if len(node.meta["tensor_meta"].shape) == 2:
         return g.node("Gemm", [x, w] + ([b] if b is not None else []), transB=1)
     y = g.node("MatMul", [x, g.node("Transpose", [w], perm=[1, 0])])
@@ -277,10 +324,13 @@ def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: l
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
             env[node] = float_ops[op_key(gm, node)](g, node, *args, **kwargs)
-    graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
+    used = {i for n in g.nodes for i in n.input}
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, [t for t in g.initializers if t.name in used])
     return helper.make_model(graph, opset_imports=g.opset_imports, producer_name="fxcompile")
 
 
-def to_qdq(gm: fx.GraphModule, example_inputs, name: str = "fxcompile") -> onnx.ModelProto:
-    """The BN-folded compiled model ``gm`` as a QDQ ONNX model (opset 21; see the module docstring)."""
-    return build(gm, example_inputs, QDQGraph(), name)
+def to_qdq(gm: fx.GraphModule, example_inputs, name: str = "fxcompile", bias_scale: str = "accumulator"
+           ) -> onnx.ModelProto:
+    """The BN-folded compiled model ``gm`` as a QDQ ONNX model (opset 21; see the module
+    docstring; ``bias_scale`` see :class:`QDQGraph`)."""
+    return build(gm, example_inputs, QDQGraph(bias_scale), name)

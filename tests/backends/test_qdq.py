@@ -72,29 +72,37 @@ def _initializer(model, name):
     return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
 
 
+@pytest.mark.parametrize("bias_scale", ["accumulator", "format"])
 @pytest.mark.parametrize("policy", [fxc.baseline(), fxc.optimized(),
                                     fxc.Policy(activation="8.4", input="u8.7", weight="12.8", bias="16.8"),
-                                    fxc.Policy(activation="16.8,asymmetric,zp=-300", weight="24.12", bias="16.8")])
-def test_every_fixed_point_edge_has_its_pair_with_scale_zero_point_and_type(policy):
+                                    fxc.Policy(activation="16.8,asymmetric,zp=-300", weight="24.12,asymmetric,zp=5",
+                                               bias="16.8")])
+def test_every_fixed_point_edge_has_its_pair_with_scale_zero_point_and_type(policy, bias_scale):
     x = torch.randn(2, 1, 28, 28)
     q = compiled(ResidualCNN, policy, x)
     folded = fold_bn(q)
-    model = to_qdq(folded, (x[:1],))
+    model = to_qdq(folded, (x[:1],), bias_scale=bias_scale)
     nodes = {n.name: n for n in model.graph.node}
     produced_by = {n.output[0]: n for n in model.graph.node}
+    consumer = {i: n for n in model.graph.node for i in n.input}
     initializers = {t.name: t for t in model.graph.initializer}
     edges = fixed_point_edges(folded)
     assert len(edges) > 10
     for cast, fmt, parameter in edges:
         dq = nodes[f"dequantize/{cast}"]
         assert dq.op_type == "DequantizeLinear"
-        assert _initializer(model, dq.input[1]) == np.float32(2.0 ** -fmt.frac), cast
+        scale, zero_point, np_type = 2.0 ** -fmt.frac, fmt.zero_point, ONNX_TYPES[container(fmt, 32)[0]]
+        layer = consumer[dq.output[0]]
+        if bias_scale == "accumulator" and layer.op_type in ("Conv", "Gemm") and layer.input[2] == dq.output[0]:
+            # the bias at the accumulator's binary point: int32, scale x_scale * w_scale
+            scale = float(np.prod([_initializer(model, produced_by[i].input[1]) for i in layer.input[:2]]))
+            zero_point, np_type = 0, np.int32
+        assert _initializer(model, dq.input[1]) == np.float32(scale), cast
         if parameter is not None:
             codes = initializers[dq.input[0]]
-            assert codes.data_type == container(fmt, 32)[0], cast
+            assert ONNX_TYPES[codes.data_type] == np_type, cast
             values = fmt.replace(rounding="nearest").quantize(parameter)
-            decoded = (numpy_helper.to_array(codes).astype(np.float64) - (fmt.zero_point if len(dq.input) > 2 else 0)) \
-                * 2.0 ** -fmt.frac
+            decoded = (numpy_helper.to_array(codes).astype(np.float64) - (zero_point if len(dq.input) > 2 else 0)) * scale
             assert np.array_equal(decoded, values.double().numpy()), cast
         else:
             qn = produced_by[dq.input[0]]
@@ -120,11 +128,11 @@ def test_a_wrong_scale_is_caught_by_the_comparison():
     q = compiled(SeedCNN, fxc.baseline(), x)
     model = to_qdq(fold_bn(q), (x[:1],))
     assert differences(model, q, x)[0] == 0  # untrained weights: no sum lands near a boundary
-    dq = next(n for n in model.graph.node if n.name == "dequantize/casts_conv1")
+    dq = next(n for n in model.graph.node if n.name == "dequantize/casts_conv1_weight")
     scale = next(t for t in model.graph.initializer if t.name == dq.input[1])
     bad = onnx.ModelProto.FromString(model.SerializeToString())
     bad.graph.initializer.remove(next(t for t in bad.graph.initializer if t.name == scale.name))
-    bad.graph.initializer.append(numpy_helper.from_array(np.array(2.0 ** -7, np.float32), scale.name))
+    bad.graph.initializer.append(numpy_helper.from_array(np.array(2.0 ** -11, np.float32), scale.name))
     differ, largest, _ = differences(bad, q, x)
     assert differ > x.shape[0] and largest > 4
 
@@ -185,3 +193,24 @@ def test_quantize_linear_is_our_cast_where_the_container_is_the_format(fmt):
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     (ref,) = run_integer(integer_graph(q, (x[:1],)), x)
     assert np.array_equal(out, ref.numpy())
+
+
+def test_ort_fuses_an_eight_bit_model_into_quantized_ops(tmp_path):
+    import onnxruntime as ort
+    x = torch.randn(64, 1, 28, 28)
+    policy = fxc.Policy(activation="8.3", input="u8.7", weight="8.6", bias="16.8")
+    q = compiled(SeedCNN, policy, x)
+    model = to_qdq(fold_bn(q), (x[:1],))
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    fused = {n.op_type for n in onnx.load(tmp_path / "fused.onnx").graph.node}
+    assert {"QLinearConv", "QGemm"} <= fused and not {"Conv", "Gemm"} & fused
+    (out,) = session.run(None, {"x": x.numpy()})
+    (ref,) = run_integer(integer_graph(q, (x[:1],)), x)
+    assert np.array_equal(out, ref.numpy())  # integer accumulation, power-of-two requantization
+    # with its own 16-bit scale the bias is not in the form ORT fuses
+    opts.optimized_model_filepath = str(tmp_path / "unfused.onnx")
+    ort.InferenceSession(to_qdq(fold_bn(q), (x[:1],), bias_scale="format").SerializeToString(), opts,
+                         providers=["CPUExecutionProvider"])
+    assert "QLinearConv" not in {n.op_type for n in onnx.load(tmp_path / "unfused.onnx").graph.node}
