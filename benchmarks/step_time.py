@@ -10,6 +10,7 @@ store the parameters back in their formats with ``fxc.fixed_point_optimizer``)::
     python benchmarks/step_time.py --models seed_cnn --repeats 30 --threads 1
     python benchmarks/step_time.py --torch-compile      # also the inductor-compiled variants
     python benchmarks/step_time.py --no-elide           # also without identity-cast elision
+    python benchmarks/step_time.py --clock cpu          # CPU seconds of the process, for a shared machine
 
 Variants: ``nearest`` (every role quantized with the baseline formats, round to nearest),
 ``stochastic`` (the shipped baseline policy: gradients, weights and biases rounded
@@ -132,8 +133,12 @@ def _variants(name, args):
     return steps
 
 
-def measure(steps: dict, repeats: int, inner: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step of each entry, repeats interleaved in a rotating order."""
+def measure(steps: dict, repeats: int, inner: int, warmup: int, clock=time.perf_counter) -> dict[str, float]:
+    """Median seconds per step of each entry, repeats interleaved in a rotating order.
+
+    ``clock`` is wall time by default; ``time.process_time`` (CPU seconds of this process,
+    all its threads) is steadier on a machine other jobs share, where wall time also counts
+    the time this process waits for a core."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -141,10 +146,10 @@ def measure(steps: dict, repeats: int, inner: int, warmup: int) -> dict[str, flo
     names = list(steps)
     for r in range(repeats):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(inner):
                 steps[k]()
-            times[k].append((time.perf_counter() - t0) / inner)
+            times[k].append((clock() - t0) / inner)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -156,6 +161,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--inner", type=int, default=5, help="steps per timed repeat")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or CPU time of the process (steadier on a shared machine)")
     p.add_argument("--torch-compile", action="store_true", help="add torch.compile (inductor) variants")
     p.add_argument("--no-elide", action="store_true",
                    help="add variants compiled with elide_casts=False (compile() elides identity casts by default)")
@@ -163,9 +170,10 @@ def main(argv=None):
     args.policies = args.policies.split(",")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cast kernels: {kernels.load()}, "
-          f"{args.repeats} interleaved repeats x {args.inner} steps")
+          f"{args.repeats} interleaved repeats x {args.inner} steps, {args.clock} clock")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     for name in args.models.split(","):
-        medians = measure(_variants(name, args), args.repeats, args.inner, args.warmup)
+        medians = measure(_variants(name, args), args.repeats, args.inner, args.warmup, clock)
         fp32 = medians["fp32"]
         print(f"\n{name} (batch {MODELS[name][2]}, input {MODELS[name][1]})")
         for k, t in medians.items():
