@@ -212,7 +212,8 @@ def parameter_codes(value: torch.Tensor, fmt: FixedPoint) -> torch.Tensor:
 
 def _conv2d(g: FloatGraph, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     (ph, pw), inputs = _pair(padding), [x, w] + ([g.bias(x, w, b)] if b is not None else [])
-    return g.node("Conv", inputs, strides=list(_pair(stride)), pads=[ph, pw, ph, pw],
+    kernel = list(node.args[1].meta["tensor_meta"].shape[2:])  # optional in ONNX; FINN/hls4ml read it
+    return g.node("Conv", inputs, kernel_shape=kernel, strides=list(_pair(stride)), pads=[ph, pw, ph, pw],
                   dilations=list(_pair(dilation)), group=groups)
 
 

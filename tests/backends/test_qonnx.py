@@ -146,3 +146,23 @@ def test_export_command_writes_the_qonnx_flavour(tmp_path, capsys):
     main(["export", str(tmp_path / "m.onnx"), "--model", "residual_cnn", "--flavour", "qonnx"])
     assert "qonnx model" in capsys.readouterr().out
     assert "Quant" in {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
+
+
+def test_hls4ml_reads_the_formats_from_the_quant_nodes(tmp_path):
+    hls4ml = pytest.importorskip("hls4ml")
+    from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+    from qonnx.transformation.gemm_to_matmul import GemmToMatMul
+    from qonnx.util.cleanup import cleanup_model
+    x = torch.randn(2, 1, 28, 28)
+    q = compiled(SeedCNN, fxc.Policy(activation="12.5", input="16.8", weight="16.11", bias="16.8"), x)
+    export_onnx(q, tmp_path / "m.onnx", (x[:1],), flavour="qonnx")
+    # the clean-up hls4ml's QONNX front-end asks for
+    model = cleanup_model(ModelWrapper(str(tmp_path / "m.onnx")))
+    model = cleanup_model(model.transform(ConvertToChannelsLastAndClean()).transform(GemmToMatMul()))
+    config = hls4ml.utils.config.config_from_onnx_model(model, granularity="name", backend="Vitis")
+    hls_model = hls4ml.converters.convert_from_onnx_model(model, output_dir=str(tmp_path / "hls"), backend="Vitis",
+                                                          hls_config=config)
+    layers = {layer.class_name: layer for layer in hls_model.get_layers()}
+    assert {"Conv2D", "Dense", "Pooling2D"} <= set(layers)
+    for kind in ("Conv2D", "Dense", "Pooling2D"):  # 12.5, round half to even, symmetric saturation
+        assert str(layers[kind].get_output_variable().type.precision) == "fixed<12,7,RND_CONV,SAT_SYM,0>", kind
