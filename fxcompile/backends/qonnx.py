@@ -8,7 +8,9 @@ format's zero point) and ``bitwidth`` (any width), attributes ``signed``, ``narr
 feeding their own ``Quant``.  Between the quantizers are the model's float ops (opset 11,
 QONNX's preferred opset).  Node names are ``quant/<cast>``, after the cast node of the edge.
 The input keeps the example input's shape (FINN and hls4ml expect a fixed batch size;
-:func:`run_qonnx` sets another for execution); the float output is ``output``.
+:func:`run_qonnx` sets another for execution); the float output is ``output``.  After qonnx's
+clean-up (``cleanup_model``, ``ConvertToChannelsLastAndClean``, ``GemmToMatMul``) hls4ml's
+ONNX front-end reads each layer's format from its ``Quant`` (16.8 → ``fixed<16,8,RND_CONV,SAT_SYM>``).
 
 ``Quant`` computes ``(clip(round(x / scale + zeropt), min, max) − zeropt) · scale`` with
 numpy's ``round`` (half to even), so with an even zero point (symmetric formats have 0) each
