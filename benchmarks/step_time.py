@@ -11,6 +11,15 @@ store the parameters back in their formats with ``fxc.fixed_point_optimizer``)::
     python benchmarks/step_time.py --torch-compile      # also the inductor-compiled variants
     python benchmarks/step_time.py --no-elide           # also without identity-cast elision
     python benchmarks/step_time.py --clock cpu          # CPU seconds of the process, for a shared machine
+    python benchmarks/step_time.py --retain-memory      # glibc keeps freed memory (see below)
+
+glibc's malloc serves large buffers with fresh ``mmap`` pages and trims its heap when much
+memory is free, so a step that frees and reallocates activation-sized buffers pays page
+faults on every step; a fixed-point step allocates a few more such buffers (rounded
+activations, masks) and pays more of them.  ``--retain-memory`` sets ``M_MMAP_THRESHOLD``
+and ``M_TRIM_THRESHOLD`` with ``mallopt`` for the whole process, every variant alike (the
+same effect as PyTorch's advice to run CPU training with jemalloc or tcmalloc), which
+measures the arithmetic rather than the page faults.
 
 Variants: ``nearest`` (every role quantized with the baseline formats, round to nearest),
 ``stochastic`` (the shipped baseline policy: gradients, weights and biases rounded
@@ -133,6 +142,15 @@ def _variants(name, args):
     return steps
 
 
+def retain_memory() -> None:
+    """Make glibc keep freed memory in the heap instead of returning it to the kernel."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)):
+        raise RuntimeError("mallopt failed")
+
+
 def measure(steps: dict, repeats: int, inner: int, warmup: int, clock=time.perf_counter) -> dict[str, float]:
     """Median seconds per step of each entry, repeats interleaved in a rotating order.
 
@@ -163,14 +181,19 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time, or CPU time of the process (steadier on a shared machine)")
+    p.add_argument("--retain-memory", action="store_true",
+                   help="glibc keeps freed memory for reuse (mallopt), for every variant alike")
     p.add_argument("--torch-compile", action="store_true", help="add torch.compile (inductor) variants")
     p.add_argument("--no-elide", action="store_true",
                    help="add variants compiled with elide_casts=False (compile() elides identity casts by default)")
     args = p.parse_args(argv)
     args.policies = args.policies.split(",")
     torch.set_num_threads(args.threads)
+    if args.retain_memory:
+        retain_memory()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cast kernels: {kernels.load()}, "
-          f"{args.repeats} interleaved repeats x {args.inner} steps, {args.clock} clock")
+          f"{args.repeats} interleaved repeats x {args.inner} steps, {args.clock} clock"
+          + (", freed memory retained (mallopt)" if args.retain_memory else ""))
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     for name in args.models.split(","):
         medians = measure(_variants(name, args), args.repeats, args.inner, args.warmup, clock)
