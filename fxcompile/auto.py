@@ -128,7 +128,8 @@ def auto(max_formats: int = 3, bits: Any = 16, objective: str = "nsr", **options
 
         fxc.auto(max_formats=3, bits=16)
         # 8-bit activations and gradients: the setting measured in benchmarks/auto_formats_results.md
-        fxc.auto(max_formats=3, bits={"activation": 8, "gradient": 8, "weight": 16, "loss": 16},
+        # (the input image may share the weights' 16-bit format: no extra format)
+        fxc.auto(max_formats=3, bits={"activation": 8, "gradient": 8, "weight": 16, "loss": 16, "input": 16},
                  gradient_rounding="stochastic", objective="reach")
     """
     return Auto(max_formats=max_formats, bits=bits, objective=objective, **options)
