@@ -42,9 +42,10 @@ class Auto:
     applies to each update (reads of a stored parameter are exact whatever it is);
     ``"stochastic"``, as in the shipped policies, keeps updates smaller than half a step
     from being lost.  ``margin``: octaves by
-    which forward values may grow and gradients shrink after calibration (the cost of a
-    frac is averaged over those drifts), so formats chosen on the untrained model keep
-    headroom for the trained one.  ``None`` (the default) allows 4 octaves for formats of
+    which forward values may grow and gradients (and the loss value) shrink after
+    calibration (the cost of a frac is averaged over those drifts; the input is the data,
+    which does not drift), so formats chosen on the untrained model keep headroom for the
+    trained one.  ``None`` (the default) allows 4 octaves for formats of
     12 bits or more and 1 octave for narrower ones: on the seed CNN at 16 bits, 2 octaves
     left the trained fc1 outputs saturating 2.4 % of the time and the logits 0.6 %, 4 did
     not; at 8 bits, 2 or more octaves push the logits' gradient into a format whose range

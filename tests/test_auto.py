@@ -38,7 +38,7 @@ def test_default_margin_depends_on_the_width_and_an_explicit_one_wins():
         q = fxc.compile(MLP(), policy, loss_fn=nn.CrossEntropyLoss(), calibration_data=batches)
         return next(r.forward for r in fxc.assignment(q) if r.name == "fc3->*")
     # more octaves of headroom: a coarser binary point for the same values
-    assert logits_format(fxc.auto(max_formats=3)).frac < logits_format(fxc.auto(max_formats=3, margin=1)).frac
+    assert logits_format(fxc.auto(max_formats=6)).frac < logits_format(fxc.auto(max_formats=6, margin=1)).frac
 
 
 def test_compile_needs_calibration_data():

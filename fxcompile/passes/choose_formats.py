@@ -22,7 +22,7 @@ the sum of its members'.
 the format: :meth:`TensorStats.squared_error` (rounding noise ``step²/12``, values flushed
 to zero, and saturation error ``(|x| - max)²``) over ``sum x²``, averaged over the values
 drifting by ``0..margin`` octaves as training moves them (forward values grow, gradients
-shrink; calibration sees the untrained model).  ``w_d`` is 1
+and the loss value shrink, the input data stays; calibration sees the untrained model).  ``w_d`` is 1
 (``objective="nsr"``) or, with ``objective="reach"``, a sensitivity estimate from the graph:
 1 + the number of values the error reaches (a forward value's error reaches everything
 computed from it; a gradient's error reaches the gradients of everything it comes from,
@@ -336,15 +336,18 @@ def _reach_weights(graphs: list[fx.GraphModule], decisions: list[_Decision]) -> 
 
 def _expected_nsr(d: _Decision, bits: int, fracs: np.ndarray, margin: int) -> np.ndarray:
     """NSR per candidate frac, averaged over the value drifting ``0..margin`` octaves the way
-    training moves it: forward values (weights, activations) grow, gradients shrink.  Scaling
-    values by ``2**s`` is rounding them at frac ``f + s``, so a drift is a shift along fracs."""
+    training moves it: forward values (weights, activations) grow; gradients and the loss value
+    shrink; the input is the data, which training does not move.  Scaling values by ``2**s`` is
+    rounding them at frac ``f + s``, so a drift is a shift along fracs."""
     signal = float(d.stats.hist_sq.sum())
     if signal <= 0:
         return np.zeros(len(fracs))
     wide = np.arange(fracs[0] - margin, fracs[-1] + margin + 1)
     table = d.stats.squared_errors(bits, wide, d.rounding) / signal
-    sign = 1 if d.key[2] == "fwd" else -1
-    return np.mean([table[margin + sign * s: margin + sign * s + len(fracs)] for s in range(margin + 1)], axis=0)
+    forward = d.key[2] == "fwd"
+    sign = 1 if forward and d.role != "loss" else -1
+    drifts = [0] if forward and d.role == "input" else range(margin + 1)
+    return np.mean([table[margin + sign * s: margin + sign * s + len(fracs)] for s in drifts], axis=0)
 
 
 def choose_formats(gm: fx.GraphModule, policy: Auto, loss_graph: fx.GraphModule | None = None) -> fx.GraphModule:

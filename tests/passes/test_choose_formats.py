@@ -130,3 +130,22 @@ def test_heuristic_for_several_widths_per_decision_is_bounded_by_brute_force(see
     assert best <= objective + 1e-9
     assert objective == pytest.approx(cost[np.arange(len(cost)), assign].sum())
     assert objective <= 1.25 * best  # swap search lands close on tables this small
+
+
+def test_drift_directions_by_role():
+    """Activations and weights may grow, gradients and the loss value shrink, the input stays."""
+    from fxcompile.passes.calibrate import TensorStats
+    from fxcompile.passes.choose_formats import _Decision, _expected_nsr
+    stats = TensorStats().update(torch.linspace(-3, 3, 1001))
+    fracs = np.arange(0, 16)
+    still = _expected_nsr(_Decision((0, "x", "fwd"), "input", (8,), stats, "nearest"), 8, fracs, 0)
+
+    def best(role, slot, margin=3):
+        return int(fracs[np.argmin(_expected_nsr(_Decision((0, "v", slot), role, (8,), stats, "nearest"),
+                                                 8, fracs, margin))])
+    assert np.array_equal(_expected_nsr(_Decision((0, "x", "fwd"), "input", (8,), stats, "nearest"), 8, fracs, 3),
+                          still)
+    at_rest = int(fracs[np.argmin(still)])
+    assert best("activation_out", "fwd") < at_rest and best("weight", "fwd") < at_rest   # room to grow
+    assert best("loss", "fwd") >= at_rest and best("gradient", "bwd") >= at_rest          # finer, or equal
+    assert best("loss", "fwd") == best("gradient", "bwd")
