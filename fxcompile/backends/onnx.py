@@ -75,6 +75,20 @@ _ONNX_TYPE = {np.int32: TensorProto.INT32, np.int64: TensorProto.INT64, np.uint8
 _NUMPY_TYPE = {v: k for k, v in _ONNX_TYPE.items()}
 
 
+def add_constant(initializers: list, pool: dict, value, dtype, name: str | None = None) -> str:
+    """Append ``value`` as an initializer and return its name.  Unnamed constants are pooled
+    by value (``pool``), so an equal constant is stored once; a ``name`` always adds one."""
+    array = np.asarray(value, dtype=dtype)
+    key = None if name else (array.dtype.str, array.shape, array.tobytes())
+    if key is not None and key in pool:
+        return pool[key]
+    name = name or f"const/{len(pool)}"   # pool only grows: unique even if initializers are removed
+    initializers.append(numpy_helper.from_array(array, name))
+    if key is not None:
+        pool[key] = name
+    return name
+
+
 def _fits32(lo: int, hi: int) -> bool:
     return INT32[0] <= lo and hi <= INT32[1]
 
@@ -121,15 +135,7 @@ class _Builder:
         return self.value(self.node("Cast", [name], to=_ONNX_TYPE[dtype]), *self.ranges[name], like=name)
 
     def const(self, value, dtype=np.int64, name: str | None = None) -> str:
-        array = np.asarray(value, dtype=dtype)
-        key = None if name else (array.dtype.str, array.shape, array.tobytes())
-        if key is not None and key in self._consts:
-            return self._consts[key]
-        name = name or f"const/{len(self.initializers)}"
-        self.initializers.append(numpy_helper.from_array(array, name))
-        if key is not None:
-            self._consts[key] = name
-        return name
+        return add_constant(self.initializers, self._consts, value, dtype, name)
 
     def nhwc(self, x: str) -> str:
         if x in self.channels_last:

@@ -54,12 +54,13 @@ import numpy as np
 import onnx
 import torch
 import torch.fx as fx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from ..errors import ExportError
 from ..formats import FixedPoint
 from ..passes.casts import Cast
 from ..passes.lower import _arguments, _pair, lower, op_key
+from .onnx import add_constant
 
 __all__ = ["to_qdq", "FloatGraph", "float_ops", "OPSET", "container"]
 
@@ -104,15 +105,7 @@ class FloatGraph:
         return name
 
     def const(self, value, dtype, name: str | None = None) -> str:
-        array = np.asarray(value, dtype=dtype)
-        key = None if name else (array.dtype.str, array.shape, array.tobytes())
-        if key is not None and key in self._consts:
-            return self._consts[key]
-        name = name or f"const/{len(self._consts)}"
-        self.initializers.append(numpy_helper.from_array(array, name))
-        if key is not None:
-            self._consts[key] = name
-        return name
+        return add_constant(self.initializers, self._consts, value, dtype, name)
 
     def check(self, fmt: FixedPoint, where: str, constant: bool) -> str | None:
         """Why ``fmt`` cannot be written at this edge (``None``: it can)."""
