@@ -93,6 +93,13 @@ def _fits32(lo: int, hi: int) -> bool:
     return INT32[0] <= lo and hi <= INT32[1]
 
 
+def _per_channel(values: np.ndarray, width: int | None) -> np.ndarray:
+    """A per-channel constant for a channels-last value of ``width`` columns, tiled to
+    (width, C): ORT broadcasts a C-element operand one C-element run at a time (an Add over
+    16 channels costs about six scalar Adds), a (W, C) one in runs of W · C."""
+    return np.tile(values, (width, 1)) if width else values
+
+
 class _Builder:
     """Nodes and constants of the model being built, and what is known about each value:
     its integer type, its interval of codes and whether a 4-D value is channels-last."""
@@ -405,13 +412,14 @@ def _limbs(b: _Builder, x: str, plan: _Plan) -> list[str]:
     u = b.node("Sub", [x, b.const(plan.offset, dt)]) if plan.offset else x
     limbs = []
     for i in range(plan.limbs):
-        t = b.node("Div", [u, b.const(256 ** i, dt)]) if i else u  # u >= 0: Div is floor
-        t = b.node("BitwiseAnd", [t, b.const(255, dt)]) if i < plan.limbs - 1 else t
+        # u >= 0: Div is the floor; the uint8 Cast keeps the low 8 bits (ONNX: an integer
+        # Cast out of range discards the high bits), which is the limb without a mask
+        t = b.node("Div", [u, b.const(256 ** i, dt)]) if i else u
         limbs.append(b.value(b.node("Cast", [t], to=TensorProto.UINT8), 0, min(255, hi >> (8 * i)), like=x))
     return limbs
 
 
-def _products(b: _Builder, cols: list[str], plan: _Plan, name: str) -> str:
+def _products(b: _Builder, cols: list[str], plan: _Plan, name: str, width: int | None = None) -> str:
     """``Σ_i 256**i · Σ_j 128**j · (limb_i · digit_j) + bias``: one MatMulInteger per limb
     and digit (separate tensors: stacking them costs a copy of each), recombined in int32
     when the plan's bound allows (else int64)."""
@@ -428,7 +436,7 @@ def _products(b: _Builder, cols: list[str], plan: _Plan, name: str) -> str:
         part = b.node("Mul", [part, b.const(256 ** i, dt)]) if i else part
         acc = part if acc is None else b.node("Add", [acc, part])
     if np.any(plan.bias):
-        acc = b.node("Add", [acc, b.const(plan.bias, dt, name=f"{name}.bias")])
+        acc = b.node("Add", [acc, b.const(_per_channel(plan.bias, width), dt, name=f"{name}.bias")])
     return acc
 
 
@@ -449,12 +457,12 @@ def emit_conv2d(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
     if plan is not None:  # padding is a code 0 like any other: each limb pads with its digit of −offset
         cols = [_im2col(b, _pad(b, limb, (ph, pw), (-plan.offset >> (8 * i)) & 255), (h + 2 * ph, w + 2 * pw),
                         (kh, kw), stride, dil) for i, limb in enumerate(_limbs(b, x, plan))]
-        acc = _products(b, cols, plan, op.out)
+        acc = _products(b, cols, plan, op.out, wo)
     else:
         cols = _im2col(b, _pad(b, b.cast(x, dt), (ph, pw)), (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
         acc = b.node("MatMul", [cols, b.const(flat, dt, name=f"{op.out}.weight")])
         if op.attrs["bias"] is not None:
-            acc = b.node("Add", [acc, b.const(bias, dt, name=f"{op.out}.bias")])
+            acc = b.node("Add", [acc, b.const(_per_channel(bias, wo), dt, name=f"{op.out}.bias")])
     b.channels_last.add(acc)
     return b.value(acc, min(lo), max(hi))
 
@@ -501,9 +509,8 @@ def emit_max_pool2d(b: _Builder, op: IntOp, x: str) -> str:
     bias = bias.numpy()
     lo, hi = lo + int(bias.min()), hi + int(bias.max())
     out = b.cast(out, _int_type(lo, hi))
-    shape = (-1,) if out in b.channels_last else (-1, 1, 1)
-    return b.value(b.node("Add", [out, b.const(bias.reshape(shape), b.dtype(out), name=f"{op.out}.bias")]), lo, hi,
-                   like=out)
+    bias = _per_channel(bias, b.shapes[op.out][3]) if out in b.channels_last else bias.reshape(-1, 1, 1)
+    return b.value(b.node("Add", [out, b.const(bias, b.dtype(out), name=f"{op.out}.bias")]), lo, hi, like=out)
 
 
 def emit_sum_pool2d(b: _Builder, op: IntOp, x: str) -> str:
