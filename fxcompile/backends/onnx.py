@@ -111,6 +111,7 @@ class _Builder:
         self.types: dict[str, type] = {}
         self.ranges: dict[str, tuple[int, int]] = {}
         self.channels_last: set[str] = set()
+        self._transposed: dict[str, str] = {}  # one Transpose a value, however many users need it
 
     def dtype(self, name: str) -> type:
         return self.types.get(name, np.int64)
@@ -147,15 +148,18 @@ class _Builder:
     def nhwc(self, x: str) -> str:
         if x in self.channels_last:
             return x
-        out = self.node("Transpose", [x], perm=[0, 2, 3, 1])
-        self.channels_last.add(out)
-        return self.value(out, *self.ranges[x])
+        if x not in self._transposed:
+            out = self._transposed[x] = self.node("Transpose", [x], perm=[0, 2, 3, 1])
+            self.channels_last.add(out)
+            self.value(out, *self.ranges[x])
+        return self._transposed[x]
 
     def nchw(self, x: str) -> str:
         if x not in self.channels_last:
             return x
-        out = self.node("Transpose", [x], perm=[0, 3, 1, 2])
-        return self.value(out, *self.ranges[x])
+        if x not in self._transposed:
+            self._transposed[x] = self.value(self.node("Transpose", [x], perm=[0, 3, 1, 2]), *self.ranges[x])
+        return self._transposed[x]
 
     def spatial_axes(self, x: str) -> list[int]:
         return [1, 2] if x in self.channels_last else [2, 3]
@@ -448,12 +452,14 @@ def emit_conv2d(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
     (ph, pw), stride, dil = op.attrs["padding"], op.attrs["stride"], op.attrs["dilation"]
     ho, wo = _out_size(h + 2 * ph, kh, stride[0], dil[0]), _out_size(w + 2 * pw, kw, stride[1], dil[1])
     flat = weight.transpose(2, 3, 1, 0).reshape(kh * kw * c, o)  # rows (kh, kw, c): the NHWC columns
-    x = b.nhwc(x)
     lo, hi = _interval(flat, bias, *b.ranges[x])
     plan = _plan(b, flat, bias, x) if eight_bit else None
     dt = np.int64
     if eight_bit and _direct_int32(b, plan, flat, bias, x, ho * wo):
         plan, dt = None, np.int32
+    if plan is None and x not in b.channels_last:
+        return b.value(_conv_columns_first(b, op, b.cast(x, dt), flat, bias), min(lo), max(hi))
+    x = b.nhwc(x)
     if plan is not None:  # padding is a code 0 like any other: each limb pads with its digit of −offset
         cols = [_im2col(b, _pad(b, limb, (ph, pw), (-plan.offset >> (8 * i)) & 255), (h + 2 * ph, w + 2 * pw),
                         (kh, kw), stride, dil) for i, limb in enumerate(_limbs(b, x, plan))]
@@ -465,6 +471,27 @@ def emit_conv2d(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
             acc = b.node("Add", [acc, b.const(_per_channel(bias, wo), dt, name=f"{op.out}.bias")])
     b.channels_last.add(acc)
     return b.value(acc, min(lo), max(hi))
+
+
+def _conv_columns_first(b: _Builder, op: IntOp, x: str, flat: np.ndarray, bias: np.ndarray) -> str:
+    """An NCHW conv as one MatMul ``(O, K) · (N, K, Ho · Wo)`` with the kernel offsets outermost
+    in the columns: each offset's slice is one block of the concatenation (the channels-last
+    columns copy C elements at a time, four bytes a run for a one-channel input); the product
+    is NCHW as it stands."""
+    n, c, h, w = b.shapes[op.inputs[0]]
+    (ph, pw), stride, dil = op.attrs["padding"], op.attrs["stride"], op.attrs["dilation"]
+    kh, kw = op.attrs["weight"].shape[2:]
+    ho, wo = _out_size(h + 2 * ph, kh, stride[0], dil[0]), _out_size(w + 2 * pw, kw, stride[1], dil[1])
+    dt = b.dtype(x)
+    taps = _slices(b, _pad(b, x, (ph, pw)), (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
+    cols = b.node("Concat", taps, axis=1) if len(taps) > 1 else taps[0]  # (N, kh · kw · C, Ho, Wo)
+    cols = b.node("Reshape", [cols, b.const([0, flat.shape[0], ho * wo])])
+    acc = b.node("MatMul", [b.const(flat.T, dt, name=f"{op.out}.weight"), cols])
+    b.types[acc] = dt  # the first operand is a constant: the type does not follow it
+    acc = b.node("Reshape", [acc, b.const([0, flat.shape[1], ho, wo])])
+    if op.attrs["bias"] is not None:
+        acc = b.node("Add", [acc, b.const(bias.reshape(-1, 1, 1), dt, name=f"{op.out}.bias")])
+    return acc
 
 
 def emit_linear(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
@@ -487,17 +514,24 @@ def emit_linear(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
 
 
 def emit_max_pool2d(b: _Builder, op: IntOp, x: str) -> str:
-    """Max over the kernel-offset slices; tiling windows of a channels-last value are two
-    ``ReduceMax`` over reshapes instead (whole rows, then C-element runs: fewer copies).
+    """Max over the kernel-offset slices; tiling windows are two ``ReduceMax`` over reshapes
+    instead (whole rows, then C-element runs of a channels-last value: fewer copies; an NCHW
+    value is transposed between the two, when the rows have made it ``kh`` times smaller).
     ``attrs["bias"]`` (per channel) is added after the max."""
     n, c, h, w = b.shapes[op.inputs[0]]
     (ph, pw), (kh, kw), stride = op.attrs["padding"], op.attrs["kernel"], op.attrs["stride"]
     lo, hi = b.ranges[x]
-    if (x in b.channels_last and (kh, kw) == tuple(stride) and not (ph or pw) and op.attrs["dilation"] == (1, 1)
+    if ((kh, kw) == tuple(stride) and not (ph or pw) and op.attrs["dilation"] == (1, 1)
             and h % kh == 0 and w % kw == 0):
-        rows = b.node("ReduceMax", [b.node("Reshape", [x, b.const([-1, kh, w * c])]), b.const([1])], keepdims=0)
+        if x in b.channels_last:
+            rows = b.node("ReduceMax", [b.node("Reshape", [x, b.const([-1, kh, w * c])]), b.const([1])], keepdims=0)
+        else:
+            rows = b.node("ReduceMax", [b.node("Reshape", [x, b.const([-1, kh, w])]), b.const([1])], keepdims=0)
+            rows = b.value(b.node("Reshape", [rows, b.const([-1, c, h // kh, w])]), lo, hi)
+            rows = b.nhwc(rows)
         out = b.node("ReduceMax", [b.node("Reshape", [rows, b.const([-1, kw, c])]), b.const([1])], keepdims=0)
         out = b.node("Reshape", [out, b.const([-1, h // kh, w // kw, c])])
+        b.channels_last.add(out)
     else:
         xp = _pad(b, x, (ph, pw), np.iinfo(b.dtype(x)).min)  # padding never wins a max
         wins = _slices(b, xp, (h + 2 * ph, w + 2 * pw), (kh, kw), stride, op.attrs["dilation"])
