@@ -13,13 +13,14 @@ store the parameters back in their formats with ``fxc.fixed_point_optimizer``)::
     python benchmarks/step_time.py --clock cpu          # CPU seconds of the process, for a shared machine
     python benchmarks/step_time.py --retain-memory      # glibc keeps freed memory (see below)
 
-glibc's malloc serves large buffers with fresh ``mmap`` pages and trims its heap when much
-memory is free, so a step that frees and reallocates activation-sized buffers pays page
-faults on every step; a fixed-point step allocates a few more such buffers (rounded
-activations, masks) and pays more of them.  ``--retain-memory`` sets ``M_MMAP_THRESHOLD``
-and ``M_TRIM_THRESHOLD`` with ``mallopt`` for the whole process, every variant alike (the
-same effect as PyTorch's advice to run CPU training with jemalloc or tcmalloc), which
-measures the arithmetic rather than the page faults.
+glibc's malloc trims its heap when much of its top is free and faults the memory back in,
+page by page, when the next step allocates again; where a step's buffers sit decides how
+often that happens.  The cast kernels take their outputs from their own cache of freed
+blocks (``fxcompile.kernels.cache_info()``), outside malloc's heap, so the fixed-point step
+leaves malloc the same allocations as the FP32 step.  ``--retain-memory`` sets
+``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` with ``mallopt`` for the whole process, every
+variant alike (the effect of running with jemalloc or tcmalloc), which removes the page
+faults from both sides.
 
 Variants: ``nearest`` (every role quantized with the baseline formats, round to nearest),
 ``stochastic`` (the shipped baseline policy: gradients, weights and biases rounded

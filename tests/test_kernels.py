@@ -232,6 +232,7 @@ def test_without_a_compiler_the_fallback_is_used_with_one_warning():
             y = cast(y, fixed(8, 4), fixed(8, 4))
         y.sum().backward()
         assert k.backend() == "python", k.backend()
+        assert k.cache_info() == {"cached_bytes": 0, "limit_bytes": 0, "reused": 0, "allocated": 0}
         assert torch.equal(y, quantize_reference(x.detach(), fixed(8, 4).spec()))
         assert torch.equal(x.grad, torch.where(x.abs() < 7.9, 1.0, 0.0))
         mine = [w for w in caught if "fused C++ cast kernel" in str(w.message)]
@@ -301,3 +302,101 @@ def test_parameter_cast_passes_a_parameter_on_its_grid_through_without_a_copy():
     signed_zero = torch.tensor([-0.0, 1.0])  # asymmetric formats turn -0 into +0: not "already fixed"
     asym = fixed(8, 4, mode="asymmetric", zero_point=3)
     assert_same_bits(cast(signed_zero, asym, None, parameter=True), quantize_reference(signed_zero, asym.spec()))
+
+
+def _cpp_only():
+    if kernels.backend() != "cpp":
+        pytest.skip("the output-buffer cache belongs to the C++ kernels")
+
+
+def test_output_buffers_are_reused_by_size_and_stay_ordinary_tensors():
+    _cpp_only()
+    spec = fixed(16, 8).spec()
+    x = torch.randn(64, 1024) * 50  # 256 KiB: large enough to be cached
+    kernels.empty_cache()
+    y = quantize(x, spec)
+    ptr, before = y.data_ptr(), kernels.cache_info()
+    del y
+    assert kernels.cache_info()["cached_bytes"] >= x.numel() * 4
+    x2 = -x
+    z = quantize(x2, spec)
+    after = kernels.cache_info()
+    assert z.data_ptr() == ptr and after["reused"] == before["reused"] + 1
+    assert after["allocated"] == before["allocated"]
+    assert_same_bits(z, quantize_reference(x2, spec))  # the block's old contents are overwritten
+    z.resize_(128, 1024)  # an ordinary resizable tensor
+    z[64:] = 1.0
+    assert torch.equal(z[:64], quantize_reference(x2, spec)) and bool((z[64:] == 1).all())
+    small = kernels.cache_info()["allocated"]
+    quantize(torch.randn(100), spec)
+    assert kernels.cache_info()["allocated"] == small  # small outputs are not the cache's
+
+
+def test_cache_limit_and_empty_cache():
+    _cpp_only()
+    spec, x = fixed(16, 8).spec(), torch.randn(200, 1000)
+    limit = kernels.cache_info()["limit_bytes"]
+    try:
+        kernels.set_cache_limit(0)
+        del_me = quantize(x, spec)
+        del del_me
+        assert kernels.cache_info()["cached_bytes"] == 0
+        kernels.set_cache_limit(1 << 30)
+        del_me = quantize(x, spec)
+        del del_me
+        assert kernels.cache_info()["cached_bytes"] >= x.numel() * 4
+        kernels.empty_cache()
+        assert kernels.cache_info()["cached_bytes"] == 0 and kernels.cache_info()["limit_bytes"] == 1 << 30
+        with pytest.raises(ValueError, match="nbytes"):
+            kernels.set_cache_limit(-1)
+    finally:
+        kernels.set_cache_limit(limit)
+
+
+def test_training_is_identical_with_and_without_the_buffer_cache():
+    _cpp_only()
+    from fxcompile.models import SeedCNN
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    limit, params = kernels.cache_info()["limit_bytes"], []
+    try:
+        for cache in (0, 1 << 30):
+            kernels.set_cache_limit(cache)
+            torch.manual_seed(0)
+            qmodel = fxc.compile(SeedCNN(), fxc.baseline(), loss_fn=torch.nn.CrossEntropyLoss())
+            opt = fxc.fixed_point_optimizer(torch.optim.Adam(qmodel.parameters(), lr=1e-3), qmodel)
+            for _ in range(3):
+                opt.zero_grad()
+                qmodel.loss(qmodel(x), y).backward()
+                opt.step()
+            params.append([p.detach().clone() for p in qmodel.parameters()])
+        assert kernels.cache_info()["reused"] > 0
+    finally:
+        kernels.set_cache_limit(limit)
+    for a, b in zip(*params):
+        assert_same_bits(a, b)
+
+
+def test_the_cache_is_safe_across_threads():
+    _cpp_only()
+    import concurrent.futures
+    spec = fixed(12, 6, rounding="stochastic").spec()
+    inputs = [torch.randn(n, 1024) * 30 for n in (16, 32, 48)]
+
+    def work(i):
+        for j in range(40):
+            x = inputs[(i + j) % 3]
+            y, mask = torch.ops.fxcompile.quantize_mask(x, spec, i * 1000 + j)
+            if not torch.equal(y, quantize_reference(x, spec, seed=i * 1000 + j)):
+                return False
+        return True
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(4)))
+
+
+@pytest.mark.parametrize("value, expected", [("0.5", "limit 524288"), ("lots", "FXCOMPILE_BUFFER_CACHE_MB")])
+def test_the_cache_limit_comes_from_the_environment(value, expected):
+    _cpp_only()
+    script = "from fxcompile import kernels; kernels.load(); print('limit', kernels.cache_info()['limit_bytes'])"
+    env = dict(os.environ, FXCOMPILE_BUFFER_CACHE_MB=value, FXCOMPILE_KERNELS="")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert expected in out.stdout + out.stderr, out.stderr[-2000:]

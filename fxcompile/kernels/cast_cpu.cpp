@@ -10,6 +10,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
@@ -18,13 +20,16 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <sys/mman.h>
 #include <type_traits>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -317,6 +322,114 @@ bool already_fixed(const at::Tensor& x, at::IntArrayRef spec) {
   return result;
 }
 
+// ---- output buffers: a small cache of freed blocks, reused by size --------------------------
+//
+// A training step frees and reallocates the same activation-sized buffers every step.
+// glibc's malloc returns such memory to the kernel when much of its heap top is free and
+// then pays a page fault per 4 KiB when it grows again, which on a small CNN costs as much
+// as the casts' arithmetic.  The kernels' outputs therefore come from this allocator, which
+// keeps freed blocks (up to `limit` bytes) and hands them back for the next request of the
+// same size; small blocks go straight to PyTorch's CPU allocator.  Tensors built on it are
+// ordinary resizable CPU tensors.
+
+struct BufferCache final : public c10::Allocator {
+  static constexpr size_t kMinBytes = 64 << 10;  // smaller blocks are cheap for malloc itself
+  std::mutex m;
+  std::unordered_map<void*, size_t> block_size;                 // every block this cache made
+  std::unordered_map<size_t, std::vector<void*>> free_blocks;   // blocks waiting for reuse
+  size_t cached = 0, limit = size_t(1) << 30;
+  int64_t reused = 0, allocated = 0;
+
+  static BufferCache& get() {
+    static BufferCache* cache = new BufferCache();  // never destroyed: blocks may be freed at exit
+    return *cache;
+  }
+
+  static size_t round(size_t n) { return (n + 4095) & ~size_t(4095); }
+
+  c10::DataPtr allocate(size_t n) override {
+    const c10::Device cpu(c10::DeviceType::CPU);
+    if (n < kMinBytes) return c10::GetCPUAllocator()->allocate(n);
+    const size_t size = round(n);
+    {
+      std::lock_guard<std::mutex> lock(m);
+      auto it = free_blocks.find(size);
+      if (it != free_blocks.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        cached -= size;
+        ++reused;
+        return {p, p, &release, cpu};
+      }
+    }
+    void* p = map(size);
+    std::lock_guard<std::mutex> lock(m);
+    block_size[p] = size;
+    ++allocated;
+    return {p, p, &release, cpu};
+  }
+
+  static void release(void* p) {
+    BufferCache& c = get();
+    std::unique_lock<std::mutex> lock(c.m);
+    const size_t size = c.block_size.at(p);
+    if (c.cached + size <= c.limit) {
+      c.free_blocks[size].push_back(p);
+      c.cached += size;
+      return;
+    }
+    c.block_size.erase(p);
+    lock.unlock();
+    munmap(p, size);
+  }
+
+  // Blocks come straight from the kernel, not from malloc's heap, so the blocks this cache
+  // holds never change where malloc's heap top lies (nor when it trims it).
+  static void* map(size_t size) {
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(p != MAP_FAILED, "fxcompile: could not allocate ", size, " bytes for a cast output");
+    return p;
+  }
+
+  // Frees cached blocks until at most `keep` bytes stay cached.
+  void trim(size_t keep) {
+    std::vector<std::pair<void*, size_t>> out;
+    {
+      std::lock_guard<std::mutex> lock(m);
+      for (auto& [size, blocks] : free_blocks) {
+        while (cached > keep && !blocks.empty()) {
+          out.emplace_back(blocks.back(), size);
+          block_size.erase(blocks.back());
+          blocks.pop_back();
+          cached -= size;
+        }
+      }
+    }
+    for (auto [p, size] : out) munmap(p, size);
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  void copy_data(void* dest, const void* src, std::size_t count) const { default_copy_data(dest, src, count); }
+};
+
+// An uninitialised contiguous CPU tensor like `like` (with `dtype`), from the buffer cache.
+at::Tensor cached_empty(at::IntArrayRef sizes, const at::Tensor& like, std::optional<at::ScalarType> dtype = {}) {
+  const at::ScalarType st = dtype.value_or(like.scalar_type());
+  if (!plain_cpu(like)) return at::empty(sizes, like.options().dtype(st));
+  return at::detail::empty_generic(sizes, &BufferCache::get(), c10::DispatchKeySet(c10::DispatchKey::CPU), st,
+                                   c10::MemoryFormat::Contiguous);
+}
+
+std::vector<int64_t> buffer_cache_cpu(int64_t limit) {
+  BufferCache& c = BufferCache::get();
+  if (limit >= 0) {
+    { std::lock_guard<std::mutex> lock(c.m); c.limit = static_cast<size_t>(limit); }
+    c.trim(static_cast<size_t>(limit));
+  }
+  std::lock_guard<std::mutex> lock(c.m);
+  return {static_cast<int64_t>(c.cached), static_cast<int64_t>(c.limit), c.reused, c.allocated};
+}
+
 // Same draw as fxcompile.kernels.draw_seed() in Python, from the default generator.
 uint64_t seed_or_draw(std::optional<int64_t> seed) {
   if (seed.has_value()) return static_cast<uint64_t>(*seed);
@@ -338,7 +451,7 @@ at::Tensor quantize_cpu(const at::Tensor& x, at::IntArrayRef spec, std::optional
   TORCH_CHECK(x.is_floating_point(), "fxcompile.quantize: expected a floating-point tensor, got ", x.scalar_type());
   const Spec s = Spec::of(spec, "forward");
   const uint64_t sd = is_stochastic(spec) ? seed_or_draw(seed) : 0;
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor y = cached_empty(x.sizes(), x);
   launch(source(x, y), y, &s, sd, nullptr, nullptr);
   return y;
 }
@@ -365,8 +478,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_mask_cpu(const at::Tensor& x, at::In
               x.scalar_type());
   const Spec s = Spec::of(spec, "forward");
   const uint64_t sd = is_stochastic(spec) ? seed_or_draw(seed) : 0;
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor mask = at::empty({(x.numel() + WORD - 1) / WORD}, x.options().dtype(at::kLong));
+  at::Tensor y = cached_empty(x.sizes(), x);
+  at::Tensor mask = cached_empty({(x.numel() + WORD - 1) / WORD}, x, at::kLong);
   launch(source(x, y), y, &s, sd, nullptr, mask.mutable_data_ptr<int64_t>());
   return {y, mask};
 }
@@ -390,7 +503,7 @@ void cast_backward_into(const at::Tensor& grad, const std::optional<at::Tensor>&
 
 at::Tensor cast_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& mask, at::IntArrayRef spec,
                              std::optional<int64_t> seed) {
-  at::Tensor out = at::empty(grad.sizes(), grad.options());
+  at::Tensor out = cached_empty(grad.sizes(), grad);
   cast_backward_into(grad, mask, spec, seed, out);
   return out;
 }
@@ -462,3 +575,5 @@ TORCH_LIBRARY_IMPL(fxcompile, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(fxcompile, CompositeImplicitAutograd, m) { m.impl("cast", &cast_composite); }
+
+TORCH_LIBRARY_IMPL(fxcompile, CompositeExplicitAutograd, m) { m.impl("buffer_cache", &buffer_cache_cpu); }
