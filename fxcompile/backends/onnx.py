@@ -353,37 +353,48 @@ class _Plan:
 
     offset: int                # u = x − offset >= 0
     limbs: int                 # uint8 limbs of u
-    digits: list[np.ndarray]   # balanced base-128 digits of the (K, O) weight
+    terms: list[tuple[int, np.ndarray, int]]  # (limb i, int8 (K, O) digits e, scale): Σ scale · limb_i · e
     bias: np.ndarray           # int64 bias, with the offset's contribution offset · Σ w folded in
     int32: bool                # every partial and combined sum fits int32
 
 
+# x86 without VNNI adds pairs of uint8 × int8 products in int16, saturating: a limb of at most
+# 127 may take int8 digits up to 128 in magnitude, one below 256 only up to 64
+_PAIR_MAX = 2 ** 15 - 1
+
+
 def _plan(b: _Builder, flat: np.ndarray, bias: np.ndarray, x: str) -> _Plan | None:
-    """None when one uint8 × int8 partial sum could overflow int32's MatMulInteger output."""
+    """None when one uint8 × int8 partial sum could overflow int32's MatMulInteger output.
+
+    ``u · w = Σ_i 256**i · limb_i · Σ_j 128**j · d_j`` with ``d_j`` the balanced base-128
+    digits of ``w`` (|d| <= 64).  A second limb of at most 127 takes the doubled digits
+    ``2 · d_j`` (its pairs stay below 2**15), so its products ``256 · 128**j = 128**(j + 1) · 2``
+    share their scales with the first limb's: the recombination has one multiply fewer.
+    """
     lo, hi = b.ranges[x]
     offset = min(lo, 0)
     count = max(1, ((hi - offset).bit_length() + 7) // 8)
     digits = _digits(flat)
     limb_max = [min(255, (hi - offset) >> (8 * i)) for i in range(count)]
-    sums = [np.abs(d).sum(axis=0).astype(object) for d in digits]  # Σ_k |d_jk| per channel
-    if max(limb_max) * max(int(s.max(initial=0)) for s in sums) > INT32[1]:
+    terms = []
+    for i in range(count):
+        double = i == 1 and 2 * limb_max[i] * 128 <= _PAIR_MAX
+        for j, d in enumerate(digits):
+            terms.append((i, 2 * d, 128 ** (j + 1)) if double else (i, d, 256 ** i * 128 ** j))
+    sums = [np.abs(e).sum(axis=0).astype(object) for _, e, _ in terms]  # Σ_k |e_k| per channel
+    if max(limb_max[i] * int(t.max(initial=0)) for (i, _, _), t in zip(terms, sums)) > INT32[1]:
         return None
     bias = np.asarray(bias + offset * flat.sum(axis=0), np.int64)
-    # every intermediate of the recombination, per channel: the scaled partial sums, the
-    # running digit sums of each limb (a limb times a truncated weight), the running limb
-    # sums (a truncated input times the weight) and the total with the bias
-    bounds, partial = [], np.zeros_like(flat)
-    for j, d in enumerate(digits):
-        partial = partial + d * 128 ** j
-        bounds += [limb_max[i] * 128 ** j * sums[j] for i in range(count)]
-        bounds += [limb_max[i] * np.abs(partial).sum(axis=0).astype(object) for i in range(count)]
-    weight_sum, u_max = np.abs(flat).sum(axis=0).astype(object), 0
-    for i in range(count):
-        u_max += 256 ** i * limb_max[i]
-        bounds += [256 ** i * limb_max[i] * weight_sum, u_max * weight_sum]
-    bounds.append(u_max * weight_sum + np.abs(bias).astype(object))
+    # every intermediate of the recombination (see _products: Horner over the distinct scales,
+    # largest first), per channel: each running sum, as a multiple of the current scale
+    bounds, done = [], []
+    for scale in sorted({s for _, _, s in terms}, reverse=True):
+        for k in [k for k, (_, _, s) in enumerate(terms) if s == scale]:
+            done.append(k)
+            bounds.append(sum(limb_max[terms[m][0]] * (terms[m][2] // scale) * sums[m] for m in done))
+    bounds.append(bounds[-1] + np.abs(bias).astype(object))
     bound = max(int(np.max(v, initial=0)) for v in bounds)
-    return _Plan(offset, count, digits, bias, bound <= INT32[1])
+    return _Plan(offset, count, terms, bias, bound <= INT32[1])
 
 
 # Rough costs on ORT's CPU provider (ns): an int32 MatMul multiply-add; a uint8 × int8
@@ -403,7 +414,7 @@ def _direct_int32(b: _Builder, plan: _Plan | None, flat: np.ndarray, bias: np.nd
         return True
     k, o = flat.shape
     macs, outputs = rows * k * o, rows * o
-    products = plan.limbs * len(plan.digits)
+    products = len(plan.terms)
     return macs * _NS_MAC_INT32 + outputs * _NS_PASS < products * (macs * _NS_MAC_8BIT + 3 * outputs * _NS_PASS)
 
 
@@ -424,21 +435,21 @@ def _limbs(b: _Builder, x: str, plan: _Plan) -> list[str]:
 
 
 def _products(b: _Builder, cols: list[str], plan: _Plan, name: str, width: int | None = None) -> str:
-    """``Σ_i 256**i · Σ_j 128**j · (limb_i · digit_j) + bias``: one MatMulInteger per limb
-    and digit (separate tensors: stacking them costs a copy of each), recombined in int32
-    when the plan's bound allows (else int64)."""
+    """``Σ scale · (limb · digits) + bias`` over the plan's terms: one MatMulInteger each
+    (separate tensors: stacking them costs a copy of each), summed by Horner's rule over the
+    distinct scales, largest first, in int32 when the plan's bound allows (else int64)."""
     dt = np.int32 if plan.int32 else np.int64
-    digits = [b.const(d.astype(np.int8), np.int8, name=f"{name}.weight_digit{j}") for j, d in enumerate(plan.digits)]
-    acc = None
-    for i, limb in enumerate(cols):
-        part = None
-        for j, digit in enumerate(digits):
-            y = b.node("MatMulInteger", [limb, digit])
+    acc, previous = None, None
+    for scale in sorted({s for _, _, s in plan.terms}, reverse=True):
+        if acc is not None:
+            acc = b.node("Mul", [acc, b.const(previous // scale, dt)])
+        for k, (i, digits, s) in enumerate(plan.terms):
+            if s != scale:
+                continue
+            y = b.node("MatMulInteger", [cols[i], b.const(digits.astype(np.int8), np.int8, name=f"{name}.weight_digit{k}")])
             y = y if dt == np.int32 else b.node("Cast", [y], to=TensorProto.INT64)
-            y = b.node("Mul", [y, b.const(128 ** j, dt)]) if j else y
-            part = y if part is None else b.node("Add", [part, y])
-        part = b.node("Mul", [part, b.const(256 ** i, dt)]) if i else part
-        acc = part if acc is None else b.node("Add", [acc, part])
+            acc = y if acc is None else b.node("Add", [acc, y])
+        previous = scale
     if np.any(plan.bias):
         acc = b.node("Add", [acc, b.const(_per_channel(plan.bias, width), dt, name=f"{name}.bias")])
     return acc

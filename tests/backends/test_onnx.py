@@ -211,3 +211,51 @@ def test_signed_and_offset_inputs_to_padded_strided_convolutions(prefer, activat
     assert ("MatMulInteger" in {n.op_type for n in onnx_model.graph.node}) == (prefer == "8-bit")
     _, codes = _ort(onnx_model, x)
     assert np.array_equal(codes, run_integer(graph, x, codes=True)[0].numpy())
+
+
+def _linear_graph(in_fmt, weight, relu):
+    from fxcompile.passes.lower import IntegerGraph, IntOp
+    codes = torch.arange(in_fmt.code_min, in_fmt.code_max + 1, dtype=torch.float64) - in_fmt.zero_point
+    x = (codes * 2.0 ** -in_fmt.frac).float().reshape(-1, 1)
+    ops = [IntOp("quantize", "q", ("x",), in_fmt.frac, in_fmt, {"fmt": in_fmt})]
+    if relu:
+        ops.append(IntOp("relu", "r", ("q",), in_fmt.frac, in_fmt))
+    ops += [IntOp("linear", "y", (ops[-1].out,), in_fmt.frac, None, {"weight": weight, "bias": None}),
+            IntOp("dequantize", "out", ("y",), in_fmt.frac)]
+    shapes = {op.out: (x.shape[0], 1 if op.op in ("quantize", "relu") else weight.shape[0]) for op in ops}
+    return IntegerGraph(["x"], [tuple(x.shape)], ops, ["out"], shapes), x
+
+
+@pytest.mark.parametrize("fmt", ["16.0", "u16.0", "12.3", "16.0,asymmetric,zp=-301"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_limbs_and_digits_every_code(fmt, relu, monkeypatch):
+    """Every input code of a 16-bit range through the 8-bit products (limbs by the wrapping
+    uint8 Cast; a second limb below 128 on doubled digits), weights at the digits' edges."""
+    import fxcompile.backends.onnx as backend
+    from fxcompile.formats import as_format
+    monkeypatch.setattr(backend, "_NS_MAC_INT32", 1e9)  # the 8-bit products, not one int32 MatMul
+    weight = torch.tensor([[1], [-1], [63], [-64], [64], [8191], [-8192], [127 * 128 + 63], [-3]], dtype=torch.int64)
+    graph, x = _linear_graph(as_format(fmt), weight, relu)
+    model = to_onnx(graph)
+    assert "MatMulInteger" in {n.op_type for n in model.graph.node}
+    _, codes = _ort(model, x)
+    assert np.array_equal(codes, run_integer(graph, x, codes=True)[0].numpy())
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 255), (0, 32767), (0, 32768), (-32767, 32767), (0, 2 ** 20), (-5, 2 ** 23)])
+def test_products_never_saturate_an_int16_pair(lo, hi):
+    """x86 without VNNI sums pairs of uint8 × int8 products in int16: every term's digits keep
+    2 · max limb · max |digit| inside it, and the terms rebuild u · w exactly."""
+    from fxcompile.backends.onnx import _Builder, _plan
+    rng = np.random.default_rng(0)
+    flat = np.concatenate([rng.integers(-(2 ** 20), 2 ** 20, (16, 5)), [[64, -64, 8191, -8192, 2 ** 20]]])
+    b = _Builder(None, {})
+    b.ranges["x"] = (lo, hi)
+    plan = _plan(b, flat, np.zeros(5, np.int64), "x")
+    u_max = hi - plan.offset
+    limb_max = [min(255, u_max >> (8 * i)) for i in range(plan.limbs)]
+    for i, digits, _ in plan.terms:
+        assert digits.min() >= -128 and digits.max() <= 127
+        assert 2 * limb_max[i] * int(np.abs(digits).max()) <= 2 ** 15 - 1
+    rebuilt = {i: sum(scale * digits.astype(object) for j, digits, scale in plan.terms if j == i) for i in range(plan.limbs)}
+    assert all(np.array_equal(rebuilt[i], 256 ** i * flat.astype(object)) for i in range(plan.limbs))
