@@ -385,8 +385,9 @@ def _plan(b: _Builder, flat: np.ndarray, bias: np.ndarray, x: str) -> _Plan | No
     if max(limb_max[i] * int(t.max(initial=0)) for (i, _, _), t in zip(terms, sums)) > INT32[1]:
         return None
     bias = np.asarray(bias + offset * flat.sum(axis=0), np.int64)
-    # every intermediate of the recombination (see _products: Horner over the distinct scales,
-    # largest first), per channel: each running sum, as a multiple of the current scale
+    # every intermediate of the recombination (see _products), per channel, bounded by the
+    # running sums of the terms taken largest scale first, in units of the current scale: a
+    # partial sum of one scale and each step of Horner's rule lie below one of them
     bounds, done = [], []
     for scale in sorted({s for _, _, s in terms}, reverse=True):
         for k in [k for k, (_, _, s) in enumerate(terms) if s == scale]:
@@ -435,20 +436,21 @@ def _limbs(b: _Builder, x: str, plan: _Plan) -> list[str]:
 
 
 def _products(b: _Builder, cols: list[str], plan: _Plan, name: str, width: int | None = None) -> str:
-    """``Σ scale · (limb · digits) + bias`` over the plan's terms: one MatMulInteger each
-    (separate tensors: stacking them costs a copy of each), summed by Horner's rule over the
-    distinct scales, largest first, in int32 when the plan's bound allows (else int64)."""
+    """``Σ scale · (limb · digits) + bias`` over the plan's terms: one MatMulInteger each, a
+    limb's products one after the other (its columns are still in the cache; separate tensors:
+    stacking them costs a copy of each), each added to the sum of its scale as it comes, then
+    the sums combined by Horner's rule, largest scale first, in int32 when the plan's bound
+    allows (else int64)."""
     dt = np.int32 if plan.int32 else np.int64
+    sums = {}
+    for k in sorted(range(len(plan.terms)), key=lambda k: plan.terms[k][0]):
+        i, digits, scale = plan.terms[k]
+        y = b.node("MatMulInteger", [cols[i], b.const(digits.astype(np.int8), np.int8, name=f"{name}.weight_digit{k}")])
+        y = y if dt == np.int32 else b.node("Cast", [y], to=TensorProto.INT64)
+        sums[scale] = b.node("Add", [sums[scale], y]) if scale in sums else y
     acc, previous = None, None
-    for scale in sorted({s for _, _, s in plan.terms}, reverse=True):
-        if acc is not None:
-            acc = b.node("Mul", [acc, b.const(previous // scale, dt)])
-        for k, (i, digits, s) in enumerate(plan.terms):
-            if s != scale:
-                continue
-            y = b.node("MatMulInteger", [cols[i], b.const(digits.astype(np.int8), np.int8, name=f"{name}.weight_digit{k}")])
-            y = y if dt == np.int32 else b.node("Cast", [y], to=TensorProto.INT64)
-            acc = y if acc is None else b.node("Add", [acc, y])
+    for scale in sorted(sums, reverse=True):
+        acc = sums[scale] if acc is None else b.node("Add", [b.node("Mul", [acc, b.const(previous // scale, dt)]), sums[scale]])
         previous = scale
     if np.any(plan.bias):
         acc = b.node("Add", [acc, b.const(_per_channel(plan.bias, width), dt, name=f"{name}.bias")])
