@@ -6,7 +6,9 @@ this process, alternating, on the same batch; the figure is the ratio of the med
 ``--profile`` also prints where the integer graph's time goes (ORT's profiler, kernel time
 summed by op type and by the lowered op: node names start with it)::
 
-    python benchmarks/onnx_latency.py [--models seed_cnn mlp residual_cnn] [--batch 64] [--repeats 20] [--profile]
+    python benchmarks/onnx_latency.py [--models seed_cnn mlp residual_cnn] [--batch 64] [--repeats 20] [--runs 3] [--profile]
+
+``--runs`` repeats the whole measurement (fresh sessions) and prints the spread of the ratio.
 """
 
 from __future__ import annotations
@@ -87,14 +89,21 @@ def main(argv=None):
     p.add_argument("--policy", default="baseline")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--runs", type=int, default=1, help="whole measurements per model (the ratio's spread)")
     p.add_argument("--profile", action="store_true", help="also print where the integer graph's time goes")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(f"ONNX Runtime CPU, 1 thread, batch {args.batch}, median of {args.repeats}; policy {args.policy}")
     print(f"{'model':<14}{'integer ms':>12}{'float ms':>10}{'ratio':>8}")
     for name in args.models:
-        t_int, t_float, report = measure(name, args.policy, args.batch, args.repeats, args.profile)
-        print(f"{name:<14}{1e3 * t_int:>12.2f}{1e3 * t_float:>10.2f}{t_int / t_float:>8.2f}", flush=True)
+        ratios = []
+        for run in range(args.runs):
+            t_int, t_float, report = measure(name, args.policy, args.batch, args.repeats,
+                                             args.profile and run == args.runs - 1)
+            ratios.append(t_int / t_float)
+            print(f"{name:<14}{1e3 * t_int:>12.2f}{1e3 * t_float:>10.2f}{t_int / t_float:>8.2f}", flush=True)
+        if args.runs > 1:
+            print(f"{name:<14}{'ratio over ' + str(args.runs) + ' runs':>22}  {min(ratios):.2f}–{max(ratios):.2f}", flush=True)
         if report:
             print(report, flush=True)
 

@@ -15,28 +15,36 @@ spends that knowledge on speed:
   ``MatMulInteger`` with a uint8 left operand and an int8 right one, so: the input codes,
   offset by ``lo`` to be non-negative only when ``lo < 0`` (the offset's contribution
   ``lo · Σ w`` folds into the bias), are split into as many uint8 limbs as ``hi − lo`` needs
-  (two for a 16-bit ReLU output); the constant weight codes
+  (two for a 16-bit ReLU output; the low limbs by the uint8 ``Cast``, which keeps the low
+  8 bits); the constant weight codes
   are split into as many balanced base-128 digits in [-64, 63] as their largest code needs
   (two for a 24.12 weight with |w| < 2).  Digits below 64 keep every pair of uint8 × int8
   products below 2**15, so the result is exact even on kernels that add pairs in int16
-  (x86 without VNNI).  One ``MatMulInteger`` per limb and digit; the partial sums are recombined
-  (``Σ 256**i · 128**j · Y_ij + bias``) in int32 when the per-channel bound proves it fits,
-  else in int64.  When even one partial sum could overflow int32, an int64 ``MatMul`` does
-  the product directly (also with ``eight_bit=False``).
+  (x86 without VNNI); a second limb of at most 127 (a 15-bit ReLU output) takes the doubled
+  digits ``2 · d_j``, still below 2**15 a pair, so that its products ``256 · 128**j`` share
+  the scales ``128**(j+1)`` of the first limb's.  One ``MatMulInteger`` per limb and digit,
+  a limb's back to back; the partial sums of equal scale are added and the sums combined by
+  Horner's rule (``Σ 128**k · Y_k + bias``) in int32 when the per-channel bound proves it
+  fits, else in int64.  When even one partial sum could overflow int32, an int64 ``MatMul``
+  does the product directly (also with ``eight_bit=False``).
 * **Small K: one int32 MatMul.**  When K is small (a first conv on one channel) the 8-bit
   form costs little arithmetic but writes limbs × digits large partial sums, and those
   passes over memory dominate; if the per-channel bound Σ|w| · max|x| + |b| fits int32, one
-  int32 ``MatMul`` writes the accumulator once.  A rough cost model picks per layer.
-* **Channels last.**  Convolution is im2col in NHWC (``Pad``; strided ``Slice`` per kernel
-  column concatenated on the channel axis, then per kernel row concatenated again: ORT's
-  ``Concat`` copies one block per innermost run, and runs of C bytes are slow), so the
+  int32 ``MatMul`` writes the accumulator once.  A rough cost model picks per layer.  On an
+  NCHW input (the first conv) that MatMul is ``(O, K) · (N, K, Ho · Wo)``: the columns are
+  concatenated one kernel offset (a whole channel plane) at a time, and the product is NCHW.
+* **Channels last.**  Convolution on limbs is im2col in NHWC (``Pad``; strided ``Slice`` per
+  kernel column concatenated on the channel axis, then per kernel row concatenated again:
+  ORT's ``Concat`` copies one block per innermost run, and runs of C bytes are slow), so the
   columns are the uint8 left operand as they stand and the product comes out NHWC again:
-  4-D values stay NHWC from the first conv to the next flatten or output, where one
-  ``Transpose`` restores NCHW.
+  4-D values stay NHWC from there to the next flatten or output, where one ``Transpose``
+  restores NCHW.  A per-channel constant on an NHWC value is tiled to (W, C): ORT
+  broadcasts a C-element operand one run of C at a time, six times the cost of a scalar.
 * **Monotone ops commute with max-pooling.**  A saturating requantize and ReLU are
   non-decreasing, so ``maxpool(relu(requantize(acc))) = relu(requantize(maxpool(acc)))``
   exactly: the pool runs first on the accumulator and the rounding on a quarter of the
-  values.  MaxPool itself is float-only: ``Max`` over the kernel-offset slices.
+  values.  MaxPool itself is float-only: ``Max`` over the kernel-offset slices, or, for
+  tiling windows, two ``ReduceMax`` over reshapes (rows, then columns channels-last).
 * **Rounding shifts.**  Integer ``Div`` truncates toward zero and ``BitShift`` is unsigned, so
   a rounding right shift by ``s`` is done on a non-negative value: saturate first
   (``Clip(v, lo · 2**s, hi · 2**s)``: rounding is monotone and these bounds round to
