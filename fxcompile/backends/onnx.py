@@ -569,15 +569,39 @@ def emit_max_pool2d(b: _Builder, op: IntOp, x: str) -> str:
 
 
 def emit_sum_pool2d(b: _Builder, op: IntOp, x: str) -> str:
-    kernel = op.attrs["kernel"]
-    k = kernel[0] * kernel[1]
+    """The sum of the kernel-offset slices; tiling windows of a channels-last value sum the
+    parts of two ``Split`` instead (whole rows, then C-element runs: two copies, not kh · kw
+    strided ones)."""
+    (kh, kw), stride = op.attrs["kernel"], op.attrs["stride"]
+    n, c, h, w = b.shapes[op.inputs[0]]
+    k = kh * kw
     lo, hi = b.ranges[x]
     x = b.cast(x, _int_type(k * lo, k * hi))
-    wins = _slices(b, x, b.shapes[op.inputs[0]][2:], kernel, op.attrs["stride"])
-    total = wins[0]
-    for win in wins[1:]:  # Sum has no integer kernel
-        total = b.node("Add", [total, win])
-    return b.value(total, k * lo, k * hi, like=x)
+    if x in b.channels_last and (kh, kw) == tuple(stride) and h % kh == 0 and w % kw == 0:
+        rows = _sum_of_parts(b, b.node("Reshape", [x, b.const([-1, kh, w * c])]), kh)
+        total = _sum_of_parts(b, b.node("Reshape", [rows, b.const([-1, kw, c])]), kw)
+        total = b.node("Reshape", [total, b.const([-1, h // kh, w // kw, c])])
+        b.channels_last.add(total)
+        return b.value(total, k * lo, k * hi)
+    return b.value(_sum(b, _slices(b, x, (h, w), (kh, kw), stride)), k * lo, k * hi, like=x)
+
+
+def _sum(b: _Builder, parts: list[str]) -> str:
+    total = parts[0]
+    for part in parts[1:]:  # Sum has no integer kernel
+        total = b.node("Add", [total, part])
+    return total
+
+
+def _sum_of_parts(b: _Builder, x: str, k: int) -> str:
+    """The sum over axis 1 (of size ``k``) of ``x``."""
+    if k == 1:
+        return x
+    b._count += 1
+    parts = [f"{b.prefix}/Split_{b._count}_{i}" for i in range(k)]
+    b.nodes.append(helper.make_node("Split", [x], parts, name=f"{b.prefix}/Split_{b._count}", axis=1, num_outputs=k))
+    b.types.update({part: b.dtype(x) for part in parts})
+    return _sum(b, parts)
 
 
 def emit_add(b: _Builder, op: IntOp, x: str, y: str) -> str:

@@ -259,3 +259,28 @@ def test_products_never_saturate_an_int16_pair(lo, hi):
         assert 2 * limb_max[i] * int(np.abs(digits).max()) <= 2 ** 15 - 1
     rebuilt = {i: sum(scale * digits.astype(object) for j, digits, scale in plan.terms if j == i) for i in range(plan.limbs)}
     assert all(np.array_equal(rebuilt[i], 256 ** i * flat.astype(object)) for i in range(plan.limbs))
+
+
+@pytest.mark.parametrize("policy", [fxc.baseline, fxc.optimized])
+def test_sum_pools_in_both_layouts(policy):
+    """Average pools on an NCHW value (after a one-channel first conv) and on channels-last
+    ones (after 8-bit products), tiling (two Splits) and overlapping (strided slices)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.AvgPool2d(2), nn.Conv2d(16, 16, 3, padding=1),
+                                      nn.ReLU(), nn.AvgPool2d(2), nn.AvgPool2d(2, stride=1), nn.AvgPool2d((2, 1)),
+                                      nn.AvgPool2d((1, 2)), nn.Flatten(), nn.Linear(16 * 3 * 3, 10))
+
+        def forward(self, x):
+            return self.body(x)
+
+    x = torch.randn(8, 1, 28, 28) * 2
+    graph = integer_graph(on_grid(fxc.compile(Net(), policy(), example_inputs=(x[:2],))), (x[:2],))
+    model = to_onnx(graph)
+    ops = [n.op_type for n in model.graph.node]
+    assert "Split" in ops and "MatMulInteger" in ops
+    _, codes = _ort(model, x)
+    assert np.array_equal(codes, run_integer(graph, x, codes=True)[0].numpy())
