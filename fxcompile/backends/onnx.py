@@ -52,7 +52,8 @@ spends that knowledge on speed:
   the clipped value may be negative (ties to even are unchanged by an even offset), then
   ``q = t / 2**s`` is the floor and ties to even is
   ``(t + 2**(s−1) − 1 + (q AND 1)) / 2**s``.  A wrapping format works in int64 and wraps
-  with a mask.  A power-of-two average pool is a sum of slices.  (ORT's int32 ``Div`` and
+  with a mask.  A power-of-two average pool is a sum of slices (of the parts of two
+  ``Split`` for tiling windows of a channels-last value).  (ORT's int32 ``Div`` and
   ``BitwiseAnd`` cost several Adds each; ``Mod`` more.)
 
 Node names start with the op they lower (``quantize/…``, ``conv2d/…``, ``dequantize/…``).
@@ -488,7 +489,7 @@ def emit_conv2d(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
     else:
         cols = _im2col(b, _pad(b, b.cast(x, dt), (ph, pw)), (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
         acc = b.node("MatMul", [cols, b.const(flat, dt, name=f"{op.out}.weight")])
-        if op.attrs["bias"] is not None:
+        if np.any(bias):  # a zero bias (batch norm folded at its initial statistics) adds nothing
             acc = b.node("Add", [acc, b.const(_per_channel(bias, wo), dt, name=f"{op.out}.bias")])
     b.channels_last.add(acc)
     return b.value(acc, min(lo), max(hi))
@@ -510,7 +511,7 @@ def _conv_columns_first(b: _Builder, op: IntOp, x: str, flat: np.ndarray, bias: 
     acc = b.node("MatMul", [b.const(flat.T, dt, name=f"{op.out}.weight"), cols])
     b.types[acc] = dt  # the first operand is a constant: the type does not follow it
     acc = b.node("Reshape", [acc, b.const([0, flat.shape[1], ho, wo])])
-    if op.attrs["bias"] is not None:
+    if np.any(bias):
         acc = b.node("Add", [acc, b.const(bias.reshape(-1, 1, 1), dt, name=f"{op.out}.bias")])
     return acc
 
@@ -529,7 +530,7 @@ def emit_linear(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
         acc = _products(b, _limbs(b, x, plan), plan, op.out)
     else:
         acc = b.node("MatMul", [b.cast(x, dt), b.const(flat, dt, name=f"{op.out}.weight")])
-        if op.attrs["bias"] is not None:
+        if np.any(bias):
             acc = b.node("Add", [acc, b.const(bias, dt, name=f"{op.out}.bias")])
     return b.value(acc, min(lo), max(hi))
 
