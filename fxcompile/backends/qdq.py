@@ -59,7 +59,7 @@ from onnx import TensorProto, helper
 from ..errors import ExportError
 from ..formats import FixedPoint
 from ..passes.casts import Cast
-from ..passes.lower import _arguments, _pair, lower, op_key
+from ..passes.lower import lower, op_arguments, op_key, pair
 from .onnx import add_constant
 
 __all__ = ["to_qdq", "FloatGraph", "float_ops", "OPSET", "container"]
@@ -204,10 +204,10 @@ def parameter_codes(value: torch.Tensor, fmt: FixedPoint) -> torch.Tensor:
 # ---- the float ops: fx node → ONNX, one rule per op (the ops that lower) -------------------
 
 def _conv2d(g: FloatGraph, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-    (ph, pw), inputs = _pair(padding), [x, w] + ([g.bias(x, w, b)] if b is not None else [])
+    (ph, pw), inputs = pair(padding), [x, w] + ([g.bias(x, w, b)] if b is not None else [])
     kernel = list(node.args[1].meta["tensor_meta"].shape[2:])  # optional in ONNX; FINN/hls4ml read it
-    return g.node("Conv", inputs, kernel_shape=kernel, strides=list(_pair(stride)), pads=[ph, pw, ph, pw],
-                  dilations=list(_pair(dilation)), group=groups)
+    return g.node("Conv", inputs, kernel_shape=kernel, strides=list(pair(stride)), pads=[ph, pw, ph, pw],
+                  dilations=list(pair(dilation)), group=groups)
 
 
 def _linear(g: FloatGraph, node, x, w, b=None):
@@ -223,17 +223,17 @@ def _relu(g, node, x, *args, **kwargs):
 
 
 def _max_pool2d(g, node, x, *args, **kwargs):
-    p = _arguments(g.gm, node, ("kernel_size", "stride", "padding", "dilation"),
+    p = op_arguments(g.gm, node, ("kernel_size", "stride", "padding", "dilation"),
                    {"stride": None, "padding": 0, "dilation": 1})
-    k, (ph, pw) = _pair(p["kernel_size"]), _pair(p["padding"])
-    return g.node("MaxPool", [x], kernel_shape=list(k), strides=list(_pair(p["stride"] or k)),
-                  pads=[ph, pw, ph, pw], dilations=list(_pair(p["dilation"])))
+    k, (ph, pw) = pair(p["kernel_size"]), pair(p["padding"])
+    return g.node("MaxPool", [x], kernel_shape=list(k), strides=list(pair(p["stride"] or k)),
+                  pads=[ph, pw, ph, pw], dilations=list(pair(p["dilation"])))
 
 
 def _avg_pool2d(g, node, x, *args, **kwargs):
-    p = _arguments(g.gm, node, ("kernel_size", "stride"), {"stride": None})
-    k = _pair(p["kernel_size"])  # lower() admits no padding, no ceil_mode, a power-of-two divisor
-    return g.node("AveragePool", [x], kernel_shape=list(k), strides=list(_pair(p["stride"] or k)))
+    p = op_arguments(g.gm, node, ("kernel_size", "stride"), {"stride": None})
+    k = pair(p["kernel_size"])  # lower() admits no padding, no ceil_mode, a power-of-two divisor
+    return g.node("AveragePool", [x], kernel_shape=list(k), strides=list(pair(p["stride"] or k)))
 
 
 def _flatten(g, node, x, *args, **kwargs):

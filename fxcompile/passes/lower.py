@@ -49,7 +49,7 @@ from ..formats import FixedPoint
 from .casts import Cast
 from .expose_params import batch_norm
 
-__all__ = ["IntOp", "IntegerGraph", "Value", "lower", "RULES", "op_key", "MAX_SHIFT"]
+__all__ = ["IntOp", "IntegerGraph", "Value", "lower", "RULES", "op_key", "op_arguments", "pair", "MAX_SHIFT"]
 
 MAX_SHIFT = 48  # larger shifts overflow the int64 accumulator long before they matter
 
@@ -167,7 +167,7 @@ def _const_codes(x: torch.Tensor, fmt: FixedPoint) -> torch.Tensor:
 
 # ---- the rules ---------------------------------------------------------------------------
 
-def _arguments(gm, node: fx.Node, names: tuple, defaults: dict) -> dict:
+def op_arguments(gm, node: fx.Node, names: tuple, defaults: dict) -> dict:
     """Op arguments by name, from a module's attributes or a call's args/kwargs."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
@@ -178,7 +178,8 @@ def _arguments(gm, node: fx.Node, names: tuple, defaults: dict) -> dict:
     return out
 
 
-def _pair(v) -> tuple[int, int]:
+def pair(v) -> tuple[int, int]:
+    """An int or a 2-sequence (kernel size, stride, padding...) as a 2-tuple."""
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
@@ -228,8 +229,8 @@ def rule_conv2d(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=
     if groups != 1 or isinstance(padding, str):
         raise ExportError(f"node {node.name!r} (conv2d): only groups=1 and numeric padding lower to integer "
                           f"MatMul (got groups={groups}, padding={padding!r})")
-    return _weighted(lw, node, x, w, b, "conv2d", stride=_pair(stride), padding=_pair(padding),
-                     dilation=_pair(dilation))
+    return _weighted(lw, node, x, w, b, "conv2d", stride=pair(stride), padding=pair(padding),
+                     dilation=pair(dilation))
 
 
 def rule_linear(lw, node, x, w, b=None):
@@ -243,34 +244,34 @@ def rule_relu(lw, node, x, *args, **kwargs):
 
 
 def rule_max_pool2d(lw, node, x, *args, **kwargs):
-    p = _arguments(lw.gm, node, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    p = op_arguments(lw.gm, node, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
                    {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
     if p["ceil_mode"] or p["return_indices"]:
         raise ExportError(f"node {node.name!r} (max_pool2d): ceil_mode and return_indices do not lower")
     x = _operand(node, x)
-    k = _pair(p["kernel_size"])
-    return lw.emit(node, "max_pool2d", [x], x.frac, x.fmt, kernel=k, stride=_pair(p["stride"] or k),
-                   padding=_pair(p["padding"]), dilation=_pair(p["dilation"]))
+    k = pair(p["kernel_size"])
+    return lw.emit(node, "max_pool2d", [x], x.frac, x.fmt, kernel=k, stride=pair(p["stride"] or k),
+                   padding=pair(p["padding"]), dilation=pair(p["dilation"]))
 
 
 def rule_avg_pool2d(lw, node, x, *args, **kwargs):
-    p = _arguments(lw.gm, node, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+    p = op_arguments(lw.gm, node, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
                                  "divisor_override"),
                    {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
                     "divisor_override": None})
     x = _operand(node, x)
-    k = _pair(p["kernel_size"])
+    k = pair(p["kernel_size"])
     divisor = p["divisor_override"] or k[0] * k[1]
-    if _pair(p["padding"]) != (0, 0) or p["ceil_mode"] or divisor & (divisor - 1):
+    if pair(p["padding"]) != (0, 0) or p["ceil_mode"] or divisor & (divisor - 1):
         raise ExportError(f"node {node.name!r} (avg_pool2d): lowers only without padding or ceil_mode and with a "
                           f"power-of-two divisor (got kernel {k}, divisor {divisor}, padding {p['padding']})")
     return lw.emit(node, "sum_pool2d", [x], x.frac + int(math.log2(divisor)), kernel=k,
-                   stride=_pair(p["stride"] or k))
+                   stride=pair(p["stride"] or k))
 
 
 def rule_flatten(lw, node, x, *args, **kwargs):
     default_start = 1 if node.op == "call_module" else 0
-    p = _arguments(lw.gm, node, ("start_dim", "end_dim"), {"start_dim": default_start, "end_dim": -1})
+    p = op_arguments(lw.gm, node, ("start_dim", "end_dim"), {"start_dim": default_start, "end_dim": -1})
     x = _operand(node, x)
     rank = len(x.shape)
     start, end = p["start_dim"] % rank, p["end_dim"] % rank
