@@ -408,7 +408,6 @@ struct BufferCache final : public c10::Allocator {
     for (auto [p, size] : out) munmap(p, size);
   }
 
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
   void copy_data(void* dest, const void* src, std::size_t count) const { default_copy_data(dest, src, count); }
 };
 
