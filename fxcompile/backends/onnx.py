@@ -139,6 +139,15 @@ class _Builder:
             self.types[out] = dtype
         return out
 
+    def split(self, x: str, parts: int, axis: int) -> list[str]:
+        """``x`` split into ``parts`` equal parts along ``axis`` (one node, several outputs)."""
+        self._count += 1
+        name = f"{self.prefix}/Split_{self._count}"
+        outs = [f"{name}_{i}" for i in range(parts)]
+        self.nodes.append(helper.make_node("Split", [x], outs, name=name, axis=axis, num_outputs=parts))
+        self.types.update({out: self.dtype(x) for out in outs})
+        return outs
+
     def value(self, name: str, lo: int, hi: int, like: str | None = None) -> str:
         """Record ``name``'s interval of codes, and that it is channels-last if ``like`` is."""
         self.ranges[name] = (int(lo), int(hi))
@@ -596,13 +605,7 @@ def _sum(b: _Builder, parts: list[str]) -> str:
 
 def _sum_of_parts(b: _Builder, x: str, k: int) -> str:
     """The sum over axis 1 (of size ``k``) of ``x``."""
-    if k == 1:
-        return x
-    b._count += 1
-    parts = [f"{b.prefix}/Split_{b._count}_{i}" for i in range(k)]
-    b.nodes.append(helper.make_node("Split", [x], parts, name=f"{b.prefix}/Split_{b._count}", axis=1, num_outputs=k))
-    b.types.update({part: b.dtype(x) for part in parts})
-    return _sum(b, parts)
+    return _sum(b, b.split(x, k, axis=1)) if k > 1 else x
 
 
 def emit_add(b: _Builder, op: IntOp, x: str, y: str) -> str:
