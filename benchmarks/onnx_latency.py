@@ -9,6 +9,11 @@ summed by op type and by the lowered op: node names start with it)::
     python benchmarks/onnx_latency.py [--models seed_cnn mlp residual_cnn] [--batch 64] [--repeats 20] [--runs 3] [--profile]
 
 ``--runs`` repeats the whole measurement (fresh sessions) and prints the spread of the ratio.
+``--against REV`` also exports the same integer graph with ``fxcompile/backends/onnx.py`` as
+of git revision ``REV``, checks that both give the same codes, times it in the same
+alternation and prints current / ``REV`` (steadier than comparing ratios from two runs)::
+
+    python benchmarks/onnx_latency.py --models residual_cnn --runs 3 --against HEAD~3
 """
 
 from __future__ import annotations
@@ -17,15 +22,20 @@ import argparse
 import collections
 import io
 import json
+import pathlib
 import statistics
+import subprocess
+import sys
+import types
 import tempfile
 import time
 
+import numpy as np
 import onnx
 import torch
 
 import fxcompile as fxc
-from fxcompile.export import onnx_session
+from fxcompile.export import integer_graph, onnx_session
 from fxcompile.models import build
 
 
@@ -60,7 +70,21 @@ def profile(model: onnx.ModelProto, feed: dict, repeats: int, top: int = 8) -> s
     return "\n".join(lines)
 
 
-def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool = False):
+def exporter_at(rev: str) -> types.ModuleType:
+    """``fxcompile.backends.onnx`` as of git revision ``rev`` of this repository."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{rev}:fxcompile/backends/onnx.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType(f"onnx_backend_at_{rev}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source.replace("from ..", "from fxcompile."), f"{rev}:fxcompile/backends/onnx.py", "exec"),
+         module.__dict__)
+    return module
+
+
+def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool = False, against=None):
+    """Median seconds a run: the integer graph, the float graph and (``against``: an exporter
+    module) the same integer graph exported by it; and the profile report."""
     torch.manual_seed(0)
     model = build(name).eval()
     x = torch.randn(batch, 1, 28, 28)
@@ -68,19 +92,23 @@ def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool
     fxc.fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
     with tempfile.TemporaryDirectory() as tmp:
         exported = fxc.export_onnx(qmodel, f"{tmp}/{name}.onnx", (x[:1],))
-    integer = onnx_session(exported, threads=1)
-    floating = onnx_session(_float_onnx(model, x[:1]), threads=1)
+    sessions = {"integer": onnx_session(exported, threads=1), "float": onnx_session(_float_onnx(model, x[:1]), threads=1)}
     feed = {"x": x.numpy()}
-    times = {"integer": [], "float": []}
-    for session in (integer, floating):  # warm up
+    if against is not None:
+        sessions["against"] = onnx_session(against.to_onnx(integer_graph(qmodel, (x[:1],))), threads=1)
+        codes = [sessions[key].run(None, feed)[1] for key in ("integer", "against")]
+        if not np.array_equal(*codes):
+            raise SystemExit(f"{name}: the two exporters' graphs give different codes")
+    times = {key: [] for key in sessions}
+    for session in sessions.values():  # warm up
         session.run(None, feed)
     for _ in range(repeats):
-        for key, session in (("integer", integer), ("float", floating)):
+        for key, session in sessions.items():
             t0 = time.perf_counter()
             session.run(None, feed)
             times[key].append(time.perf_counter() - t0)
     report = profile(exported, feed, repeats) if with_profile else ""
-    return statistics.median(times["integer"]), statistics.median(times["float"]), report
+    return {key: statistics.median(t) for key, t in times.items()}, report
 
 
 def main(argv=None):
@@ -90,20 +118,30 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--runs", type=int, default=1, help="whole measurements per model (the ratio's spread)")
+    p.add_argument("--against", metavar="REV", help="also time the integer graph as exported at git revision REV")
     p.add_argument("--profile", action="store_true", help="also print where the integer graph's time goes")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    against = exporter_at(args.against) if args.against else None
     print(f"ONNX Runtime CPU, 1 thread, batch {args.batch}, median of {args.repeats}; policy {args.policy}")
-    print(f"{'model':<14}{'integer ms':>12}{'float ms':>10}{'ratio':>8}")
+    extra = f"{args.against + ' ms':>14}{'vs ' + args.against:>14}" if against else ""
+    print(f"{'model':<14}{'integer ms':>12}{'float ms':>10}{'ratio':>8}{extra}")
     for name in args.models:
-        ratios = []
+        ratios, versus = [], []
         for run in range(args.runs):
-            t_int, t_float, report = measure(name, args.policy, args.batch, args.repeats,
-                                             args.profile and run == args.runs - 1)
-            ratios.append(t_int / t_float)
-            print(f"{name:<14}{1e3 * t_int:>12.2f}{1e3 * t_float:>10.2f}{t_int / t_float:>8.2f}", flush=True)
+            t, report = measure(name, args.policy, args.batch, args.repeats, args.profile and run == args.runs - 1,
+                                against)
+            ratios.append(t["integer"] / t["float"])
+            line = f"{name:<14}{1e3 * t['integer']:>12.2f}{1e3 * t['float']:>10.2f}{ratios[-1]:>8.2f}"
+            if against:
+                versus.append(t["integer"] / t["against"])
+                line += f"{1e3 * t['against']:>14.2f}{versus[-1]:>14.3f}"
+            print(line, flush=True)
         if args.runs > 1:
-            print(f"{name:<14}{'ratio over ' + str(args.runs) + ' runs':>22}  {min(ratios):.2f}–{max(ratios):.2f}", flush=True)
+            spread = f"{name:<14}{'over ' + str(args.runs) + ' runs':>22}{min(ratios):>8.2f}–{max(ratios):.2f}"
+            if against:
+                spread += f"{'':>10}{min(versus):.3f}–{max(versus):.3f}"
+            print(spread, flush=True)
         if report:
             print(report, flush=True)
 
