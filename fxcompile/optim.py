@@ -30,7 +30,12 @@ def fixed_point_optimizer(optimizer: torch.optim.Optimizer, qmodel: fx.GraphModu
     The parameters are rounded once now and after each ``optimizer.step()``.  ``rounding``
     overrides the formats' rounding for the update (``"stochastic"`` keeps updates smaller
     than half a step from being lost: since the old value is on the grid, rounding the new
-    value stochastically rounds the update stochastically).  Returns ``optimizer``::
+    value stochastically rounds the update stochastically).  The store records each
+    parameter's version counter, so the next forward's parameter casts pass the parameters
+    through without reading them again; any in-place change made afterwards (``p.clamp_``,
+    ``p.copy_``, ``load_state_dict``) is seen and checked, but writes through ``p.data`` or a
+    NumPy view bypass the counter and are not: change parameters in place under
+    ``torch.no_grad()`` instead.  Returns ``optimizer``::
 
         opt = fxc.fixed_point_optimizer(torch.optim.Adam(qmodel.parameters(), 1e-3), qmodel)
     """

@@ -400,3 +400,50 @@ def test_the_cache_limit_comes_from_the_environment(value, expected):
     env = dict(os.environ, FXCOMPILE_BUFFER_CACHE_MB=value, FXCOMPILE_KERNELS="")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert expected in out.stdout + out.stderr, out.stderr[-2000:]
+
+
+def test_in_place_quantize_bumps_the_version_counter():
+    x = torch.randn(100, requires_grad=True)
+    y = x * 1.0
+    z = y * y  # saves y for backward
+    with torch.no_grad():
+        torch.ops.fxcompile.quantize_(y, fixed(8, 4).spec())
+    assert y._version == 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
+
+
+def test_a_stored_parameter_is_checked_again_after_any_change():
+    fmt, bwd = fixed(16, 8), fixed(16, 10)
+    w = torch.nn.Parameter(torch.randn(64, 300))
+    with torch.no_grad():
+        torch.ops.fxcompile.quantize_(w, fmt.replace(rounding="stochastic").spec())  # the optimizer's store
+    assert cast(w, fmt, bwd, clip_gradient=False, parameter=True).data_ptr() == w.data_ptr()
+    with torch.no_grad():
+        w.add_(2 ** -12)  # off the grid, through an in-place op: the version counter moves
+    y = cast(w, fmt, bwd, clip_gradient=False, parameter=True)
+    assert y.data_ptr() != w.data_ptr()
+    assert_same_bits(y.detach(), quantize_reference(w.detach(), fmt.spec()))
+    with torch.no_grad():
+        torch.ops.fxcompile.quantize_(w, fmt.spec())
+    w.data = w.data + 2 ** -12  # new storage
+    assert cast(w, fmt, bwd, clip_gradient=False, parameter=True).data_ptr() != w.data_ptr()
+    with torch.no_grad():
+        torch.ops.fxcompile.quantize_(w, fmt.spec())
+    finer = fixed(16, 6)  # another grid: checked, and w (on 2**-8 steps) is not on it
+    assert cast(w, finer, bwd, clip_gradient=False, parameter=True).data_ptr() != w.data_ptr()
+
+
+def test_a_stored_parameter_skips_the_check_until_it_changes():
+    """What the record buys: the check does not read the parameter again.  Shown with the one
+    kind of write it cannot see (``.data`` has its own version counter), which the docs warn of."""
+    _cpp_only()
+    fmt = fixed(16, 8)
+    w = torch.nn.Parameter(torch.randn(1000))
+    with torch.no_grad():
+        torch.ops.fxcompile.quantize_(w, fmt.spec())
+    w.data.add_(2 ** -12)  # bypasses w's version counter
+    assert cast(w, fmt, None, clip_gradient=False, parameter=True).data_ptr() == w.data_ptr()
+    with torch.no_grad():
+        w.mul_(1.0)  # any in-place op: checked again
+    assert cast(w, fmt, None, clip_gradient=False, parameter=True).data_ptr() != w.data_ptr()

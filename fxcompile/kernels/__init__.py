@@ -15,7 +15,10 @@ the pure-PyTorch reference (one warning says so)::
 ``cast`` is the autograd-aware one.  ``parameter=True`` marks a stored parameter: when every
 element is already exactly in the forward format (as ``fxc.fixed_point_optimizer`` keeps
 them), the C++ cast returns the parameter itself (a view) instead of a rounded copy, so
-the layers save the parameter for backward as in FP32 rather than a copy of it.
+the layers save the parameter for backward as in FP32 rather than a copy of it.  The
+in-place ``quantize_`` and a successful check record the parameter with its version counter,
+data pointer and grid, and the next check of the unchanged parameter is skipped (any
+in-place PyTorch op bumps the counter; writes through ``.data`` do not and are not seen).
 
 ``mask`` is the saturation mask of ``y`` packed one bit per element into ``ceil(numel / 64)``
 int64 words (bit ``i % 64`` of word ``i // 64`` is set where ``y[i]`` sits at or beyond a bound

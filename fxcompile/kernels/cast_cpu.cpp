@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <sys/mman.h>
@@ -310,8 +311,66 @@ bool plain_cpu(const at::Tensor& t) {
          !at::functionalization::impl::isFunctionalTensor(t) && t.key_set().has(c10::DispatchKey::CPU);
 }
 
+// ---- parameters known to sit on their grid --------------------------------------------------
+//
+// A parameter cast passes a parameter through when every element is already on its grid,
+// which costs a read of the whole parameter every step.  The in-place quantize_ (the
+// fixed-point optimizer's store) and a successful check record the tensor, its version
+// counter, data pointer, size and grid here; while all of them are unchanged, the check is
+// skipped.  Every in-place PyTorch op bumps the version counter, so a parameter changed
+// after the store is checked again; only writes that bypass the counter (through `p.data`
+// or a NumPy view) are not seen.
+
+using ImplPtr = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+struct GridRecord {
+  ImplPtr impl;  // a weak reference: the address cannot be reused by another tensor meanwhile
+  int64_t version, numel;
+  const void* data;
+  std::array<int64_t, 4> grid;  // frac, code_min, code_max, zero_point: the rounding mode does not matter
+};
+
+struct GridRegistry {
+  std::mutex m;
+  std::unordered_map<const c10::TensorImpl*, GridRecord> records;
+  static GridRegistry& get() {
+    static GridRegistry* registry = new GridRegistry();
+    return *registry;
+  }
+};
+
+std::array<int64_t, 4> grid_of(at::IntArrayRef spec) { return {spec[0], spec[1], spec[2], spec[3]}; }
+
+bool trackable(const at::Tensor& x) {
+  return plain_cpu(x) && x.is_contiguous() && !x.is_inference() && x.is_floating_point();
+}
+
+void remember_on_grid(const at::Tensor& x, at::IntArrayRef spec) {
+  if (spec.size() != 6 || !trackable(x)) return;
+  GridRegistry& r = GridRegistry::get();
+  std::lock_guard<std::mutex> lock(r.m);
+  if (r.records.size() >= 4096) {
+    for (auto it = r.records.begin(); it != r.records.end();) it = it->second.impl.expired() ? r.records.erase(it) : ++it;
+  }
+  r.records.insert_or_assign(x.unsafeGetTensorImpl(),
+                             GridRecord{ImplPtr(x.getIntrusivePtr()), static_cast<int64_t>(x._version()), x.numel(),
+                                        x.const_data_ptr(), grid_of(spec)});
+}
+
+bool known_on_grid(const at::Tensor& x, at::IntArrayRef spec) {
+  if (spec.size() != 6 || !trackable(x)) return false;
+  GridRegistry& r = GridRegistry::get();
+  std::lock_guard<std::mutex> lock(r.m);
+  auto it = r.records.find(x.unsafeGetTensorImpl());
+  if (it == r.records.end()) return false;
+  const GridRecord& g = it->second;
+  return !g.impl.expired() && g.version == static_cast<int64_t>(x._version()) && g.numel == x.numel() &&
+         g.data == x.const_data_ptr() && g.grid == grid_of(spec);
+}
+
 bool already_fixed(const at::Tensor& x, at::IntArrayRef spec) {
   if (spec.empty() || !plain_cpu(x) || !x.is_contiguous() || !x.is_floating_point()) return false;
+  if (known_on_grid(x, spec)) return true;
   const Spec s = Spec::of(spec, "forward");
   const bool wide = x.scalar_type() == at::kDouble || s.needs_double();
   bool result = false;
@@ -319,6 +378,7 @@ bool already_fixed(const at::Tensor& x, at::IntArrayRef spec) {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     result = wide ? fixed_modes<scalar_t, double>(xp, x.numel(), s) : fixed_modes<scalar_t, float>(xp, x.numel(), s);
   });
+  if (result) remember_on_grid(x, spec);
   return result;
 }
 
@@ -463,6 +523,10 @@ at::Tensor& quantize_inplace_cpu(at::Tensor& x, at::IntArrayRef spec, std::optio
   const uint64_t sd = is_stochastic(spec) ? seed_or_draw(seed) : 0;
   if (x.is_contiguous()) {
     launch(x, x, &s, sd, nullptr, nullptr);
+    // an in-place write: bump the version counter as PyTorch's in-place ops do (autograd
+    // then refuses a tensor changed after it was saved), then record the grid
+    if (!x.is_inference()) x.unsafeGetTensorImpl()->bump_version();
+    remember_on_grid(x, spec);
   } else {
     at::Tensor y = x.contiguous();
     launch(y, y, &s, sd, nullptr, nullptr);
