@@ -149,3 +149,27 @@ def test_drift_directions_by_role():
     assert best("activation_out", "fwd") < at_rest and best("weight", "fwd") < at_rest   # room to grow
     assert best("loss", "fwd") >= at_rest and best("gradient", "bwd") >= at_rest          # finer, or equal
     assert best("loss", "fwd") == best("gradient", "bwd")
+
+
+def _auto_warnings(policy):
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q, _, _ = _compile(policy)
+    return q, [str(w.message) for w in caught if "will likely stall" in str(w.message)]
+
+
+def test_a_choice_that_flushes_most_gradients_warns_and_names_the_edge():
+    q, found = _auto_warnings(fxc.auto(max_formats=1, bits=8))
+    (bits, frac), = fxc.assignment(q).formats()
+    assert len(found) == 1 and "flushes" in found[0] and "gradient of" in found[0], found
+    assert f"{bits}.{frac} flushes" in found[0]  # names the chosen format
+    # the numbers it quotes are the calibration's: recompute the worst from the statistics
+    rate = max(n.meta["fxc_stats"].gradient.underflow_rate(n.meta["fxc_value"].backward)
+               for n in q.graph.nodes
+               if n.meta.get("fxc_stats") is not None and n.meta["fxc_stats"].gradient is not None
+               and n.meta.get("fxc_value") is not None and n.meta["fxc_value"].backward_role == "gradient")
+    assert f"{100 * rate:.0f} %" in found[0]
+    # more formats, or stochastic gradients, and the warning goes
+    assert _auto_warnings(fxc.auto(max_formats=3, bits=16))[1] == []
+    assert _auto_warnings(fxc.auto(max_formats=1, bits=8, gradient_rounding="stochastic"))[1] == []
