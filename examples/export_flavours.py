@@ -37,8 +37,7 @@ from fxcompile.export import integer_graph, onnx_session
 from fxcompile.train import TrainConfig, train
 
 
-EIGHT_BIT = fxc.Policy(activation="8.3", input="u8.7", weight="8.6,stochastic", bias="16.8,stochastic",
-                       gradient="16.10,stochastic", loss="16.10")
+EIGHT_BIT = fxc.load_policy(Path(__file__).parent / "policies" / "8bit.toml")
 
 
 def ort_runner(path, optimize: bool):
