@@ -552,17 +552,15 @@ def emit_max_pool2d(b: _Builder, op: IntOp, x: str) -> str:
     n, c, h, w = b.shapes[op.inputs[0]]
     (ph, pw), (kh, kw), stride = op.attrs["padding"], op.attrs["kernel"], op.attrs["stride"]
     lo, hi = b.ranges[x]
-    if ((kh, kw) == tuple(stride) and not (ph or pw) and op.attrs["dilation"] == (1, 1)
-            and h % kh == 0 and w % kw == 0):
+    if _tiling(op, h, w) and not (ph or pw) and op.attrs["dilation"] == (1, 1):
+        def reduce_max(t, k):
+            return b.node("ReduceMax", [t, b.const([1])], keepdims=0)
         if x in b.channels_last:
-            rows = b.node("ReduceMax", [b.node("Reshape", [x, b.const([-1, kh, w * c])]), b.const([1])], keepdims=0)
+            out = _reduce_tiles(b, x, op, reduce_max)
         else:
-            rows = b.node("ReduceMax", [b.node("Reshape", [x, b.const([-1, kh, w])]), b.const([1])], keepdims=0)
-            rows = b.value(b.node("Reshape", [rows, b.const([-1, c, h // kh, w])]), lo, hi)
-            rows = b.nhwc(rows)
-        out = b.node("ReduceMax", [b.node("Reshape", [rows, b.const([-1, kw, c])]), b.const([1])], keepdims=0)
-        out = b.node("Reshape", [out, b.const([-1, h // kh, w // kw, c])])
-        b.channels_last.add(out)
+            rows = reduce_max(b.node("Reshape", [x, b.const([-1, kh, w])]), kh)
+            rows = b.nhwc(b.value(b.node("Reshape", [rows, b.const([-1, c, h // kh, w])]), lo, hi))
+            out = _reduce_columns(b, rows, op, reduce_max)
     else:
         xp = _pad(b, x, (ph, pw), np.iinfo(b.dtype(x)).min)  # padding never wins a max
         wins = _slices(b, xp, (h + 2 * ph, w + 2 * pw), (kh, kw), stride, op.attrs["dilation"])
@@ -587,13 +585,35 @@ def emit_sum_pool2d(b: _Builder, op: IntOp, x: str) -> str:
     k = kh * kw
     lo, hi = b.ranges[x]
     x = b.cast(x, _int_type(k * lo, k * hi))
-    if x in b.channels_last and (kh, kw) == tuple(stride) and h % kh == 0 and w % kw == 0:
-        rows = _sum_of_parts(b, b.node("Reshape", [x, b.const([-1, kh, w * c])]), kh)
-        total = _sum_of_parts(b, b.node("Reshape", [rows, b.const([-1, kw, c])]), kw)
-        total = b.node("Reshape", [total, b.const([-1, h // kh, w // kw, c])])
-        b.channels_last.add(total)
+    if x in b.channels_last and _tiling(op, h, w):
+        total = _reduce_tiles(b, x, op, lambda t, parts: _sum_of_parts(b, t, parts))
         return b.value(total, k * lo, k * hi)
     return b.value(_sum(b, _slices(b, x, (h, w), (kh, kw), stride)), k * lo, k * hi, like=x)
+
+
+def _tiling(op: IntOp, h: int, w: int) -> bool:
+    """Whether the pool's windows tile the (unpadded) h × w input: stride = kernel, dividing it."""
+    (kh, kw), stride = op.attrs["kernel"], op.attrs["stride"]
+    return (kh, kw) == tuple(stride) and h % kh == 0 and w % kw == 0
+
+
+def _reduce_tiles(b: _Builder, x: str, op: IntOp, reduce: Callable) -> str:
+    """A tiling pool of channels-last ``x`` by ``reduce(t, k)`` (over axis 1, of size ``k``):
+    whole rows first, then C-element runs."""
+    _, c, _, w = b.shapes[op.inputs[0]]
+    kh = op.attrs["kernel"][0]
+    return _reduce_columns(b, reduce(b.node("Reshape", [x, b.const([-1, kh, w * c])]), kh), op, reduce)
+
+
+def _reduce_columns(b: _Builder, rows: str, op: IntOp, reduce: Callable) -> str:
+    """The second stage of :func:`_reduce_tiles`: channels-last ``rows`` (already reduced over
+    the kernel's rows) reduced over C-element runs of the kernel's columns."""
+    _, c, h, w = b.shapes[op.inputs[0]]
+    kh, kw = op.attrs["kernel"]
+    out = reduce(b.node("Reshape", [rows, b.const([-1, kw, c])]), kw)
+    out = b.node("Reshape", [out, b.const([-1, h // kh, w // kw, c])])
+    b.channels_last.add(out)
+    return out
 
 
 def _sum(b: _Builder, parts: list[str]) -> str:
