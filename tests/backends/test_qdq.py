@@ -36,11 +36,16 @@ def compiled(model, policy, x):
     return on_grid(fxc.compile(model, policy, example_inputs=(x[:2],)))
 
 
-def differences(model, q, x):
-    """(output codes that differ, largest |difference|, top-1 agreement) of ORT vs the integer reference."""
+def run_ort(model, x):
+    return onnx_session(model).run(None, {"x": x.numpy()})
+
+
+def differences(model, q, x, run=run_ort):
+    """(output codes that differ, largest |difference|, top-1 agreement) of ``run(model, x)``
+    (ONNX Runtime by default) vs the integer reference."""
     graph = integer_graph(q, (x[:1],))
     (ref,) = run_integer(graph, x, codes=True)
-    (out,) = onnx_session(model).run(None, {"x": x.numpy()})
+    (out,) = run(model, x)
     codes = torch.from_numpy(np.round(out.astype(np.float64) * 2.0 ** graph.op_of(graph.outputs[0]).frac))
     codes = codes.to(torch.int64)
     return int((codes != ref).sum()), int((codes - ref).abs().max()), float((codes.argmax(1) == ref.argmax(1)).float().mean())
@@ -123,18 +128,24 @@ def test_every_fixed_point_edge_has_its_pair_with_scale_zero_point_and_type(poli
     assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == len(edges)
 
 
-def test_a_wrong_scale_is_caught_by_the_comparison():
+def assert_corruption_is_caught(export, corrupt, run=run_ort):
+    """The seed CNN exported by ``export`` matches the integer reference exactly, and after
+    ``corrupt(model)`` (in place) the comparison sees many codes off by more than rounding."""
     x = torch.randn(32, 1, 28, 28) * 1.5
     q = compiled(SeedCNN, fxc.baseline(), x)
-    model = to_qdq(fold_bn(q), (x[:1],))
-    assert differences(model, q, x)[0] == 0  # untrained weights: no sum lands near a boundary
-    dq = next(n for n in model.graph.node if n.name == "dequantize/casts_conv1_weight")
-    scale = next(t for t in model.graph.initializer if t.name == dq.input[1])
-    bad = onnx.ModelProto.FromString(model.SerializeToString())
-    bad.graph.initializer.remove(next(t for t in bad.graph.initializer if t.name == scale.name))
-    bad.graph.initializer.append(numpy_helper.from_array(np.array(2.0 ** -11, np.float32), scale.name))
-    differ, largest, _ = differences(bad, q, x)
+    model = export(fold_bn(q), (x[:1],))
+    assert differences(model, q, x, run)[0] == 0  # untrained weights: no sum lands near a boundary
+    corrupt(model)
+    differ, largest, _ = differences(model, q, x, run)
     assert differ > x.shape[0] and largest > 4
+
+
+def test_a_wrong_scale_is_caught_by_the_comparison():
+    def wrong_scale(model):
+        dq = next(n for n in model.graph.node if n.name == "dequantize/casts_conv1_weight")
+        scale = next(t for t in model.graph.initializer if t.name == dq.input[1])
+        scale.CopyFrom(numpy_helper.from_array(np.array(2.0 ** -11, np.float32), scale.name))
+    assert_corruption_is_caught(to_qdq, wrong_scale)
 
 
 @pytest.mark.parametrize("activation, what", [("16.8,floor", "rounds floor"), ("16.8,wrap", "wraps on overflow"),

@@ -12,24 +12,19 @@ from qonnx.transformation.infer_shapes import InferShapes
 from torch import nn
 
 import fxcompile as fxc
-from fxcompile.backends.integer import run_integer
 from fxcompile.backends.qonnx import DOMAIN, run_qonnx, to_qonnx
 from fxcompile.cli import main
-from fxcompile.export import export_onnx, integer_graph
+from fxcompile.export import export_onnx
 from fxcompile.models import MLP, ResidualCNN, SeedCNN
 from fxcompile.passes.fold_bn import fold_bn
 
-from .test_qdq import compiled, fixed_point_edges
+from . import test_qdq
+from .test_qdq import assert_corruption_is_caught, compiled, fixed_point_edges
 
 
 def differences(model, q, x):
     """(output codes that differ, largest |difference|, top-1 agreement): qonnx's executor vs the reference."""
-    graph = integer_graph(q, (x[:1],))
-    (ref,) = run_integer(graph, x, codes=True)
-    (out,) = run_qonnx(model, x)
-    codes = torch.from_numpy(np.round(out.astype(np.float64) * 2.0 ** graph.op_of(graph.outputs[0]).frac))
-    codes = codes.to(torch.int64)
-    return int((codes != ref).sum()), int((codes - ref).abs().max()), float((codes.argmax(1) == ref.argmax(1)).float().mean())
+    return test_qdq.differences(model, q, x, run=run_qonnx)
 
 
 @pytest.mark.parametrize("model", [SeedCNN, MLP, ResidualCNN])
@@ -115,15 +110,11 @@ def test_an_odd_zero_point_moves_ties_by_one_code():
 
 
 def test_a_wrong_bit_width_is_caught_by_the_comparison():
-    x = torch.randn(32, 1, 28, 28) * 1.5
-    q = compiled(SeedCNN, fxc.baseline(), x)
-    model = to_qonnx(fold_bn(q), (x[:1],))
-    assert differences(model, q, x)[0] == 0  # untrained weights: no sum lands near a boundary
-    quant = next(n for n in model.graph.node if n.name == "quant/casts_x")
-    bits = next(t for t in model.graph.initializer if t.name == quant.input[3])
-    bits.CopyFrom(numpy_helper.from_array(np.array(6.0, np.float32), bits.name))  # shared by every 16-bit edge
-    differ, largest, _ = differences(model, q, x)
-    assert differ > x.shape[0] and largest > 4
+    def wrong_bit_width(model):
+        quant = next(n for n in model.graph.node if n.name == "quant/casts_x")
+        bits = next(t for t in model.graph.initializer if t.name == quant.input[3])
+        bits.CopyFrom(numpy_helper.from_array(np.array(6.0, np.float32), bits.name))  # shared by every 16-bit edge
+    assert_corruption_is_caught(to_qonnx, wrong_bit_width, run=run_qonnx)
 
 
 def test_wrap_raises_naming_the_edge_and_writes_no_file(tmp_path):
