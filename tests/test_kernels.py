@@ -393,7 +393,8 @@ def test_the_cache_is_safe_across_threads():
         assert all(pool.map(work, range(4)))
 
 
-@pytest.mark.parametrize("value, expected", [("0.5", "limit 524288"), ("lots", "FXCOMPILE_BUFFER_CACHE_MB")])
+@pytest.mark.parametrize("value, expected", [("0.5", "limit 524288"), ("lots", "FXCOMPILE_BUFFER_CACHE_MB"),
+                                             ("-1", "FXCOMPILE_BUFFER_CACHE_MB must be >= 0")])
 def test_the_cache_limit_comes_from_the_environment(value, expected):
     _cpp_only()
     script = "from fxcompile import kernels; kernels.load(); print('limit', kernels.cache_info()['limit_bytes'])"

@@ -102,9 +102,13 @@ def cache_info() -> dict[str, int]:
 
 def set_cache_limit(nbytes: int) -> None:
     """Keep at most ``nbytes`` of freed output buffers for reuse (0: none); frees the excess."""
-    if nbytes < 0:
-        raise ValueError(f"set_cache_limit: nbytes must be >= 0, got {nbytes}")
     load()
+    _set_cache_limit(nbytes, "set_cache_limit: nbytes")
+
+
+def _set_cache_limit(nbytes: int, what: str) -> None:
+    if nbytes < 0:
+        raise ValueError(f"{what} must be >= 0, got {nbytes}")
     torch.ops.fxcompile.buffer_cache(int(nbytes))
 
 
@@ -157,7 +161,8 @@ def _load() -> str:
     limit = os.environ.get("FXCOMPILE_BUFFER_CACHE_MB")
     if limit is not None:
         try:
-            torch.ops.fxcompile.buffer_cache(int(float(limit) * (1 << 20)))
+            mib = float(limit)
         except ValueError:
             raise ValueError(f"FXCOMPILE_BUFFER_CACHE_MB must be a number of MiB, got {limit!r}") from None
+        _set_cache_limit(int(mib * (1 << 20)), "FXCOMPILE_BUFFER_CACHE_MB")
     return "cpp"
