@@ -27,7 +27,7 @@ def build(name: str):
     if name == "resnet50":
         import torchvision
         return torchvision.models.resnet50(num_classes=10), (2, 3, 96, 96)
-    from fxcompile.models import build as build_model
+    from fxcompile.experiments.models import build as build_model
     return build_model(name), (8, 1, 28, 28)
 
 

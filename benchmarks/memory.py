@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 import fxcompile as fxc
-from fxcompile import kernels
-from fxcompile.models import MLP, SeedCNN
+from fxcompile.runtime import kernels
+from fxcompile.experiments.models import MLP, SeedCNN
 
 NEAREST = dict(activation="16.8", gradient="16.10", loss="16.10", weight="24.12", bias="16.8")
 

@@ -32,7 +32,7 @@ import sys, torch
 import fxcompile as fxc
 try:
     from fxcompile.experiments.models import build
-except ImportError:
+except ImportError:  # revisions before the package layout of core/ frontend/ ... experiments/
     from fxcompile.models import build
 out, cases, flavours = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
 for case in cases:

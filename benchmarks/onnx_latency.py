@@ -9,7 +9,7 @@ summed by op type and by the lowered op: node names start with it)::
     python benchmarks/onnx_latency.py [--models seed_cnn mlp residual_cnn] [--batch 64] [--repeats 20] [--runs 3] [--profile]
 
 ``--runs`` repeats the whole measurement (fresh sessions) and prints the spread of the ratio.
-``--against REV`` also exports the same integer graph with ``fxcompile/backends/onnx.py`` as
+``--against REV`` also exports the same integer graph with ``fxcompile/deploy/backends/onnx.py`` as
 of git revision ``REV``, checks that both give the same codes, times it in the same
 alternation and prints current / ``REV`` (steadier than comparing ratios from two runs)::
 
@@ -35,8 +35,8 @@ import onnx
 import torch
 
 import fxcompile as fxc
-from fxcompile.export import integer_graph, onnx_session
-from fxcompile.models import build
+from fxcompile.deploy.export import integer_graph, onnx_session
+from fxcompile.experiments.models import build
 
 
 def _float_onnx(model, x) -> onnx.ModelProto:
@@ -71,13 +71,13 @@ def profile(model: onnx.ModelProto, feed: dict, repeats: int, top: int = 8) -> s
 
 
 def exporter_at(rev: str) -> types.ModuleType:
-    """``fxcompile.backends.onnx`` as of git revision ``rev`` of this repository."""
+    """``fxcompile.deploy.backends.onnx`` as of git revision ``rev`` of this repository."""
     root = pathlib.Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{rev}:fxcompile/backends/onnx.py"], cwd=root, check=True,
+    source = subprocess.run(["git", "show", f"{rev}:fxcompile/deploy/backends/onnx.py"], cwd=root, check=True,
                             capture_output=True, text=True).stdout
     module = types.ModuleType(f"onnx_backend_at_{rev}")
     sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(source.replace("from ..", "from fxcompile."), f"{rev}:fxcompile/backends/onnx.py", "exec"),
+    exec(compile(source.replace("from ..", "from fxcompile."), f"{rev}:fxcompile/deploy/backends/onnx.py", "exec"),
          module.__dict__)
     return module
 

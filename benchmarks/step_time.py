@@ -16,7 +16,7 @@ store the parameters back in their formats with ``fxc.fixed_point_optimizer``)::
 glibc's malloc trims its heap when much of its top is free and faults the memory back in,
 page by page, when the next step allocates again; where a step's buffers sit decides how
 often that happens.  The cast kernels take their outputs from their own cache of freed
-blocks (``fxcompile.kernels.cache_info()``), outside malloc's heap, so the fixed-point step
+blocks (``fxcompile.runtime.kernels.cache_info()``), outside malloc's heap, so the fixed-point step
 leaves malloc the same allocations as the FP32 step.  ``--retain-memory`` sets
 ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` with ``mallopt`` for the whole process, every
 variant alike (the effect of running with jemalloc or tcmalloc), which removes the page
@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 import fxcompile as fxc
-from fxcompile import kernels
-from fxcompile.models import MLP, SeedCNN
+from fxcompile.runtime import kernels
+from fxcompile.experiments.models import MLP, SeedCNN
 
 BASELINE = dict(activation="16.8", gradient="16.10", loss="16.10", weight="24.12", bias="16.8")
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import fxcompile as fxc
-from fxcompile import kernels, telemetry
-from fxcompile.data import synthetic
-from fxcompile.models import SeedCNN
+from fxcompile.runtime import kernels, telemetry
+from fxcompile.experiments.data import synthetic
+from fxcompile.experiments.models import SeedCNN
 
 
 def main(argv=None):

@@ -18,9 +18,9 @@ import time
 import torch
 
 import fxcompile as fxc
-from fxcompile.auto import OBJECTIVES
-from fxcompile.data import fashion_mnist
-from fxcompile.train import TrainConfig, train
+from fxcompile.core.auto import OBJECTIVES
+from fxcompile.experiments.data import fashion_mnist
+from fxcompile.training.train import TrainConfig, train
 
 
 def parse_bits(text: str):

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 import fxcompile as fxc
-from fxcompile.data import fashion_mnist
-from fxcompile.models import SeedCNN
-from fxcompile.train import evaluate
+from fxcompile.experiments.data import fashion_mnist
+from fxcompile.experiments.models import SeedCNN
+from fxcompile.training.train import evaluate
 
 
 def run(rule: str, train_data, test_data, epochs: int, seed: int, rounding: str) -> None:

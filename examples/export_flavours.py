@@ -3,7 +3,7 @@
 A short fixed-point training (synthetic data by default: offline, well under a minute; or
 Fashion-MNIST with ``--data``), then ``fxc.export_onnx(..., flavour=...)`` for every flavour,
 each run on the whole test set and compared code by code with the integer reference
-(:mod:`fxcompile.backends.integer`, bit-true int64):
+(:mod:`fxcompile.deploy.backends.integer`, bit-true int64):
 
 * integer — int64 ops, ONNX Runtime (bit-exact by construction: the check of the check),
 * qdq     — float ops between QuantizeLinear/DequantizeLinear pairs, ONNX Runtime with all
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 import fxcompile as fxc
-from fxcompile.backends.integer import run_integer
-from fxcompile.data import fashion_mnist, synthetic
-from fxcompile.export import integer_graph, onnx_session
-from fxcompile.train import TrainConfig, train
+from fxcompile.deploy.backends.integer import run_integer
+from fxcompile.experiments.data import fashion_mnist, synthetic
+from fxcompile.deploy.export import integer_graph, onnx_session
+from fxcompile.training.train import TrainConfig, train
 
 
 EIGHT_BIT = fxc.load_policy(Path(__file__).parent / "policies" / "8bit.toml")
@@ -53,7 +53,7 @@ def ort_runner(path, optimize: bool):
 
 def qonnx_runner(path):
     import onnx
-    from fxcompile.backends.qonnx import run_qonnx
+    from fxcompile.deploy.backends.qonnx import run_qonnx
     model = onnx.load(path)
     return lambda xb: run_qonnx(model, xb)[0]
 

@@ -1,6 +1,6 @@
 """Train, export to integer ONNX, and check ORT against the integer reference and the simulation.
 
-For each (model, policy) row: a short fixed-point training (``fxcompile.train.train``), then
+For each (model, policy) row: a short fixed-point training (``fxcompile.training.train.train``), then
 ``fxc.export_onnx``, then on the full Fashion-MNIST test set (10,000 images):
 
 * ORT ≠ reference — output codes where ONNX Runtime differs from the integer reference (0 = bit-exact),
@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 import fxcompile as fxc
-from fxcompile.data import fashion_mnist
-from fxcompile.export import verify
-from fxcompile.models import build
-from fxcompile.train import TrainConfig, train
+from fxcompile.experiments.data import fashion_mnist
+from fxcompile.deploy.export import verify
+from fxcompile.experiments.models import build
+from fxcompile.training.train import TrainConfig, train
 
 ROWS = [("seed_cnn", "baseline"), ("seed_cnn", "optimized"), ("mlp", "baseline"), ("residual_cnn", "baseline")]
 

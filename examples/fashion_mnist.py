@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from fxcompile.data import fashion_mnist
-from fxcompile.train import TrainConfig, train, write_metrics
+from fxcompile.experiments.data import fashion_mnist
+from fxcompile.training.train import TrainConfig, train, write_metrics
 
 
 def main(argv=None):

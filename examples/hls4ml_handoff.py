@@ -1,9 +1,9 @@
 """Train briefly, hand off to hls4ml, and check its C simulation against the integer reference.
 
-For each (model, policy) row: a short fixed-point training (``fxcompile.train.train``), then
+For each (model, policy) row: a short fixed-point training (``fxcompile.training.train.train``), then
 ``fxc.to_hls4ml`` (an hls4ml project with ``ap_fixed`` types from the assignment), then
 hls4ml's C simulation (``hls_model.compile()`` builds it with g++; no FPGA tools) and the
-integer reference (``fxcompile.backends.integer.run_integer``) on the first ``--images``
+integer reference (``fxcompile.deploy.backends.integer.run_integer``) on the first ``--images``
 Fashion-MNIST test images:
 
 * hls != ref  — output codes where the C simulation differs from the integer reference
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 import fxcompile as fxc
-from fxcompile.backends.integer import run_integer
-from fxcompile.data import fashion_mnist
-from fxcompile.hls import hls_plan, predict_codes
-from fxcompile.train import TrainConfig, train
+from fxcompile.deploy.backends.integer import run_integer
+from fxcompile.experiments.data import fashion_mnist
+from fxcompile.deploy.backends.hls4ml import hls_plan, predict_codes
+from fxcompile.training.train import TrainConfig, train
 
 ROWS = [("mlp", "baseline"), ("mlp", "floor_wrap"), ("seed_cnn", "baseline"), ("seed_cnn", "floor_wrap")]
 

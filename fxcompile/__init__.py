@@ -4,17 +4,17 @@
     qmodel = fxc.compile(model, fxc.baseline(), loss_fn=nn.CrossEntropyLoss())
     print(fxc.inspect(qmodel))
 """
-from .assignment import Assignment, Edge
-from .auto import Auto, auto
-from .cast import cast
+from .core.assignment import Assignment, Edge
+from .core.auto import Auto, auto
+from .runtime.cast import cast
 from .compiler import compile
 from .errors import ExportError, FormatError, PolicyError, TraceError
-from .export import export_onnx
-from .formats import FixedPoint, as_format, fixed
-from .hls import to_hls4ml  # imports hls4ml only when called
-from .inspect import assignment, inspect, to_dot
-from .optim import fixed_point_optimizer
-from .policy import ROLES, Override, Policy, baseline, fp32, load_policy, optimized
+from .deploy.export import export_onnx
+from .core.formats import FixedPoint, as_format, fixed
+from .deploy.backends.hls4ml import to_hls4ml  # imports hls4ml only when called
+from .reports.inspect import assignment, inspect, to_dot
+from .runtime.optim import fixed_point_optimizer
+from .core.policy import ROLES, Override, Policy, baseline, fp32, load_policy, optimized
 
 __version__ = "0.1.0"
 

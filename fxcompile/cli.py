@@ -23,7 +23,7 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _load_data(args):
-    from .data import DataError, fashion_mnist
+    from .experiments.data import DataError, fashion_mnist
     try:
         return fashion_mnist(args.data, train_subset=args.train_subset)
     except DataError as e:
@@ -45,7 +45,7 @@ def add_demo(sub):
 
 def run_demo(args):
     from . import inspect
-    from .train import TrainConfig, train
+    from .training.train import TrainConfig, train
     train_data, test_data = _load_data(args)
     print(f"training the seed CNN on {len(train_data[0])} Fashion-MNIST images for {args.epochs} epoch(s), "
           f"evaluating on all {len(test_data[0])} test images")
@@ -66,7 +66,7 @@ def run_demo(args):
 
 def _demo_export(qmodel, test_data, path):
     import tempfile
-    from .export import export_onnx, verify
+    from .deploy.export import export_onnx, verify
     path = path or tempfile.mkstemp(prefix="fxcompile-demo-", suffix=".onnx")[1]
     export_onnx(qmodel, path, example_inputs=(test_data[0][:1],))
     r = verify(qmodel, path, *test_data)
@@ -102,7 +102,7 @@ def add_train(sub):
 
 
 def run_train(args):
-    from .train import TrainConfig, train, write_metrics
+    from .training.train import TrainConfig, train, write_metrics
     policy = None if args.policy == "fp32" else args.policy
     if args.resume and not args.checkpoint_dir:
         raise SystemExit("fxcompile: --resume needs --checkpoint-dir DIR (the folder the run checkpointed into)")
@@ -114,7 +114,7 @@ def run_train(args):
         cfg = TrainConfig(model=args.model, policy=policy, epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, seed=seed, weight_rounding=args.weight_rounding,
                           checkpoint_every=args.checkpoint_every, telemetry=args.telemetry)
-        from .checkpoint import CheckpointError
+        from .training.checkpoint import CheckpointError
         from .errors import FormatError, PolicyError
         try:
             m = train(cfg, train_data, test_data, resume=args.resume,
@@ -135,7 +135,7 @@ def run_train(args):
 
 def _load_callable(spec: str):
     if ":" not in spec:
-        raise SystemExit(f"fxcompile: give the model as module:callable (e.g. fxcompile.models:SeedCNN), got {spec!r}")
+        raise SystemExit(f"fxcompile: give the model as module:callable (e.g. fxcompile.experiments.models:SeedCNN), got {spec!r}")
     mod, _, attr = spec.partition(":")
     try:
         obj = getattr(importlib.import_module(mod), attr)
@@ -146,7 +146,7 @@ def _load_callable(spec: str):
 
 def add_inspect(sub):
     p = sub.add_parser("inspect", help="compile a model given as module:callable and print its edge table")
-    p.add_argument("model", help="module:callable returning an nn.Module, e.g. fxcompile.models:SeedCNN")
+    p.add_argument("model", help="module:callable returning an nn.Module, e.g. fxcompile.experiments.models:SeedCNN")
     p.add_argument("--policy", default="baseline")
     p.add_argument("--input-shape", default="1,1,28,28", help="example input shape (comma separated)")
     p.add_argument("--leaf", action="append", default=[], help="module path to keep as a leaf (repeatable)")
@@ -172,13 +172,13 @@ def add_inspect(sub):
 
 def _auto_compile(args, model, shape):
     from . import auto, compile
-    from .train import TrainConfig, calibration_batches
+    from .training.train import TrainConfig, calibration_batches
     bits = int(args.bits) if "=" not in args.bits else {k: int(v) for k, v in
                                                         (kv.split("=") for kv in args.bits.split(","))}
     policy = auto(max_formats=args.max_formats, bits=bits, objective=args.objective,
                   gradient_rounding=args.gradient_rounding, margin=args.margin)
     if args.data:
-        from .data import fashion_mnist
+        from .experiments.data import fashion_mnist
         train_data, _ = fashion_mnist(args.data, train_subset=args.calibration_batches * 32)
         batches = calibration_batches(TrainConfig(), train_data, args.calibration_batches)
     else:
@@ -207,7 +207,7 @@ def run_inspect(args):
     print(inspect(q))
     if args.assignment:
         from .passes.calibrate import save_calibration
-        from .profile import plot_noise_vs_k, plot_profile
+        from .reports.profile import plot_noise_vs_k, plot_profile
         if args.profile:
             plot_profile(q, args.profile)
         if args.noise_vs_k:
@@ -255,7 +255,7 @@ def _parse_set(items):
 
 
 def run_sweep(args):
-    from .sweep import SweepError, load_sweep, read_rows, run_sweep as run
+    from .experiments.sweep import SweepError, load_sweep, read_rows, run_sweep as run
     try:
         sweep = load_sweep(args.files, overrides=_parse_set(args.set),
                            seeds=list(range(args.seeds)) if args.seeds else None)
@@ -279,8 +279,8 @@ def add_report(sub):
 
 
 def run_report(args):
-    from .report import report
-    from .sweep import SweepError
+    from .experiments.report import report
+    from .experiments.sweep import SweepError
     try:
         print(report(args.files, args.out))
     except SweepError as e:
@@ -309,7 +309,7 @@ def add_export(sub):
 
 def _trained_model(args):
     """The model named by --model with the weights of --state-dict, and a zero example input."""
-    from .models import MODELS
+    from .experiments.models import MODELS
     model = MODELS[args.model]() if args.model in MODELS else _load_callable(args.model)
     if args.state_dict:
         try:
@@ -335,7 +335,7 @@ def _compile_for_deployment(model, policy, x):
 
 def run_export(args):
     from .errors import ExportError, FormatError, PolicyError, TraceError
-    from .export import export_onnx, integer_graph
+    from .deploy.export import export_onnx, integer_graph
     model, x = _trained_model(args)
     try:
         qmodel = _compile_for_deployment(model, args.policy, x)
@@ -361,8 +361,8 @@ def add_run_onnx(sub):
 
 def run_run_onnx(args):
     import time
-    from .data import DataError, fashion_mnist
-    from .export import onnx_session
+    from .experiments.data import DataError, fashion_mnist
+    from .deploy.export import onnx_session
     try:
         _, (x, y) = fashion_mnist(args.data, train_subset=1)
         session = onnx_session(args.model)
@@ -391,7 +391,7 @@ def add_hls4ml(sub):
 
 def run_hls4ml(args):
     from .errors import ExportError, FormatError, PolicyError, TraceError
-    from .hls import hls_plan, require_hls4ml, to_hls4ml
+    from .deploy.backends.hls4ml import hls_plan, require_hls4ml, to_hls4ml
     try:
         require_hls4ml()
     except ImportError as e:

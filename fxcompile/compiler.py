@@ -7,12 +7,16 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from .auto import Auto
+from .core.auto import Auto
 from .errors import PolicyError
 from .passes.calibrate import calibrate
 from .passes.choose_formats import choose_formats
-from .policy import Policy, warn_unused
-from .passes import annotate_roles, assign_formats, expose_params, insert_casts, propagate_shapes, trace
+from .core.policy import Policy, warn_unused
+from .frontend.expose_params import expose_params
+from .frontend.roles import annotate_roles
+from .frontend.shapes import propagate_shapes
+from .frontend.trace import trace
+from .passes import assign_formats, insert_casts
 from .passes.elide_casts import elide_identity_casts
 
 __all__ = ["compile", "LossGraph"]

@@ -5,18 +5,18 @@ import pytest
 
 from fxcompile import Assignment, assignment, compile, optimized
 from fxcompile.cli import main
-from fxcompile.data import IDX_FILES
+from fxcompile.experiments.data import IDX_FILES
 
 
 def test_inspect_writes_table_json_and_dot(tmp_path, capsys):
     out, dot = tmp_path / "out.json", tmp_path / "g.dot"
-    main(["inspect", "fxcompile.models:SeedCNN", "--policy", "optimized", "--json", str(out), "--dot", str(dot)])
+    main(["inspect", "fxcompile.experiments.models:SeedCNN", "--policy", "optimized", "--json", str(out), "--dot", str(dot)])
     text = capsys.readouterr().out
     assert "graph captured by: fx" in text and "policy: optimized" in text
     assert "conv1_weight->*" in text and "16.11" in text
     a = Assignment.from_json(out.read_text())
     import torch
-    from fxcompile.models import SeedCNN
+    from fxcompile.experiments.models import SeedCNN
     expected = assignment(compile(SeedCNN(), optimized(), example_inputs=(torch.randn(1, 1, 28, 28),)))
     assert a == expected
     assert all("conv1" not in e.producer or e.forward is not None for e in a)
@@ -27,14 +27,14 @@ def test_inspect_writes_table_json_and_dot(tmp_path, capsys):
 def test_inspect_with_a_policy_file_and_export_frontend(tmp_path, capsys):
     path = tmp_path / "p.toml"
     optimized().save(path)
-    main(["inspect", "fxcompile.models:MLP", "--policy", str(path), "--frontend", "export"])
+    main(["inspect", "fxcompile.experiments.models:MLP", "--policy", str(path), "--frontend", "export"])
     assert "graph captured by: export" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["inspect", "fxcompile.models.SeedCNN"], "module:callable"),
-    (["inspect", "fxcompile.models:NoSuchModel"], "NoSuchModel"),
-    (["inspect", "fxcompile.models:SeedCNN", "--policy", "nosuch.toml"], "nosuch.toml"),
+    (["inspect", "fxcompile.experiments.models.SeedCNN"], "module:callable"),
+    (["inspect", "fxcompile.experiments.models:NoSuchModel"], "NoSuchModel"),
+    (["inspect", "fxcompile.experiments.models:SeedCNN", "--policy", "nosuch.toml"], "nosuch.toml"),
 ])
 def test_inspect_errors_are_messages_not_tracebacks(argv, expected):
     with pytest.raises(SystemExit) as info:

@@ -8,7 +8,7 @@ from torch import nn
 
 import fxcompile as fxc
 from fxcompile import TraceError
-from fxcompile.models import MLP, ResidualCNN, SeedCNN
+from fxcompile.experiments.models import MLP, ResidualCNN, SeedCNN
 
 
 def one_step(model, x, y, **compile_kwargs):
@@ -32,7 +32,7 @@ def one_step(model, x, y, **compile_kwargs):
 @pytest.fixture(autouse=True)
 def _named_formats(monkeypatch):
     """Record (name, parameter, format) next to what fixed_point_optimizer stores."""
-    from fxcompile import optim
+    from fxcompile.runtime import optim
     original = optim.fixed_point_optimizer
 
     def wrapped(opt, qmodel, rounding=None):

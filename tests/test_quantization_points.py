@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 import fxcompile as fxc
-from fxcompile.models import ResidualCNN, SeedCNN
+from fxcompile.experiments.models import ResidualCNN, SeedCNN
 
 
 class Recorder(fx.Interpreter):

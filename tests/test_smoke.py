@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 import fxcompile as fxc
-from fxcompile.models import SeedCNN
+from fxcompile.experiments.models import SeedCNN
 
 
 def test_seed_cnn_compiles_and_trains_one_step():

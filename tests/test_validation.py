@@ -66,7 +66,7 @@ def test_policy_file_errors_name_file_key_and_line(tmp_path):
 
 
 def test_cli_rejects_bad_arguments(tmp_path, monkeypatch):
-    from fxcompile.data import synthetic
+    from fxcompile.experiments.data import synthetic
     monkeypatch.setattr(cli, "_load_data", lambda args: synthetic(n_train=16, n_test=8))
     bad = tmp_path / "bad.toml"
     bad.write_text('[formats]\nweigth = "16.8"\n')

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..assignment import Edge
-from ..policy import Policy, warn_unused
+from ..core.assignment import Edge
+from ..core.policy import Policy, warn_unused
 
 __all__ = ["assign_formats", "VALUE_ROLE", "GRADIENT_ROLE", "edge_roles", "names_of"]
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..formats import FixedPoint
+from ..core.formats import FixedPoint
 
 __all__ = ["calibrate", "TensorStats", "NodeStats", "calibration_json", "save_calibration", "load_calibration",
            "E_MIN", "E_MAX"]
@@ -330,7 +330,7 @@ def calibration_json(*graphs: tuple[str, fx.GraphModule]) -> str:
 
 def save_calibration(qmodel: fx.GraphModule, path: str | Path) -> None:
     """Write the calibration statistics of a compiled model (and its loss graph) as JSON."""
-    from ..inspect import graphs
+    from ..reports.inspect import graphs
     Path(path).write_text(calibration_json(*graphs(qmodel)) + "\n")
 
 

@@ -16,8 +16,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..assignment import Edge
-from ..cast import cast, spec_of
+from ..core.assignment import Edge
+from ..runtime.cast import cast, spec_of
 
 __all__ = ["Cast", "insert_casts", "cast_nodes"]
 
@@ -30,7 +30,7 @@ class Cast(nn.Module):
         self.forward_identity = forward_identity
         self.backward_identity = False  # set by elide_casts when the gradient arrives on its grid
         self.clip_gradient = clip_gradient and edge.role not in ("weight", "bias")
-        self.counters = None  # fxcompile.telemetry.EdgeCounters while telemetry is on
+        self.counters = None  # fxcompile.runtime.telemetry.EdgeCounters while telemetry is on
         self.set_edge(edge)
 
     def set_edge(self, edge: Edge) -> None:

@@ -53,10 +53,10 @@ import networkx as nx
 import numpy as np
 import torch.fx as fx
 
-from ..assignment import Edge
-from ..auto import Auto
+from ..core.assignment import Edge
+from ..core.auto import Auto
 from ..errors import PolicyError
-from ..formats import FixedPoint
+from ..core.formats import FixedPoint
 from .assign import _shape, edge_roles
 
 __all__ = ["choose_formats", "solve", "Solution", "hardware_summary", "ADDERS", "must_share_graph"]
@@ -479,7 +479,7 @@ _MAC_OPS = {"Conv1d", "Conv2d", "Conv3d", "Linear", "linear", "conv1d", "conv2d"
 def hardware_summary(qmodel: fx.GraphModule) -> dict:
     """Distinct formats, bits moved (forward values and gradients, at the calibration batch
     size when calibrated, else at the example input's) and the operand widths of every MAC."""
-    from ..inspect import graphs
+    from ..reports.inspect import graphs
     formats, moved, macs = set(), 0, []
     for prefix, gm in graphs(qmodel):
         for node in gm.graph.nodes:

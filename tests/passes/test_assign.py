@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from fxcompile import Policy, fixed
-from fxcompile.models import ResidualCNN
-from fxcompile.passes import annotate_roles, assign_formats, expose_params, propagate_shapes, trace
+from fxcompile.experiments.models import ResidualCNN
+from fxcompile.frontend import annotate_roles, expose_params, propagate_shapes, trace
+from fxcompile.passes import assign_formats
 
 POLICY = Policy(activation="16.8", gradient="16.10", loss="16.10", weight="24.12", bias="16.8",
                 weight_gradient="20.14", overrides=[{"op": "add", "activation_in": "12.6", "gradient": "12.8"},

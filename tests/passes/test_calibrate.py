@@ -7,8 +7,8 @@ from torch import nn
 
 import fxcompile as fxc
 from fxcompile.compiler import LossGraph
-from fxcompile.models import MLP, ResidualCNN
-from fxcompile.passes import annotate_roles, expose_params, trace
+from fxcompile.experiments.models import MLP, ResidualCNN
+from fxcompile.frontend import annotate_roles, expose_params, trace
 from fxcompile.passes.calibrate import E_MIN, NodeStats, TensorStats, calibrate, calibration_json
 
 

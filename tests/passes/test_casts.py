@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import fxcompile as fxc
 from fxcompile import Policy, cast, fixed
-from fxcompile.models import MLP, ResidualCNN
+from fxcompile.experiments.models import MLP, ResidualCNN
 from fxcompile.passes import Cast
 from fxcompile.passes.casts import cast_nodes
 

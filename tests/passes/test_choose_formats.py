@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxcompile as fxc
-from fxcompile.models import ResidualCNN
+from fxcompile.experiments.models import ResidualCNN
 from fxcompile.passes.choose_formats import _BIG, solve
 
 

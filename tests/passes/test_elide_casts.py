@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxcompile as fxc
-from fxcompile.models import SeedCNN
+from fxcompile.experiments.models import SeedCNN
 from fxcompile.passes.elide_casts import backward_elided_casts, elide_identity_casts, elided_casts
 
 # narrow formats so that activations and gradients saturate often

@@ -1,0 +1,136 @@
+"""``fxc.auto(...)``: a policy that asks the cost model to choose every edge's format.
+
+    >>> policy = fxc.auto(max_formats=3, bits=16)
+    >>> qmodel = fxc.compile(model, policy, loss_fn=nn.CrossEntropyLoss(), calibration_data=batches)
+
+``compile`` then calibrates the graph on ``calibration_data`` (values *and* gradients) and
+runs :func:`fxcompile.passes.choose_formats` instead of reading formats from role tables.
+``bits`` is one width for everything or a width per role (``{"activation": 8,
+"gradient": 8, "weight": 16}``); a tuple of widths lets the solver choose among them,
+paying ``bits_cost`` per bit moved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..errors import PolicyError
+from .formats import MAX_BITS, ROUNDINGS
+from .policy import FALLBACK, ROLES
+
+__all__ = ["Auto", "auto", "OBJECTIVES"]
+
+OBJECTIVES = ("nsr", "reach")
+# where a role's width comes from when the user did not name it
+_BITS_FALLBACK = dict(FALLBACK, bias="weight", loss="gradient")
+
+
+@dataclasses.dataclass(frozen=True)
+class Auto:
+    """The cost model's settings (see :mod:`fxcompile.passes.choose_formats` for the objective).
+
+    ``max_formats``: at most this many distinct (bits, frac) formats in the whole model,
+    forward and backward.  ``objective``: ``"nsr"`` sums each edge's expected
+    noise-to-signal ratio; ``"reach"`` weights each by 1 + the number of values its error
+    reaches through the graph (forward: descendants; backward: ancestors).  ``format_cost``: added per
+    distinct format used (the solver may then use fewer than ``max_formats``).
+    ``bits_cost``: added per bit moved per element, relative to all elements (only matters
+    when ``bits`` offers several widths).  ``fracs``: the candidate binary points.
+    ``gradient_rounding``: the rounding of every backward format.  ``update_rounding``: the
+    rounding of stored weights and biases, which :func:`fxcompile.fixed_point_optimizer`
+    applies to each update (reads of a stored parameter are exact whatever it is);
+    ``"stochastic"``, as in the shipped policies, keeps updates smaller than half a step
+    from being lost.  ``margin``: octaves by
+    which forward values may grow and gradients (and the loss value) shrink after
+    calibration (the cost of a frac is averaged over those drifts; the input is the data,
+    which does not drift), so formats chosen on the untrained model keep headroom for the
+    trained one.  ``None`` (the default) allows 4 octaves for formats of
+    12 bits or more and 1 octave for narrower ones: on the seed CNN at 16 bits, 2 octaves
+    left the trained fc1 outputs saturating 2.4 % of the time and the logits 0.6 %, 4 did
+    not; at 8 bits, 2 or more octaves push the logits' gradient into a format whose range
+    it overflows and training stalls at chance, while 1 octave trains.
+    """
+
+    max_formats: int = 3
+    bits: Any = 16
+    objective: str = "nsr"
+    fracs: tuple[int, int] = (-16, 48)
+    rounding: str = "nearest"
+    gradient_rounding: str = "nearest"
+    update_rounding: str = "stochastic"
+    margin: int | None = None
+    format_cost: float = 0.0
+    bits_cost: float = 0.0
+    clip_gradient: bool = True
+    calibration_batches: int = 8
+    name: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.max_formats, bool) or not isinstance(self.max_formats, int) or self.max_formats < 1:
+            raise PolicyError(f"auto: max_formats must be a positive int, got {self.max_formats!r}")
+        if self.objective not in OBJECTIVES:
+            raise PolicyError(f"auto: objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for field in ("rounding", "gradient_rounding", "update_rounding"):
+            if getattr(self, field) not in ROUNDINGS:
+                raise PolicyError(f"auto: {field} must be one of {ROUNDINGS}, got {getattr(self, field)!r}")
+        if self.margin is not None and (isinstance(self.margin, bool) or not isinstance(self.margin, int)
+                                        or not 0 <= self.margin <= 16):
+            raise PolicyError(f"auto: margin must be None or an int in 0..16 (octaves), got {self.margin!r}")
+        lo, hi = self.fracs
+        if not (isinstance(lo, int) and isinstance(hi, int) and -64 <= lo <= hi <= 64):
+            raise PolicyError(f"auto: fracs must be (lo, hi) ints within -64..64, got {self.fracs!r}")
+        bits = self.bits if isinstance(self.bits, dict) else {"default": self.bits}
+        for role, widths in bits.items():
+            if role != "default" and role not in ROLES:
+                raise PolicyError(f"auto: bits has unknown role {role!r}; roles are {', '.join(ROLES)}")
+            for w in _widths(widths):
+                if isinstance(w, bool) or not isinstance(w, int) or not 2 <= w <= MAX_BITS:
+                    raise PolicyError(f"auto: bits[{role!r}] must be ints in 2..{MAX_BITS}, got {widths!r}")
+        if isinstance(self.bits, dict):
+            object.__setattr__(self, "bits", dict(self.bits))
+
+    def bits_for(self, role: str) -> tuple[int, ...]:
+        """The candidate widths of a role: its own entry, else its coarser role's, else 16."""
+        if not isinstance(self.bits, dict):
+            return _widths(self.bits)
+        r = role
+        while r not in self.bits:
+            if r not in _BITS_FALLBACK:
+                return _widths(self.bits.get("default", 16))
+            r = _BITS_FALLBACK[r]
+        return _widths(self.bits[r])
+
+    def margin_for(self, bits: int) -> int:
+        """Octaves of drift allowed for a format of ``bits`` bits (see ``margin``)."""
+        if self.margin is not None:
+            return self.margin
+        return 4 if bits >= 12 else 1
+
+    def describe(self) -> str:
+        if self.name:
+            return self.name
+        bits = self.bits if not isinstance(self.bits, dict) else ",".join(f"{k}={v}" for k, v in self.bits.items())
+        extra = f", gradient_rounding={self.gradient_rounding}" if self.gradient_rounding != "nearest" else ""
+        extra += f", update_rounding={self.update_rounding}" if self.update_rounding != "stochastic" else ""
+        extra += f", margin={self.margin}" if self.margin is not None else ""
+        return f"auto(K={self.max_formats}, bits={bits}, objective={self.objective}{extra})"
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def _widths(w) -> tuple[int, ...]:
+    return tuple(sorted(set(w))) if isinstance(w, (tuple, list, set, frozenset)) else (w,)
+
+
+def auto(max_formats: int = 3, bits: Any = 16, objective: str = "nsr", **options) -> Auto:
+    """A policy that chooses each edge's format from calibration under a budget of formats.
+
+        fxc.auto(max_formats=3, bits=16)
+        # 8-bit activations and gradients: the setting measured in benchmarks/auto_formats_results.md
+        # (the input image may share the weights' 16-bit format: no extra format)
+        fxc.auto(max_formats=3, bits={"activation": 8, "gradient": 8, "weight": 16, "loss": 16, "input": 16},
+                 gradient_rounding="stochastic", objective="reach")
+    """
+    return Auto(max_formats=max_formats, bits=bits, objective=objective, **options)

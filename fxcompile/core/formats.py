@@ -1,0 +1,225 @@
+"""Fixed-point formats.
+
+A :class:`FixedPoint` names a set of representable values ``(code - zero_point) * 2**-frac``
+where ``code`` is an integer of ``bits`` bits.  ``fixed(16, 8)`` and the string ``"16.8"``
+name the same format::
+
+    >>> fixed(16, 8) == FixedPoint.parse("16.8")
+    True
+    >>> fixed(16, 8).max_value
+    127.99609375
+
+Semantics, kept identical in every backend (torch simulation, integer reference, ONNX):
+
+* ``rounding="nearest"`` rounds half to even (``torch.round``, ONNX ``QuantizeLinear``,
+  hls4ml ``AP_RND_CONV``).  ``floor`` rounds toward -inf, ``toward_zero`` truncates,
+  ``stochastic`` rounds up with probability equal to the fractional remainder.
+* ``mode="symmetric"`` has zero point 0 and a narrow range: a signed b-bit format saturates
+  at ``±(2**(b-1) - 1)`` codes, so negation never overflows.  ``mode="asymmetric"`` uses the
+  full code range and an integer ``zero_point`` (chosen from an observed range by
+  :meth:`FixedPoint.fit_zero_point`); the scale is always a power of two.
+* ``overflow="saturate"`` clamps to the range; ``overflow="wrap"`` wraps two's-complement
+  style over all ``2**bits`` codes (as hardware registers do).
+* NaN and ±Inf are not numbers a fixed-point register can hold; the cast turns them into NaN
+  (never into a number) so they stay visible to the user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import torch
+
+from ..errors import FormatError
+
+__all__ = ["FixedPoint", "fixed", "as_format", "ROUNDINGS", "OVERFLOWS", "MODES"]
+
+ROUNDINGS = ("nearest", "stochastic", "floor", "toward_zero")
+OVERFLOWS = ("saturate", "wrap")
+MODES = ("symmetric", "asymmetric")
+MAX_BITS = 32
+MAX_ABS_FRAC = 64
+
+_PATTERN = re.compile(r"^\s*(u?)(\d+)\.(-?\d+)\s*((?:,\s*[\w=+-]+\s*)*)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedPoint:
+    """A fixed-point number format: ``bits`` total bits, ``frac`` fractional bits."""
+
+    bits: int
+    frac: int
+    signed: bool = True
+    mode: str = "symmetric"
+    rounding: str = "nearest"
+    overflow: str = "saturate"
+    zero_point: int = 0
+
+    def __post_init__(self):
+        for name in ("bits", "frac", "zero_point"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise FormatError(f"FixedPoint.{name} must be an int, got {value!r}")
+        if not isinstance(self.signed, bool):
+            raise FormatError(f"FixedPoint.signed must be a bool, got {self.signed!r}")
+        if not 1 <= self.bits <= MAX_BITS:
+            raise FormatError(f"FixedPoint.bits must be in 1..{MAX_BITS}, got {self.bits}")
+        if self.signed and self.bits < 2:
+            raise FormatError("FixedPoint.bits must be >= 2 for a signed format (one bit is the sign)")
+        if abs(self.frac) > MAX_ABS_FRAC:
+            raise FormatError(f"FixedPoint.frac must be in -{MAX_ABS_FRAC}..{MAX_ABS_FRAC}, got {self.frac}")
+        if self.mode not in MODES:
+            raise FormatError(f"FixedPoint.mode must be one of {MODES}, got {self.mode!r}")
+        if self.rounding not in ROUNDINGS:
+            raise FormatError(f"FixedPoint.rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.overflow not in OVERFLOWS:
+            raise FormatError(f"FixedPoint.overflow must be one of {OVERFLOWS}, got {self.overflow!r}")
+        if self.mode == "symmetric" and self.zero_point != 0:
+            raise FormatError(f"FixedPoint.zero_point must be 0 in symmetric mode, got {self.zero_point}")
+        lo, hi = self._full_range()
+        if not lo <= self.zero_point <= hi:
+            raise FormatError(f"FixedPoint.zero_point {self.zero_point} is outside the {self.bits}-bit code range {lo}..{hi}")
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str) -> FixedPoint:
+        """Parse ``"16.8"``, ``"u8.8"`` or ``"16.8,stochastic,wrap,asymmetric,zp=3"``."""
+        if not isinstance(text, str):
+            raise FormatError(f"a format string looks like '16.8', got {text!r}")
+        m = _PATTERN.match(text)
+        if not m:
+            raise FormatError(f"cannot parse format {text!r}: write '<bits>.<frac>' such as '16.8' "
+                              "(prefix 'u' for unsigned, options after commas, e.g. '16.8,stochastic')")
+        kwargs: dict[str, Any] = {"bits": int(m.group(2)), "frac": int(m.group(3)), "signed": not m.group(1)}
+        for opt in filter(None, (o.strip() for o in m.group(4).split(","))):
+            if opt in ROUNDINGS:
+                kwargs["rounding"] = opt
+            elif opt in OVERFLOWS:
+                kwargs["overflow"] = opt
+            elif opt in MODES:
+                kwargs["mode"] = opt
+            elif re.fullmatch(r"zp=[+-]?\d+", opt):
+                kwargs["zero_point"] = int(opt[3:])
+            else:
+                raise FormatError(f"unknown option {opt!r} in format {text!r}; options are "
+                                  f"{ROUNDINGS + OVERFLOWS + MODES} and zp=<int>")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FixedPoint:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise FormatError(f"unknown format field(s) {sorted(unknown)}; fields are {sorted(fields)}")
+        missing = {"bits", "frac"} - set(data)
+        if missing:
+            raise FormatError(f"format is missing field(s) {sorted(missing)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> FixedPoint:
+        return dataclasses.replace(self, **changes)
+
+    def __str__(self) -> str:
+        text = f"{'' if self.signed else 'u'}{self.bits}.{self.frac}"
+        for name, default in (("rounding", "nearest"), ("overflow", "saturate"), ("mode", "symmetric")):
+            if getattr(self, name) != default:
+                text += f",{getattr(self, name)}"
+        if self.zero_point:
+            text += f",zp={self.zero_point}"
+        return text
+
+    # ---- ranges -------------------------------------------------------------------------
+    def _full_range(self) -> tuple[int, int]:
+        if self.signed:
+            return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        return 0, (1 << self.bits) - 1
+
+    @property
+    def code_min(self) -> int:
+        """Smallest code the format produces (saturation bound; narrow when symmetric)."""
+        lo, _ = self._full_range()
+        narrow = self.signed and self.mode == "symmetric" and self.overflow == "saturate"
+        return lo + 1 if narrow else lo
+
+    @property
+    def code_max(self) -> int:
+        return self._full_range()[1]
+
+    @property
+    def scale(self) -> float:
+        """Value of one code step, ``2**-frac``."""
+        return 2.0 ** -self.frac
+
+    @property
+    def min_value(self) -> float:
+        return (self.code_min - self.zero_point) * self.scale
+
+    @property
+    def max_value(self) -> float:
+        return (self.code_max - self.zero_point) * self.scale
+
+    @property
+    def integer_bits(self) -> int:
+        """Bits left of the binary point, sign included (hls4ml's ``I`` in ``ap_fixed<W,I>``)."""
+        return self.bits - self.frac
+
+    def fit_zero_point(self, lo: float, hi: float) -> FixedPoint:
+        """Asymmetric mode: the format whose zero point centres the observed range [lo, hi]."""
+        if self.mode != "asymmetric":
+            raise FormatError("FixedPoint.mode must be 'asymmetric' to choose a zero_point")
+        full_lo, full_hi = self._full_range()
+        mid_code = (full_lo + full_hi) / 2
+        zp = round(mid_code - (lo + hi) / 2 / self.scale)
+        return self.replace(zero_point=int(min(max(zp, full_lo), full_hi)))
+
+    # ---- tensors ------------------------------------------------------------------------
+    def spec(self) -> list[int]:
+        """The format as the int list the cast kernels take (see :mod:`fxcompile.runtime.cast`)."""
+        return [self.frac, self.code_min, self.code_max, self.zero_point,
+                ROUNDINGS.index(self.rounding), OVERFLOWS.index(self.overflow)]
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Round ``x`` to this format (the cast without autograd); same dtype as ``x``."""
+        from ..runtime.cast import quantize
+        return quantize(x, self.spec())
+
+    def to_codes(self, x: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """Integer codes of ``x`` rounded to this format (NaN/Inf are an error here)."""
+        if not torch.isfinite(x).all():
+            raise FormatError(f"cannot encode non-finite values in format {self}")
+        y = self.quantize(x.double())
+        return torch.round(y * 2.0 ** self.frac).to(dtype) + self.zero_point
+
+    def from_codes(self, q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return ((q.to(torch.float64) - self.zero_point) * self.scale).to(dtype)
+
+    def representable(self, x: torch.Tensor) -> torch.Tensor:
+        """Bool mask: which elements of ``x`` are exactly values of this format."""
+        t = x.double() * 2.0 ** self.frac + self.zero_point
+        return (t == torch.round(t)) & (t >= self.code_min) & (t <= self.code_max)
+
+
+def fixed(bits: int, frac: int, **options) -> FixedPoint:
+    """Shorthand: ``fixed(16, 8)`` is the study's activation format."""
+    return FixedPoint(bits, frac, **options)
+
+
+def as_format(value: Any, where: str = "format") -> FixedPoint | None:
+    """Accept a FixedPoint, a '16.8' string, a dict, a (bits, frac) pair, or None (float)."""
+    if value is None or isinstance(value, FixedPoint):
+        return value
+    try:
+        if isinstance(value, str):
+            return None if value.strip().lower() in ("float", "fp32", "none") else FixedPoint.parse(value)
+        if isinstance(value, dict):
+            return FixedPoint.from_dict(value)
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            return FixedPoint(*value)
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
+    raise FormatError(f"{where}: expected a format such as '16.8' or fixed(16, 8), got {value!r}")

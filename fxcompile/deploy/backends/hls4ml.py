@@ -1,0 +1,296 @@
+"""FPGA handoff: a compiled fixed-point model as an hls4ml project, bit-exact with the integer graph.
+
+:func:`to_hls4ml` folds batch norm and lowers ``qmodel`` (as :func:`fxcompile.deploy.export.integer_graph`
+does), rebuilds the integer graph as a plain PyTorch model whose parameters are the exact
+parameter values, converts it with hls4ml's PyTorch front-end and gives every hls4ml layer
+the ``ap_fixed`` types that make its C++ compute exactly what the integer reference
+(:mod:`fxcompile.deploy.backends.integer`) computes:
+
+* the input layer's type is the input edge's format (the float → fixed conversion rounds
+  and saturates like ``quantize``),
+* a conv/dense layer's ``weight``/``bias`` types are its parameter edges' formats and its
+  ``accum`` type has the accumulator's binary point (``max(frac_x + frac_w, frac_b)``) and
+  enough integer bits for the largest possible sum of the layer's actual weights, so
+  accumulation is exact; its ``result`` type is the format of the cast that follows it,
+  so the one rounding and saturation of ``requantize`` happen in the conversion
+  ``accum → result``,
+* ReLU, max pooling and flatten keep their input's type (or take the format of a cast
+  that follows them).
+
+Formats map one to one onto ``ap_[u]fixed<W, W - frac, Q, O>``: rounding ``nearest`` (ties
+to even) → ``AP_RND_CONV``, ``floor`` → ``AP_TRN``, ``toward_zero`` → ``AP_TRN_ZERO``;
+overflow ``saturate`` → ``AP_SAT_SYM`` for a signed symmetric format (narrow range),
+``AP_SAT`` otherwise; ``wrap`` → ``AP_WRAP``.  Stochastic rounding on a forward value and
+nonzero zero points have no ``ap_fixed`` equivalent: :class:`~fxcompile.errors.ExportError`
+names the edge and the format.  (Parameters stored under a stochastic *update* rounding
+already lie on their grid and map like ``nearest``, as in the lowering.)
+
+hls4ml is an optional dependency (``pip install -e ".[hls]"``); C simulation needs only
+``g++``::
+
+    >>> hls_model = fxc.to_hls4ml(qmodel, "build/hls", example_inputs=(x[:1],))
+    >>> hls_model.compile()                       # builds the C++ model with g++
+    >>> y = hls_model.predict(x.numpy())          # equals run_integer(graph, x) bit for bit
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ...errors import ExportError
+from ...core.formats import FixedPoint
+from ..fold_bn import fold_bn
+from ..lower import IntegerGraph, IntOp, lower
+
+__all__ = ["to_hls4ml", "hls_precision", "hls_plan", "HlsLayer", "ROUNDING", "require_hls4ml", "predict_codes"]
+
+ROUNDING = {"nearest": "AP_RND_CONV", "floor": "AP_TRN", "toward_zero": "AP_TRN_ZERO"}
+_PASSTHROUGH = ("relu", "max_pool2d", "reshape")
+
+
+def require_hls4ml():
+    """Import hls4ml, or raise :class:`ImportError` saying how to install it."""
+    try:
+        import hls4ml
+    except ImportError as e:
+        raise ImportError("the hls4ml handoff needs hls4ml: pip install 'fxcompile[hls]' "
+                          "(or pip install -e '.[hls]' in a checkout)") from e
+    return hls4ml
+
+
+def hls_precision(fmt: FixedPoint, where: str = "format", parameter: bool = False) -> str:
+    """The ``ap_[u]fixed<W, I, Q, O>`` string that holds exactly the values of ``fmt``.
+
+    ``parameter=True`` maps stochastic rounding like ``nearest`` (stored parameters are on
+    their grid already); otherwise it raises :class:`ExportError`, as does a nonzero zero point.
+
+        >>> hls_precision(fixed(16, 8))
+        'ap_fixed<16,8,AP_RND_CONV,AP_SAT_SYM>'
+    """
+    if fmt.zero_point:
+        raise ExportError(f"{where} has format {fmt} with zero point {fmt.zero_point}; ap_fixed types have no "
+                          "zero point: use a symmetric format (or zero_point=0) for this edge before the hls4ml handoff")
+    rounding = fmt.rounding
+    if rounding == "stochastic":
+        if not parameter:
+            raise ExportError(f"{where} has format {fmt}: stochastic rounding has no ap_fixed equivalent; give this "
+                              "edge (or its role in the policy) rounding 'nearest', 'floor' or 'toward_zero'")
+        rounding = "nearest"
+    if fmt.overflow == "wrap":
+        overflow = "AP_WRAP"
+    elif fmt.signed and fmt.code_min == -fmt.code_max:
+        overflow = "AP_SAT_SYM"
+    else:
+        overflow = "AP_SAT"
+    kind = "ap_fixed" if fmt.signed else "ap_ufixed"
+    return f"{kind}<{fmt.bits},{fmt.bits - fmt.frac},{ROUNDING[rounding]},{overflow}>"
+
+
+def _accumulator(width: int, frac: int) -> str:
+    # The accumulator never rounds or overflows (its width covers every possible sum), so
+    # its modes are irrelevant; truncation/wrap are the cheapest in hardware.
+    return f"ap_fixed<{width},{width - frac},AP_TRN,AP_WRAP>"
+
+
+@dataclasses.dataclass
+class HlsLayer:
+    """One hls4ml layer: its name (a PyTorch module name), kind and precisions (``ap_fixed`` strings)."""
+
+    name: str
+    kind: str
+    module: nn.Module | None
+    precision: dict[str, str]
+    edges: dict[str, str] = dataclasses.field(default_factory=dict)  # precision key → fxcompile edge name
+    shape: tuple | None = None  # the input layer's shape without the batch dimension
+
+
+def _cast_edges(gm: fx.GraphModule) -> dict[str, object]:
+    return {n.name: n.meta["fxc_edge"] for n in gm.graph.nodes if "fxc_edge" in n.meta}
+
+
+def _parameter_format(edges, node: fx.Node, index: int):
+    arg = node.args[index] if len(node.args) > index else None
+    if arg is None:
+        return None, None
+    edge = edges.get(arg.name)
+    if edge is None or edge.forward is None:
+        raise ExportError(f"node {node.name!r}: its parameter {arg.name!r} has no fixed-point format")
+    return edge, edge.forward
+
+
+def _accumulator_width(op: IntOp, x_fmt: FixedPoint, where: str) -> int:
+    """Bits (with sign) that hold every partial sum of ``op`` for any input in ``x_fmt``."""
+    if x_fmt is None:
+        raise ExportError(f"{where}: its input has no fixed-point format of its own (an unrounded sum); "
+                          "put a cast before it")
+    x_max = max(abs(x_fmt.code_min - x_fmt.zero_point), abs(x_fmt.code_max - x_fmt.zero_point))
+    w = op.attrs["weight"].abs().flatten(1).sum(1)
+    bound = w * x_max
+    if op.attrs["bias"] is not None:
+        bound = bound + op.attrs["bias"].abs()
+    return max(int(bound.max()).bit_length() + 1, 2)
+
+
+def _torch_layer(op: IntOp, x_frac: int, in_channels: int) -> nn.Module:
+    weight = op.attrs["weight"].double() * 2.0 ** -(op.frac - x_frac)
+    bias = None if op.attrs["bias"] is None else op.attrs["bias"].double() * 2.0 ** -op.frac
+    if op.op == "linear":
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        layer = nn.Conv2d(in_channels, weight.shape[0], tuple(weight.shape[2:]), stride=op.attrs["stride"],
+                          padding=op.attrs["padding"], dilation=op.attrs["dilation"], bias=bias is not None)
+    layer = layer.double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def hls_plan(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> tuple[IntegerGraph, list[HlsLayer]]:
+    """The integer graph of ``qmodel`` and the hls4ml layers (with precisions) that compute it.
+
+    Raises :class:`ExportError` for a graph hls4ml's sequential layers cannot express (more
+    than one input or output, residual adds, average pooling, a cast not right after a layer)
+    and for formats without an ``ap_fixed`` equivalent (naming the edge and the format).
+    """
+    if not isinstance(qmodel, fx.GraphModule):
+        raise ExportError(f"expected a model compiled with fxc.compile, got {type(qmodel).__name__}")
+    folded = fold_bn(qmodel)
+    graph = lower(folded, tuple(example_inputs))
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise ExportError(f"the hls4ml handoff takes one input and one output, got inputs {graph.inputs} "
+                          f"and outputs {graph.outputs}")
+    edges = _cast_edges(folded)
+    nodes = {n.name: n for n in folded.graph.nodes}
+    layers: list[HlsLayer] = []
+    fmts: dict[str, FixedPoint | None] = {}     # value name → format of its hls4ml type (None: accumulator)
+    types: dict[str, str] = {}                  # value name → hls4ml type string
+    channels: dict[str, int] = {}
+    produced_by: dict[str, HlsLayer] = {}
+    users = collections.Counter(i for op in graph.ops for i in op.inputs)
+
+    for op in graph.ops:
+        edge = edges.get(op.source)
+        where = f"edge {edge.name!r}" if edge is not None else f"node {op.source!r}"
+        if op.op == "quantize":
+            shape = graph.input_shapes[0]
+            layer = HlsLayer("input", "input", None, {"result": hls_precision(op.fmt, where)}, {"result": edge.name},
+                             shape=tuple(shape[1:]))
+            fmts[op.out], types[op.out], channels[op.out] = op.fmt, layer.precision["result"], shape[1]
+        elif op.op == "requantize":
+            src = op.inputs[0]
+            layer = produced_by.get(src)
+            if layer is None or users[src] != 1 or layer.kind == "input":
+                raise ExportError(f"{where}: a cast that does not directly follow a conv, linear, ReLU or pooling "
+                                  "layer has no hls4ml layer to carry it; hls4ml rounds only at layer outputs")
+            layer.precision["result"] = hls_precision(op.fmt, where)
+            layer.edges["result"] = edge.name
+            fmts[op.out], types[op.out], channels[op.out] = op.fmt, layer.precision["result"], channels[src]
+            produced_by[op.out] = layer
+            continue
+        elif op.op in ("linear", "conv2d"):
+            x = op.inputs[0]
+            node = nodes[op.source]
+            w_edge, w_fmt = _parameter_format(edges, node, 1)
+            b_edge, b_fmt = _parameter_format(edges, node, 2)
+            x_frac = graph.op_of(x).frac
+            width = _accumulator_width(op, fmts[x], f"node {op.source!r} ({op.op})")
+            accum = _accumulator(width, op.frac)
+            precision = {"weight": hls_precision(w_fmt, f"edge {w_edge.name!r}", parameter=True),
+                         "accum": accum, "result": accum}
+            names = {"weight": w_edge.name}
+            if b_fmt is not None:
+                precision["bias"] = hls_precision(b_fmt, f"edge {b_edge.name!r}", parameter=True)
+                names["bias"] = b_edge.name
+            module = _torch_layer(op, x_frac, channels[x])
+            layer = HlsLayer(op.source, op.op, module, precision, names)
+            fmts[op.out], types[op.out] = None, accum
+            channels[op.out] = op.attrs["weight"].shape[0]
+        elif op.op in _PASSTHROUGH:
+            x = op.inputs[0]
+            if op.op == "relu":
+                module = nn.ReLU()
+            elif op.op == "max_pool2d":
+                module = nn.MaxPool2d(op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"],
+                                      op.attrs["dilation"])
+            else:
+                if list(op.attrs["shape"][2:]):
+                    raise ExportError(f"node {op.source!r}: only a flatten to (batch, features) converts to hls4ml")
+                if produced_by[x].kind == "input":
+                    # flattening the input is the caller's reshape: hls4ml takes a flat input
+                    # (its channels-last conversion of a leading flatten permutes weights wrongly)
+                    produced_by[x].shape = tuple(op.attrs["shape"][1:])
+                    fmts[op.out], types[op.out], channels[op.out] = fmts[x], types[x], channels[x]
+                    produced_by[op.out] = produced_by[x]
+                    continue
+                module = nn.Flatten()
+            layer = HlsLayer(op.source, op.op, module, {"result": types[x]})
+            if op.op == "max_pool2d":
+                layer.precision["accum"] = types[x]
+            fmts[op.out], types[op.out], channels[op.out] = fmts[x], types[x], channels[x]
+        elif op.op == "dequantize":
+            continue
+        else:
+            raise ExportError(f"node {op.source!r} ({op.op}) has no hls4ml layer in this handoff; it converts "
+                              f"sequential models of {', '.join(('conv2d', 'linear') + _PASSTHROUGH)}")
+        layers.append(layer)
+        produced_by[op.out] = layer
+    return graph, layers
+
+
+def _sequential(layers: list[HlsLayer]) -> nn.Sequential:
+    return nn.Sequential(collections.OrderedDict((l.name, l.module) for l in layers if l.module is not None))
+
+
+def to_hls4ml(qmodel: fx.GraphModule, output_dir: str | os.PathLike, example_inputs: Sequence[torch.Tensor],
+              backend: str = "Vivado", project_name: str = "myproject", part: str | None = None,
+              clock_period: float = 5, write: bool = True):
+    """Convert ``qmodel`` to an hls4ml ``ModelGraph`` in ``output_dir`` and (``write``) write the project.
+
+    The result's C simulation (``hls_model.compile()``, ``hls_model.predict(x)``) gives the
+    integer reference's outputs bit for bit; ``x`` is in PyTorch's layout (channels first).
+    The project is ``io_parallel`` with the ``Latency`` strategy and reuse factor 1, the
+    configuration whose arithmetic is checked; ``backend`` (checked: ``Vivado``), ``part``
+    and ``clock_period`` go to hls4ml unchanged.
+    """
+    hls4ml = require_hls4ml()
+    graph, layers = hls_plan(qmodel, example_inputs)
+    model = _sequential(layers)
+    input_shape = layers[0].shape
+    config = hls4ml.utils.config_from_pytorch_model(
+        model, input_shape, granularity="name", backend=backend, default_precision=layers[0].precision["result"],
+        # 'full': the design takes PyTorch's channels-first input and transposes it itself; it
+        # also brings the weights (dense ones too) into hls4ml's layout
+        default_reuse_factor=1, channels_last_conversion="full")
+    layer_config = config["LayerName"]
+    input_name = next(iter(n for n in layer_config if n not in {l.name for l in layers}))
+    for layer in layers:
+        name = input_name if layer.kind == "input" else layer.name
+        layer_config.setdefault(name, {}).setdefault("Precision", {}).update(layer.precision)
+        for key, value in list(layer_config[name]["Precision"].items()):
+            if value == "auto":
+                raise ExportError(f"hls4ml layer {name!r} has a precision {key!r} this handoff does not set")
+    kwargs = {"part": part} if part else {}
+    hls_model = hls4ml.converters.convert_from_pytorch_model(
+        model, hls_config=config, output_dir=str(output_dir), project_name=project_name, backend=backend,
+        io_type="io_parallel", clock_period=clock_period, **kwargs)
+    if write:
+        hls_model.write()
+    return hls_model
+
+
+def predict_codes(hls_model, x: torch.Tensor, frac: int) -> torch.Tensor:
+    """Run ``hls_model``'s C simulation on ``x`` (float, PyTorch layout) and return the output
+    codes at binary point ``frac`` (int64, one row per input)."""
+    import numpy as np
+    data = np.ascontiguousarray(x.detach().double().reshape(len(x), -1).numpy())
+    y = np.asarray(hls_model.predict(data), dtype=np.float64).reshape(len(x), -1)
+    return torch.from_numpy(np.round(y * 2.0 ** frac).astype(np.int64))

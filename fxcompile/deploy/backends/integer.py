@@ -1,0 +1,92 @@
+"""The integer reference executor: runs an :class:`IntegerGraph` on PyTorch int64 tensors.
+
+Every op between ``quantize`` and ``dequantize`` is exact integer arithmetic (int64 sums of
+int64 products, rounding shifts from :func:`fxcompile.deploy.lower.round_shift`), so the
+result is bit-true by construction; it is the oracle the ONNX export is checked against::
+
+    >>> graph = lower(fold_bn(qmodel), (x,))
+    >>> (y,) = run_integer(graph, x)                 # float32, like qmodel(x)
+    >>> (codes,) = run_integer(graph, x, codes=True)  # int64 codes of the output format
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ...core.formats import FixedPoint
+from ..lower import IntegerGraph, IntOp, round_shift, saturate
+
+__all__ = ["run_integer", "KERNELS", "quantize_input"]
+
+
+def quantize_input(x: torch.Tensor, fmt: FixedPoint) -> torch.Tensor:
+    """Float → centred int64 codes of ``fmt``: scale by 2**frac, round, saturate or wrap."""
+    t = x.double() * 2.0 ** fmt.frac  # exact: a power-of-two scale of a float32
+    t = {"nearest": torch.round, "floor": torch.floor, "toward_zero": torch.trunc}[fmt.rounding](t)
+    if fmt.overflow == "saturate":  # clamp in float first, so huge inputs cannot overflow int64
+        return t.clamp(fmt.code_min - fmt.zero_point, fmt.code_max - fmt.zero_point).to(torch.int64)
+    return saturate(t.to(torch.int64), fmt)
+
+
+def _windows(x: torch.Tensor, kernel, stride, dilation=(1, 1)):
+    """Strided views of ``x`` (N, C, H, W), one per kernel offset: the im2col of pooling."""
+    n, c, h, w = x.shape
+    ho = (h - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (w - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            yield x[:, :, i * dilation[0]: i * dilation[0] + stride[0] * (ho - 1) + 1: stride[0],
+                    j * dilation[1]: j * dilation[1] + stride[1] * (wo - 1) + 1: stride[1]]
+
+
+def _max_pool2d(op: IntOp, x):
+    ph, pw = op.attrs["padding"]
+    if ph or pw:  # padding never wins a max: pad with the smallest int64
+        x = F.pad(x, (pw, pw, ph, ph), value=torch.iinfo(torch.int64).min)
+    out = None
+    for win in _windows(x, op.attrs["kernel"], op.attrs["stride"], op.attrs["dilation"]):
+        out = win.clone() if out is None else torch.maximum(out, win)
+    return out
+
+
+def _sum_pool2d(op: IntOp, x):
+    return sum(_windows(x, op.attrs["kernel"], op.attrs["stride"]))
+
+
+def _add(op: IntOp, a, b):
+    sa, sb = op.attrs["shifts"]
+    return (a << sa) + (b << sb)
+
+
+def _reshape(op: IntOp, x):
+    shape = [x.shape[i] if d == 0 else d for i, d in enumerate(op.attrs["shape"])]
+    return x.reshape(shape)
+
+
+KERNELS: dict[str, Callable] = {
+    "quantize": lambda op, x: quantize_input(x, op.attrs["fmt"]),
+    "requantize": lambda op, x: saturate(round_shift(x, op.attrs["shift"], op.attrs["fmt"].rounding), op.attrs["fmt"]),
+    "conv2d": lambda op, x: F.conv2d(x, op.attrs["weight"], op.attrs["bias"], op.attrs["stride"],
+                                     op.attrs["padding"], op.attrs["dilation"]),
+    "linear": lambda op, x: F.linear(x, op.attrs["weight"], op.attrs["bias"]),
+    "relu": lambda op, x: x.clamp_min(0),
+    "max_pool2d": _max_pool2d,
+    "sum_pool2d": _sum_pool2d,
+    "add": _add,
+    "reshape": _reshape,
+    "dequantize": lambda op, x: (x.double() * 2.0 ** -op.frac).float(),
+}
+
+
+def run_integer(graph: IntegerGraph, *inputs: torch.Tensor, codes: bool = False) -> list[torch.Tensor]:
+    """Run ``graph`` on float inputs; float32 outputs, or their int64 codes with ``codes=True``."""
+    env = dict(zip(graph.inputs, inputs))
+    for op in graph.ops:
+        if codes and op.op == "dequantize":
+            env[op.out] = env[op.inputs[0]]
+            continue
+        env[op.out] = KERNELS[op.op](op, *(env[i] for i in op.inputs))
+    return [env[o] for o in graph.outputs]

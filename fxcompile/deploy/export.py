@@ -1,0 +1,136 @@
+"""Deploy: a trained fixed-point model as an integer graph, and as an ONNX file.
+
+``integer_graph`` chains the deploy passes (fold batch norm, lower to integer ops);
+``export_onnx`` writes that graph as ONNX that ONNX Runtime runs bit-exactly, or, with
+``flavour="qdq"`` or ``"qonnx"``, the BN-folded float model with QuantizeLinear/DequantizeLinear
+pairs (:mod:`fxcompile.deploy.backends.qdq`) or QONNX ``Quant`` nodes (:mod:`fxcompile.deploy.backends.qonnx`)
+at every fixed-point edge::
+
+    qmodel = fxc.compile(model, fxc.baseline(), loss_fn=nn.CrossEntropyLoss())
+    ...train...
+    fxc.export_onnx(qmodel, "model.onnx", example_inputs=(x[:1],))
+    fxc.export_onnx(qmodel, "model_qdq.onnx", example_inputs=(x[:1],), flavour="qdq")
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+import torch
+import torch.fx as fx
+
+from .backends.onnx import to_onnx
+from .backends.qdq import to_qdq
+from .backends.qonnx import to_qonnx
+from ..errors import ExportError
+from .fold_bn import fold_bn
+from .lower import IntegerGraph, lower
+
+__all__ = ["integer_graph", "export_onnx", "onnx_session", "verify", "FLAVOURS"]
+
+FLAVOURS = ("integer", "qdq", "qonnx")
+
+
+def integer_graph(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> IntegerGraph:
+    """The integer program of ``qmodel`` (batch norms folded; see :mod:`fxcompile.deploy.lower`)."""
+    if not isinstance(qmodel, fx.GraphModule):
+        raise ExportError(f"expected a model compiled with fxc.compile, got {type(qmodel).__name__}")
+    return lower(fold_bn(qmodel), tuple(example_inputs))
+
+
+def export_onnx(qmodel: fx.GraphModule, path: str | os.PathLike, example_inputs: Sequence[torch.Tensor],
+                flavour: str = "integer") -> onnx.ModelProto:
+    """Write ``qmodel``'s integer graph to ``path`` as ONNX and return the model.
+
+    Float input → quantizer → int64 ops only → dequantizer → float output ``output`` (plus its
+    int64 codes ``output_codes``); the batch dimension is free.  ``flavour="qdq"`` writes the
+    QDQ model and ``"qonnx"`` the QONNX model instead (float output ``output``; not bit-exact:
+    see their modules).  The model passes ``onnx.checker.check_model(full_check=True)``.
+    The file is written to a temporary name and renamed, so a failed export leaves nothing at
+    ``path``; raises :class:`ExportError` naming every node that does not lower (or, for the
+    other flavours, every edge whose format the flavour cannot write).
+    """
+    path = Path(path)
+    if flavour not in FLAVOURS:
+        raise ExportError(f"unknown export flavour {flavour!r}; flavours are {', '.join(FLAVOURS)}")
+    if flavour == "integer":
+        model = to_onnx(integer_graph(qmodel, example_inputs), name=type(qmodel).__name__)
+    else:
+        if not isinstance(qmodel, fx.GraphModule):
+            raise ExportError(f"expected a model compiled with fxc.compile, got {type(qmodel).__name__}")
+        to_flavour = to_qdq if flavour == "qdq" else to_qonnx
+        model = to_flavour(fold_bn(qmodel), tuple(example_inputs), name=type(qmodel).__name__)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported graph is not valid ONNX: {e}") from e
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return model
+
+
+def onnx_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime CPU session for an exported model (a ModelProto or a file)."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def verify(qmodel: fx.GraphModule, model: onnx.ModelProto | str | os.PathLike, x: torch.Tensor,
+           y: torch.Tensor | None = None, batch_size: int = 500) -> dict:
+    """Run the exported ``model`` (ONNX Runtime), the integer reference and ``qmodel`` (the
+    float fixed-point simulation, eval mode) on ``x`` and compare them.
+
+    Returns ``mismatches`` (output codes where ORT differs from the integer reference),
+    ``outputs`` (number of output codes), ``top1_agreement`` (fraction of rows whose argmax
+    agrees between the integer graph and the simulation), ``max_code_difference`` (largest
+    |integer − simulation| in output codes), and with labels ``y`` the accuracy of each.
+    """
+    graph = integer_graph(qmodel, (x[:1],))
+    out_op = graph.op_of(graph.outputs[0])
+    session = onnx_session(model)
+    input_name = session.get_inputs()[0].name
+    from .backends.integer import run_integer
+    was_training = qmodel.training
+    qmodel.eval()
+    stats = {"mismatches": 0, "outputs": 0, "agree": 0, "max_code_difference": 0, "correct": [0, 0, 0]}
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size]
+            _, ort_codes = session.run(None, {input_name: xb.numpy()})
+            (ref_codes,) = run_integer(graph, xb, codes=True)
+            with torch.no_grad():
+                sim = qmodel(xb)
+            sim_codes = torch.round(sim.double() * 2.0 ** out_op.frac).to(torch.int64)
+            ort_codes = torch.from_numpy(ort_codes)
+            stats["mismatches"] += int((ort_codes != ref_codes).sum())
+            stats["outputs"] += ref_codes.numel()
+            stats["agree"] += int((ref_codes.argmax(1) == sim.argmax(1)).sum())
+            stats["max_code_difference"] = max(stats["max_code_difference"], int((ref_codes - sim_codes).abs().max()))
+            if y is not None:
+                yb = y[i:i + batch_size]
+                for k, pred in enumerate((ort_codes, ref_codes, sim)):
+                    stats["correct"][k] += int((pred.argmax(1) == yb).sum())
+    finally:
+        qmodel.train(was_training)
+    result = {"images": len(x), "mismatches": stats["mismatches"], "outputs": stats["outputs"],
+              "top1_agreement": stats["agree"] / len(x), "max_code_difference": stats["max_code_difference"]}
+    if y is not None:
+        for k, name in enumerate(("ort_accuracy", "integer_accuracy", "simulation_accuracy")):
+            result[name] = stats["correct"][k] / len(x)
+    return result

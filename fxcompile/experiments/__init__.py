@@ -1,0 +1,1 @@
+"""The experiment harness: bundled models and data sets, sweeps and their reports."""

@@ -1,0 +1,1 @@
+"""Reading a compiled model: the edge/format table, graphs, assignment profiles."""

@@ -1,0 +1,168 @@
+"""Fused cast kernels, registered as ``torch.ops.fxcompile.*`` operators.
+
+Five operators, defined here once and implemented either by the C++ kernel in
+``cast_cpu.cpp`` (vectorised, multi-threaded with ATen's OpenMP pool, built with
+``torch.utils.cpp_extension`` on first use and cached) or, when no compiler is available, by
+the pure-PyTorch reference (one warning says so)::
+
+    quantize(Tensor x, int[] spec, int? seed=None) -> Tensor
+    quantize_(Tensor(a!) x, int[] spec, int? seed=None) -> Tensor(a!)    # in place
+    quantize_mask(Tensor x, int[] spec, int? seed=None) -> (Tensor y, Tensor mask)
+    cast_backward(Tensor grad, Tensor? mask, int[] spec, int? seed=None) -> Tensor
+    cast(Tensor x, int[] forward, int[] backward, bool clip=True, bool parameter=False) -> Tensor
+    buffer_cache(int limit=-1) -> int[]          # [cached bytes, limit, reused, allocated]
+
+``cast`` is the autograd-aware one.  ``parameter=True`` marks a stored parameter: when every
+element is already exactly in the forward format (as ``fxc.fixed_point_optimizer`` keeps
+them), the C++ cast returns the parameter itself (a view) instead of a rounded copy, so
+the layers save the parameter for backward as in FP32 rather than a copy of it.  The
+in-place ``quantize_`` and a successful check record the parameter with its version counter,
+data pointer and grid, and the next check of the unchanged parameter is skipped (any
+in-place PyTorch op bumps the counter; writes through ``.data`` do not and are not seen).
+
+``mask`` is the saturation mask of ``y`` packed one bit per element into ``ceil(numel / 64)``
+int64 words (bit ``i % 64`` of word ``i // 64`` is set where ``y[i]`` sits at or beyond a bound
+of the format, or is NaN), which is all the backward needs.  Stochastic rounding draws
+``u`` from a counter-based hash of ``(seed, element index)`` (:func:`fxcompile.runtime.cast.counter_uniform`);
+without an explicit ``seed`` the seed is drawn from PyTorch's default generator, so
+``torch.manual_seed`` makes training reproducible::
+
+    >>> from fxcompile import kernels
+    >>> kernels.load()            # 'cpp', or 'python' without a compiler
+    'cpp'
+    >>> torch.ops.fxcompile.quantize(torch.tensor([0.3]), fixed(8, 4).spec())
+    tensor([0.3125])
+
+The C++ kernels take their output buffers of 64 KiB and more from a small cache that keeps
+freed blocks for the next request of the same size (a training step asks for the same
+sizes every step; glibc would otherwise hand that memory back to the kernel and fault it
+in again, page by page, on the next step).  It holds at most 1 GiB of freed blocks by
+default (``FXCOMPILE_BUFFER_CACHE_MB`` sets the limit at load time, :func:`set_cache_limit`
+at run time, 0 disables it); :func:`empty_cache` frees them and :func:`cache_info` reports::
+
+    >>> kernels.cache_info()
+    {'cached_bytes': 6651904, 'limit_bytes': 1073741824, 'reused': 5320, 'allocated': 14}
+
+Set ``FXCOMPILE_KERNELS=python`` to force the fallback.  CUDA tensors use the pure-PyTorch
+implementation through the same operators.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import torch
+
+__all__ = ["load", "backend", "draw_seed", "pack_mask", "unpack_mask", "cache_info", "empty_cache",
+           "set_cache_limit", "KERNEL_SOURCE"]
+
+KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "cast_cpu.cpp")
+_SEEDED = (torch.Tag.nondeterministic_seeded,)
+_LIB = torch.library.Library("fxcompile", "FRAGMENT")
+_LIB.define("quantize(Tensor x, int[] spec, int? seed=None) -> Tensor", tags=_SEEDED)
+_LIB.define("quantize_(Tensor(a!) x, int[] spec, int? seed=None) -> Tensor(a!)", tags=_SEEDED)
+_LIB.define("quantize_mask(Tensor x, int[] spec, int? seed=None) -> (Tensor, Tensor)", tags=_SEEDED)
+_LIB.define("cast_backward(Tensor grad, Tensor? mask, int[] spec, int? seed=None) -> Tensor", tags=_SEEDED)
+_LIB.define("cast(Tensor x, int[] forward, int[] backward, bool clip=True, bool parameter=False) -> Tensor",
+            tags=_SEEDED)
+_LIB.define("buffer_cache(int limit=-1) -> int[]")
+
+_backend: str | None = None
+_lock = threading.Lock()
+
+
+def draw_seed() -> int:
+    """A stochastic-rounding seed from the default generator (the C++ kernel draws the same)."""
+    return int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
+
+
+def pack_mask(flags: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> ``ceil(numel / 64)`` int64 words, bit ``i % 64`` of word ``i // 64``."""
+    flat = flags.reshape(-1)
+    pad = (-flat.numel()) % 64
+    bits = torch.nn.functional.pad(flat.to(torch.int64), (0, pad)).view(-1, 64)
+    # distinct powers of two never carry, so the (wrapping) int64 sum is a bitwise or
+    return (bits << torch.arange(64, device=flags.device)).sum(1)
+
+
+def unpack_mask(words: torch.Tensor, numel: int) -> torch.Tensor:
+    bits = (words.unsqueeze(1) >> torch.arange(64, device=words.device)) & 1
+    return bits.view(-1)[:numel].bool()
+
+
+def cache_info() -> dict[str, int]:
+    """The output-buffer cache: bytes of freed blocks held, its limit, and how many buffers
+    were reused from it or newly allocated (all 0 with the pure-PyTorch kernels)."""
+    load()
+    cached, limit, reused, allocated = torch.ops.fxcompile.buffer_cache(-1)
+    return {"cached_bytes": cached, "limit_bytes": limit, "reused": reused, "allocated": allocated}
+
+
+def set_cache_limit(nbytes: int) -> None:
+    """Keep at most ``nbytes`` of freed output buffers for reuse (0: none); frees the excess."""
+    load()
+    _set_cache_limit(nbytes, "set_cache_limit: nbytes")
+
+
+def _set_cache_limit(nbytes: int, what: str) -> None:
+    if nbytes < 0:
+        raise ValueError(f"{what} must be >= 0, got {nbytes}")
+    torch.ops.fxcompile.buffer_cache(int(nbytes))
+
+
+def empty_cache() -> None:
+    """Free every cached output buffer (the limit stays)."""
+    limit = cache_info()["limit_bytes"]
+    torch.ops.fxcompile.buffer_cache(0)
+    torch.ops.fxcompile.buffer_cache(limit)
+
+
+def backend() -> str | None:
+    """``'cpp'`` or ``'python'`` once :func:`load` ran, else ``None``."""
+    return _backend
+
+
+def load() -> str:
+    """Register the operator implementations (building the C++ kernel the first time)."""
+    global _backend
+    if _backend is None:
+        with _lock:
+            if _backend is None:
+                _backend = _load()
+    return _backend
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load as load_extension
+    # -ffp-contract=off: no fused multiply-adds, so each step rounds like the reference's;
+    # -fno-trapping-math (FP exception flags only, never values) lets selects vectorise
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+    load_extension(name="fxcompile_cast_cpu", sources=[KERNEL_SOURCE], extra_cflags=flags,
+                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+
+
+def _load() -> str:
+    from . import fallback
+    fallback.register(_LIB, cpu=False)  # fake tensors, CUDA
+    if os.environ.get("FXCOMPILE_KERNELS", "").lower() == "python":
+        fallback.register(_LIB, cpu=True)
+        return "python"
+    try:
+        _build()
+    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, no headers: all mean fallback
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"fxcompile: the fused C++ cast kernel could not be built ({reason}); using the "
+                      "pure-PyTorch cast, which is slower. Install a C++ compiler (g++) and ninja "
+                      "(pip install ninja) to get the fast kernel.", RuntimeWarning, stacklevel=3)
+        fallback.register(_LIB, cpu=True)
+        return "python"
+    limit = os.environ.get("FXCOMPILE_BUFFER_CACHE_MB")
+    if limit is not None:
+        try:
+            mib = float(limit)
+        except ValueError:
+            raise ValueError(f"FXCOMPILE_BUFFER_CACHE_MB must be a number of MiB, got {limit!r}") from None
+        _set_cache_limit(int(mib * (1 << 20)), "FXCOMPILE_BUFFER_CACHE_MB")
+    return "cpp"

@@ -1,0 +1,1 @@
+"""Training loops, checkpoints and data-parallel training of compiled models."""

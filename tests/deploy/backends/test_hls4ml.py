@@ -1,0 +1,227 @@
+"""hls4ml handoff: hls4ml's C simulation against the integer reference, bit for bit.
+
+The type mapping and its errors need no hls4ml; the C simulation tests build two small
+projects with g++ (about half a minute each) and skip without hls4ml or g++.
+"""
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import fxcompile as fxc
+from fxcompile.deploy.backends.integer import run_integer
+from fxcompile.errors import ExportError
+from fxcompile.deploy.backends.hls4ml import hls_plan, hls_precision, predict_codes
+from fxcompile.deploy.fold_bn import fold_bn
+
+
+def on_grid(q):
+    fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=0.0), q, rounding="nearest")
+    return q.eval()
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.relu(self.conv(x)))))
+
+
+class TinyMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(2 * 8 * 8, 16)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(16, 6)
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.fc1(self.flatten(x))))
+
+
+# ---- the type mapping (no hls4ml needed) -------------------------------------------------
+
+@pytest.mark.parametrize("fmt, expected", [
+    ("16.8", "ap_fixed<16,8,AP_RND_CONV,AP_SAT_SYM>"),
+    ("8.4,floor,wrap", "ap_fixed<8,4,AP_TRN,AP_WRAP>"),
+    ("12.14,toward_zero", "ap_fixed<12,-2,AP_TRN_ZERO,AP_SAT_SYM>"),
+    ("16.8,asymmetric", "ap_fixed<16,8,AP_RND_CONV,AP_SAT>"),
+    ("16.8,wrap", "ap_fixed<16,8,AP_RND_CONV,AP_WRAP>"),
+    ("u8.8", "ap_ufixed<8,0,AP_RND_CONV,AP_SAT>"),
+    ("u8.-2,floor,wrap", "ap_ufixed<8,10,AP_TRN,AP_WRAP>"),
+])
+def test_precision_strings(fmt, expected):
+    assert hls_precision(fxc.FixedPoint.parse(fmt)) == expected
+
+
+def test_stochastic_parameters_map_like_nearest_but_values_refuse():
+    fmt = fxc.FixedPoint.parse("24.12,stochastic")
+    assert hls_precision(fmt, parameter=True) == "ap_fixed<24,12,AP_RND_CONV,AP_SAT_SYM>"
+    with pytest.raises(ExportError, match=r"edge 'a->b'.*24\.12,stochastic"):
+        hls_precision(fmt, "edge 'a->b'")
+
+
+def test_zero_point_is_refused_naming_the_edge_and_format():
+    x = torch.randn(2, 2, 8, 8)
+    policy = fxc.Policy(activation="16.8", weight="16.12", bias="16.8",
+                        overrides=[{"pattern": "relu", "activation": "16.8,asymmetric,zp=5"}])
+    q = on_grid(fxc.compile(TinyMLP(), policy, example_inputs=(x,)))
+    with pytest.raises(ExportError, match=r"edge 'fc1->relu' has format 16\.8,asymmetric,zp=5 with zero point 5"):
+        hls_plan(q, (x[:1],))
+
+
+def test_stochastic_activation_is_refused_naming_the_edge_and_format():
+    x = torch.randn(2, 2, 8, 8)
+    policy = fxc.Policy(activation="16.8", weight="16.12", bias="16.8",
+                        overrides=[{"pattern": "fc1", "activation": "16.8,stochastic"}])
+    q = on_grid(fxc.compile(TinyMLP(), policy, example_inputs=(x,)))
+    with pytest.raises(ExportError, match=r"edge 'flatten->fc1'.*16\.8,stochastic"):
+        hls_plan(q, (x[:1],))
+
+
+def test_accumulator_covers_the_largest_sum_exactly():
+    """accum width = bits of max_o(sum |w| * max|x| + |b|) + sign, at the aligned binary point."""
+    x = torch.randn(2, 2, 8, 8)
+    q = on_grid(fxc.compile(TinyMLP(), fxc.Policy(activation="8.4", weight="8.6", bias="8.8"), example_inputs=(x,)))
+    graph, layers = hls_plan(q, (x[:1],))
+    fc1 = next(l for l in layers if l.name == "fc1")
+    op = graph.op_of("fc1")
+    bound = max(sum(abs(int(w)) * 127 for w in row) + abs(int(b))
+                for row, b in zip(op.attrs["weight"].tolist(), op.attrs["bias"].tolist()))
+    width = bound.bit_length() + 1
+    assert op.frac == 10  # max(4 + 6, 8)
+    assert fc1.precision["accum"] == f"ap_fixed<{width},{width - 10},AP_TRN,AP_WRAP>"
+    assert fc1.precision["result"] == "ap_fixed<8,4,AP_RND_CONV,AP_SAT_SYM>"
+    assert fc1.edges == {"weight": "fc1_weight->*", "bias": "fc1_bias->*", "result": "fc1->*"}
+
+
+def test_batch_norm_is_folded_into_the_convolution():
+    class ConvBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, bias=False)
+            self.bn = nn.BatchNorm2d(3)
+            self.relu = nn.ReLU()
+            self.flatten = nn.Flatten()
+            self.fc = nn.Linear(3 * 6 * 6, 4)
+
+        def forward(self, x):
+            return self.fc(self.flatten(self.relu(self.bn(self.conv(x)))))
+
+    torch.manual_seed(0)
+    net = ConvBN()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+        net.bn.weight.uniform_(0.5, 2)
+    x = torch.randn(2, 2, 8, 8)
+    q = on_grid(fxc.compile(net, fxc.baseline(), example_inputs=(x,)))
+    graph, layers = hls_plan(q, (x[:1],))
+    assert [l.kind for l in layers] == ["input", "conv2d", "relu", "reshape", "linear"]
+    conv = layers[1].module
+    folded = dict(fold_bn(q).named_parameters())  # W·s and (b − μ)·s + β, in their formats
+    assert torch.equal(conv.weight.detach(), folded["conv.weight"].detach().double())
+    assert torch.equal(conv.bias.detach(), folded["conv.bias"].detach().double())
+    assert "bias" in layers[1].precision  # the folded bias takes the batch norm's bias format
+
+
+def test_unsupported_op_is_named():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x) + x
+
+    x = torch.randn(2, 8)
+    q = on_grid(fxc.compile(Residual(), fxc.baseline(), example_inputs=(x,)))
+    with pytest.raises(ExportError, match=r"'add'.*\(add\) has no hls4ml layer"):
+        hls_plan(q, (x[:1],))
+
+
+# ---- C simulation against the integer reference ------------------------------------------
+
+def _needs_hls4ml():
+    pytest.importorskip("hls4ml", reason="hls4ml is not installed: pip install -e '.[hls]' to test the handoff")
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed; hls4ml's C simulation builds with it")
+
+
+@pytest.mark.parametrize("model, policy, scale", [
+    (TinyCNN, fxc.Policy(activation="8.4,floor,wrap", weight="8.6", bias="8.4", name="floor_wrap"), 4.0),
+    (TinyMLP, fxc.Policy(activation="10.5", weight="12.8,stochastic", bias="10.6,stochastic", name="nearest_sat"), 3.0),
+], ids=["conv_floor_wrap", "dense_nearest_saturate"])
+def test_c_simulation_equals_integer_reference(tmp_path, model, policy, scale):
+    """Narrow formats and large inputs so that saturation (dense) and wrap (conv) occur, and
+    exact ties at the dense model's input binary point (5 bits)."""
+    _needs_hls4ml()
+    from fxcompile.deploy.backends.hls4ml import to_hls4ml
+    torch.manual_seed(0)
+    x = torch.randn(24, 2, 8, 8) * scale
+    x[0] = torch.round(x[0] * 32) / 32 + 1 / 64  # exact ties at the input's binary point (5 bits)
+    net = model()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(4)  # outputs beyond the format's range
+    q = on_grid(fxc.compile(net, policy, example_inputs=(x[:2],)))
+    graph, _ = hls_plan(q, (x[:1],))
+    (ref,) = run_integer(graph, x, codes=True)
+    hls_model = to_hls4ml(q, tmp_path / "prj", example_inputs=(x[:1],))
+    hls_model.compile()
+    codes = predict_codes(hls_model, x, graph.op_of(graph.outputs[0]).frac)
+    assert torch.equal(codes, ref)
+    out_fmt = graph.op_of(graph.op_of(graph.outputs[0]).inputs[0]).fmt
+    assert len(torch.unique(ref)) > 10  # the comparison is not vacuous
+    if out_fmt.overflow == "saturate":
+        assert (ref.abs() == out_fmt.code_max).any()  # saturation happened
+    else:
+        assert _wrapped(graph, x)  # some cast wrapped
+
+
+def _wrapped(graph, x) -> bool:
+    """Whether any requantize of the integer graph wrapped on ``x`` (its rounded value left the range)."""
+    from fxcompile.deploy.backends.integer import KERNELS
+    from fxcompile.deploy.lower import round_shift
+    env, wrapped = dict(zip(graph.inputs, (x,))), False
+    for op in graph.ops:
+        args = [env[i] for i in op.inputs]
+        if op.op == "requantize" and op.fmt.overflow == "wrap":
+            t = round_shift(args[0], op.attrs["shift"], op.fmt.rounding)
+            wrapped |= bool(((t < op.fmt.code_min) | (t > op.fmt.code_max)).any())
+        env[op.out] = KERNELS[op.op](op, *args)
+    return wrapped
+
+
+def test_importing_fxcompile_does_not_import_hls4ml():
+    import subprocess
+    import sys
+    code = "import sys, fxcompile; assert callable(fxcompile.to_hls4ml); assert 'hls4ml' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- command line ------------------------------------------------------------------------
+
+def test_cli_without_hls4ml_says_how_to_install(monkeypatch, tmp_path):
+    from fxcompile.cli import main
+    monkeypatch.setitem(__import__("sys").modules, "hls4ml", None)  # import hls4ml now fails
+    with pytest.raises(SystemExit, match=r"pip install.*\[hls\]"):
+        main(["hls4ml", str(tmp_path / "prj"), "--model", "mlp"])
+
+
+def test_cli_writes_the_project_with_the_assignment_types(tmp_path, capsys):
+    _needs_hls4ml()
+    from fxcompile.cli import main
+    main(["hls4ml", str(tmp_path / "prj"), "--model", "mlp", "--policy", "baseline"])
+    assert "fc1" in capsys.readouterr().out
+    defines = (tmp_path / "prj" / "firmware" / "defines.h").read_text()
+    assert "typedef ap_fixed<16,8,AP_RND_CONV,AP_SAT_SYM,0> input_t;" in defines
+    assert "typedef ap_fixed<24,12,AP_RND_CONV,AP_SAT_SYM,0> fc1_weight_t;" in defines

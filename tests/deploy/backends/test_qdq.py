@@ -1,0 +1,227 @@
+"""QDQ export: valid opset-21 ONNX, a Q/DQ pair on every fixed-point edge, close to the integer graph."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+import fxcompile as fxc
+from fxcompile.deploy.backends.integer import run_integer
+from fxcompile.deploy.backends.qdq import container, to_qdq
+from fxcompile.cli import main
+from fxcompile.deploy.export import export_onnx, integer_graph, onnx_session
+from fxcompile.experiments.models import MLP, ResidualCNN, SeedCNN
+from fxcompile.passes.casts import Cast
+from fxcompile.deploy.fold_bn import fold_bn
+
+ONNX_TYPES = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT16: np.int16,
+              onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.INT32: np.int32}
+
+
+def on_grid(q):
+    fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=0.0), q, rounding="nearest")
+    return q.eval()
+
+
+def compiled(model, policy, x):
+    torch.manual_seed(0)
+    model = model()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5, generator=g)
+            m.running_var.uniform_(0.5, 2, generator=g)
+    return on_grid(fxc.compile(model, policy, example_inputs=(x[:2],)))
+
+
+def run_ort(model, x):
+    return onnx_session(model).run(None, {"x": x.numpy()})
+
+
+def differences(model, q, x, run=run_ort):
+    """(output codes that differ, largest |difference|, top-1 agreement) of ``run(model, x)``
+    (ONNX Runtime by default) vs the integer reference."""
+    graph = integer_graph(q, (x[:1],))
+    (ref,) = run_integer(graph, x, codes=True)
+    (out,) = run(model, x)
+    codes = torch.from_numpy(np.round(out.astype(np.float64) * 2.0 ** graph.op_of(graph.outputs[0]).frac))
+    codes = codes.to(torch.int64)
+    return int((codes != ref).sum()), int((codes - ref).abs().max()), float((codes.argmax(1) == ref.argmax(1)).float().mean())
+
+
+def fixed_point_edges(gm):
+    """(cast node name, format, the parameter or None) of every edge of the BN-folded graph ``gm``."""
+    return [(n.name, gm.get_submodule(n.target).edge.forward,
+             gm.get_parameter(n.args[0].target).detach() if n.args[0].op == "get_attr" else None)
+            for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Cast)
+            and gm.get_submodule(n.target).edge.forward is not None]
+
+
+@pytest.mark.parametrize("model", [SeedCNN, MLP, ResidualCNN])
+def test_valid_onnx_that_ort_runs_close_to_the_integer_reference(model, tmp_path):
+    x = torch.randn(32, 1, 28, 28) * 1.5
+    q = compiled(model, fxc.baseline(), x)
+    written = export_onnx(q, tmp_path / "m.onnx", (x[:1],), flavour="qdq")
+    model = onnx.load(tmp_path / "m.onnx")
+    assert model == written
+    onnx.checker.check_model(model, full_check=True)
+    assert {o.domain: o.version for o in model.opset_import}[""] == 21
+    differ, largest, agree = differences(model, q, x)
+    # the documented tolerance: float32 accumulation moves a few codes by one or two
+    assert differ <= x.shape[0] and largest <= 4 and agree >= 0.95
+
+
+def _initializer(model, name):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+@pytest.mark.parametrize("bias_scale", ["accumulator", "format"])
+@pytest.mark.parametrize("policy", [fxc.baseline(), fxc.optimized(),
+                                    fxc.Policy(activation="8.4", input="u8.7", weight="12.8", bias="16.8"),
+                                    fxc.Policy(activation="16.8,asymmetric,zp=-300", weight="24.12,asymmetric,zp=5",
+                                               bias="16.8")])
+def test_every_fixed_point_edge_has_its_pair_with_scale_zero_point_and_type(policy, bias_scale):
+    x = torch.randn(2, 1, 28, 28)
+    q = compiled(ResidualCNN, policy, x)
+    folded = fold_bn(q)
+    model = to_qdq(folded, (x[:1],), bias_scale=bias_scale)
+    nodes = {n.name: n for n in model.graph.node}
+    produced_by = {n.output[0]: n for n in model.graph.node}
+    consumer = {i: n for n in model.graph.node for i in n.input}
+    initializers = {t.name: t for t in model.graph.initializer}
+    edges = fixed_point_edges(folded)
+    assert len(edges) > 10
+    for cast, fmt, parameter in edges:
+        dq = nodes[f"dequantize/{cast}"]
+        assert dq.op_type == "DequantizeLinear"
+        scale, zero_point, np_type = 2.0 ** -fmt.frac, fmt.zero_point, ONNX_TYPES[container(fmt, 32)[0]]
+        layer = consumer[dq.output[0]]
+        if bias_scale == "accumulator" and layer.op_type in ("Conv", "Gemm") and layer.input[2] == dq.output[0]:
+            # the bias at the accumulator's binary point: int32, scale x_scale * w_scale
+            scale = float(np.prod([_initializer(model, produced_by[i].input[1]) for i in layer.input[:2]]))
+            zero_point, np_type = 0, np.int32
+        assert _initializer(model, dq.input[1]) == np.float32(scale), cast
+        if parameter is not None:
+            codes = initializers[dq.input[0]]
+            assert ONNX_TYPES[codes.data_type] == np_type, cast
+            values = fmt.replace(rounding="nearest").quantize(parameter)
+            decoded = (numpy_helper.to_array(codes).astype(np.float64) - (zero_point if len(dq.input) > 2 else 0)) * scale
+            assert np.array_equal(decoded, values.double().numpy()), cast
+        else:
+            qn = produced_by[dq.input[0]]
+            assert qn.op_type == "QuantizeLinear" and qn.name == f"quantize/{cast}"
+            assert list(qn.input[1:]) == list(dq.input[1:])
+            zero = initializers[dq.input[2]]
+            assert zero.data_type == container(fmt)[0]
+            assert ONNX_TYPES[zero.data_type] == {True: {8: np.int8, 16: np.int16}, False: {8: np.uint8, 16: np.uint16}}[
+                fmt.signed][8 if fmt.bits <= 8 else 16]
+            assert int(numpy_helper.to_array(zero)) == fmt.zero_point, cast
+    # every float op reads only dequantized values (or a shape constant)
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm", "Relu", "MaxPool", "AveragePool", "Add", "Reshape"):
+            sources = [produced_by[i].op_type if i in produced_by else "initializer" for i in node.input]
+            assert sources[0] == "DequantizeLinear", node.name
+            assert all(s == "DequantizeLinear" for s in sources[1:] if node.op_type != "Reshape"), node.name
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == sum(p is None for _, _, p in edges)
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == len(edges)
+
+
+def assert_corruption_is_caught(export, corrupt, run=run_ort):
+    """The seed CNN exported by ``export`` matches the integer reference exactly, and after
+    ``corrupt(model)`` (in place) the comparison sees many codes off by more than rounding."""
+    x = torch.randn(32, 1, 28, 28) * 1.5
+    q = compiled(SeedCNN, fxc.baseline(), x)
+    model = export(fold_bn(q), (x[:1],))
+    assert differences(model, q, x, run)[0] == 0  # untrained weights: no sum lands near a boundary
+    corrupt(model)
+    differ, largest, _ = differences(model, q, x, run)
+    assert differ > x.shape[0] and largest > 4
+
+
+def test_a_wrong_scale_is_caught_by_the_comparison():
+    def wrong_scale(model):
+        dq = next(n for n in model.graph.node if n.name == "dequantize/casts_conv1_weight")
+        scale = next(t for t in model.graph.initializer if t.name == dq.input[1])
+        scale.CopyFrom(numpy_helper.from_array(np.array(2.0 ** -11, np.float32), scale.name))
+    assert_corruption_is_caught(to_qdq, wrong_scale)
+
+
+@pytest.mark.parametrize("activation, what", [("16.8,floor", "rounds floor"), ("16.8,wrap", "wraps on overflow"),
+                                              ("20.8", "wider than 16 bits")])
+def test_an_edge_qdq_cannot_express_raises_naming_it_and_writes_no_file(activation, what, tmp_path):
+    x = torch.randn(2, 1, 28, 28)
+    q = compiled(SeedCNN, fxc.Policy(activation=activation, input="16.8", weight="16.11", bias="16.8"), x)
+    with pytest.raises(fxc.ExportError, match=rf"edge 'conv1->\*' \(activation_out.*format {activation}.*{what}"):
+        export_onnx(q, tmp_path / "m.onnx", (x[:1],), flavour="qdq")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_op_raises_naming_the_node_and_writes_no_file(tmp_path):
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(8, 8), nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    x = torch.randn(2, 8)
+    q = fxc.compile(Gated(), fxc.baseline(), example_inputs=(x,))
+    with pytest.raises(fxc.ExportError, match=r"'act' \(GELU\)"):
+        export_onnx(q, tmp_path / "gated.onnx", (x,), flavour="qdq")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_symmetric_narrow_range_is_the_one_saturation_difference():
+    # one cast, no arithmetic: QuantizeLinear's rounding equals ours; only the int16 bound differs
+    x = torch.cat([torch.arange(-40000, 40000, 7.25) / 256, torch.tensor([-128.0, -127.998, 0.5 / 256, 1.5 / 256])])
+    x = x.reshape(-1, 1)
+    q = fxc.compile(nn.Flatten(), fxc.Policy(activation="16.8", input="16.8"), example_inputs=(x[:1],)).eval()
+    session = onnx_session(to_qdq(fold_bn(q), (x[:1],)))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    (ref,) = run_integer(integer_graph(q, (x[:1],)), x, codes=True)
+    codes = torch.from_numpy(np.round(out.astype(np.float64) * 256)).to(torch.int64)
+    assert set(ref[codes != ref].tolist()) == {-32767} and set(codes[codes != ref].tolist()) == {-32768}
+
+
+def test_export_command_writes_the_qdq_flavour(tmp_path, capsys):
+    main(["export", str(tmp_path / "m.onnx"), "--model", "mlp", "--flavour", "qdq"])
+    assert "qdq model" in capsys.readouterr().out
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
+
+
+@pytest.mark.parametrize("fmt", ["u8.4,asymmetric,zp=7", "16.8,asymmetric,zp=-301", "u16.9", "8.3,asymmetric"])
+def test_quantize_linear_is_our_cast_where_the_container_is_the_format(fmt):
+    # full-range formats of 8 or 16 bits, odd zero points included: every tie, both bounds, beyond
+    fmt = fxc.FixedPoint.parse(fmt)
+    lo, hi = (fmt.code_min - fmt.zero_point - 3) * fmt.scale, (fmt.code_max - fmt.zero_point + 3) * fmt.scale
+    x = torch.cat([torch.linspace(lo, hi, 40001, dtype=torch.float64).float(),
+                   (torch.arange(-2000, 2000) + 0.5).float() * fmt.scale]).reshape(-1, 1)
+    q = fxc.compile(nn.Flatten(), fxc.Policy(activation=fmt, input=fmt), example_inputs=(x[:1],)).eval()
+    session = onnx_session(to_qdq(fold_bn(q), (x[:1],)))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    (ref,) = run_integer(integer_graph(q, (x[:1],)), x)
+    assert np.array_equal(out, ref.numpy())
+
+
+def test_ort_fuses_an_eight_bit_model_into_quantized_ops(tmp_path):
+    import onnxruntime as ort
+    x = torch.randn(64, 1, 28, 28)
+    policy = fxc.Policy(activation="8.3", input="u8.7", weight="8.6", bias="16.8")
+    q = compiled(SeedCNN, policy, x)
+    model = to_qdq(fold_bn(q), (x[:1],))
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    fused = {n.op_type for n in onnx.load(tmp_path / "fused.onnx").graph.node}
+    assert {"QLinearConv", "QGemm"} <= fused and not {"Conv", "Gemm"} & fused
+    (out,) = session.run(None, {"x": x.numpy()})
+    (ref,) = run_integer(integer_graph(q, (x[:1],)), x)
+    assert np.array_equal(out, ref.numpy())  # integer accumulation, power-of-two requantization
+    # with its own 16-bit scale the bias is not in the form ORT fuses
+    opts.optimized_model_filepath = str(tmp_path / "unfused.onnx")
+    ort.InferenceSession(to_qdq(fold_bn(q), (x[:1],), bias_scale="format").SerializeToString(), opts,
+                         providers=["CPUExecutionProvider"])
+    assert "QLinearConv" not in {n.op_type for n in onnx.load(tmp_path / "unfused.onnx").graph.node}
