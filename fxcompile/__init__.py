@@ -8,7 +8,8 @@ from .core.assignment import Assignment, Edge
 from .core.auto import Auto, auto
 from .runtime.cast import cast
 from .compiler import compile
-from .errors import ExportError, FormatError, PolicyError, TraceError
+from .errors import (CheckpointError, DataError, ExportError, FormatError, FxcompileError, PolicyError, SweepError,
+                     TraceError)
 from .deploy.export import export_onnx
 from .core.formats import FixedPoint, as_format, fixed
 from .deploy.backends.hls4ml import to_hls4ml  # imports hls4ml only when called
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = ["FixedPoint", "fixed", "as_format", "cast", "Policy", "Override", "ROLES", "baseline", "optimized",
            "fp32", "load_policy", "compile", "assignment", "inspect", "to_dot", "Assignment", "Edge",
-           "fixed_point_optimizer", "auto", "Auto", "FormatError", "PolicyError", "TraceError", "ExportError",
-           "export_onnx", "to_hls4ml"]
+           "fixed_point_optimizer", "auto", "Auto", "FxcompileError", "FormatError", "PolicyError", "TraceError",
+           "ExportError", "CheckpointError", "SweepError", "DataError", "export_onnx", "to_hls4ml"]

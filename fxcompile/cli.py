@@ -420,7 +420,11 @@ def main(argv=None):
     for name in COMMANDS:
         globals()[f"add_{name.replace('-', '_')}"](sub)
     args = parser.parse_args(argv)
-    return globals()[f"run_{args.command.replace('-', '_')}"](args)
+    from .errors import FxcompileError
+    try:
+        return globals()[f"run_{args.command.replace('-', '_')}"](args)
+    except FxcompileError as e:  # bad input: one line naming what is at fault, no traceback
+        raise SystemExit(f"fxcompile: {e}") from None
 
 
 if __name__ == "__main__":

@@ -15,15 +15,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import DataError
+
 __all__ = ["IDX_FILES", "find_root", "fashion_mnist", "synthetic", "DataError"]
 
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 MEAN, STD = 0.2860, 0.3530
-
-
-class DataError(FileNotFoundError):
-    """The Fashion-MNIST files are not where fxcompile was told to look."""
 
 
 def _has_idx(folder: Path) -> bool:

@@ -56,9 +56,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from ..errors import PolicyError
 from ..core.formats import FixedPoint, as_format
 from ..core.policy import ROLES, Policy, load_policy
+from ..errors import PolicyError, SweepError
 
 __all__ = ["SweepError", "Point", "Sweep", "load_sweep", "run_point", "run_sweep", "read_rows", "COLUMNS",
            "DATASETS", "build_model", "load_dataset"]
@@ -74,10 +74,6 @@ FORMAT_ROLES = ("activation", "gradient", "loss", "weight", "bias")   # the stud
 COLUMNS = ("sweep", "point", "seed", "label", "dataset", "model", "policy", *FORMAT_ROLES, "epochs", "batch_size",
            "lr", "train_size", "test_size", "accuracy", "history", "final_loss", "step_time_ms", "wall_time_s",
            "cpu_time_s", "config")
-
-
-class SweepError(ValueError):
-    """A sweep file or results file that cannot be used; the message names the file and key."""
 
 
 # ---- points -------------------------------------------------------------------------------

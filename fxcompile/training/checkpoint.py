@@ -25,15 +25,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
+
 __all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "checkpoints", "rng_state",
            "set_rng_state", "CheckpointError", "CheckpointWarning"]
 
 _MAGIC = b"fxcompile-checkpoint sha256="
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is unreadable (truncated, corrupted, or not a checkpoint)."""
 
 
 class CheckpointWarning(UserWarning):
