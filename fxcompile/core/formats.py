@@ -33,11 +33,10 @@ from typing import Any
 import torch
 
 from ..errors import FormatError
+from .quantizer import OVERFLOWS, ROUNDINGS, draw_seed, quantize_reference
 
 __all__ = ["FixedPoint", "fixed", "as_format", "ROUNDINGS", "OVERFLOWS", "MODES"]
 
-ROUNDINGS = ("nearest", "stochastic", "floor", "toward_zero")
-OVERFLOWS = ("saturate", "wrap")
 MODES = ("symmetric", "asymmetric")
 MAX_BITS = 32
 MAX_ABS_FRAC = 64
@@ -179,14 +178,17 @@ class FixedPoint:
 
     # ---- tensors ------------------------------------------------------------------------
     def spec(self) -> list[int]:
-        """The format as the int list the cast kernels take (see :mod:`fxcompile.runtime.cast`)."""
+        """The format as the int list the cast kernels take (see :mod:`fxcompile.core.quantizer`)."""
         return [self.frac, self.code_min, self.code_max, self.zero_point,
                 ROUNDINGS.index(self.rounding), OVERFLOWS.index(self.overflow)]
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Round ``x`` to this format (the cast without autograd); same dtype as ``x``."""
-        from ..runtime.cast import quantize
-        return quantize(x, self.spec())
+        """Round ``x`` to this format (the cast without autograd); same dtype as ``x``.
+
+        The reference quantizer, bit for bit what the fused kernels compute (stochastic
+        rounding draws its seed from the default generator, as they do)."""
+        seed = draw_seed() if self.rounding == "stochastic" else None
+        return quantize_reference(x, self.spec(), seed=seed)
 
     def to_codes(self, x: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """Integer codes of ``x`` rounded to this format (NaN/Inf are an error here)."""

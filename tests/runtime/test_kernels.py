@@ -14,7 +14,8 @@ import torch
 import fxcompile as fxc
 from fxcompile import fixed
 from fxcompile.runtime import kernels
-from fxcompile.runtime.cast import _inside, cast, counter_uniform, quantize, quantize_reference
+from fxcompile.core.quantizer import counter_uniform, inside, quantize_reference
+from fxcompile.runtime.cast import cast, quantize
 from fxcompile.runtime.kernels import fallback
 
 FORMATS = [
@@ -76,13 +77,13 @@ def test_fused_forward_mask_and_backward_equal_the_reference(fmt, rounding, dtyp
         assert_same_bits(inplace, ref)
         y, mask = torch.ops.fxcompile.quantize_mask(x, spec, SEED)
         assert_same_bits(y, ref)
-        assert torch.equal(mask, kernels.pack_mask(~_inside(ref, spec))), name
+        assert torch.equal(mask, kernels.pack_mask(~inside(ref, spec))), name
         grad = (torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 100).to(dtype)
         assert_same_bits(torch.ops.fxcompile.cast_backward(grad, mask, spec, SEED),
-                         _reference(torch.where(_inside(ref, spec), grad, 0.0), spec, SEED))
+                         _reference(torch.where(inside(ref, spec), grad, 0.0), spec, SEED))
         assert_same_bits(torch.ops.fxcompile.cast_backward(grad, None, spec, SEED), _reference(grad, spec, SEED))
         assert_same_bits(torch.ops.fxcompile.cast_backward(grad, mask, [], None),
-                         torch.where(_inside(ref, spec), grad, 0.0))
+                         torch.where(inside(ref, spec), grad, 0.0))
 
 
 def test_the_active_implementation_is_the_compiled_kernel():
@@ -150,7 +151,7 @@ def test_cast_gradient_equals_reference_composition(clip):
     y.backward(g)
     ref = quantize_reference(x.detach(), fwd)
     assert_same_bits(y.detach(), ref)
-    gin = torch.where(_inside(ref, fwd), g, 0.0) if clip else g
+    gin = torch.where(inside(ref, fwd), g, 0.0) if clip else g
     assert_same_bits(x.grad, quantize_reference(gin, bwd))
 
 
@@ -276,7 +277,7 @@ def test_backward_overwrites_the_gradient_buffer_only_when_it_owns_it():
     w = torch.randn(4, 100)
     assert _backward_kernel_calls((cast(x, fwd, bwd) * w).sum()) == 0  # mul's fresh gradient is reused
     ref = quantize_reference(x.detach(), fwd)
-    assert_same_bits(x.grad, quantize_reference(torch.where(_inside(ref, fwd), w, 0.0), bwd))
+    assert_same_bits(x.grad, quantize_reference(torch.where(inside(ref, fwd), w, 0.0), bwd))
     # add's backward hands one gradient tensor to both casts: neither may overwrite it
     a, b = (torch.randn(300) * 300).requires_grad_(), (torch.randn(300) * 300).requires_grad_()
     g = torch.randn(300) * 0.37
@@ -284,7 +285,7 @@ def test_backward_overwrites_the_gradient_buffer_only_when_it_owns_it():
     assert _backward_kernel_calls(((cast(a, fwd, bwd) + cast(b, fwd2, bwd2)) * g).sum()) >= 1
     for leaf, f, bw in ((a, fwd, bwd), (b, fwd2, bwd2)):
         ref = quantize_reference(leaf.detach(), f)
-        assert_same_bits(leaf.grad, quantize_reference(torch.where(_inside(ref, f), g, 0.0), bw))
+        assert_same_bits(leaf.grad, quantize_reference(torch.where(inside(ref, f), g, 0.0), bw))
 
 
 def test_parameter_cast_passes_a_parameter_on_its_grid_through_without_a_copy():
@@ -449,3 +450,14 @@ def test_a_stored_parameter_skips_the_check_until_it_changes():
     with torch.no_grad():
         w.mul_(1.0)  # any in-place op: checked again
     assert cast(w, fmt, None, clip_gradient=False, parameter=True).data_ptr() != w.data_ptr()
+
+
+def test_cpp_enums_follow_the_spec_layout():
+    """The C++ kernel numbers rounding and overflow modes as the spec layout does."""
+    import re
+    from fxcompile.core.quantizer import OVERFLOWS, ROUNDINGS
+    source = open(kernels.KERNEL_SOURCE).read()
+    for enum, names in (("Rounding", ROUNDINGS), ("Overflow", OVERFLOWS)):
+        body = re.search(rf"enum {enum} \{{([^}}]*)\}}", source).group(1)
+        values = {k.strip(): int(v) for k, v in (item.split("=") for item in body.split(","))}
+        assert {name.upper(): i for i, name in enumerate(names)}.items() <= values.items(), enum

@@ -55,6 +55,10 @@ import warnings
 
 import torch
 
+from ...core.quantizer import draw_seed
+from . import fallback
+from .fallback import pack_mask, unpack_mask
+
 __all__ = ["load", "backend", "draw_seed", "pack_mask", "unpack_mask", "cache_info", "empty_cache",
            "set_cache_limit", "KERNEL_SOURCE"]
 
@@ -71,25 +75,6 @@ _LIB.define("buffer_cache(int limit=-1) -> int[]")
 
 _backend: str | None = None
 _lock = threading.Lock()
-
-
-def draw_seed() -> int:
-    """A stochastic-rounding seed from the default generator (the C++ kernel draws the same)."""
-    return int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
-
-
-def pack_mask(flags: torch.Tensor) -> torch.Tensor:
-    """Bool tensor -> ``ceil(numel / 64)`` int64 words, bit ``i % 64`` of word ``i // 64``."""
-    flat = flags.reshape(-1)
-    pad = (-flat.numel()) % 64
-    bits = torch.nn.functional.pad(flat.to(torch.int64), (0, pad)).view(-1, 64)
-    # distinct powers of two never carry, so the (wrapping) int64 sum is a bitwise or
-    return (bits << torch.arange(64, device=flags.device)).sum(1)
-
-
-def unpack_mask(words: torch.Tensor, numel: int) -> torch.Tensor:
-    bits = (words.unsqueeze(1) >> torch.arange(64, device=words.device)) & 1
-    return bits.view(-1)[:numel].bool()
 
 
 def cache_info() -> dict[str, int]:
@@ -144,7 +129,6 @@ def _build() -> None:
 
 
 def _load() -> str:
-    from . import fallback
     fallback.register(_LIB, cpu=False)  # fake tensors, CUDA
     if os.environ.get("FXCOMPILE_KERNELS", "").lower() == "python":
         fallback.register(_LIB, cpu=True)

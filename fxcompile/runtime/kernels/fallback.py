@@ -1,6 +1,6 @@
 """Pure-PyTorch implementations of the cast operators (no compiler needed; also CUDA).
 
-They are the reference (:func:`fxcompile.runtime.cast.quantize_reference`) with the counter-based
+They are the reference (:func:`fxcompile.core.quantizer.quantize_reference`) with the counter-based
 stochastic rounding and the packed saturation mask, so they return exactly what the C++
 kernel returns, only slower.
 """
@@ -9,21 +9,32 @@ from __future__ import annotations
 
 import torch
 
-from . import draw_seed, pack_mask, unpack_mask
+from ...core.quantizer import STOCHASTIC, draw_seed, inside, quantize_reference
 
-__all__ = ["quantize", "quantize_mask", "cast_backward", "cast", "register"]
+__all__ = ["pack_mask", "unpack_mask", "quantize", "quantize_mask", "cast_backward", "cast", "register"]
 
-_STOCHASTIC = 1
+
+def pack_mask(flags: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> ``ceil(numel / 64)`` int64 words, bit ``i % 64`` of word ``i // 64``."""
+    flat = flags.reshape(-1)
+    pad = (-flat.numel()) % 64
+    bits = torch.nn.functional.pad(flat.to(torch.int64), (0, pad)).view(-1, 64)
+    # distinct powers of two never carry, so the (wrapping) int64 sum is a bitwise or
+    return (bits << torch.arange(64, device=flags.device)).sum(1)
+
+
+def unpack_mask(words: torch.Tensor, numel: int) -> torch.Tensor:
+    bits = (words.unsqueeze(1) >> torch.arange(64, device=words.device)) & 1
+    return bits.view(-1)[:numel].bool()
 
 
 def _seed(spec, seed):
-    if spec[4] != _STOCHASTIC:
+    if spec[4] != STOCHASTIC:
         return None
     return draw_seed() if seed is None else seed
 
 
 def quantize(x, spec, seed=None):
-    from ..cast import quantize_reference
     if not spec:
         return x.clone()
     s = _seed(spec, seed)
@@ -37,9 +48,8 @@ def quantize_(x, spec, seed=None):
 
 
 def quantize_mask(x, spec, seed=None):
-    from ..cast import _inside
     y = quantize(x, spec, seed)
-    return y, pack_mask(~_inside(y, spec))
+    return y, pack_mask(~inside(y, spec))
 
 
 def cast_backward(grad, mask, spec, seed=None):
