@@ -15,7 +15,6 @@ at every fixed-point edge::
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +25,7 @@ import torch.fx as fx
 from .backends.onnx import to_onnx
 from .backends.qdq import to_qdq
 from .backends.qonnx import to_qonnx
+from ..core.files import atomic_write
 from ..errors import ExportError
 from .fold_bn import fold_bn
 from .lower import IntegerGraph, lower
@@ -69,14 +69,8 @@ def export_onnx(qmodel: fx.GraphModule, path: str | os.PathLike, example_inputs:
     except onnx.checker.ValidationError as e:
         raise ExportError(f"the exported graph is not valid ONNX: {e}") from e
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:
+        f.write(model.SerializeToString())  # what onnx.save writes
     return model
 
 

@@ -10,11 +10,11 @@ import gzip
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..core.files import atomic_write
 from ..errors import DataError
 
 __all__ = ["IDX_FILES", "find_root", "fashion_mnist", "synthetic", "DataError"]
@@ -68,21 +68,11 @@ def find_root(root: str | os.PathLike | None = None) -> Path:
             if target.exists():
                 continue
             src = folder / f[:-3]
-            # a private temporary name: runs started together each write their own, and the
-            # atomic replace means a killed run never leaves a half file behind
-            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=raw)
-            try:
-                with os.fdopen(fd, "wb") as fout:
-                    if src.exists():
-                        with open(src, "rb") as fin:
-                            shutil.copyfileobj(fin, fout)
-                    else:
-                        with gzip.open(folder / f, "rb") as fin:
-                            shutil.copyfileobj(fin, fout)
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            # runs started together each write a private temporary file, and a killed run
+            # never leaves a half file behind
+            with atomic_write(target) as fout:
+                with (open(src, "rb") if src.exists() else gzip.open(folder / f, "rb")) as fin:
+                    shutil.copyfileobj(fin, fout)
         return cache
     missing = [f for f in IDX_FILES if not (root / f).exists()]
     raise DataError(f"{root} does not hold the Fashion-MNIST IDX files (missing: {', '.join(missing)}); "

@@ -19,12 +19,12 @@ import io
 import os
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from ..core.files import atomic_write
 from ..errors import CheckpointError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "checkpoints", "rng_state",
@@ -66,17 +66,9 @@ def save_checkpoint(directory: str | os.PathLike, state: dict, step: int, keep: 
     torch.save(state, buf)
     body = buf.getvalue()
     path = directory / f"ckpt-{step:09d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n")
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, fsync=True) as f:
+        f.write(_MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n")
+        f.write(body)
     _fsync_dir(directory)
     for old in checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
