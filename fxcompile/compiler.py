@@ -7,16 +7,21 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
+from .core import ir
 from .core.auto import Auto
-from .errors import PolicyError
-from .passes.calibrate import calibrate
-from .passes.choose_formats import choose_formats
 from .core.policy import Policy, warn_unused
+from .errors import PolicyError
+from .frontend import roles
 from .frontend.expose_params import expose_params
 from .frontend.roles import annotate_roles
 from .frontend.shapes import propagate_shapes
+from .frontend.trace import CONTRACT as TRACE_CONTRACT
 from .frontend.trace import trace
-from .passes import assign_formats, insert_casts
+from .passes import assign, calibrate as calibration, casts, choose_formats as cost_model, elide_casts as elision
+from .passes.assign import assign_formats
+from .passes.calibrate import calibrate
+from .passes.casts import insert_casts
+from .passes.choose_formats import choose_formats
 from .passes.elide_casts import elide_identity_casts
 
 __all__ = ["compile", "LossGraph"]
@@ -33,18 +38,34 @@ class LossGraph(torch.nn.Module):
         return self.loss_fn(prediction, target)
 
 
-def _front(model, *, loss_graph=False, leaf_modules=(), frontend="fx", example_inputs=None):
+def _checked(fn: Callable, contract: ir.Contract, enabled: bool) -> Callable:
+    """``fn`` (a pass ``gm -> gm``) with its contract checked before and after it, if ``enabled``."""
+    if not enabled:
+        return fn
+
+    def run(gm, *args, **kwargs):
+        ir.check_contract(gm, fn.__name__, contract, "before")
+        out = fn(gm, *args, **kwargs)
+        ir.check_contract(out, fn.__name__, contract, "after")
+        return out
+    return run
+
+
+def _front(model, *, loss_graph=False, leaf_modules=(), frontend="fx", example_inputs=None, check=False):
     """Capture and annotate: trace, expose parameters, shapes (with example inputs), roles."""
     gm = trace(model, leaf_modules, frontend, example_inputs)
+    if check:
+        ir.check_contract(gm, "trace", TRACE_CONTRACT, "after")
     gm = expose_params(gm)
     if example_inputs is not None:
         gm = propagate_shapes(gm, example_inputs)
-    return annotate_roles(gm, loss_graph=loss_graph)
+    return _checked(annotate_roles, roles.CONTRACT, check)(gm, loss_graph=loss_graph)
 
 
 def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *, loss_fn: Callable | None = None,
             example_inputs: Sequence | None = None, leaf_modules: Iterable = (), frontend: str = "fx",
-            calibration_data: Iterable | None = None, elide_casts: bool = True) -> fx.GraphModule:
+            calibration_data: Iterable | None = None, elide_casts: bool = True,
+            check_contracts: bool = False) -> fx.GraphModule:
     """Return a trainable fixed-point GraphModule of ``model`` under ``policy``.
 
     The result shares parameters with ``model``.  With ``loss_fn`` the loss is compiled too
@@ -57,12 +78,15 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
     With ``policy=fxc.auto(...)`` the formats are chosen by the cost model from statistics of
     ``calibration_data`` (batches ``(x, y)``), forward and backward.  ``elide_casts`` turns
     casts whose forward provably changes nothing (after ReLU, max-pool, flatten) into forward
-    identities; their gradients are still rounded.
+    identities; their gradients are still rounded.  ``check_contracts`` (for pass authors)
+    checks between passes that each finds the node.meta facts it requires and writes those
+    it promises (:class:`fxcompile.core.ir.Contract`).
     """
+    check = check_contracts
     auto = isinstance(policy, Auto)
     policy = policy if auto else Policy.coerce(policy)
-    gm = _front(model, leaf_modules=leaf_modules, frontend=frontend, example_inputs=example_inputs)
-    loss = _front(LossGraph(loss_fn), loss_graph=True) if loss_fn is not None else None
+    gm = _front(model, leaf_modules=leaf_modules, frontend=frontend, example_inputs=example_inputs, check=check)
+    loss = _front(LossGraph(loss_fn), loss_graph=True, check=check) if loss_fn is not None else None
     graphs = [g for g in (gm, loss) if g is not None]
     if auto:
         if calibration_data is None:
@@ -70,19 +94,19 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
                               "(a few training batches) to compile")
         calibration_data = list(calibration_data)
         for g in graphs:
-            g.meta["fxc_calibration_batches"] = len(calibration_data)
-        gm = calibrate(gm, calibration_data, loss_graph=loss)
-        gm = choose_formats(gm, policy, loss_graph=loss)
+            ir.CALIBRATION_BATCHES.set(g, len(calibration_data))
+        gm = _checked(calibrate, calibration.CONTRACT, check)(gm, calibration_data, loss_graph=loss)
+        gm = _checked(choose_formats, cost_model.CONTRACT, check)(gm, policy, loss_graph=loss)
     else:
         for g in graphs:
-            assign_formats(g, policy, warn_unused_overrides=False)
+            _checked(assign_formats, assign.CONTRACT, check)(g, policy, warn_unused_overrides=False)
         # one warning over the model and loss graphs: an override may target either
-        warn_unused(policy, [m for g in graphs for m in g.meta["fxc_override_matches"]])
+        warn_unused(policy, [m for g in graphs for m in ir.OVERRIDE_MATCHES.of(g)])
     for g in graphs:
-        insert_casts(g)
+        _checked(insert_casts, casts.CONTRACT, check)(g)
         if elide_casts:
-            elide_identity_casts(g)
-    gm.meta["fxc_policy"] = policy
+            _checked(elide_identity_casts, elision.CONTRACT, check)(g)
+    ir.POLICY.set(gm, policy)
     if loss is not None:
         if hasattr(gm, "loss"):
             raise ValueError("the model already has an attribute 'loss'; compile's loss graph needs that name")

@@ -29,24 +29,20 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import ir
 from ..errors import ExportError
 from ..passes.casts import Cast
-from ..frontend.expose_params import batch_norm
+from ..core.ops import batch_norm
 
-__all__ = ["fold_bn", "FOLDABLE"]
+__all__ = ["CONTRACT", "fold_bn", "FOLDABLE"]
+
+CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
 FOLDABLE = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
 
 def _is_cast(gm: fx.GraphModule, node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(gm.get_submodule(node.target), Cast)
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _casted_parameter(gm: fx.GraphModule, node) -> torch.Tensor | None:
@@ -56,15 +52,11 @@ def _casted_parameter(gm: fx.GraphModule, node) -> torch.Tensor | None:
     if not (_is_cast(gm, node) and node.args[0].op == "get_attr"):
         raise ExportError(f"cannot fold batch norm: parameter {node.name!r} is not a cast of a stored parameter")
     with torch.no_grad():
-        return gm.get_submodule(node.target)(_fetch(gm, node.args[0].target).detach()).double()
-
-
-def _deployable(fmt):
-    return fmt.replace(rounding="nearest") if fmt is not None and fmt.rounding == "stochastic" else fmt
+        return gm.get_submodule(node.target)(ir.fetch(gm, node.args[0].target).detach()).double()
 
 
 def _quantized_parameter(value: torch.Tensor, fmt, like: torch.Tensor) -> nn.Parameter:
-    value = value if fmt is None else _deployable(fmt).quantize(value)
+    value = value if fmt is None else ir.stored_format(fmt).quantize(value)
     return nn.Parameter(value.to(like.dtype), requires_grad=like.requires_grad)
 
 
@@ -76,7 +68,7 @@ def _fold_one(gm: fx.GraphModule, bn: fx.Node) -> bool:
     if not (isinstance(layer, fx.Node) and layer.op == "call_function" and layer.target in FOLDABLE
             and len(layer.users) == 1):
         return False
-    module: nn.modules.batchnorm._BatchNorm = _fetch(gm, bn_attr.target)
+    module: nn.modules.batchnorm._BatchNorm = ir.fetch(gm, bn_attr.target)
     if module.running_mean is None:
         raise ExportError(f"cannot fold batch norm {bn.name!r}: it tracks no running statistics "
                           "(track_running_stats=False); deploy needs fixed statistics")
@@ -89,14 +81,14 @@ def _fold_one(gm: fx.GraphModule, bn: fx.Node) -> bool:
     new_bias = ((bias if bias is not None else 0.0) - mean) * scale + shift
     new_weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
 
-    w_param = _fetch(gm, w_cast.args[0].target)
+    w_param = ir.fetch(gm, w_cast.args[0].target)
     owner, _, name = w_cast.args[0].target.rpartition(".")
-    setattr(gm.get_submodule(owner), name, _quantized_parameter(new_weight, w_cast.meta["fxc_edge"].forward, w_param))
+    setattr(gm.get_submodule(owner), name, _quantized_parameter(new_weight, ir.EDGE.of(w_cast).forward, w_param))
     bias_template = b_cast if b_cast is not None else beta_node
     if bias_template is None:
         raise ExportError(f"cannot fold batch norm {bn.name!r} into {layer.name!r}: neither has a bias, so no "
                           "bias format is known; give the layer a bias or the batch norm affine=True")
-    bias_edge = bias_template.meta["fxc_edge"]
+    bias_edge = ir.EDGE.of(bias_template)
     if b_cast is not None:
         b_target = b_cast.args[0].target
         setattr(gm.get_submodule(b_target.rpartition(".")[0]), b_target.rpartition(".")[2],
@@ -109,7 +101,8 @@ def _fold_one(gm: fx.GraphModule, bn: fx.Node) -> bool:
             cast_name = f"{layer.name}_folded_bias"
             gm.casts.add_module(cast_name, Cast(bias_edge, clip_gradient=False))
             b_cast = gm.graph.call_module(f"casts.{cast_name}", (attr,))
-            b_cast.meta.update(fxc_edge=bias_edge, fxc_role=None)
+            ir.EDGE.set(b_cast, bias_edge)
+            ir.ROLE.set(b_cast, None)
         args = list(layer.args) + [None] * (3 - len(layer.args))
         args[2] = b_cast
         layer.args = tuple(args)

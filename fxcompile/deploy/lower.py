@@ -35,21 +35,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from typing import Callable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..core import ir, ops
 from ..errors import ExportError
 from ..core.formats import FixedPoint
 from ..passes.casts import Cast
-from ..frontend.expose_params import batch_norm
 
-__all__ = ["IntOp", "IntegerGraph", "Value", "lower", "RULES", "op_key", "op_arguments", "pair", "MAX_SHIFT"]
+__all__ = ["CONTRACT", "IntOp", "IntegerGraph", "Value", "lower", "RULES", "UNSUPPORTED", "op_key", "op_arguments", "pair",
+           "MAX_SHIFT"]
+
+CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
 MAX_SHIFT = 48  # larger shifts overflow the int64 accumulator long before they matter
 
@@ -157,11 +157,8 @@ def saturate(t: torch.Tensor, fmt: FixedPoint) -> torch.Tensor:
 
 
 def _const_codes(x: torch.Tensor, fmt: FixedPoint) -> torch.Tensor:
-    # A parameter is rounded once, here.  Fixed-point training stores parameters on their
-    # format's grid already, where every rounding agrees; otherwise stochastic rounding
-    # (the usual storage rounding) has no deterministic meaning and nearest stands in for it.
-    if fmt.rounding == "stochastic":
-        fmt = fmt.replace(rounding="nearest")
+    # A parameter is rounded once, here, read as a stored parameter (ir.stored_format).
+    fmt = ir.stored_format(fmt)
     return fmt.to_codes(x.detach()) - fmt.zero_point
 
 
@@ -303,32 +300,36 @@ RULES: dict[str, Callable] = {
     "flatten": rule_flatten,
     "add": rule_add,
     "identity": rule_identity,
+    "dropout": rule_identity,  # deployment is inference: dropout is the identity
 }
 
-_MODULE_OPS = {Cast: "cast", nn.ReLU: "relu", nn.MaxPool2d: "max_pool2d", nn.AvgPool2d: "avg_pool2d",
-               nn.Flatten: "flatten", nn.Identity: "identity", nn.Dropout: "identity"}
-_FUNCTION_OPS = {F.conv2d: "conv2d", torch.conv2d: "conv2d", F.linear: "linear", F.relu: "relu",
-                 torch.relu: "relu", operator.add: "add", torch.add: "add", torch.flatten: "flatten",
-                 F.max_pool2d: "max_pool2d", torch.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d",
-                 F.dropout: "identity", batch_norm: "batch_norm"}
-_METHOD_OPS = {"relu": "relu", "flatten": "flatten", "add": "add"}
+# Registered ops without a rule, and what lowering them would take.
+UNSUPPORTED: dict[str, str] = {
+    "conv1d": "a 1-d convolution rule (im2col over one axis) and its integer kernel",
+    "conv3d": "a 3-d convolution rule and its integer kernel",
+    "matmul": "a rule for products of two activations (wide accumulation, then requantize)",
+    "mm": "a rule for products of two activations (wide accumulation, then requantize)",
+    "bmm": "a rule for batched products of two activations (wide accumulation, then requantize)",
+    "max_pool1d": "a 1-d window maximum rule",
+    "max_pool3d": "a 3-d window maximum rule",
+    "reshape": "a rule that checks the batch dimension stays first and free",
+    "sub": "a rule like add's with the second operand negated",
+    "cat": "a rule aligning the operands' binary points before the concatenation",
+    "stack": "a rule aligning the operands' binary points before stacking",
+    "batch_norm": "folding into the conv/linear before it (fold_bn); a stand-alone per-channel affine rule",
+}
 
 
 def op_key(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """The op name a node lowers as (a key of :data:`RULES`), or ``None`` if it has none."""
-    if node.op == "call_module":
-        return _MODULE_OPS.get(type(gm.get_submodule(node.target)))
-    if node.op == "call_function":
-        return _FUNCTION_OPS.get(node.target)
-    if node.op == "call_method":
-        return _METHOD_OPS.get(node.target)
-    return None
+    """The registered op a node is (a key of :data:`RULES` or :data:`UNSUPPORTED`), or ``None``."""
+    op = ops.op_of(gm, node)
+    return None if op is None else op.name
 
 
 def _label(gm, node: fx.Node) -> str:
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)).__name__
-    return node.meta.get("fxc_op") or getattr(node.target, "__name__", str(node.target))
+    return ir.OP.get(node) or getattr(node.target, "__name__", str(node.target))
 
 
 def _unsupported(gm: fx.GraphModule) -> list[str]:
@@ -339,13 +340,6 @@ def _unsupported(gm: fx.GraphModule) -> list[str]:
                 if op_key(gm, node) == "batch_norm" else ""
             bad.append(f"{node.name!r} ({_label(gm, node)}){hint}")
     return bad
-
-
-def _fetch(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def lower(gm: fx.GraphModule, example_inputs) -> IntegerGraph:
@@ -374,7 +368,7 @@ def lower(gm: fx.GraphModule, example_inputs) -> IntegerGraph:
             inputs.append(node.name)
             input_shapes.append(shape)
         elif node.op == "get_attr":
-            attr = _fetch(gm, node.target)
+            attr = ir.fetch(gm, node.target)
             env[node] = Value(const=attr.detach()) if isinstance(attr, torch.Tensor) else attr
         elif node.op == "output":
             results = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)

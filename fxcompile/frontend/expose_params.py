@@ -14,30 +14,14 @@ module path and class are kept in ``node.meta["fxc_module"]`` and ``node.meta["f
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["expose_params", "call_with_parameters", "batch_norm"]
+from ..core import ir
+from ..core.ops import batch_norm, call_with_parameters
 
-
-def batch_norm(x, module: nn.modules.batchnorm._BatchNorm, weight, bias):
-    """``module(x)`` with the given affine parameters; follows ``module.training`` at run time."""
-    training = module.training or module.running_mean is None
-    momentum = 0.0 if module.momentum is None else module.momentum
-    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)
-        if module.momentum is None:
-            momentum = 1.0 / float(module.num_batches_tracked)
-    return F.batch_norm(x, module.running_mean if not module.training or module.track_running_stats else None,
-                        module.running_var if not module.training or module.track_running_stats else None,
-                        weight, bias, training, momentum, module.eps)
-
-
-def call_with_parameters(module: nn.Module, names: tuple, params: tuple, *args, **kwargs):
-    """Call ``module`` with its parameters ``names`` replaced by ``params`` (the casted values)."""
-    return torch.func.functional_call(module, dict(zip(names, params)), args, kwargs, strict=False)
+__all__ = ["expose_params"]
 
 
 def _conv(fn):
@@ -84,7 +68,7 @@ def expose_params(gm: fx.GraphModule) -> fx.GraphModule:
                 target = f"{node.target}.{name}"
                 if target not in exposed:
                     exposed[target] = gm.graph.get_attr(target)
-                    exposed[target].meta["fxc_module"] = node.target
+                    ir.MODULE.set(exposed[target], node.target)
             p_nodes = {name: exposed[f"{node.target}.{name}"] for name in params}
             rule = _rule_for(mod)
             simple = rule is not None and len(node.args) == 1 and not node.kwargs
@@ -96,8 +80,8 @@ def expose_params(gm: fx.GraphModule) -> fx.GraphModule:
                     (gm.graph.get_attr(node.target), tuple(p_nodes), tuple(p_nodes.values()), *node.args),
                     dict(node.kwargs))
         new.meta.update(node.meta)
-        new.meta["fxc_module"] = node.target
-        new.meta["fxc_op"] = type(mod).__name__
+        ir.MODULE.set(new, node.target)
+        ir.OP.set(new, type(mod).__name__)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         new.name = node.name

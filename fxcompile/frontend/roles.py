@@ -14,12 +14,16 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
-__all__ = ["annotate_roles", "op_name"]
+from ..core import ir
+
+__all__ = ["CONTRACT", "annotate_roles", "op_name"]
+
+CONTRACT = ir.Contract(provides=(ir.ROLE, ir.OP))
 
 
 def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    if "fxc_op" in node.meta:
-        return node.meta["fxc_op"]
+    if ir.OP.has(node):
+        return ir.OP.of(node)
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)).__name__
     if node.op == "call_function":
@@ -41,25 +45,18 @@ def _is_float_tensor_value(node: fx.Node) -> bool | None:
     return isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point
 
 
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def annotate_roles(gm: fx.GraphModule, loss_graph: bool = False) -> fx.GraphModule:
     """Annotate roles; with ``loss_graph`` the first input is the model's prediction and the
     returned value is the loss."""
     placeholders = 0
     for node in gm.graph.nodes:
-        node.meta["fxc_op"] = op_name(gm, node)
+        ir.OP.set(node, op_name(gm, node))
         role = None
         if node.op == "placeholder":
             role = "activation" if loss_graph and placeholders == 0 else "input"
             placeholders += 1
         elif node.op == "get_attr":
-            attr = _fetch(gm, node.target)
+            attr = ir.fetch(gm, node.target)
             if isinstance(attr, torch.nn.Parameter) and attr.is_floating_point():
                 role = "bias" if "bias" in node.target.rsplit(".", 1)[-1] else "weight"
         elif node.op in ("call_module", "call_function", "call_method"):
@@ -68,5 +65,5 @@ def annotate_roles(gm: fx.GraphModule, loss_graph: bool = False) -> fx.GraphModu
                 role = "loss"
         if role is not None and _is_float_tensor_value(node) is False:
             role = None
-        node.meta["fxc_role"] = role
+        ir.ROLE.set(node, role)
     return gm

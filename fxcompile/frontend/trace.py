@@ -20,9 +20,12 @@ from typing import Iterable, Sequence
 import torch
 import torch.fx as fx
 
+from ..core import ir
 from ..errors import TraceError
 
-__all__ = ["trace", "FRONTENDS"]
+__all__ = ["CONTRACT", "trace", "FRONTENDS"]
+
+CONTRACT = ir.Contract(graph_provides=(ir.FRONTEND,))
 
 FRONTENDS = ("fx", "export", "auto")
 
@@ -100,7 +103,7 @@ def _trace_fx(model: torch.nn.Module, leaf_modules: Sequence, concrete_args=None
                          f"To fix it, {hint}.") from exc
     name = model.__class__.__name__
     gm = fx.GraphModule(tracer.root, graph, name)
-    gm.meta["fxc_frontend"] = "fx"
+    ir.FRONTEND.set(gm, "fx")
     return gm
 
 
@@ -125,7 +128,7 @@ def _trace_export(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
             gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
     gm.recompile()
-    gm.meta["fxc_frontend"] = "export"
+    ir.FRONTEND.set(gm, "export")
     return gm
 
 

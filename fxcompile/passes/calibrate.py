@@ -28,10 +28,13 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from ..core import ir
 from ..core.formats import FixedPoint
 
-__all__ = ["calibrate", "TensorStats", "NodeStats", "calibration_json", "save_calibration", "load_calibration",
+__all__ = ["CONTRACT", "calibrate", "TensorStats", "NodeStats", "calibration_json", "save_calibration", "load_calibration",
            "E_MIN", "E_MAX"]
+
+CONTRACT = ir.Contract(requires=(ir.ROLE,), provides=(ir.STATS,))
 
 # float32 spans 2**-149 .. 2**128; bins below 2**-100 are merged (no format resolves them).
 E_MIN, E_MAX = -100, 129
@@ -237,7 +240,7 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
-        if n.meta.get("fxc_role") is None or not _is_float(result):
+        if ir.ROLE.get(n) is None or not _is_float(result):
             return result
         self.stats.setdefault(n.name, NodeStats(TensorStats())).value.update(result)
         if result.requires_grad:
@@ -248,7 +251,7 @@ class _Recorder(fx.Interpreter):
     def map_nodes_to_values(self, args, n: fx.Node):
         def load(a: fx.Node):
             v = self.env[a]
-            if n.op == "output" or a.meta.get("fxc_role") is None or not _is_float(v) or not v.requires_grad:
+            if n.op == "output" or ir.ROLE.get(a) is None or not _is_float(v) or not v.requires_grad:
                 return v
             key = (a.name, n.name)
             if key not in self.probes:
@@ -314,7 +317,7 @@ def calibrate(gm: fx.GraphModule, batches: Iterable, loss_graph: fx.GraphModule 
     for m, s in zip(modules, stats):
         for node in m.graph.nodes:
             if node.name in s:
-                node.meta["fxc_stats"] = s[node.name]
+                ir.STATS.set(node, s[node.name])
     return gm
 
 
@@ -323,15 +326,14 @@ def calibration_json(*graphs: tuple[str, fx.GraphModule]) -> str:
     out = {}
     for prefix, gm in graphs:
         for node in gm.graph.nodes:
-            if "fxc_stats" in node.meta:
-                out[prefix + node.name] = node.meta["fxc_stats"].to_dict()
+            if ir.STATS.has(node):
+                out[prefix + node.name] = ir.STATS.of(node).to_dict()
     return json.dumps(out, indent=1, allow_nan=False, default=lambda v: None if math.isnan(v) else v)
 
 
 def save_calibration(qmodel: fx.GraphModule, path: str | Path) -> None:
     """Write the calibration statistics of a compiled model (and its loss graph) as JSON."""
-    from ..reports.inspect import graphs
-    Path(path).write_text(calibration_json(*graphs(qmodel)) + "\n")
+    Path(path).write_text(calibration_json(*ir.graphs(qmodel)) + "\n")
 
 
 def load_calibration(path: str | Path) -> dict[str, NodeStats]:

@@ -12,14 +12,16 @@ the sum), one more cast on that edge.  Casts live under ``gm.casts`` and carry t
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 from torch import nn
 
+from ..core import ir
 from ..core.assignment import Edge
 from ..runtime.cast import cast, spec_of
 
-__all__ = ["Cast", "insert_casts", "cast_nodes"]
+__all__ = ["CONTRACT", "Cast", "insert_casts", "cast_nodes"]
+
+CONTRACT = ir.Contract(requires=(ir.VALUE, ir.USES), provides=(ir.EDGE,))
 
 
 class Cast(nn.Module):
@@ -29,21 +31,18 @@ class Cast(nn.Module):
         super().__init__()
         self.forward_identity = forward_identity
         self.backward_identity = False  # set by elide_casts when the gradient arrives on its grid
-        self.clip_gradient = clip_gradient and edge.role not in ("weight", "bias")
+        self.clip_gradient = clip_gradient and edge.role not in ir.PARAMETER_ROLES
         self.counters = None  # fxcompile.runtime.telemetry.EdgeCounters while telemetry is on
         self.set_edge(edge)
 
     def set_edge(self, edge: Edge) -> None:
         self.edge = edge
-        fwd = edge.forward
-        if fwd is not None and edge.role in ("weight", "bias") and fwd.rounding == "stochastic":
-            # A stored parameter is already on its grid, where every rounding is exact; the
-            # format's rounding applies to the update (fixed_point_optimizer), not to reads.
-            fwd = fwd.replace(rounding="nearest")
+        parameter = edge.role in ir.PARAMETER_ROLES
+        fwd = ir.stored_format(edge.forward) if parameter else edge.forward
         self._fwd = [] if self.forward_identity else spec_of(fwd)
         self._bwd = [] if self.backward_identity else spec_of(edge.backward)
         # a parameter already on its grid is passed through rather than copied (see cast())
-        self._parameter = edge.role in ("weight", "bias")
+        self._parameter = parameter
 
     def forward(self, x):
         if self.counters is not None:
@@ -59,8 +58,8 @@ class Cast(nn.Module):
 def _add_cast(gm: fx.GraphModule, source: fx.Node, name: str, edge: Edge, clip: bool, identity=False) -> fx.Node:
     gm.casts.add_module(name, Cast(edge, clip, identity))
     node = gm.graph.call_module(f"casts.{name}", (source,))
-    node.meta["fxc_edge"] = edge
-    node.meta["fxc_role"] = None
+    ir.EDGE.set(node, edge)
+    ir.ROLE.set(node, None)
     if "tensor_meta" in source.meta:
         node.meta["tensor_meta"] = source.meta["tensor_meta"]
     return node
@@ -69,16 +68,16 @@ def _add_cast(gm: fx.GraphModule, source: fx.Node, name: str, edge: Edge, clip: 
 def insert_casts(gm: fx.GraphModule) -> fx.GraphModule:
     if not hasattr(gm, "casts"):
         gm.add_module("casts", nn.Module())
-    clip = gm.meta.get("fxc_clip_gradient", True)
+    clip = ir.CLIP_GRADIENT.get(gm, True)
     for node in list(gm.graph.nodes):
-        value = node.meta.get("fxc_value")
+        value = ir.VALUE.get(node)
         if value is None:
             continue
         users = [u for u in node.users]
         with gm.graph.inserting_after(node):
             out = _add_cast(gm, node, node.name, value, clip)
         for user in users:
-            edge = node.meta["fxc_uses"].get(user.name)
+            edge = ir.USES.of(node).get(user.name)
             target = out
             if edge is not None and (edge.forward != value.forward or len(users) > 1
                                      or edge.backward != value.backward):
@@ -92,4 +91,4 @@ def insert_casts(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def cast_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if "fxc_edge" in n.meta]
+    return [n for n in gm.graph.nodes if ir.EDGE.has(n)]

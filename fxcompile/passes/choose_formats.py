@@ -27,7 +27,7 @@ and the loss value shrink, the input data stays; calibration sees the untrained 
 1 + the number of values the error reaches (a forward value's error reaches everything
 computed from it; a gradient's error reaches the gradients of everything it comes from,
 so the gradient at the logits weighs more than the one at the first layer).  The multiplier width of every MAC and
-the bits moved are reported by :func:`hardware_summary`.
+the bits moved are reported by :func:`fxcompile.reports.profile.hardware_summary`.
 
 **Solver.**  When each decision has one width (``bits`` fixed per role) and each cost is
 unimodal in frac, a dynamic program over the sorted fracs is exact (1-D k-medians: a
@@ -53,16 +53,18 @@ import networkx as nx
 import numpy as np
 import torch.fx as fx
 
+from ..core import ir, ops
 from ..core.assignment import Edge
 from ..core.auto import Auto
 from ..errors import PolicyError
 from ..core.formats import FixedPoint
 from .assign import _shape, edge_roles
 
-__all__ = ["choose_formats", "solve", "Solution", "hardware_summary", "ADDERS", "must_share_graph"]
+__all__ = ["CONTRACT", "choose_formats", "solve", "Solution", "must_share_graph"]
 
-ADDERS = {"add", "sub", "iadd", "isub", "add_", "sub_", "cat", "concat", "concatenate", "stack"}
-_PARAMETER = ("weight", "bias")
+CONTRACT = ir.Contract(requires=(ir.ROLE, ir.STATS), provides=(ir.VALUE, ir.USES, ir.NOISE),
+                       graph_provides=(ir.SOLUTION, ir.CLIP_GRADIENT))
+
 _BIG = 1e18  # cost of a candidate a decision may not take (a width it is not allowed)
 EXHAUSTIVE_LIMIT = 5e7  # table entries the exact enumeration may read before the heuristic takes over
 
@@ -216,7 +218,6 @@ def solve(cost: np.ndarray, max_formats: int, widths: np.ndarray | None = None, 
     v, c = cost.shape
     widths = np.zeros(c, dtype=np.int64) if widths is None else np.asarray(widths)
     allowed = cost < _BIG
-    groups = sorted(set(widths.tolist()))
     per_decision = [set(widths[allowed[d]].tolist()) for d in range(v)]
     if any(not g for g in per_decision):
         raise PolicyError("a decision has no allowed candidate format")
@@ -275,22 +276,26 @@ def _role_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.op != "output"]
 
 
+def _with_roles(gm: fx.GraphModule):
+    """(node, role, forward policy role, backward policy role) of every value with a role."""
+    for node in gm.graph.nodes:
+        role = ir.ROLE.get(node)
+        if role is not None:
+            yield (node, role, *edge_roles(role))
+
+
 def _decisions(graphs: list[fx.GraphModule], policy: Auto) -> list[_Decision]:
     out = []
     for gi, gm in enumerate(graphs):
-        for node in gm.graph.nodes:
-            role = node.meta.get("fxc_role")
-            if role is None:
-                continue
-            stats = node.meta.get("fxc_stats")
-            value_role, grad_role = edge_roles(role)
+        for node, role, value_role, grad_role in _with_roles(gm):
+            stats = ir.STATS.get(node)
             out.append(_Decision((gi, node.name, "fwd"), value_role, policy.bits_for(value_role),
                                  stats.value if stats else None, policy.rounding))
             out.append(_Decision((gi, node.name, "bwd"), grad_role, policy.bits_for(grad_role),
                                  stats.gradient if stats else None, policy.gradient_rounding))
             users = _role_users(node)
             if len(users) > 1:
-                use_role = grad_role if role in _PARAMETER else "gradient"
+                use_role = grad_role if role in ir.PARAMETER_ROLES else "gradient"
                 for u in users:
                     out.append(_Decision((gi, node.name, ("use", u.name)), use_role, policy.bits_for(use_role),
                                          stats.uses.get(u.name) if stats else None, policy.gradient_rounding))
@@ -303,10 +308,10 @@ def must_share_graph(graphs: list[fx.GraphModule], decisions: list[_Decision]) -
     g.add_nodes_from(d.key for d in decisions)
     for gi, gm in enumerate(graphs):
         for node in gm.graph.nodes:
-            if node.meta.get("fxc_role") is None:
+            if ir.ROLE.get(node) is None:
                 continue
-            if node.meta.get("fxc_op", "") in ADDERS:
-                ins = [(gi, a.name, "fwd") for a in node.all_input_nodes if a.meta.get("fxc_role") is not None]
+            if (op := ops.op_of(gm, node)) is not None and op.group == "adder":
+                ins = [(gi, a.name, "fwd") for a in node.all_input_nodes if ir.ROLE.get(a) is not None]
                 nx.add_path(g, ins)
             users = _role_users(node)
             if len(users) > 1:
@@ -321,7 +326,7 @@ def _reach_weights(graphs: list[fx.GraphModule], decisions: list[_Decision]) -> 
     dag = nx.DiGraph()
     for gi, gm in enumerate(graphs):
         for node in gm.graph.nodes:
-            dag.add_node((gi, node.name), role=node.meta.get("fxc_role"))
+            dag.add_node((gi, node.name), role=ir.ROLE.get(node))
             for a in node.all_input_nodes:
                 dag.add_edge((gi, a.name), (gi, node.name))
     if len(graphs) > 1:  # the model's output is the loss graph's prediction
@@ -408,14 +413,14 @@ def choose_formats(gm: fx.GraphModule, policy: Auto, loss_graph: fx.GraphModule 
         w, f = cand[assign[ci]]
         for k in comp:
             d = decisions[index[k]]
-            rounding = policy.update_rounding if d.role in _PARAMETER else d.rounding
+            rounding = policy.update_rounding if d.role in ir.PARAMETER_ROLES else d.rounding
             fmt_of[k] = (FixedPoint(w, f, rounding=rounding), float(member_nsr.get((k, w), np.zeros(len(fracs)))
                                                                        [f - fracs[0]]) if (k, w) in member_nsr else 0.0)
     for gi, g in enumerate(graphs):
         _write(g, gi, fmt_of, policy)
     _warn_if_untrainable(decisions, fmt_of, policy)
-    gm.meta["fxc_solution"] = Solution(sorted({cand[j] for j in chosen}), objective, baseline, lower, exact, curve,
-                                       time.perf_counter() - t0, len(decisions), len(components))
+    ir.SOLUTION.set(gm, Solution(sorted({cand[j] for j in chosen}), objective, baseline, lower, exact, curve,
+                                 time.perf_counter() - t0, len(decisions), len(components)))
     return gm
 
 
@@ -446,63 +451,22 @@ def _warn_if_untrainable(decisions: list[_Decision], fmt_of: dict, policy: Auto)
 
 
 def _write(gm: fx.GraphModule, gi: int, fmt_of: dict, policy: Auto) -> None:
-    for node in gm.graph.nodes:
-        role = node.meta.get("fxc_role")
-        if role is None:
-            continue
-        op = node.meta.get("fxc_op")
-        value_role, grad_role = edge_roles(role)
+    for node, role, value_role, grad_role in _with_roles(gm):
+        op = ir.OP.get(node)
         (fwd, fwd_nsr), (bwd, bwd_nsr) = fmt_of[(gi, node.name, "fwd")], fmt_of[(gi, node.name, "bwd")]
-        node.meta["fxc_value"] = Edge(node.name, "*", value_role, fwd, grad_role, bwd, op, _shape(node))
+        ir.VALUE.set(node, Edge(node.name, "*", value_role, fwd, grad_role, bwd, op, _shape(node)))
         noise = {"*": (fwd_nsr, bwd_nsr)}
         uses = {}
         users = _role_users(node)
         for user in users:
             use_bwd, use_nsr = fmt_of.get((gi, node.name, ("use", user.name)), (bwd, bwd_nsr))
-            if role in _PARAMETER:
+            if role in ir.PARAMETER_ROLES:
                 uses[user.name] = Edge(node.name, user.name, value_role, fwd, grad_role, use_bwd,
-                                       user.meta.get("fxc_op", ""), _shape(node))
+                                       ir.OP.get(user, ""), _shape(node))
             else:
                 uses[user.name] = Edge(node.name, user.name, "activation_in", fwd, "gradient", use_bwd,
-                                       user.meta.get("fxc_op", "") or "", _shape(node))
+                                       ir.OP.get(user, "") or "", _shape(node))
             noise[user.name] = (0.0, use_nsr)
-        node.meta["fxc_uses"] = uses
-        node.meta["fxc_noise"] = noise
-    gm.meta["fxc_clip_gradient"] = policy.clip_gradient
-
-
-# ---- hardware terms --------------------------------------------------------------------------
-
-_MAC_OPS = {"Conv1d", "Conv2d", "Conv3d", "Linear", "linear", "conv1d", "conv2d", "conv3d", "matmul", "mm", "bmm"}
-
-
-def hardware_summary(qmodel: fx.GraphModule) -> dict:
-    """Distinct formats, bits moved (forward values and gradients, at the calibration batch
-    size when calibrated, else at the example input's) and the operand widths of every MAC."""
-    from ..reports.inspect import graphs
-    formats, moved, macs = set(), 0, []
-    for prefix, gm in graphs(qmodel):
-        for node in gm.graph.nodes:
-            value = node.meta.get("fxc_value")
-            if value is None:
-                continue
-            for f in [value.forward, value.backward] + [f for e in node.meta.get("fxc_uses", {}).values()
-                                                        for f in (e.forward, e.backward)]:
-                if f is not None:
-                    formats.add((f.bits, f.frac))
-            stats = node.meta.get("fxc_stats")
-            batches = gm.meta.get("fxc_calibration_batches", 1)
-            if stats is not None:
-                n_fwd = stats.value.count / batches
-                n_bwd = stats.gradient.count / batches if stats.gradient else 0
-            else:
-                n_fwd = math.prod(value.shape) if value.shape else 0
-                n_bwd = n_fwd
-            moved += (value.forward.bits if value.forward else 32) * n_fwd
-            moved += (value.backward.bits if value.backward else 32) * n_bwd
-            if node.meta.get("fxc_op") in _MAC_OPS:
-                # after insert_casts the operands are cast nodes carrying their edge
-                operands = [a.meta["fxc_edge"].forward for a in node.all_input_nodes[:2] if "fxc_edge" in a.meta]
-                widths = [f.bits if f else 32 for f in operands]
-                macs.append((prefix + node.name, "x".join(map(str, widths))))
-    return {"formats": sorted(formats), "bits_moved": int(moved), "macs": macs}
+        ir.USES.set(node, uses)
+        ir.NOISE.set(node, noise)
+    ir.CLIP_GRADIENT.set(gm, policy.clip_gradient)

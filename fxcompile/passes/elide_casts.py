@@ -28,29 +28,26 @@ Python call.
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from ..core import ir, ops
 from .casts import Cast
 
-__all__ = ["elide_identity_casts", "elided_casts", "backward_elided_casts", "format_preserving"]
+__all__ = ["CONTRACT", "elide_identity_casts", "elided_casts", "backward_elided_casts", "format_preserving"]
 
-_FUNCTIONS = {F.relu, torch.relu, torch.flatten, torch.reshape}
-_METHODS = {"relu", "flatten", "view", "reshape"}
-_MODULES = (nn.ReLU, nn.Flatten, nn.Identity)
-_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+CONTRACT = ir.Contract(requires=(ir.EDGE,))  # marks ir.ELIDED / ir.BACKWARD_ELIDED where it elides
+
+_POOLS = {"max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3}
 
 
 def _tuple(v, n):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
-def _non_overlapping_pool(pool: nn.Module) -> bool:
+def _non_overlapping_pool(pool: nn.Module, n: int) -> bool:
     # Overlapping windows sum gradients in backward; the sum of two rounded gradients is not
     # the rounded sum, so only pools that route each gradient to one input qualify.
-    n = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(pool)]
     kernel, stride = _tuple(pool.kernel_size, n), _tuple(pool.stride or pool.kernel_size, n)
     return (all(s >= k for k, s in zip(kernel, stride)) and all(d == 1 for d in _tuple(pool.dilation, n))
             and not pool.return_indices)
@@ -58,18 +55,16 @@ def _non_overlapping_pool(pool: nn.Module) -> bool:
 
 def format_preserving(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Does ``node`` map values of any fixed-point format to values of that format, bounds to bounds?"""
-    if node.op == "call_function":
-        return node.target in _FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _METHODS
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return isinstance(mod, _MODULES) or (isinstance(mod, _POOLS) and _non_overlapping_pool(mod))
-    return False
+    op = ops.op_of(gm, node)
+    if op is None or op.group not in ("format_preserving", "shape"):
+        return False
+    if op.name in _POOLS:  # the module form says whether the windows overlap
+        return node.op == "call_module" and _non_overlapping_pool(gm.get_submodule(node.target), _POOLS[op.name])
+    return True
 
 
 def _cast_module(gm: fx.GraphModule, node) -> Cast | None:
-    if isinstance(node, fx.Node) and node.op == "call_module" and "fxc_edge" in node.meta:
+    if isinstance(node, fx.Node) and node.op == "call_module" and ir.EDGE.has(node):
         mod = gm.get_submodule(node.target)
         return mod if isinstance(mod, Cast) else None
     return None
@@ -86,19 +81,19 @@ def _elide(gm: fx.GraphModule) -> int:
             continue
         source = _cast_module(gm, op.args[0])
         extra_tensors = [a for a in list(op.args[1:]) + list(op.kwargs.values()) if isinstance(a, fx.Node)
-                         and "fxc_edge" in a.meta]
+                         and ir.EDGE.has(a)]
         if source is None or extra_tensors:
             continue
         if (source.edge.forward, source.edge.backward) != (cast.edge.forward, cast.edge.backward):
             continue
         # an elided source still clips, through its own source (transitively)
-        source_clips = source.clip_gradient or op.args[0].meta.get("fxc_elided", False)
+        source_clips = source.clip_gradient or ir.ELIDED.get(op.args[0], False)
         if cast.clip_gradient and not source_clips:
             continue  # the source would not clip what this cast clips
         cast.forward_identity = True
         cast.clip_gradient = False  # implied by the source's clip, see the module docstring
         cast.set_edge(cast.edge)
-        node.meta["fxc_elided"] = True
+        ir.ELIDED.set(node, True)
         count += 1
     return count
 
@@ -122,7 +117,7 @@ def _elide_backward(gm: fx.GraphModule) -> int:
             continue
         cast.backward_identity = True
         cast.set_edge(cast.edge)
-        node.meta["fxc_backward_elided"] = True
+        ir.BACKWARD_ELIDED.set(node, True)
         count += 1
     return count
 
@@ -138,9 +133,9 @@ def elide_identity_casts(gm: fx.GraphModule) -> fx.GraphModule:
 
 def elided_casts(gm: fx.GraphModule) -> list[fx.Node]:
     """Casts whose forward is the identity."""
-    return [n for n in gm.graph.nodes if n.meta.get("fxc_elided")]
+    return [n for n in gm.graph.nodes if ir.ELIDED.get(n)]
 
 
 def backward_elided_casts(gm: fx.GraphModule) -> list[fx.Node]:
     """Casts whose backward rounding is the identity."""
-    return [n for n in gm.graph.nodes if n.meta.get("fxc_backward_elided")]
+    return [n for n in gm.graph.nodes if ir.BACKWARD_ELIDED.get(n)]

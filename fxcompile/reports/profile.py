@@ -12,23 +12,24 @@ drawn over it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch.fx as fx
 
-from .inspect import graphs
-from ..passes.choose_formats import hardware_summary
+from ..core import ir, ops
 
-__all__ = ["assignment_report", "plot_profile", "plot_noise_vs_k", "calibrated_values"]
+__all__ = ["assignment_report", "plot_profile", "plot_noise_vs_k", "calibrated_values", "hardware_summary"]
 
 
 def calibrated_values(qmodel: fx.GraphModule):
     """(name, value Edge, NodeStats, predicted noise) for every calibrated value."""
     out = []
-    for prefix, gm in graphs(qmodel):
+    for prefix, gm in ir.graphs(qmodel):
         for node in gm.graph.nodes:
-            stats, value = node.meta.get("fxc_stats"), node.meta.get("fxc_value")
+            stats, value = ir.STATS.get(node), ir.VALUE.get(node)
             if stats is not None and value is not None:
-                out.append((prefix + node.name, value, stats, node.meta.get("fxc_noise", {})))
+                out.append((prefix + node.name, value, stats, ir.NOISE.get(node, {})))
     return out
 
 
@@ -65,7 +66,7 @@ def assignment_report(qmodel: fx.GraphModule) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    sol = qmodel.meta.get("fxc_solution")
+    sol = ir.SOLUTION.get(qmodel)
     if sol is not None:
         lines += ["", f"objective (summed predicted NSR): {sol.objective:.4g}   one format from the global max: "
                       f"{sol.baseline_objective:.4g}   {'exact' if sol.exact else f'heuristic, gap {sol.gap:.1%}'}"
@@ -84,11 +85,11 @@ def assignment_report(qmodel: fx.GraphModule) -> str:
 
 def _uses(qmodel, name):
     prefix, _, node_name = name.rpartition(".") if name.startswith("loss.") else ("", "", name)
-    for p, gm in graphs(qmodel):
+    for p, gm in ir.graphs(qmodel):
         if p.rstrip(".") == prefix:
             for node in gm.graph.nodes:
                 if node.name == node_name:
-                    return list(node.meta.get("fxc_uses", {}).values())
+                    return list(ir.USES.get(node, {}).values())
     return []
 
 
@@ -149,7 +150,7 @@ def plot_noise_vs_k(qmodel: fx.GraphModule, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sol = qmodel.meta["fxc_solution"]
+    sol = ir.SOLUTION.of(qmodel)
     ks = sorted(sol.curve)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.semilogy(ks, [sol.curve[k] for k in ks], "o-", label="cost model (exact)" if sol.exact else "cost model")
@@ -162,3 +163,35 @@ def plot_noise_vs_k(qmodel: fx.GraphModule, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def hardware_summary(qmodel: fx.GraphModule) -> dict:
+    """Distinct formats, bits moved (forward values and gradients, at the calibration batch
+    size when calibrated, else at the example input's) and the operand widths of every MAC."""
+    formats, moved, macs = set(), 0, []
+    for prefix, gm in ir.graphs(qmodel):
+        for node in gm.graph.nodes:
+            value = ir.VALUE.get(node)
+            if value is None:
+                continue
+            for f in [value.forward, value.backward] + [f for e in ir.USES.get(node, {}).values()
+                                                        for f in (e.forward, e.backward)]:
+                if f is not None:
+                    formats.add((f.bits, f.frac))
+            stats = ir.STATS.get(node)
+            batches = ir.CALIBRATION_BATCHES.get(gm, 1)
+            if stats is not None:
+                n_fwd = stats.value.count / batches
+                n_bwd = stats.gradient.count / batches if stats.gradient else 0
+            else:
+                n_fwd = math.prod(value.shape) if value.shape else 0
+                n_bwd = n_fwd
+            moved += (value.forward.bits if value.forward else 32) * n_fwd
+            moved += (value.backward.bits if value.backward else 32) * n_bwd
+            op = ops.op_of(gm, node)
+            if op is not None and op.group == "multiply_accumulate":
+                # after insert_casts the operands are cast nodes carrying their edge
+                operands = [ir.EDGE.of(a).forward for a in node.all_input_nodes[:2] if ir.EDGE.has(a)]
+                widths = [f.bits if f else 32 for f in operands]
+                macs.append((prefix + node.name, "x".join(map(str, widths))))
+    return {"formats": sorted(formats), "bits_moved": int(moved), "macs": macs}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..core import ir
 from . import kernels
 from ..core.formats import FixedPoint
-from ..reports.inspect import graphs
 
 __all__ = ["fixed_point_optimizer", "parameter_formats"]
 
@@ -15,9 +15,9 @@ __all__ = ["fixed_point_optimizer", "parameter_formats"]
 def parameter_formats(qmodel: fx.GraphModule) -> list[tuple[str, torch.nn.Parameter, FixedPoint]]:
     """(name, parameter, storage format) for every parameter edge of the compiled model."""
     out = []
-    for _, gm in graphs(qmodel):
+    for _, gm in ir.graphs(qmodel):
         for node in gm.graph.nodes:
-            value = node.meta.get("fxc_value")
+            value = ir.VALUE.get(node)
             if node.op == "get_attr" and value is not None and value.forward is not None:
                 out.append((node.target, gm.get_parameter(node.target), value.forward))
     return out

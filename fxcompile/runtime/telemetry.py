@@ -30,6 +30,7 @@ import warnings
 import torch
 import torch.fx as fx
 
+from ..core import ir
 from .cast import cast
 
 __all__ = ["EdgeCounters", "SaturationWarning", "enable", "disable", "reset", "summary", "check", "table",
@@ -147,8 +148,7 @@ class EdgeCounters:
 
 
 def _casts(qmodel: fx.GraphModule):
-    from ..reports.inspect import graphs
-    for prefix, gm in graphs(qmodel):
+    for prefix, gm in ir.graphs(qmodel):
         if hasattr(gm, "casts"):
             for name, module in gm.casts.named_children():
                 yield prefix, name, module

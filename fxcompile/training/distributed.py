@@ -41,8 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from ..core import ir
 from ..core.formats import FixedPoint, as_format
-from ..reports.inspect import graphs
 
 __all__ = ["FixedPointAllReduce", "fixed_point_allreduce_hook", "gradient_formats", "train_ddp", "main"]
 
@@ -50,9 +50,9 @@ __all__ = ["FixedPointAllReduce", "fixed_point_allreduce_hook", "gradient_format
 def gradient_formats(qmodel: fx.GraphModule) -> dict[torch.nn.Parameter, FixedPoint]:
     """The backward (gradient) format of every parameter edge of a compiled model."""
     out = {}
-    for _, gm in graphs(qmodel):
+    for _, gm in ir.graphs(qmodel):
         for node in gm.graph.nodes:
-            value = node.meta.get("fxc_value")
+            value = ir.VALUE.get(node)
             if node.op == "get_attr" and value is not None and value.backward is not None:
                 out[gm.get_parameter(node.target)] = value.backward
     return out

@@ -44,6 +44,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ...core import ir
 from ...errors import ExportError
 from ...core.formats import FixedPoint
 from ..fold_bn import fold_bn
@@ -53,6 +54,23 @@ __all__ = ["to_hls4ml", "hls_precision", "hls_plan", "HlsLayer", "ROUNDING", "re
 
 ROUNDING = {"nearest": "AP_RND_CONV", "floor": "AP_TRN", "toward_zero": "AP_TRN_ZERO"}
 _PASSTHROUGH = ("relu", "max_pool2d", "reshape")
+
+# How each integer op reaches hls4ml (see hls_plan), and the ones it cannot.
+HLS_LAYERS: dict[str, str] = {
+    "quantize": "the input layer's type",
+    "requantize": "the result type of the layer it follows",
+    "conv2d": "Conv2D (a torch Conv2d converted by hls4ml)",
+    "linear": "Dense (a torch Linear converted by hls4ml)",
+    "relu": "Activation relu",
+    "max_pool2d": "MaxPooling2D",
+    "reshape": "Flatten (to batch, features only)",
+    "dequantize": "the output (no layer)",
+}
+UNSUPPORTED: dict[str, str] = {
+    "sum_pool2d": "hls4ml has AveragePooling2D, but this handoff does not yet map a window sum with a moved "
+                  "binary point onto it",
+    "add": "the handoff writes sequential models; a residual add needs hls4ml's Merge layer",
+}
 
 
 def require_hls4ml():
@@ -77,12 +95,10 @@ def hls_precision(fmt: FixedPoint, where: str = "format", parameter: bool = Fals
     if fmt.zero_point:
         raise ExportError(f"{where} has format {fmt} with zero point {fmt.zero_point}; ap_fixed types have no "
                           "zero point: use a symmetric format (or zero_point=0) for this edge before the hls4ml handoff")
-    rounding = fmt.rounding
-    if rounding == "stochastic":
-        if not parameter:
-            raise ExportError(f"{where} has format {fmt}: stochastic rounding has no ap_fixed equivalent; give this "
-                              "edge (or its role in the policy) rounding 'nearest', 'floor' or 'toward_zero'")
-        rounding = "nearest"
+    if fmt.rounding == "stochastic" and not parameter:
+        raise ExportError(f"{where} has format {fmt}: stochastic rounding has no ap_fixed equivalent; give this "
+                          "edge (or its role in the policy) rounding 'nearest', 'floor' or 'toward_zero'")
+    rounding = ir.stored_format(fmt).rounding
     if fmt.overflow == "wrap":
         overflow = "AP_WRAP"
     elif fmt.signed and fmt.code_min == -fmt.code_max:
@@ -112,7 +128,7 @@ class HlsLayer:
 
 
 def _cast_edges(gm: fx.GraphModule) -> dict[str, object]:
-    return {n.name: n.meta["fxc_edge"] for n in gm.graph.nodes if "fxc_edge" in n.meta}
+    return {n.name: ir.EDGE.of(n) for n in gm.graph.nodes if ir.EDGE.has(n)}
 
 
 def _parameter_format(edges, node: fx.Node, index: int):

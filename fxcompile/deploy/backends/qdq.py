@@ -56,13 +56,15 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto, helper
 
+from ...core import ir
 from ...errors import ExportError
 from ...core.formats import FixedPoint
 from ...passes.casts import Cast
+from ..lower import UNSUPPORTED as UNSUPPORTED_LOWERING
 from ..lower import lower, op_arguments, op_key, pair
 from .onnx import add_constant
 
-__all__ = ["to_qdq", "FloatGraph", "float_ops", "OPSET", "container"]
+__all__ = ["to_qdq", "FloatGraph", "FLOAT_OPS", "UNSUPPORTED", "STRUCTURAL", "OPSET", "container"]
 
 OPSET = 21  # 16-bit QuantizeLinear/DequantizeLinear
 
@@ -196,9 +198,7 @@ class QDQGraph(FloatGraph):
 def parameter_codes(value: torch.Tensor, fmt: FixedPoint) -> torch.Tensor:
     """Integer codes of a stored parameter (on its grid after fixed-point training; ``nearest``
     stands in for ``stochastic``, as in :func:`fxcompile.deploy.lower.lower`)."""
-    if fmt.rounding == "stochastic":
-        fmt = fmt.replace(rounding="nearest")
-    return fmt.to_codes(value.detach())
+    return ir.stored_format(fmt).to_codes(value.detach())
 
 
 # ---- the float ops: fx node → ONNX, one rule per op (the ops that lower) -------------------
@@ -249,10 +249,17 @@ def _identity(g, node, x, *args, **kwargs):
     return x
 
 
-float_ops: dict[str, Callable] = {
+FLOAT_OPS: dict[str, Callable] = {
     "conv2d": _conv2d, "linear": _linear, "relu": _relu, "max_pool2d": _max_pool2d,
-    "avg_pool2d": _avg_pool2d, "flatten": _flatten, "add": _add, "identity": _identity,
+    "avg_pool2d": _avg_pool2d, "flatten": _flatten, "add": _add, "identity": _identity, "dropout": _identity,
 }
+
+# Ops that build() writes itself rather than through FLOAT_OPS.
+STRUCTURAL: dict[str, str] = {"cast": "a QuantizeLinear/DequantizeLinear pair, or a parameter's codes and its DequantizeLinear"}
+
+# Registered ops this flavour does not write: every one of them stops the integer lowering
+# first (``build`` lowers before it writes), so each waits for its lowering rule.
+UNSUPPORTED: dict[str, str] = {name: f"does not lower to integers yet ({why})" for name, why in UNSUPPORTED_LOWERING.items()}
 
 
 class _Parameter:
@@ -260,13 +267,6 @@ class _Parameter:
 
     def __init__(self, value: torch.Tensor):
         self.value = value
-
-
-def _fetch(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: list | None = None
@@ -295,7 +295,7 @@ def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: l
             inputs.append(helper.make_tensor_value_info(node.name, TensorProto.FLOAT, shape))
             env[node] = node.name
         elif node.op == "get_attr":
-            env[node] = _Parameter(_fetch(gm, node.target))
+            env[node] = _Parameter(ir.fetch(gm, node.target))
         elif node.op == "output":
             results = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
             for i, r in enumerate(results):
@@ -318,7 +318,7 @@ def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: l
         else:
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            env[node] = float_ops[op_key(gm, node)](g, node, *args, **kwargs)
+            env[node] = FLOAT_OPS[op_key(gm, node)](g, node, *args, **kwargs)
     used = {i for n in g.nodes for i in n.input}
     graph = helper.make_graph(g.nodes, name, inputs, outputs, [t for t in g.initializers if t.name in used])
     return helper.make_model(graph, opset_imports=g.opset_imports, producer_name="fxcompile")

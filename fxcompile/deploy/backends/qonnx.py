@@ -45,6 +45,7 @@ import torch
 import torch.fx as fx
 from onnx import helper
 
+from ...core import ir
 from ...core.formats import FixedPoint
 from .qdq import FloatGraph, build, parameter_codes
 
@@ -58,8 +59,7 @@ ROUNDING_MODES = {"nearest": "ROUND", "floor": "FLOOR", "toward_zero": "DOWN"}
 
 def quant_attributes(fmt: FixedPoint) -> dict:
     """``signed``, ``narrow``, ``rounding_mode`` of the ``Quant`` that rounds like ``fmt``."""
-    if fmt.rounding == "stochastic":  # a parameter on its grid: every rounding agrees
-        fmt = fmt.replace(rounding="nearest")
+    fmt = ir.stored_format(fmt)  # a parameter on its grid: every rounding agrees
     narrow = fmt.signed and fmt.code_min == -(1 << (fmt.bits - 1)) + 1
     return {"signed": int(fmt.signed), "narrow": int(narrow), "rounding_mode": ROUNDING_MODES[fmt.rounding]}
 
