@@ -43,7 +43,8 @@ spends that knowledge on speed:
 * **Monotone ops commute with max-pooling.**  A saturating requantize and ReLU are
   non-decreasing, so ``maxpool(relu(requantize(acc))) = relu(requantize(maxpool(acc)))``
   exactly: the pool runs first on the accumulator and the rounding on a quarter of the
-  values.  MaxPool itself is float-only: ``Max`` over the kernel-offset slices, or, for
+  values (the rewrite is :func:`fxcompile.deploy.optimize.optimize`, which also folds a
+  ReLU into the requantize before it).  MaxPool itself is float-only: ``Max`` over the kernel-offset slices, or, for
   tiling windows, two ``ReduceMax`` over reshapes (rows, then columns channels-last).
 * **Rounding shifts.**  Integer ``Div`` truncates toward zero and ``BitShift`` is unsigned, so
   a rounding right shift by ``s`` is done on a non-negative value: saturate first
@@ -66,85 +67,32 @@ Each graph output ``output`` (``output_<i>`` if several; float32) comes with ``o
 
 from __future__ import annotations
 
-import dataclasses
-
 import onnx
 from onnx import TensorProto, helper
 
-from ...lower import IntegerGraph, IntOp
+from ...lower import IntegerGraph
+from ...optimize import optimize
 from .builder import OPSET, _Builder, add_constant
 from .emitters import _WEIGHTED, EMITTERS
 
 __all__ = ["to_onnx", "EMITTERS", "OPSET", "add_constant"]
 
 
-def _rewrite(graph: IntegerGraph) -> tuple[list[IntOp], dict]:
-    """The ops to emit and their shapes: a saturating requantize (and a ReLU after it) moved
-    behind the max pool that follows them (both are non-decreasing, so they commute with
-    max; the conv's bias moves behind the pool too), then a ReLU after a saturating
-    requantize folded into its clamp."""
-    ops, shapes = list(graph.ops), dict(graph.shapes)
-
-    def producer(name):
-        return next((o for o in ops if o.out == name), None)
-
-    def only_user(op):
-        users = [u for u in ops if op.out in u.inputs]
-        return users[0] if len(users) == 1 and op.out not in graph.outputs else None
-
-    def saturating(op):
-        return op is not None and op.op == "requantize" and op.attrs["fmt"].overflow == "saturate"
-
-    def index(op):
-        return next(i for i, o in enumerate(ops) if o is op)
-
-    for pool in [p for p in ops if p.op == "max_pool2d"]:
-        chain, src = [], producer(pool.inputs[0])
-        if src is not None and src.op == "relu" and only_user(src) is pool:
-            chain, src = [src], producer(src.inputs[0])
-        if not (saturating(src) and only_user(src) is (chain[0] if chain else pool)):
-            continue
-        chain.insert(0, src)
-        acc = producer(src.inputs[0])
-        if acc is None:
-            continue
-        pooled_attrs = dict(pool.attrs)
-        if acc.op == "conv2d" and acc.attrs["bias"] is not None and only_user(acc) is src:
-            # a per-channel constant commutes with a max over one channel's window too
-            pooled_attrs["bias"] = acc.attrs["bias"]
-            ops[index(acc)] = dataclasses.replace(acc, attrs={**acc.attrs, "bias": None})
-        moved = [dataclasses.replace(pool, out=f"{pool.out}_acc", inputs=(acc.out,), frac=acc.frac, fmt=acc.fmt,
-                                     attrs=pooled_attrs)]
-        for k, op in enumerate(chain):
-            out = pool.out if k == len(chain) - 1 else f"{op.out}_pooled"
-            moved.append(dataclasses.replace(op, inputs=(moved[-1].out,), out=out))
-        for op in moved:
-            shapes[op.out] = graph.shapes[pool.out]
-        at = index(src)
-        ops = [o for o in ops if all(o is not c for c in (pool, *chain))]
-        ops[at:at] = moved
-    for relu in [r for r in ops if r.op == "relu"]:
-        src = producer(relu.inputs[0])
-        if saturating(src) and only_user(src) is relu:
-            ops[index(src)] = dataclasses.replace(src, out=relu.out, attrs={**src.attrs, "relu": True})
-            del ops[index(relu)]
-    return ops, shapes
-
-
 def to_onnx(graph: IntegerGraph, name: str = "fxcompile_integer", eight_bit: bool = True) -> onnx.ModelProto:
     """The ONNX model of ``graph``: float inputs (batch dimension ``N``), float and int64 outputs.
 
     ``eight_bit`` lowers conv/linear to 8-bit ``MatMulInteger`` on limbs where that is exact
-    (fast on ORT); ``False`` keeps every product in an int64 ``MatMul``.
+    (fast on ORT); ``False`` keeps every product in an int64 ``MatMul``.  ``graph`` is
+    emitted as :func:`~fxcompile.deploy.optimize.optimize` rewrites it.
     """
-    ops, shapes = _rewrite(graph)
-    b, env = _Builder(graph, shapes), {}
+    graph = optimize(graph)
+    b, env = _Builder(graph, graph.shapes), {}
     inputs = []
     for inp, shape in zip(graph.inputs, graph.input_shapes):
         env[inp] = inp
         inputs.append(helper.make_tensor_value_info(inp, TensorProto.FLOAT, ["N", *shape[1:]]))
     outputs, codes = [], []
-    for op in ops:
+    for op in graph.ops:
         b.prefix = f"{op.op}/{op.out}"
         args = [env[i] for i in op.inputs]
         if op.op == "dequantize":
