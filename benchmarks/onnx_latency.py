@@ -9,9 +9,11 @@ summed by op type and by the lowered op: node names start with it)::
     python benchmarks/onnx_latency.py [--models seed_cnn mlp residual_cnn] [--batch 64] [--repeats 20] [--runs 3] [--profile]
 
 ``--runs`` repeats the whole measurement (fresh sessions) and prints the spread of the ratio.
-``--against REV`` also exports the same integer graph with ``fxcompile/deploy/backends/onnx.py`` as
-of git revision ``REV``, checks that both give the same codes, times it in the same
-alternation and prints current / ``REV`` (steadier than comparing ratios from two runs)::
+``--against REV`` also exports the same integer graph with the ONNX backend
+(``fxcompile/deploy/backends/onnx/``, or the single module ``fxcompile/deploy/backends/onnx.py``
+or ``fxcompile/backends/onnx.py`` of older revisions) as of git revision ``REV``, checks that
+both give the same codes, times it in the same alternation and prints current / ``REV``
+(steadier than comparing ratios from two runs)::
 
     python benchmarks/onnx_latency.py --models residual_cnn --runs 3 --against HEAD~3
 """
@@ -19,10 +21,14 @@ alternation and prints current / ``REV`` (steadier than comparing ratios from tw
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
+import importlib
 import io
 import json
 import pathlib
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +41,7 @@ import onnx
 import torch
 
 import fxcompile as fxc
+from fxcompile.deploy import lower as lowering_now
 from fxcompile.deploy.export import integer_graph, onnx_session
 from fxcompile.experiments.models import build
 
@@ -70,16 +77,40 @@ def profile(model: onnx.ModelProto, feed: dict, repeats: int, top: int = 8) -> s
     return "\n".join(lines)
 
 
+# Where the ONNX backend lived, newest first (a module or a package, relative to fxcompile/), and
+# the module that defines IntegerGraph: the current one stands in for it, so that both
+# exporters take the same graph (and the revision's kernels are never registered twice).
+_BACKENDS = ("deploy/backends/onnx", "backends/onnx")
+_LOWERING = ("deploy.lower", "passes.lower", "lower")
+
+
 def exporter_at(rev: str) -> types.ModuleType:
-    """``fxcompile.deploy.backends.onnx`` as of git revision ``rev`` of this repository."""
+    """The ONNX backend (a module with ``to_onnx``) as of git revision ``rev`` of this repository.
+
+    ``git archive`` extracts the revision's ``fxcompile`` into a temporary folder, imported as
+    the private package ``_fxcompile_at_<rev>`` whose packages are bare (their ``__init__``
+    does not run: only what the backend imports is loaded, from the revision, except the
+    lowering module, which is this tree's)."""
     root = pathlib.Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{rev}:fxcompile/deploy/backends/onnx.py"], cwd=root, check=True,
-                            capture_output=True, text=True).stdout
-    module = types.ModuleType(f"onnx_backend_at_{rev}")
-    sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(source.replace("from ..", "from fxcompile."), f"{rev}:fxcompile/deploy/backends/onnx.py", "exec"),
-         module.__dict__)
-    return module
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="onnx_backend_"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    archive = subprocess.run(["git", "archive", rev, "fxcompile"], cwd=root, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    tree = tmp / "fxcompile"
+    backend = next((b for b in _BACKENDS if (tree / b).is_dir() or (tree / f"{b}.py").is_file()), None)
+    if backend is None:
+        raise SystemExit(f"{rev}: no ONNX backend at fxcompile/{{{','.join(_BACKENDS)}}}(.py)")
+    name = "_fxcompile_at_" + re.sub(r"\W", "_", rev)
+    for init in sorted(tree.rglob("__init__.py")):
+        if init.parent.relative_to(tree).as_posix().startswith(backend):
+            continue  # the backend's own package (and its subpackages) import for real
+        package = ".".join([name, *init.parent.relative_to(tree).parts])
+        module = sys.modules[package] = types.ModuleType(package)
+        module.__path__, module.__package__ = [str(init.parent)], package
+    for lowering in _LOWERING:
+        if (tree / f"{lowering.replace('.', '/')}.py").is_file():
+            sys.modules[f"{name}.{lowering}"] = lowering_now
+    return importlib.import_module(f"{name}.{backend.replace('/', '.')}")
 
 
 def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool = False, against=None):

@@ -49,11 +49,17 @@ def _max_pool2d(op: IntOp, x):
     out = None
     for win in _windows(x, op.attrs["kernel"], op.attrs["stride"], op.attrs["dilation"]):
         out = win.clone() if out is None else torch.maximum(out, win)
-    return out
+    bias = op.attrs.get("bias")  # a conv's bias moved behind the pool (fxcompile.deploy.optimize)
+    return out if bias is None else out + bias.reshape(-1, 1, 1)
 
 
 def _sum_pool2d(op: IntOp, x):
     return sum(_windows(x, op.attrs["kernel"], op.attrs["stride"]))
+
+
+def _requantize(op: IntOp, x):
+    out = saturate(round_shift(x, op.attrs["shift"], op.attrs["fmt"].rounding), op.attrs["fmt"])
+    return out.clamp_min(0) if op.attrs.get("relu") else out  # a ReLU folded in (fxcompile.deploy.optimize)
 
 
 def _add(op: IntOp, a, b):
@@ -68,7 +74,7 @@ def _reshape(op: IntOp, x):
 
 KERNELS: dict[str, Callable] = {
     "quantize": lambda op, x: quantize_input(x, op.attrs["fmt"]),
-    "requantize": lambda op, x: saturate(round_shift(x, op.attrs["shift"], op.attrs["fmt"].rounding), op.attrs["fmt"]),
+    "requantize": _requantize,
     "conv2d": lambda op, x: F.conv2d(x, op.attrs["weight"], op.attrs["bias"], op.attrs["stride"],
                                      op.attrs["padding"], op.attrs["dilation"]),
     "linear": lambda op, x: F.linear(x, op.attrs["weight"], op.attrs["bias"]),

@@ -124,7 +124,7 @@ def test_top1_agrees_with_the_fixed_point_simulation():
 
 
 def test_weight_digits_reconstruct_the_codes():
-    from fxcompile.deploy.backends.onnx import _digits
+    from fxcompile.deploy.backends.onnx.matmul import _digits
     w = np.concatenate([np.arange(-70000, 70000, 7), [2 ** 23 - 1, -(2 ** 23) + 1, 0, 127, 128, -128, -129]])
     digits = _digits(w)
     # below 64 in magnitude: a pair of uint8 × digit products stays inside int16
@@ -190,7 +190,7 @@ def test_baseline_convolutions_and_pools_work_in_int32(model):
 def test_signed_and_offset_inputs_to_padded_strided_convolutions(prefer, activation, monkeypatch):
     """Signed conv inputs (offset limbs, padding with the offset's digits) on both product
     paths: the 8-bit limbs and the direct int32 MatMul."""
-    import fxcompile.deploy.backends.onnx as backend
+    import fxcompile.deploy.backends.onnx.matmul as backend
     monkeypatch.setattr(backend, "_NS_MAC_INT32", 1e9 if prefer == "8-bit" else 0.0)
     torch.manual_seed(0)
 
@@ -231,7 +231,7 @@ def _linear_graph(in_fmt, weight, relu):
 def test_limbs_and_digits_every_code(fmt, relu, monkeypatch):
     """Every input code of a 16-bit range through the 8-bit products (limbs by the wrapping
     uint8 Cast; a second limb below 128 on doubled digits), weights at the digits' edges."""
-    import fxcompile.deploy.backends.onnx as backend
+    import fxcompile.deploy.backends.onnx.matmul as backend
     from fxcompile.core.formats import as_format
     monkeypatch.setattr(backend, "_NS_MAC_INT32", 1e9)  # the 8-bit products, not one int32 MatMul
     weight = torch.tensor([[1], [-1], [63], [-64], [64], [8191], [-8192], [127 * 128 + 63], [-3]], dtype=torch.int64)
@@ -246,7 +246,8 @@ def test_limbs_and_digits_every_code(fmt, relu, monkeypatch):
 def test_products_never_saturate_an_int16_pair(lo, hi):
     """x86 without VNNI sums pairs of uint8 × int8 products in int16: every term's digits keep
     2 · max limb · max |digit| inside it, and the terms rebuild u · w exactly."""
-    from fxcompile.deploy.backends.onnx import _Builder, _plan
+    from fxcompile.deploy.backends.onnx.builder import _Builder
+    from fxcompile.deploy.backends.onnx.matmul import _plan
     rng = np.random.default_rng(0)
     flat = np.concatenate([rng.integers(-(2 ** 20), 2 ** 20, (16, 5)), [[64, -64, 8191, -8192, 2 ** 20]]])
     b = _Builder(None, {})

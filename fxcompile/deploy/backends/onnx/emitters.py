@@ -1,0 +1,187 @@
+"""The emitters of the other integer ops (quantize, requantize, dequantize, pools, add, ReLU,
+reshape) and :data:`EMITTERS`, the table from integer op to emitter."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from onnx import TensorProto
+
+from ....core.formats import FixedPoint
+from ...lower import IntOp
+from .arithmetic import _centred_range, _clip, _fits32, _int_type, _relu, _round_shift, _wide, _wrap
+from .builder import _ONNX_TYPE, _Builder, _per_channel
+from .matmul import _pad, _slices, emit_conv2d, emit_linear
+
+def emit_quantize(b: _Builder, op: IntOp, x: str) -> str:
+    fmt: FixedPoint = op.attrs["fmt"]
+    lo, hi = _centred_range(fmt)
+    ftype = np.float64 if _wide(fmt) else np.float32
+    if _wide(fmt):
+        x = b.node("Cast", [x], to=TensorProto.DOUBLE)
+    t = b.node("Mul", [x, b.const(2.0 ** fmt.frac, ftype)])  # exact: a power of two
+    if fmt.rounding == "nearest":
+        t = b.node("Round", [t])  # ties to even
+    elif fmt.rounding == "floor":
+        t = b.node("Floor", [t])
+    # toward_zero: the float → int Cast below truncates
+    if fmt.overflow == "saturate":  # clamp in float: huge inputs must not overflow the int cast
+        t = b.node("Clip", [t, b.const(lo, ftype), b.const(hi, ftype)])
+        return b.value(b.node("Cast", [t], to=_ONNX_TYPE[_int_type(lo, hi)]), lo, hi)
+    t = _wrap(b, b.node("Cast", [t], to=TensorProto.INT64), fmt)
+    return b.cast(b.value(t, lo, hi), _int_type(lo, hi))
+
+
+def emit_requantize(b: _Builder, op: IntOp, v: str) -> str:
+    """Rounding shift, then saturation (with ``attrs["relu"]``, clamped at 0 too) or wrap."""
+    fmt: FixedPoint = op.attrs["fmt"]
+    s, rounding = op.attrs["shift"], fmt.rounding
+    vlo, vhi = b.ranges[v]
+    olo, ohi = _centred_range(fmt)
+    if op.attrs.get("relu"):
+        olo, ohi = max(olo, 0), max(ohi, 0)
+    out_type = _int_type(olo, ohi)
+    if fmt.overflow == "wrap":  # int64 wraps like the reference's int64 arithmetic
+        t = b.cast(v, np.int64)
+        if s < 0:
+            t = b.node("Mul", [t, b.const(1 << -s)])
+        elif s > 0:
+            t = _round_shift(b, t, s, rounding, vlo, vhi)
+        return b.cast(b.value(_wrap(b, t, fmt), olo, ohi, like=v), out_type)
+    if s <= 0:  # an exact left shift: saturate after it
+        lo, hi = vlo << -s, vhi << -s
+        t = b.cast(v, _int_type(lo, hi))
+        t = b.value(b.node("Mul", [t, b.const(1 << -s, b.dtype(t))]), lo, hi, like=t) if s else t
+        return b.cast(_clip(b, t, olo, ohi), out_type)
+    # saturate before rounding: rounding is monotone and lo · 2**s, hi · 2**s round to lo, hi
+    t = _clip(b, v, olo << s, ohi << s)
+    lo, hi = b.ranges[t]
+    return b.cast(_round_shift(b, t, s, rounding, lo, hi), out_type)
+
+
+def emit_dequantize(b: _Builder, op: IntOp, v: str) -> str:
+    t = b.node("Mul", [b.node("Cast", [v], to=TensorProto.DOUBLE), b.const(2.0 ** -op.frac, np.float64)])
+    return b.node("Cast", [t], to=TensorProto.FLOAT)
+
+
+def emit_max_pool2d(b: _Builder, op: IntOp, x: str) -> str:
+    """Max over the kernel-offset slices; tiling windows are two ``ReduceMax`` over reshapes
+    instead (whole rows, then C-element runs of a channels-last value: fewer copies; an NCHW
+    value is transposed between the two, when the rows have made it ``kh`` times smaller).
+    ``attrs["bias"]`` (per channel) is added after the max."""
+    n, c, h, w = b.shapes[op.inputs[0]]
+    (ph, pw), (kh, kw), stride = op.attrs["padding"], op.attrs["kernel"], op.attrs["stride"]
+    lo, hi = b.ranges[x]
+    if _tiling(op, h, w) and not (ph or pw) and op.attrs["dilation"] == (1, 1):
+        def reduce_max(t, k):
+            return b.node("ReduceMax", [t, b.const([1])], keepdims=0)
+        if x in b.channels_last:
+            out = _reduce_tiles(b, x, op, reduce_max)
+        else:
+            rows = reduce_max(b.node("Reshape", [x, b.const([-1, kh, w])]), kh)
+            rows = b.nhwc(b.value(b.node("Reshape", [rows, b.const([-1, c, h // kh, w])]), lo, hi))
+            out = _reduce_columns(b, rows, op, reduce_max)
+    else:
+        xp = _pad(b, x, (ph, pw), np.iinfo(b.dtype(x)).min)  # padding never wins a max
+        wins = _slices(b, xp, (h + 2 * ph, w + 2 * pw), (kh, kw), stride, op.attrs["dilation"])
+        out = b.node("Max", wins) if len(wins) > 1 else wins[0]
+    b.value(out, lo, hi, like=x)
+    bias = op.attrs.get("bias")
+    if bias is None:
+        return out
+    bias = bias.numpy()
+    lo, hi = lo + int(bias.min()), hi + int(bias.max())
+    out = b.cast(out, _int_type(lo, hi))
+    bias = _per_channel(bias, b.shapes[op.out][3]) if out in b.channels_last else bias.reshape(-1, 1, 1)
+    return b.value(b.node("Add", [out, b.const(bias, b.dtype(out), name=f"{op.out}.bias")]), lo, hi, like=out)
+
+
+def emit_sum_pool2d(b: _Builder, op: IntOp, x: str) -> str:
+    """The sum of the kernel-offset slices; tiling windows of a channels-last value sum the
+    parts of two ``Split`` instead (whole rows, then C-element runs: two copies, not kh · kw
+    strided ones)."""
+    (kh, kw), stride = op.attrs["kernel"], op.attrs["stride"]
+    n, c, h, w = b.shapes[op.inputs[0]]
+    k = kh * kw
+    lo, hi = b.ranges[x]
+    x = b.cast(x, _int_type(k * lo, k * hi))
+    if x in b.channels_last and _tiling(op, h, w):
+        total = _reduce_tiles(b, x, op, lambda t, parts: _sum_of_parts(b, t, parts))
+        return b.value(total, k * lo, k * hi)
+    return b.value(_sum(b, _slices(b, x, (h, w), (kh, kw), stride)), k * lo, k * hi, like=x)
+
+
+def _tiling(op: IntOp, h: int, w: int) -> bool:
+    """Whether the pool's windows tile the (unpadded) h × w input: stride = kernel, dividing it."""
+    (kh, kw), stride = op.attrs["kernel"], op.attrs["stride"]
+    return (kh, kw) == tuple(stride) and h % kh == 0 and w % kw == 0
+
+
+def _reduce_tiles(b: _Builder, x: str, op: IntOp, reduce: Callable) -> str:
+    """A tiling pool of channels-last ``x`` by ``reduce(t, k)`` (over axis 1, of size ``k``):
+    whole rows first, then C-element runs."""
+    _, c, _, w = b.shapes[op.inputs[0]]
+    kh = op.attrs["kernel"][0]
+    return _reduce_columns(b, reduce(b.node("Reshape", [x, b.const([-1, kh, w * c])]), kh), op, reduce)
+
+
+def _reduce_columns(b: _Builder, rows: str, op: IntOp, reduce: Callable) -> str:
+    """The second stage of :func:`_reduce_tiles`: channels-last ``rows`` (already reduced over
+    the kernel's rows) reduced over C-element runs of the kernel's columns."""
+    _, c, h, w = b.shapes[op.inputs[0]]
+    kh, kw = op.attrs["kernel"]
+    out = reduce(b.node("Reshape", [rows, b.const([-1, kw, c])]), kw)
+    out = b.node("Reshape", [out, b.const([-1, h // kh, w // kw, c])])
+    b.channels_last.add(out)
+    return out
+
+
+def _sum(b: _Builder, parts: list[str]) -> str:
+    total = parts[0]
+    for part in parts[1:]:  # Sum has no integer kernel
+        total = b.node("Add", [total, part])
+    return total
+
+
+def _sum_of_parts(b: _Builder, x: str, k: int) -> str:
+    """The sum over axis 1 (of size ``k``) of ``x``."""
+    return _sum(b, b.split(x, k, axis=1)) if k > 1 else x
+
+
+def emit_add(b: _Builder, op: IntOp, x: str, y: str) -> str:
+    sx, sy = op.attrs["shifts"]
+    if (x in b.channels_last) != (y in b.channels_last):
+        x, y = b.nhwc(x), b.nhwc(y)
+    (xl, xh), (yl, yh) = b.ranges[x], b.ranges[y]
+    lo, hi = (xl << sx) + (yl << sy), (xh << sx) + (yh << sy)
+    dt = np.int32 if all(_fits32(*r) for r in ((lo, hi), (xl << sx, xh << sx), (yl << sy, yh << sy))) else np.int64
+    layout, x, y = x, b.cast(x, dt), b.cast(y, dt)
+    x = b.node("Mul", [x, b.const(1 << sx, dt)]) if sx else x
+    y = b.node("Mul", [y, b.const(1 << sy, dt)]) if sy else y
+    return b.value(b.node("Add", [x, y]), lo, hi, like=layout)
+
+
+def emit_relu(b: _Builder, op: IntOp, x: str) -> str:
+    return _relu(b, x)
+
+
+def emit_reshape(b: _Builder, op: IntOp, x: str) -> str:
+    x = b.nchw(x)  # the shape is in NCHW order
+    out = b.node("Reshape", [x, b.const(list(op.attrs["shape"]))])
+    return b.value(out, *b.ranges[x])
+
+
+EMITTERS: dict[str, Callable] = {
+    "quantize": emit_quantize,
+    "requantize": emit_requantize,
+    "dequantize": emit_dequantize,
+    "conv2d": emit_conv2d,
+    "linear": emit_linear,
+    "relu": emit_relu,
+    "max_pool2d": emit_max_pool2d,
+    "sum_pool2d": emit_sum_pool2d,
+    "add": emit_add,
+    "reshape": emit_reshape,
+}
+_WEIGHTED = {"conv2d", "linear"}

@@ -1,0 +1,252 @@
+"""Conv and linear: uint8 limbs × int8 weight digits on ``MatMulInteger``, or one int32/int64
+``MatMul``; im2col, padding and the kernel-offset slices pooling shares."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from onnx import TensorProto
+
+from ...lower import IntOp
+from .arithmetic import INT32, _fits32
+from .builder import _Builder, _per_channel
+
+def _out_size(size, k, s, d=1):
+    return (size - d * (k - 1) - 1) // s + 1
+
+
+def _slices(b: _Builder, x: str, hw, kernel, stride, dilation=(1, 1)) -> list[str]:
+    """One strided slice of ``x``'s spatial axes (size ``hw``) per kernel offset."""
+    ho, wo = _out_size(hw[0], kernel[0], stride[0], dilation[0]), _out_size(hw[1], kernel[1], stride[1], dilation[1])
+    axes, out = b.const(b.spatial_axes(x)), []
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            starts = [i * dilation[0], j * dilation[1]]
+            ends = [starts[0] + stride[0] * (ho - 1) + 1, starts[1] + stride[1] * (wo - 1) + 1]
+            sl = b.node("Slice", [x, b.const(starts), b.const(ends), axes, b.const(list(stride))])
+            if x in b.channels_last:
+                b.channels_last.add(sl)
+            out.append(sl)
+    return out
+
+
+def _im2col(b: _Builder, x: str, hw, kernel, stride, dilation) -> str:
+    """Channels-last columns (N, Ho, Wo, kh · kw · C) of ``x`` (N, H, W, C), rows ordered
+    (kh, kw, c): the kw offsets are concatenated first, then kh slices of that (ORT's Concat
+    copies one block per innermost run, and C-byte runs are slow)."""
+    ho, wo = _out_size(hw[0], kernel[0], stride[0], dilation[0]), _out_size(hw[1], kernel[1], stride[1], dilation[1])
+    for axis, k, n, st, d in ((2, kernel[1], wo, stride[1], dilation[1]), (1, kernel[0], ho, stride[0], dilation[0])):
+        parts = [b.node("Slice", [x, b.const([j * d]), b.const([j * d + st * (n - 1) + 1]), b.const([axis]),
+                                  b.const([st])]) for j in range(k)]
+        x = b.node("Concat", parts, axis=3) if k > 1 else parts[0]
+    return x
+
+
+def _pad(b: _Builder, x: str, padding, value: int = 0) -> str:
+    ph, pw = padding
+    if not (ph or pw):
+        return x
+    pads = [0, ph, pw, 0, 0, ph, pw, 0] if x in b.channels_last else [0, 0, ph, pw, 0, 0, ph, pw]
+    lo, hi = b.ranges[x]
+    out = b.node("Pad", [x, b.const(pads), b.const(value, b.dtype(x))])
+    return b.value(out, min(lo, value), max(hi, value), like=x)
+
+
+def _digits(w: np.ndarray, base: int = 128) -> list[np.ndarray]:
+    """Balanced base-``base`` digits of int64 ``w``: ``w = Σ d_j · base**j``, ``d_j`` in [-base/2, base/2)."""
+    digits, rest, half = [], w.astype(np.int64), base // 2
+    while True:
+        d = (rest + half) % base - half
+        digits.append(d)
+        rest = (rest - d) // base
+        if not rest.any():
+            return digits
+
+
+def _interval(weight: np.ndarray, bias: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel, the exact interval of ``Σ_k w_k · x_k + b`` for x in [lo, hi]
+    (``weight`` (K, O)); Python integers, so no bound overflows."""
+    pos = np.clip(weight, 0, None).sum(axis=0).astype(object)
+    neg = np.clip(weight, None, 0).sum(axis=0).astype(object)
+    b = bias.astype(object)
+    return pos * lo + neg * hi + b, pos * hi + neg * lo + b
+
+
+@dataclasses.dataclass
+class _Plan:
+    """How a conv/linear splits into uint8 × int8 products, and whether int32 holds the sums."""
+
+    offset: int                # u = x − offset >= 0
+    limbs: int                 # uint8 limbs of u
+    terms: list[tuple[int, np.ndarray, int]]  # (limb i, int8 (K, O) digits e, scale): Σ scale · limb_i · e
+    bias: np.ndarray           # int64 bias, with the offset's contribution offset · Σ w folded in
+    int32: bool                # every partial and combined sum fits int32
+
+
+# x86 without VNNI adds pairs of uint8 × int8 products in int16, saturating: a limb of at most
+# 127 may take int8 digits up to 128 in magnitude, one below 256 only up to 64
+_PAIR_MAX = 2 ** 15 - 1
+
+
+def _plan(b: _Builder, flat: np.ndarray, bias: np.ndarray, x: str) -> _Plan | None:
+    """None when one uint8 × int8 partial sum could overflow int32's MatMulInteger output.
+
+    ``u · w = Σ_i 256**i · limb_i · Σ_j 128**j · d_j`` with ``d_j`` the balanced base-128
+    digits of ``w`` (|d| <= 64).  A second limb of at most 127 takes the doubled digits
+    ``2 · d_j`` (its pairs stay below 2**15), so its products ``256 · 128**j = 128**(j + 1) · 2``
+    share their scales with the first limb's: the recombination has one multiply fewer.
+    """
+    lo, hi = b.ranges[x]
+    offset = min(lo, 0)
+    count = max(1, ((hi - offset).bit_length() + 7) // 8)
+    digits = _digits(flat)
+    limb_max = [min(255, (hi - offset) >> (8 * i)) for i in range(count)]
+    terms = []
+    for i in range(count):
+        double = i == 1 and 2 * limb_max[i] * 128 <= _PAIR_MAX
+        for j, d in enumerate(digits):
+            terms.append((i, 2 * d, 128 ** (j + 1)) if double else (i, d, 256 ** i * 128 ** j))
+    sums = [np.abs(e).sum(axis=0).astype(object) for _, e, _ in terms]  # Σ_k |e_k| per channel
+    if max(limb_max[i] * int(t.max(initial=0)) for (i, _, _), t in zip(terms, sums)) > INT32[1]:
+        return None
+    bias = np.asarray(bias + offset * flat.sum(axis=0), np.int64)
+    # every intermediate of the recombination (see _products), per channel, bounded by the
+    # running sums of the terms taken largest scale first, in units of the current scale: a
+    # partial sum of one scale and each step of Horner's rule lie below one of them
+    bounds, done = [], []
+    for scale in sorted({s for _, _, s in terms}, reverse=True):
+        for k in [k for k, (_, _, s) in enumerate(terms) if s == scale]:
+            done.append(k)
+            bounds.append(sum(limb_max[terms[m][0]] * (terms[m][2] // scale) * sums[m] for m in done))
+    bounds.append(bounds[-1] + np.abs(bias).astype(object))
+    bound = max(int(np.max(v, initial=0)) for v in bounds)
+    return _Plan(offset, count, terms, bias, bound <= INT32[1])
+
+
+# Rough costs on ORT's CPU provider (ns): an int32 MatMul multiply-add; a uint8 × int8
+# MatMulInteger one; one elementwise pass over an int32 element too large for the cache.
+_NS_MAC_INT32, _NS_MAC_8BIT, _NS_PASS = 0.13, 0.006, 1.0
+
+
+def _direct_int32(b: _Builder, plan: _Plan | None, flat: np.ndarray, bias: np.ndarray, x: str, rows: int) -> bool:
+    """Whether one int32 MatMul does this conv/linear (``rows`` output rows a sample): it needs
+    every partial sum inside int32, and to be cheaper than the 8-bit products, which pay for
+    their many large partial sums (about three passes each) when K is small."""
+    lo, hi = b.ranges[x]
+    bound = int(np.abs(flat).sum(axis=0).max(initial=0)) * max(-lo, hi) + int(np.abs(bias).max(initial=0))
+    if bound > INT32[1]:
+        return False
+    if plan is None:
+        return True
+    k, o = flat.shape
+    macs, outputs = rows * k * o, rows * o
+    products = len(plan.terms)
+    return macs * _NS_MAC_INT32 + outputs * _NS_PASS < products * (macs * _NS_MAC_8BIT + 3 * outputs * _NS_PASS)
+
+
+def _limbs(b: _Builder, x: str, plan: _Plan) -> list[str]:
+    """``x − offset`` split into uint8 limbs."""
+    hi = b.ranges[x][1] - plan.offset
+    if b.dtype(x) == np.int32 and not _fits32(0, hi):
+        x = b.cast(x, np.int64)
+    dt = b.dtype(x)
+    u = b.node("Sub", [x, b.const(plan.offset, dt)]) if plan.offset else x
+    limbs = []
+    for i in range(plan.limbs):
+        # u >= 0: Div is the floor; the uint8 Cast keeps the low 8 bits (ONNX: an integer
+        # Cast out of range discards the high bits), which is the limb without a mask
+        t = b.node("Div", [u, b.const(256 ** i, dt)]) if i else u
+        limbs.append(b.value(b.node("Cast", [t], to=TensorProto.UINT8), 0, min(255, hi >> (8 * i)), like=x))
+    return limbs
+
+
+def _products(b: _Builder, cols: list[str], plan: _Plan, name: str, width: int | None = None) -> str:
+    """``Σ scale · (limb · digits) + bias`` over the plan's terms: one MatMulInteger each, a
+    limb's products one after the other (its columns are still in the cache; separate tensors:
+    stacking them costs a copy of each), each added to the sum of its scale as it comes, then
+    the sums combined by Horner's rule, largest scale first, in int32 when the plan's bound
+    allows (else int64)."""
+    dt = np.int32 if plan.int32 else np.int64
+    sums = {}
+    for k in sorted(range(len(plan.terms)), key=lambda k: plan.terms[k][0]):
+        i, digits, scale = plan.terms[k]
+        y = b.node("MatMulInteger", [cols[i], b.const(digits.astype(np.int8), np.int8, name=f"{name}.weight_digit{k}")])
+        y = y if dt == np.int32 else b.node("Cast", [y], to=TensorProto.INT64)
+        sums[scale] = b.node("Add", [sums[scale], y]) if scale in sums else y
+    acc, previous = None, None
+    for scale in sorted(sums, reverse=True):
+        acc = sums[scale] if acc is None else b.node("Add", [b.node("Mul", [acc, b.const(previous // scale, dt)]), sums[scale]])
+        previous = scale
+    if np.any(plan.bias):
+        acc = b.node("Add", [acc, b.const(_per_channel(plan.bias, width), dt, name=f"{name}.bias")])
+    return acc
+
+
+def emit_conv2d(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
+    weight = op.attrs["weight"].numpy()
+    bias = op.attrs["bias"].numpy() if op.attrs["bias"] is not None else np.zeros(weight.shape[0], np.int64)
+    o, c, kh, kw = weight.shape
+    n, _, h, w = b.shapes[op.inputs[0]]
+    (ph, pw), stride, dil = op.attrs["padding"], op.attrs["stride"], op.attrs["dilation"]
+    ho, wo = _out_size(h + 2 * ph, kh, stride[0], dil[0]), _out_size(w + 2 * pw, kw, stride[1], dil[1])
+    flat = weight.transpose(2, 3, 1, 0).reshape(kh * kw * c, o)  # rows (kh, kw, c): the NHWC columns
+    lo, hi = _interval(flat, bias, *b.ranges[x])
+    plan = _plan(b, flat, bias, x) if eight_bit else None
+    dt = np.int64
+    if eight_bit and _direct_int32(b, plan, flat, bias, x, ho * wo):
+        plan, dt = None, np.int32
+    if plan is None and x not in b.channels_last:
+        return b.value(_conv_columns_first(b, op, b.cast(x, dt), flat, bias), min(lo), max(hi))
+    x = b.nhwc(x)
+    if plan is not None:  # padding is a code 0 like any other: each limb pads with its digit of −offset
+        cols = [_im2col(b, _pad(b, limb, (ph, pw), (-plan.offset >> (8 * i)) & 255), (h + 2 * ph, w + 2 * pw),
+                        (kh, kw), stride, dil) for i, limb in enumerate(_limbs(b, x, plan))]
+        acc = _products(b, cols, plan, op.out, wo)
+    else:
+        cols = _im2col(b, _pad(b, b.cast(x, dt), (ph, pw)), (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
+        acc = b.node("MatMul", [cols, b.const(flat, dt, name=f"{op.out}.weight")])
+        if np.any(bias):  # a zero bias (batch norm folded at its initial statistics) adds nothing
+            acc = b.node("Add", [acc, b.const(_per_channel(bias, wo), dt, name=f"{op.out}.bias")])
+    b.channels_last.add(acc)
+    return b.value(acc, min(lo), max(hi))
+
+
+def _conv_columns_first(b: _Builder, op: IntOp, x: str, flat: np.ndarray, bias: np.ndarray) -> str:
+    """An NCHW conv as one MatMul ``(O, K) · (N, K, Ho · Wo)`` with the kernel offsets outermost
+    in the columns: each offset's slice is one block of the concatenation (the channels-last
+    columns copy C elements at a time, four bytes a run for a one-channel input); the product
+    is NCHW as it stands."""
+    n, c, h, w = b.shapes[op.inputs[0]]
+    (ph, pw), stride, dil = op.attrs["padding"], op.attrs["stride"], op.attrs["dilation"]
+    kh, kw = op.attrs["weight"].shape[2:]
+    ho, wo = _out_size(h + 2 * ph, kh, stride[0], dil[0]), _out_size(w + 2 * pw, kw, stride[1], dil[1])
+    dt = b.dtype(x)
+    taps = _slices(b, _pad(b, x, (ph, pw)), (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
+    cols = b.node("Concat", taps, axis=1) if len(taps) > 1 else taps[0]  # (N, kh · kw · C, Ho, Wo)
+    cols = b.node("Reshape", [cols, b.const([0, flat.shape[0], ho * wo])])
+    acc = b.node("MatMul", [b.const(flat.T, dt, name=f"{op.out}.weight"), cols])
+    b.types[acc] = dt  # the first operand is a constant: the type does not follow it
+    acc = b.node("Reshape", [acc, b.const([0, flat.shape[1], ho, wo])])
+    if np.any(bias):
+        acc = b.node("Add", [acc, b.const(bias.reshape(-1, 1, 1), dt, name=f"{op.out}.bias")])
+    return acc
+
+
+def emit_linear(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
+    weight = op.attrs["weight"].numpy()
+    bias = op.attrs["bias"].numpy() if op.attrs["bias"] is not None else np.zeros(weight.shape[0], np.int64)
+    flat = weight.T.copy()
+    x = b.nchw(x)
+    lo, hi = _interval(flat, bias, *b.ranges[x])
+    plan = _plan(b, flat, bias, x) if eight_bit else None
+    dt = np.int64
+    if eight_bit and _direct_int32(b, plan, flat, bias, x, 1):
+        plan, dt = None, np.int32
+    if plan is not None:
+        acc = _products(b, _limbs(b, x, plan), plan, op.out)
+    else:
+        acc = b.node("MatMul", [b.cast(x, dt), b.const(flat, dt, name=f"{op.out}.weight")])
+        if np.any(bias):
+            acc = b.node("Add", [acc, b.const(bias, dt, name=f"{op.out}.bias")])
+    return b.value(acc, min(lo), max(hi))
