@@ -21,7 +21,10 @@ from torch import nn
 from ..core import ir
 from ..core.ops import batch_norm, call_with_parameters
 
-__all__ = ["expose_params"]
+__all__ = ["CONTRACT", "expose_params"]
+
+# writes ir.MODULE (and ir.OP) on the nodes it rewrites; a model without parameters has none
+CONTRACT = ir.Contract()
 
 
 def _conv(fn):

@@ -12,7 +12,11 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["propagate_shapes"]
+from ..core import ir
+
+__all__ = ["CONTRACT", "propagate_shapes"]
+
+CONTRACT = ir.Contract()  # writes torch.fx's own node.meta["tensor_meta"]
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:

@@ -162,50 +162,52 @@ inline uint64_t saturated_bits_scalar(const T* y, int64_t len, T lo, T hi) {
 }
 
 // Compilers do not vectorise bit packing; compare-to-mask instructions do it directly.
+// Lanes<T>: how many elements one compare covers (N, 0 without a vector form), and the bits
+// of those outside (lo, hi) -- NaN included, as in the scalar loop.
 template <typename T>
-inline uint64_t saturated_bits(const T* y, int64_t len, T lo, T hi) {
-  return saturated_bits_scalar(y, len, lo, hi);
-}
+struct Lanes {
+  static constexpr int N = 0;
+  static uint64_t outside(const T*, T, T) { return 0; }
+};
 
 #if defined(__AVX512F__)
-template <>
-inline uint64_t saturated_bits<float>(const float* y, int64_t len, float lo, float hi) {
-  if (len != WORD) return saturated_bits_scalar(y, len, lo, hi);
-  const __m512 l = _mm512_set1_ps(lo), h = _mm512_set1_ps(hi);
-  uint64_t bits = 0;
-  for (int k = 0; k < WORD; k += 16) {
-    const __m512 v = _mm512_loadu_ps(y + k);
-    const __mmask16 inside = _mm512_cmp_ps_mask(v, l, _CMP_GT_OQ) & _mm512_cmp_ps_mask(v, h, _CMP_LT_OQ);
-    bits |= static_cast<uint64_t>(static_cast<uint16_t>(~inside)) << k;
-  }
-  return bits;
-}
-template <>
-inline uint64_t saturated_bits<double>(const double* y, int64_t len, double lo, double hi) {
-  if (len != WORD) return saturated_bits_scalar(y, len, lo, hi);
-  const __m512d l = _mm512_set1_pd(lo), h = _mm512_set1_pd(hi);
-  uint64_t bits = 0;
-  for (int k = 0; k < WORD; k += 8) {
-    const __m512d v = _mm512_loadu_pd(y + k);
-    const __mmask8 inside = _mm512_cmp_pd_mask(v, l, _CMP_GT_OQ) & _mm512_cmp_pd_mask(v, h, _CMP_LT_OQ);
-    bits |= static_cast<uint64_t>(static_cast<uint8_t>(~inside)) << k;
-  }
-  return bits;
-}
+#define FXC_LANES_AVX512(T, VEC, SFX, LANES, BITS)                                              \
+  template <>                                                                                   \
+  struct Lanes<T> {                                                                             \
+    static constexpr int N = LANES;                                                             \
+    static uint64_t outside(const T* y, T lo, T hi) {                                           \
+      const VEC v = _mm512_loadu_##SFX(y);                                                      \
+      return static_cast<BITS>(~(_mm512_cmp_##SFX##_mask(v, _mm512_set1_##SFX(lo), _CMP_GT_OQ) & \
+                                 _mm512_cmp_##SFX##_mask(v, _mm512_set1_##SFX(hi), _CMP_LT_OQ))); \
+    }                                                                                           \
+  };
+FXC_LANES_AVX512(float, __m512, ps, 16, uint16_t)
+FXC_LANES_AVX512(double, __m512d, pd, 8, uint8_t)
+#undef FXC_LANES_AVX512
 #elif defined(__AVX2__)
 template <>
-inline uint64_t saturated_bits<float>(const float* y, int64_t len, float lo, float hi) {
-  if (len != WORD) return saturated_bits_scalar(y, len, lo, hi);
-  const __m256 l = _mm256_set1_ps(lo), h = _mm256_set1_ps(hi);
-  uint64_t bits = 0;
-  for (int k = 0; k < WORD; k += 8) {
-    const __m256 v = _mm256_loadu_ps(y + k);
-    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(v, l, _CMP_GT_OQ), _mm256_cmp_ps(v, h, _CMP_LT_OQ));
-    bits |= static_cast<uint64_t>(~_mm256_movemask_ps(inside) & 0xFF) << k;
+struct Lanes<float> {
+  static constexpr int N = 8;
+  static uint64_t outside(const float* y, float lo, float hi) {
+    const __m256 v = _mm256_loadu_ps(y);
+    const __m256 in = _mm256_and_ps(_mm256_cmp_ps(v, _mm256_set1_ps(lo), _CMP_GT_OQ),
+                                    _mm256_cmp_ps(v, _mm256_set1_ps(hi), _CMP_LT_OQ));
+    return static_cast<uint64_t>(~_mm256_movemask_ps(in) & 0xFF);
   }
-  return bits;
-}
+};
 #endif
+
+template <typename T>
+inline uint64_t saturated_bits(const T* y, int64_t len, T lo, T hi) {
+  if constexpr (Lanes<T>::N > 0) {
+    if (len == WORD) {
+      uint64_t bits = 0;
+      for (int k = 0; k < WORD; k += Lanes<T>::N) bits |= Lanes<T>::outside(y + k, lo, hi) << k;
+      return bits;
+    }
+  }
+  return saturated_bits_scalar(y, len, lo, hi);
+}
 
 // y = round(mask ? 0 : x); optionally writes the saturation bits of y into `mask_out`.
 template <typename T, typename W, int R, int O, bool ZP, bool Q>
