@@ -144,9 +144,13 @@ def _build() -> None:
 
 
 def _load() -> str:
-    from . import fallback
-    fallback.register(_LIB, cpu=False)  # fake tensors, CUDA
-    if os.environ.get("FXCOMPILE_KERNELS", "").lower() == "python":
+    from . import fallback, gpu
+    forced = os.environ.get("FXCOMPILE_KERNELS", "").lower() == "python"
+    triton = not forced and gpu.available()
+    fallback.register(_LIB, cpu=False, cuda=not triton)  # fake tensors, CUDA without Triton
+    if triton:
+        gpu.register(_LIB)
+    if forced:
         fallback.register(_LIB, cpu=True)
         return "python"
     try:
