@@ -171,21 +171,19 @@ def test_on_cpu_routes_the_operators_to_triton_and_restores_the_cpu_kernel(monke
     assert len(calls) == 3                  # the C++ kernel is back
 
 
-def _train(steps: int, on_gpu_path: bool, telemetry_on: bool = True):
+def _seed_cnn(device: str):
     from fxcompile.experiments.models import SeedCNN
-    g = torch.Generator().manual_seed(5)
-    x, y = torch.randn(2, 1, 28, 28, generator=g), torch.randint(0, 10, (2,), generator=g)
     torch.manual_seed(0)
-    qmodel = fxc.compile(SeedCNN(), fxc.baseline(), loss_fn=torch.nn.CrossEntropyLoss())
-    if telemetry_on:
-        telemetry.enable(qmodel)
-    with gpu.on_cpu() if on_gpu_path else _nothing():
-        opt = fxc.fixed_point_optimizer(torch.optim.Adam(qmodel.parameters(), lr=1e-2), qmodel)
-        for _ in range(steps):
-            opt.zero_grad()
-            qmodel.loss(qmodel(x), y).backward()
-            opt.step()
+    qmodel = fxc.compile(SeedCNN(), fxc.baseline(), loss_fn=torch.nn.CrossEntropyLoss()).to(device)
+    telemetry.enable(qmodel)
     return qmodel
+
+
+def _steps(qmodel, opt, x, y, n: int) -> None:
+    for _ in range(n):
+        opt.zero_grad()
+        qmodel.loss(qmodel(x), y).backward()
+        opt.step()
 
 
 class _nothing:
@@ -196,13 +194,65 @@ class _nothing:
         return False
 
 
-def test_seed_cnn_training_on_the_gpu_path_ends_with_the_cpu_parameters():
-    """The seed CNN with the shipped baseline (stochastic gradients, weights and biases): the
-    Triton kernels under the interpreter and the C++ kernel store the same bits."""
-    cpu, triton, start = _train(3, False), _train(3, True), _train(0, False)
-    assert len(list(cpu.parameters())) == 8
-    assert not all(torch.equal(a, b) for a, b in zip(cpu.parameters(), start.parameters()))  # it trained
-    for a, b in zip(cpu.parameters(), triton.parameters()):
-        assert_same_bits(a.detach(), b.detach())
-    assert telemetry.summary(cpu) == telemetry.summary(triton)
-    assert sum(r["forward_elements"] for r in telemetry.summary(cpu)) > 0
+@pytest.fixture
+def _deterministic(request):
+    if request.node.callspec.params.get("device") != "cuda":
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    yield
+    torch.use_deterministic_algorithms(before[0])
+    torch.backends.cudnn.benchmark = before[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seed_cnn_training_and_resume_on_the_gpu_path_end_with_the_reference_parameters(device, tmp_path,
+                                                                                        _deterministic):
+    """The seed CNN with the shipped baseline (stochastic gradients, weights and biases), 3 Adam
+    steps.  Reference: an uninterrupted run with the C++ kernel (on a GPU: on the GPU, since
+    convolutions differ across devices).  Checked: 2 steps on the CUDA path (the Triton
+    kernels; under the interpreter without a GPU), a checkpoint, a fresh model resumed from
+    it, 1 more step: the same parameter bits and the same telemetry counts."""
+    from fxcompile.training.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+    dev = "cuda" if device == "cuda" else "cpu"
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(2, 1, 28, 28, generator=g).to(dev), torch.randint(0, 10, (2,), generator=g).to(dev)
+    start = [p.detach().clone() for p in _seed_cnn(dev).parameters()]
+    reference = _seed_cnn(dev)
+    _steps(reference, fxc.fixed_point_optimizer(torch.optim.Adam(reference.parameters(), lr=1e-2), reference), x, y, 3)
+    with gpu.on_cpu() if device == "interpreter" else _nothing():
+        first = _seed_cnn(dev)
+        opt = fxc.fixed_point_optimizer(torch.optim.Adam(first.parameters(), lr=1e-2), first)
+        _steps(first, opt, x, y, 2)
+        save_checkpoint(tmp_path, {"model": first.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
+                                   "telemetry": telemetry.counters_state(first)}, step=2)
+        resumed = _seed_cnn(dev)
+        opt = fxc.fixed_point_optimizer(torch.optim.Adam(resumed.parameters(), lr=1e-2), resumed)
+        state = load_latest(tmp_path)
+        resumed.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        telemetry.load_counters(resumed, state["telemetry"])
+        _steps(resumed, opt, x, y, 1)
+    params = list(reference.parameters())
+    assert len(params) == 8 and not all(torch.equal(a.cpu(), b) for a, b in zip(params, start))  # it trained
+    for a, b in zip(params, resumed.parameters()):
+        assert_same_bits(a.detach().cpu(), b.detach().cpu())
+    counts = telemetry.summary(reference)
+    assert counts == telemetry.summary(resumed) and sum(r["forward_elements"] for r in counts) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the benchmark runs instead of refusing")
+def test_the_step_time_benchmark_refuses_cuda_without_a_gpu(capsys):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "step_time.py"
+    spec = importlib.util.spec_from_file_location("step_time", path)
+    step_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_time)
+    with pytest.raises(SystemExit) as exit_info:
+        step_time.main(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: no CUDA GPU is available here" in capsys.readouterr().err
