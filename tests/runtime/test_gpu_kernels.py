@@ -256,3 +256,31 @@ def test_the_step_time_benchmark_refuses_cuda_without_a_gpu(capsys):
         step_time.main(["--device", "cuda"])
     assert exit_info.value.code == 2
     assert "--device cuda: no CUDA GPU is available here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_casts_under_autocast_equal_the_cpu_kernel(device):
+    """Autocast hands the casts bfloat16 tensors; the Triton path rounds them like the C++ kernel
+    (values of formats wider than bfloat16's 8-bit significand come out as the nearest bfloat16)."""
+    dev = "cuda" if device == "cuda" else "cpu"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    policy = fxc.Policy(activation="8.4", gradient="16.10,stochastic", weight="8.6", bias="8.4", loss="16.10")
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(1))
+    results = []
+    for path in ("cpu", device):
+        qmodel = fxc.compile(model, policy).to(dev if path != "cpu" else "cpu")
+        xs = x.to(dev if path != "cpu" else "cpu")
+        torch.manual_seed(2)
+        with gpu.on_cpu() if path == "interpreter" else _nothing():
+            with torch.autocast(xs.device.type, dtype=torch.bfloat16):
+                out = qmodel(xs)
+            out.float().sum().backward()
+        assert out.dtype == torch.bfloat16
+        y = out.detach().float().cpu()
+        assert_same_bits(quantize_reference(y, fixed(8, 4).spec()), y)  # 8-bit codes: exact in bfloat16
+        results.append([out.detach().cpu()] + [p.grad.cpu() for p in qmodel.parameters()])
+    if device == "cuda":  # matmuls round differently across devices: bits can differ there
+        return
+    for a, b in zip(*results):
+        assert_same_bits(a, b)

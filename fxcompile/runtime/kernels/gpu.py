@@ -21,7 +21,9 @@ same parameters on CPU and GPU.  No random tensor is materialised.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
+import os
 import threading
 import warnings
 
@@ -42,12 +44,13 @@ _params: dict[tuple, torch.Tensor] = {}
 
 
 def available() -> bool:
-    """Whether Triton imports (it ships with PyTorch's Linux wheels)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether Triton is installed (it ships with PyTorch's Linux wheels); not imported yet."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpret_everything() -> bool:
+    # TRITON_INTERPRET=1 asks Triton to interpret every kernel, CUDA tensors included
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
 def _kernel(gpu: bool):
@@ -123,7 +126,7 @@ def _launch(x: torch.Tensor, y: torch.Tensor, spec, seed: int, mask_in: torch.Te
     out = {torch.float64: _OUT_DOUBLE, torch.bfloat16: _OUT_BF16}.get(dtype, _OUT_NARROW)
     if out == _OUT_BF16:
         x, y = x.view(torch.int16), y.view(torch.int16)
-    gpu = x.device.type != "cpu"
+    gpu = x.device.type != "cpu" and not _interpret_everything()
     seed &= (1 << 64) - 1
     words = _cdiv(n, 64)
     block = _WORDS if gpu else min(_WORDS_INTERPRETED, 1 << (words - 1).bit_length())  # a power of 2
@@ -135,7 +138,7 @@ def _launch(x: torch.Tensor, y: torch.Tensor, spec, seed: int, mask_in: torch.Te
                 MASK_OUT=mask_out is not None, OUT=out, WIDE=wide, GPU=gpu, WORDS=block)
     kernel = _kernel(gpu)
     if gpu:
-        with torch.cuda.device(x.device):
+        with torch.cuda.device(x.device):  # Triton launches on the current device and stream
             kernel[grid](*args, **meta, num_warps=4, enable_fp_fusion=False)
     else:
         import numpy as np
