@@ -43,8 +43,27 @@ at run time, 0 disables it); :func:`empty_cache` frees them and :func:`cache_inf
     >>> kernels.cache_info()
     {'cached_bytes': 6651904, 'limit_bytes': 1073741824, 'reused': 5320, 'allocated': 14}
 
-Set ``FXCOMPILE_KERNELS=python`` to force the fallback.  CUDA tensors use the pure-PyTorch
-implementation through the same operators.
+Set ``FXCOMPILE_KERNELS=python`` to force the fallback (on CPU and CUDA).
+
+**CUDA.**  On CUDA tensors the same operators run Triton kernels (:mod:`.gpu`, source in
+``cast_triton.py``; Triton ships with PyTorch's Linux wheels, else the pure-PyTorch code
+runs there too).  They equal the C++ kernel bit for bit for every rounding and overflow mode
+and for float32, float16, bfloat16 and float64: the same steps in the same work precision,
+no fused multiply-adds, and stochastic rounding from the same counter-based hash of
+``(seed, element index)`` with the seed drawn from the same CPU generator, so a run seeded
+alike stores the same parameters on CPU and GPU, and no random tensor is materialised.
+The autograd ``cast`` is the C++ one (its forward and backward dispatch to the CUDA
+operators); the fake implementations make the operators opaque single nodes to
+``torch.compile`` and export on any device.  Parameter casts on CUDA always return a
+rounded copy (the "already on its grid" shortcut is CPU only).  Under autocast a cast of a
+float16/bfloat16 tensor rounds to the format in float32 and stores the nearest
+float16/bfloat16: exact for formats whose codes fit the significand (11 bits for float16, 8
+for bfloat16), the nearest representable value otherwise, identically on CPU and GPU.
+
+Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors:
+``gpu.quantize(x, spec)`` (and the other functions of :mod:`.gpu`) on a CPU tensor
+interprets the kernel, and ``with gpu.on_cpu():`` routes every CPU cast through it (how the
+tests train the seed CNN on the CUDA code path and compare it with the C++ kernel).
 """
 
 from __future__ import annotations
