@@ -106,6 +106,22 @@ def test_layouts_empty_0d_strided_transposed(fmt, dtype, device):
         assert_same_bits(path.cast_backward(grad, None, [], None), grad.contiguous())
 
 
+# wrapping ranges that are not powers of two (no FixedPoint makes one; specs can): the fmod path
+ODD_WRAPS = [[3, -100, 100, 0, 0, 1], [2, -7, 20, 5, 0, 1], [8, -5_000_000, 5_000_000, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rounding", range(4))
+@pytest.mark.parametrize("spec", ODD_WRAPS, ids=str)
+def test_wrap_over_a_range_that_is_not_a_power_of_two(spec, rounding, dtype, device):
+    path, spec = Path(device), spec[:4] + [rounding, 1]
+    x = _values(fixed(16, spec[0]), dtype)
+    cpu = torch.ops.fxcompile.quantize(x, spec, SEED)
+    assert_same_bits(cpu, _reference(x, spec, SEED))
+    assert_same_bits(path.quantize(x, spec, SEED), cpu)
+
+
 @pytest.mark.parametrize("words", [1, 16])
 def test_many_programs_with_the_gpu_block_size(monkeypatch, words):
     """The interpreter normally runs one large program; here blocks are as small as (or smaller
@@ -284,3 +300,33 @@ def test_casts_under_autocast_equal_the_cpu_kernel(device):
         return
     for a, b in zip(*results):
         assert_same_bits(a, b)
+
+
+def _nvidia_backend() -> bool:
+    try:
+        import triton.backends.nvidia.compiler as nvidia
+        return bool(nvidia.get_ptxas(80).path)
+    except Exception:  # noqa: BLE001 - no NVIDIA backend or no bundled ptxas
+        return False
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="Triton's NVIDIA backend (with its bundled ptxas) is missing")
+def test_the_gpu_variants_compile_to_ieee_instructions_only():
+    """What the interpreter cannot show: the compiled GPU code.  Every floating-point step must
+    be one correctly rounded IEEE instruction: no fused multiply-add, no approximate division,
+    no flush-to-zero except in floor/ceil (whose effect on subnormals the kernel undoes)."""
+    import re
+    variants = [(torch.float32, fixed(16, 8)), (torch.float16, fixed(8, 4, signed=False, overflow="wrap",
+                                                                      rounding="stochastic")),
+                (torch.bfloat16, fixed(8, 3, rounding="floor")), (torch.float64, fixed(24, 12, rounding="toward_zero"))]
+    for dtype, fmt in variants:
+        code = gpu.ptx(dtype, fmt.spec(), mask_in=True, mask_out=True)
+        ops = set(re.findall(r"^\s*([a-z]+(?:\.[a-z0-9]+)*)", code, re.M))
+        floating = {op for op in ops if re.search(r"\.(f16|bf16|f32|f64)\b", op)}
+        assert floating and {"mul.rn.f32", "mul.rn.f64"} & floating, sorted(floating)
+        bad = {op for op in floating if op.startswith(("fma", "mad", "div", "rcp", "sqrt", "ex2", "lg2"))
+               or ".approx" in op or (".ftz" in op and not op.startswith(("cvt.rmi", "cvt.rpi")))}
+        assert not bad, (dtype, str(fmt), sorted(bad))
+        assert not re.search(r"^\s*(mul|add|sub)\.f(32|64)\b", code, re.M), "an arithmetic op without .rn may be fused"
+    # a wrap whose range is not a power of two takes libdevice's fmod (exact; approximate steps inside)
+    assert ".entry cast_kernel" in gpu.ptx(torch.float32, ODD_WRAPS[0])

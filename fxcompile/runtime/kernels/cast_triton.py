@@ -9,7 +9,11 @@ written with the ``2**23`` (``2**52``) trick instead of ``rint``, truncation wit
 ``floor``/``ceil``, and bfloat16 is converted on its bits (the interpreter truncates
 float32 -> bfloat16 instead of rounding to nearest even).  The one exception is ``fmod``
 (wrapping formats whose range is not a power of two): libdevice's exact ``fmod`` on the GPU,
-NumPy's exact ``fmod`` (Triton's ``%`` on floats) in the interpreter.
+NumPy's exact ``fmod`` (Triton's ``%`` on floats) in the interpreter; and the mask's row sum
+is ``tl.sum`` on the GPU, the same sum through ``tl.reduce`` in the interpreter.  The GPU's
+``floor`` flushes subnormal inputs to zero, so a negative subnormal gets its floor, -1, by
+hand.  :func:`fxcompile.runtime.kernels.gpu.ptx` compiles a variant for a CUDA target
+without a GPU, which is how the tests check the instructions the GPU will run.
 
 A program handles ``WORDS`` blocks of 64 elements, one row per saturation-mask word, so the
 packed mask is a row sum of ``flag << lane`` (distinct powers of two: the sum is a bitwise or).
@@ -18,9 +22,10 @@ packed mask is a row sum of ``flag << lane`` (distinct powers of two: the sum is
 import triton.language as tl
 from triton.language.extra import libdevice
 
-NEAREST, STOCHASTIC, FLOOR, TOWARD_ZERO = 0, 1, 2, 3
-SATURATE, WRAP, WRAP_POW2 = 0, 1, 2
-OUT_NARROW, OUT_DOUBLE, OUT_BF16 = 0, 1, 2
+# globals a kernel reads must be constexpr objects
+NEAREST, STOCHASTIC, FLOOR, TOWARD_ZERO = (tl.constexpr(i) for i in range(4))
+SATURATE, WRAP, WRAP_POW2 = (tl.constexpr(i) for i in range(3))
+OUT_NARROW, OUT_DOUBLE, OUT_BF16 = (tl.constexpr(i) for i in range(3))
 
 
 def cast_kernel(x_ptr, y_ptr, p_ptr, mask_in_ptr, mask_out_ptr, n, s0, s1,
@@ -56,7 +61,10 @@ def cast_kernel(x_ptr, y_ptr, p_ptr, mask_in_ptr, mask_out_ptr, n, s0, s1,
             r = (a + magic) - magic
             t = tl.where((a < magic) & (t != 0.0), tl.where(t < 0.0, -r, r), t)
         elif ROUNDING == FLOOR:
-            t = tl.floor(t)
+            # floor compiles to cvt.rmi.ftz: a negative subnormal t is flushed to -0 first, so
+            # floor would give -0 where IEEE (and the CPU) give -1
+            f = tl.floor(t)
+            t = tl.where((t < 0.0) & (f == 0.0), -1.0, f)
         elif ROUNDING == TOWARD_ZERO:
             t = tl.where(t < 0.0, tl.ceil(t), tl.floor(t))
         else:  # floor plus a Bernoulli(remainder) step, u from the counter-based hash
@@ -77,6 +85,7 @@ def cast_kernel(x_ptr, y_ptr, p_ptr, mask_in_ptr, mask_out_ptr, n, s0, s1,
             else:
                 u = (h >> 8).to(tl.int32).to(tl.float32) * 5.960464477539063e-08  # 2**-24
             f = tl.floor(t)
+            f = tl.where((t < 0.0) & (f == 0.0), -1.0, f)  # as for FLOOR: no flush to zero
             t = f + tl.where(u < t - f, 1.0, 0.0)
 
         rng = tl.load(p_ptr + 5)

@@ -54,7 +54,7 @@ def _interpret_everything() -> bool:
 
 
 def _kernel(gpu: bool):
-    """The kernel, compiled (``gpu``) or run by Triton's interpreter (CPU tensors)."""
+    """The kernel, compiled (``gpu``: a ``triton.jit`` function) or run by Triton's interpreter."""
     k = _launchers.get(gpu)
     if k is None:
         with _lock:
@@ -117,25 +117,18 @@ def _launch(x: torch.Tensor, y: torch.Tensor, spec, seed: int, mask_in: torch.Te
     n = x.numel()
     if n == 0:
         return
-    quantize = bool(spec)
-    spec = list(spec) if quantize else [0, 0, 0, 0, _NEAREST, _SATURATE]
-    wide = _wide(x.dtype, spec)
-    rng = spec[2] - spec[1] + 1
-    overflow = _WRAP_POW2 if spec[5] == _WRAP and rng & (rng - 1) == 0 else spec[5]
     dtype = x.dtype
-    out = {torch.float64: _OUT_DOUBLE, torch.bfloat16: _OUT_BF16}.get(dtype, _OUT_NARROW)
-    if out == _OUT_BF16:
+    if dtype == torch.bfloat16:
         x, y = x.view(torch.int16), y.view(torch.int16)
     gpu = x.device.type != "cpu" and not _interpret_everything()
     seed &= (1 << 64) - 1
     words = _cdiv(n, 64)
     block = _WORDS if gpu else min(_WORDS_INTERPRETED, 1 << (words - 1).bit_length())  # a power of 2
     grid = (_cdiv(words, block),)
-    args = (x, y, _params_for(spec, dtype, x.device),
+    args = (x, y, _params_for(spec or _COPY, dtype, x.device),
             x if mask_in is None else mask_in, x if mask_out is None else mask_out, n,
             seed & 0xFFFFFFFF, seed >> 32)
-    meta = dict(ROUNDING=spec[4], OVERFLOW=overflow, ZP=spec[3] != 0, QUANTIZE=quantize, MASK_IN=mask_in is not None,
-                MASK_OUT=mask_out is not None, OUT=out, WIDE=wide, GPU=gpu, WORDS=block)
+    meta = _variant(dtype, spec, mask_in is not None, mask_out is not None, gpu, block)
     kernel = _kernel(gpu)
     if gpu:
         with torch.cuda.device(x.device):  # Triton launches on the current device and stream
@@ -144,6 +137,40 @@ def _launch(x: torch.Tensor, y: torch.Tensor, spec, seed: int, mask_in: torch.Te
         import numpy as np
         with np.errstate(all="ignore"):  # 0 * Inf and Inf - Inf are meant: NaN stays visible
             kernel[grid](*args, **meta)
+
+
+_COPY = [0, 0, 0, 0, _NEAREST, _SATURATE]  # no rounding: the backward's masking alone
+
+
+def _variant(dtype: torch.dtype, spec, mask_in: bool, mask_out: bool, gpu: bool, words: int) -> dict:
+    """The kernel's compile-time parameters for one call."""
+    quantize = bool(spec)
+    spec = list(spec) if quantize else _COPY
+    rng = spec[2] - spec[1] + 1
+    overflow = _WRAP_POW2 if spec[5] == _WRAP and rng & (rng - 1) == 0 else spec[5]
+    out = {torch.float64: _OUT_DOUBLE, torch.bfloat16: _OUT_BF16}.get(dtype, _OUT_NARROW)
+    return dict(ROUNDING=spec[4], OVERFLOW=overflow, ZP=spec[3] != 0, QUANTIZE=quantize, MASK_IN=mask_in,
+                MASK_OUT=mask_out, OUT=out, WIDE=_wide(dtype, spec), GPU=gpu, WORDS=words)
+
+
+def ptx(dtype: torch.dtype, spec, mask_in: bool = False, mask_out: bool = True, arch: int = 80) -> str:
+    """The PTX of the kernel a CUDA call with ``dtype`` and ``spec`` runs, compiled for
+    ``sm_<arch>`` without a GPU (Triton's bundled ptxas checks it too)::
+
+        >>> "fma" in gpu.ptx(torch.float32, fixed(16, 8).spec())   # no fused multiply-adds
+        False
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    meta = _variant(dtype, spec, mask_in, mask_out, True, _WORDS)
+    work = "fp64" if meta["WIDE"] else "fp32"
+    data = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*i16", torch.float64: "*fp64"}[dtype]
+    signature = {"x_ptr": data, "y_ptr": data, "p_ptr": "*" + work, "mask_in_ptr": "*i64", "mask_out_ptr": "*i64",
+                 "n": "i32", "s0": "i64", "s1": "i64"}
+    source = ASTSource(_kernel(True), signature, meta)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": 4, "enable_fp_fusion": False}).asm["ptx"]
 
 
 def _cdiv(a: int, b: int) -> int:
