@@ -182,6 +182,14 @@ def test_bad_input_is_refused_with_the_operator_named():
         gpu.cast_backward(x, torch.zeros(2, dtype=torch.int64), fixed(8, 4).spec())
 
 
+def test_a_broken_triton_install_says_what_to_do(monkeypatch):
+    import sys
+    monkeypatch.setattr(gpu, "_launchers", {})
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now raises ImportError
+    with pytest.raises(RuntimeError, match="FXCOMPILE_KERNELS=python"):
+        gpu.quantize(torch.randn(3), fixed(8, 4).spec())
+
+
 def test_on_cpu_routes_the_operators_to_triton_and_restores_the_cpu_kernel(monkeypatch):
     calls = []
     launch = gpu._launch

@@ -60,9 +60,14 @@ def _kernel(gpu: bool):
         with _lock:
             k = _launchers.get(gpu)
             if k is None:
-                import triton
+                try:
+                    import triton
 
-                from . import cast_triton
+                    from . import cast_triton
+                except Exception as exc:  # noqa: BLE001 - a broken install: say what to do
+                    raise RuntimeError(f"fxcompile: the Triton cast kernels need Triton 3, which failed to import "
+                                       f"({type(exc).__name__}: {exc}); install it (pip install 'triton>=3') or "
+                                       "set FXCOMPILE_KERNELS=python for the pure-PyTorch cast") from exc
                 if gpu:
                     k = triton.jit(cast_triton.cast_kernel, do_not_specialize=["n", "s0", "s1"])
                 else:
