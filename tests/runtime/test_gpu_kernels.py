@@ -31,7 +31,7 @@ def _loaded():
     kernels.load()
 
 
-class Path:
+class CudaPath:
     """The operators of the CUDA path: the Triton functions on CPU tensors (interpreter), or
     the registered operators on CUDA tensors; results come back to the CPU."""
 
@@ -69,7 +69,7 @@ def _values(fmt, dtype):
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 def test_triton_kernels_equal_the_cpu_kernel_and_the_reference(fmt, rounding, dtype, device):
-    path, spec = Path(device), fmt.replace(rounding=rounding).spec()
+    path, spec = CudaPath(device), fmt.replace(rounding=rounding).spec()
     x = _values(fmt, dtype)
     cpu = torch.ops.fxcompile.quantize(x, spec, SEED)
     ref = _reference(x, spec, SEED)
@@ -89,7 +89,7 @@ def test_triton_kernels_equal_the_cpu_kernel_and_the_reference(fmt, rounding, dt
 @pytest.mark.parametrize("fmt", [fixed(8, 3, mode="asymmetric", zero_point=5),
                                  fixed(12, 6, rounding="stochastic", overflow="wrap")], ids=str)
 def test_layouts_empty_0d_strided_transposed(fmt, dtype, device):
-    path, spec = Path(device), fmt.spec()
+    path, spec = CudaPath(device), fmt.spec()
     for name, x in _inputs(fmt, dtype).items():
         if name == "1000":
             continue
@@ -115,7 +115,7 @@ ODD_WRAPS = [[3, -100, 100, 0, 0, 1], [2, -7, 20, 5, 0, 1], [8, -5_000_000, 5_00
 @pytest.mark.parametrize("rounding", range(4))
 @pytest.mark.parametrize("spec", ODD_WRAPS, ids=str)
 def test_wrap_over_a_range_that_is_not_a_power_of_two(spec, rounding, dtype, device):
-    path, spec = Path(device), spec[:4] + [rounding, 1]
+    path, spec = CudaPath(device), spec[:4] + [rounding, 1]
     x = _values(fixed(16, spec[0]), dtype)
     cpu = torch.ops.fxcompile.quantize(x, spec, SEED)
     assert_same_bits(cpu, _reference(x, spec, SEED))
@@ -127,7 +127,7 @@ def test_wrap_over_a_range_that_is_not_a_power_of_two(spec, rounding, dtype, dev
 def test_subnormal_inputs(dtype, device):
     """GPU floor flushes subnormals to zero; the kernel must still floor -tiny to -1 (and keep
     the signs of zeros), as the CPU does."""
-    path, tiny = Path(device), torch.finfo(dtype).tiny
+    path, tiny = CudaPath(device), torch.finfo(dtype).tiny
     # subnormal in the work precision too for float32, bfloat16 and float64 (not for float16)
     x = torch.tensor([-tiny / 4, tiny / 4, -tiny, tiny, -0.0, 0.0, -3 * tiny / 8], dtype=dtype)
     for rounding in ROUNDINGS:
@@ -155,7 +155,7 @@ def test_many_programs_with_the_gpu_block_size(monkeypatch, words):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_stochastic_rounding_gives_the_cpu_codes_for_the_same_seed(dtype, device):
-    path = Path(device)
+    path = CudaPath(device)
     spec = fixed(16, 4, rounding="stochastic").spec()
     x = torch.full((2000,), 0.3, dtype=dtype)
     torch.manual_seed(3)
