@@ -334,6 +334,7 @@ def _nvidia_backend() -> bool:
 
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="Triton's NVIDIA backend (with its bundled ptxas) is missing")
+@pytest.mark.skipif(gpu._interpret_everything(), reason="TRITON_INTERPRET=1: Triton's library is interpreted, not compiled")
 def test_the_gpu_variants_compile_to_ieee_instructions_only():
     """What the interpreter cannot show: the compiled GPU code.  Every floating-point step must
     be one correctly rounded IEEE instruction: no fused multiply-add, no approximate division,

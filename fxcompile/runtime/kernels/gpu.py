@@ -165,6 +165,9 @@ def ptx(dtype: torch.dtype, spec, mask_in: bool = False, mask_out: bool = True, 
         >>> "fma" in gpu.ptx(torch.float32, fixed(16, 8).spec())   # no fused multiply-adds
         False
     """
+    if _interpret_everything():
+        raise RuntimeError("gpu.ptx: TRITON_INTERPRET=1 makes Triton interpret its own library functions, "
+                           "which then cannot be compiled; unset it")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
