@@ -12,6 +12,12 @@ store the parameters back in their formats with ``fxc.fixed_point_optimizer``)::
     python benchmarks/step_time.py --no-elide           # also without identity-cast elision
     python benchmarks/step_time.py --clock cpu          # CPU seconds of the process, for a shared machine
     python benchmarks/step_time.py --retain-memory      # glibc keeps freed memory (see below)
+    python benchmarks/step_time.py --device cuda        # resnet18 b128, resnet50 and vit_b_16 b64, 224x224
+
+With ``--device cuda`` the models train on the GPU (the casts run the Triton kernels of
+``fxcompile.runtime.kernels.gpu``), each timed step ends with ``torch.cuda.synchronize()``,
+and the default models are the ImageNet-sized ``CUDA_MODELS``; without a CUDA GPU the
+option is refused with a message.
 
 glibc's malloc trims its heap when much of its top is free and faults the memory back in,
 page by page, when the next step allocates again; where a step's buffers sit decides how
@@ -63,10 +69,22 @@ def _resnet18():
     return torchvision.models.resnet18(num_classes=10)
 
 
+def _torchvision(name):
+    def build():
+        import torchvision
+        return getattr(torchvision.models, name)(num_classes=10)
+    return build
+
+
 MODELS = {  # name -> (builder, input shape without batch, batch size)
     "seed_cnn": (SeedCNN, (1, 28, 28), 32),
     "resnet18": (_resnet18, (3, 64, 64), 8),
     "mlp": (MLP, (1, 28, 28), 32),
+}
+CUDA_MODELS = {  # the sizes GPUs train at
+    "resnet18": (_torchvision("resnet18"), (3, 224, 224), 128),
+    "resnet50": (_torchvision("resnet50"), (3, 224, 224), 64),
+    "vit_b_16": (_torchvision("vit_b_16"), (3, 224, 224), 64),
 }
 
 
@@ -121,11 +139,12 @@ def _qpytorch_step(model, x, y):
 
 
 def _variants(name, args):
-    build, shape, batch = MODELS[name]
+    build, shape, batch = args.models_table[name]
+    batch = args.batch or batch
     torch.manual_seed(0)
-    base = build()
-    x = torch.randn(batch, *shape)
-    y = torch.randint(0, 10, (batch,))
+    base = build().to(args.device)
+    x = torch.randn(batch, *shape).to(args.device)
+    y = torch.randint(0, 10, (batch,)).to(args.device)
     steps = {"fp32": _fp32_step(copy.deepcopy(base), x, y)}
     for policy in args.policies:
         steps[policy] = _fixed_step(copy.deepcopy(base), POLICIES[policy](), x, y)
@@ -172,9 +191,17 @@ def measure(steps: dict, repeats: int, inner: int, warmup: int, clock=time.perf_
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _cuda_clock() -> float:
+    torch.cuda.synchronize()  # the step's kernels have run, not just been queued
+    return time.perf_counter()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="seed_cnn,resnet18,mlp")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--models", default=None,
+                   help="comma-separated (default: seed_cnn,resnet18,mlp; with --device cuda: resnet18,resnet50,vit_b_16)")
+    p.add_argument("--batch", type=int, default=None, help="batch size for every model (default: each model's own)")
     p.add_argument("--policies", default="nearest,stochastic,all_stochastic")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
@@ -188,18 +215,35 @@ def main(argv=None):
     p.add_argument("--no-elide", action="store_true",
                    help="add variants compiled with elide_casts=False (compile() elides identity casts by default)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False, "
+                f"torch {torch.__version__}, CUDA build {torch.version.cuda}); run on a machine with a GPU, "
+                "or leave out --device to time the CPU kernels")
+    args.models_table = CUDA_MODELS if args.device == "cuda" else MODELS
+    args.models = args.models or ",".join(args.models_table)
+    unknown = [m for m in args.models.split(",") if m not in args.models_table]
+    if unknown:
+        p.error(f"--models: unknown {unknown} for --device {args.device}; choose from {sorted(args.models_table)}")
     args.policies = args.policies.split(",")
     torch.set_num_threads(args.threads)
     if args.retain_memory:
         retain_memory()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cast kernels: {kernels.load()}, "
+    where = (f"GPU {torch.cuda.get_device_name()}, cast kernels: triton" if args.device == "cuda"
+             else f"{torch.get_num_threads()} threads, cast kernels: {kernels.load()}")
+    kernels.load()
+    print(f"torch {torch.__version__}, {where}, "
           f"{args.repeats} interleaved repeats x {args.inner} steps, {args.clock} clock"
           + (", freed memory retained (mallopt)" if args.retain_memory else ""))
     clock = time.perf_counter if args.clock == "wall" else time.process_time
+    if args.device == "cuda":
+        if args.clock == "cpu":
+            p.error("--clock cpu measures host CPU time, not GPU time: use the default wall clock with --device cuda")
+        clock = _cuda_clock
     for name in args.models.split(","):
         medians = measure(_variants(name, args), args.repeats, args.inner, args.warmup, clock)
         fp32 = medians["fp32"]
-        print(f"\n{name} (batch {MODELS[name][2]}, input {MODELS[name][1]})")
+        _, shape, batch = args.models_table[name]
+        print(f"\n{name} (batch {args.batch or batch}, input {shape}, {args.device})")
         for k, t in medians.items():
             base = medians["fp32+compile"] if k == "nearest+compile" else fp32
             print(f"  {k:<16}{1e3 * t:9.2f} ms/step   ratio {t / base:5.2f}")

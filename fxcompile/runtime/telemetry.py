@@ -107,6 +107,8 @@ class EdgeCounters:
         self.calls += 1
         if (self.calls - 1) % self.every:
             return cast(x, fwd, bwd, clip)
+        if self.counts.device != x.device:  # counts stay on the model's device: adding them never syncs
+            self.counts = self.counts.to(x.device)
         track = bool(bwd) and torch.is_grad_enabled() and x.requires_grad
         # A fresh alias of x has this cast as its only user, so its gradient is the cast's output.
         xin = x.view_as(x) if track else x
@@ -232,9 +234,9 @@ def table(qmodel: fx.GraphModule) -> str:
 
 
 def counters_state(qmodel) -> dict | None:
-    """The counters as ``{cast name: int64 tensor}`` (for checkpoints), or None when off."""
+    """The counters as ``{cast name: int64 CPU tensor}`` (for checkpoints), or None when off."""
     found = _counters(qmodel) if isinstance(qmodel, fx.GraphModule) else []
-    return {name: k.counts.clone() for name, k in found} or None
+    return {name: k.counts.detach().to("cpu", copy=True) for name, k in found} or None
 
 
 def load_counters(qmodel, state: dict) -> None:

@@ -43,12 +43,32 @@ at run time, 0 disables it); :func:`empty_cache` frees them and :func:`cache_inf
     >>> kernels.cache_info()
     {'cached_bytes': 6651904, 'limit_bytes': 1073741824, 'reused': 5320, 'allocated': 14}
 
-Set ``FXCOMPILE_KERNELS=python`` to force the fallback.  CUDA tensors use the pure-PyTorch
-implementation through the same operators.
+Set ``FXCOMPILE_KERNELS=python`` to force the fallback (on CPU and CUDA).
+
+**CUDA.**  On CUDA tensors the same operators run Triton kernels (:mod:`.gpu`, source in
+``cast_triton.py``; Triton ships with PyTorch's Linux wheels, else the pure-PyTorch code
+runs there too).  They equal the C++ kernel bit for bit for every rounding and overflow mode
+and for float32, float16, bfloat16 and float64: the same steps in the same work precision,
+no fused multiply-adds, and stochastic rounding from the same counter-based hash of
+``(seed, element index)`` with the seed drawn from the same CPU generator, so a run seeded
+alike stores the same parameters on CPU and GPU, and no random tensor is materialised.
+The autograd ``cast`` is the C++ one (its forward and backward dispatch to the CUDA
+operators); the fake implementations make the operators opaque single nodes to
+``torch.compile`` and export on any device.  Parameter casts on CUDA always return a
+rounded copy (the "already on its grid" shortcut is CPU only).  Under autocast a cast of a
+float16/bfloat16 tensor rounds to the format in float32 and stores the nearest
+float16/bfloat16: exact for formats whose codes fit the significand (11 bits for float16, 8
+for bfloat16), the nearest representable value otherwise, identically on CPU and GPU.
+
+Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors:
+``gpu.quantize(x, spec)`` (and the other functions of :mod:`.gpu`) on a CPU tensor
+interprets the kernel, and ``with kernels.on_cpu():`` routes every CPU cast through it (how the
+tests train the seed CNN on the CUDA code path and compare it with the C++ kernel).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -56,10 +76,10 @@ import warnings
 import torch
 
 from ...core.quantizer import draw_seed
-from . import fallback
+from . import fallback, gpu
 from .fallback import pack_mask, unpack_mask
 
-__all__ = ["load", "backend", "draw_seed", "pack_mask", "unpack_mask", "cache_info", "empty_cache",
+__all__ = ["load", "backend", "on_cpu", "draw_seed", "pack_mask", "unpack_mask", "cache_info", "empty_cache",
            "set_cache_limit", "KERNEL_SOURCE"]
 
 KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "cast_cpu.cpp")
@@ -129,8 +149,12 @@ def _build() -> None:
 
 
 def _load() -> str:
-    fallback.register(_LIB, cpu=False)  # fake tensors, CUDA
-    if os.environ.get("FXCOMPILE_KERNELS", "").lower() == "python":
+    forced = os.environ.get("FXCOMPILE_KERNELS", "").lower() == "python"
+    triton = not forced and gpu.available()
+    fallback.register(_LIB, cpu=False, cuda=not triton)  # fake tensors, CUDA without Triton
+    if triton:
+        gpu.register(_LIB)
+    if forced:
         fallback.register(_LIB, cpu=True)
         return "python"
     try:
@@ -150,3 +174,21 @@ def _load() -> str:
             raise ValueError(f"FXCOMPILE_BUFFER_CACHE_MB must be a number of MiB, got {limit!r}") from None
         _set_cache_limit(int(mib * (1 << 20)), "FXCOMPILE_BUFFER_CACHE_MB")
     return "cpp"
+
+
+@contextlib.contextmanager
+def on_cpu():
+    """Within the block, CPU tensors take the CUDA code path: the operators run the Triton
+    kernel under Triton's interpreter, and ``cast`` is the Python autograd function that
+    calls them (the C++ one may call the CPU kernel directly).  Slow: for tests."""
+    load()
+    lib = torch.library.Library("fxcompile", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Oo]verrid")
+            for name, fn in gpu.OPS.items():
+                lib.impl(name, fn, "CPU")
+            lib.impl("cast", fallback.cast, "CompositeImplicitAutograd")
+        yield
+    finally:
+        lib._destroy()

@@ -1,4 +1,4 @@
-"""Pure-PyTorch implementations of the cast operators (no compiler needed; also CUDA).
+"""Pure-PyTorch implementations of the cast operators (no compiler needed; CUDA without Triton).
 
 They are the reference (:func:`fxcompile.core.quantizer.quantize_reference`) with the counter-based
 stochastic rounding and the packed saturation mask, so they return exactly what the C++
@@ -112,14 +112,14 @@ def buffer_cache(limit=-1):
     return [0, 0, 0, 0]
 
 
-def register(lib: torch.library.Library, cpu: bool) -> None:
-    """Register fake (meta) and CUDA implementations; with ``cpu`` also CPU and the autograd cast."""
+def register(lib: torch.library.Library, cpu: bool, cuda: bool = True) -> None:
+    """Register fake (meta) and (with ``cuda``) CUDA implementations; with ``cpu`` CPU and the autograd cast."""
     if not cpu:
         torch.library.register_fake("fxcompile::quantize", _fake_quantize, lib=lib)
         torch.library.register_fake("fxcompile::quantize_", _fake_quantize_inplace, lib=lib)
         torch.library.register_fake("fxcompile::quantize_mask", _fake_quantize_mask, lib=lib)
         torch.library.register_fake("fxcompile::cast_backward", _fake_cast_backward, lib=lib)
-    for key in (("CPU",) if cpu else ("CUDA",)):
+    for key in (("CPU",) if cpu else ("CUDA",) if cuda else ()):
         lib.impl("quantize", quantize, key)
         lib.impl("quantize_", quantize_, key)
         lib.impl("quantize_mask", quantize_mask, key)
