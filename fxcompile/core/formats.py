@@ -29,8 +29,11 @@ Semantics, kept identical in every backend (torch simulation, integer reference,
   range) still parse, with a :class:`DeprecationWarning` naming the new spelling.
 * ``overflow="saturate"`` clamps to the range; ``overflow="wrap"`` wraps two's-complement
   style over all ``2**bits`` codes (as hardware registers do).
-* NaN and ±Inf are not numbers a fixed-point register can hold; the cast turns them into NaN
-  (never into a number) so they stay visible to the user.
+* NaN and ±Inf are not numbers a fixed-point register can hold; the simulation's cast turns
+  them into NaN (never into a number) so they stay visible in training.  The *deployed* input
+  quantizer (integer reference, ONNX) has no NaN code: it maps NaN to code 0 and ±Inf to the
+  bounds (as saturating float-to-fixed conversions in hardware do), and the runners count and
+  report such inputs (:func:`fxcompile.deploy.backends.integer.quantize_input`).
 """
 
 from __future__ import annotations
