@@ -52,7 +52,7 @@ def test_ort_equals_integer_reference(model, policy, tmp_path):
 
 
 @pytest.mark.parametrize("activation", ["16.8,floor", "12.5,toward_zero", "10.4,wrap", "u12.4",
-                                        "16.8,zp=-300", "14.6,floor,wrap,zp=1000"])
+                                        "16.8,zp=-300", "14.6,floor,wrap,zp=1000", "16.8,narrow", "12.5,narrow,zp=-7"])
 def test_ort_equals_integer_reference_for_every_rounding_and_overflow(activation):
     torch.manual_seed(0)
     policy = fxc.Policy(activation=activation, input="16.8", weight="16.11", bias="16.8")
@@ -149,7 +149,7 @@ def test_both_matmul_lowerings_are_bit_exact(eight_bit):
 
 
 @pytest.mark.parametrize("fmt", ["12.4", "8.0", "u10.2,floor", "12.3,toward_zero", "10.2,wrap", "9.1,floor,wrap",
-                                 "12.4,zp=-301", "12.4,zp=77"])
+                                 "12.4,zp=-301", "12.4,zp=77", "12.4,narrow", "8.0,narrow,zp=3"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shift", [-2, 0, 1, 3, 6])
 def test_requantize_every_code_including_ties(fmt, relu, shift):

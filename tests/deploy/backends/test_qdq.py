@@ -228,3 +228,18 @@ def test_ort_fuses_an_eight_bit_model_into_quantized_ops(tmp_path):
     ort.InferenceSession(to_qdq(fold_bn(q), (x[:1],), bias_scale="format").SerializeToString(), opts,
                          providers=["CPUExecutionProvider"])
     assert "QLinearConv" not in {n.op_type for n in onnx.load(tmp_path / "unfused.onnx").graph.node}
+
+
+@pytest.mark.parametrize("weight, lowest", [("8.6", -128), ("8.6,narrow", -127)])
+def test_a_narrow_weight_format_gives_narrow_range_int8_weights(weight, lowest):
+    # the int8 weight range TensorRT wants is -127..127: a narrow format writes exactly that
+    lin = nn.Linear(4, 3)
+    with torch.no_grad():
+        lin.weight.fill_(-10.0)  # far below both formats: every code saturates
+    x = torch.randn(1, 4)
+    policy = fxc.Policy(input="8.4", activation="8.4", weight=weight, bias="16.8")
+    q = fxc.compile(nn.Sequential(lin), policy, example_inputs=(x,)).eval()
+    weights = [numpy_helper.to_array(t) for t in to_qdq(fold_bn(q), (x,)).graph.initializer
+               if tuple(t.dims) == (3, 4)]
+    assert len(weights) == 1 and weights[0].dtype == np.int8
+    assert (weights[0] == lowest).all()
