@@ -60,7 +60,14 @@ _PATTERN = re.compile(r"^\s*(u?)(\d+)\.(-?\d+)\s*((?:,\s*[\w=+-]+\s*)*)$")
 
 @dataclasses.dataclass(frozen=True)
 class FixedPoint:
-    """A fixed-point number format: ``bits`` total bits, ``frac`` fractional bits."""
+    """A fixed-point number format: ``bits`` total bits, ``frac`` fractional bits.
+
+    ``narrow`` drops the code ``-2**(bits-1)`` (signed, saturating formats only);
+    ``zero_point`` offsets the codes; ``mode`` is the deprecated spelling of both::
+
+        >>> str(FixedPoint(16, 8, narrow=True, zero_point=3))
+        '16.8,narrow,zp=3'
+    """
 
     bits: int
     frac: int
