@@ -363,6 +363,7 @@ def run_run_onnx(args):
     import time
     from .experiments.data import DataError, fashion_mnist
     from .deploy.export import onnx_session
+    from .deploy.backends.integer import count_non_finite, non_finite_message
     try:
         _, (x, y) = fashion_mnist(args.data, train_subset=1)
         session = onnx_session(args.model)
@@ -371,6 +372,9 @@ def run_run_onnx(args):
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         raise SystemExit(f"fxcompile: cannot load {args.model} with ONNX Runtime: {e}") from None
     name = session.get_inputs()[0].name
+    # the exported quantizer has no NaN code: say how many inputs it had to map (see quantize_input)
+    counts = count_non_finite(x)
+    print(non_finite_message(name, counts) if counts["samples"] else f"input {name!r}: no NaN or ±Inf values")
     correct, t0 = 0, time.perf_counter()
     for i in range(0, len(x), args.batch_size):
         out = session.run(None, {name: x[i:i + args.batch_size].numpy()})[0]

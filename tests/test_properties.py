@@ -21,10 +21,11 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 def formats(draw, roundings=("nearest", "floor", "toward_zero", "stochastic"), overflows=("saturate", "wrap")):
     signed = draw(st.booleans())
     bits = draw(st.integers(2 if signed else 1, 32))
-    mode = draw(st.sampled_from(("symmetric", "asymmetric")))
-    fmt = fxc.FixedPoint(bits, draw(st.integers(-6, 30)), signed=signed, mode=mode,
-                         rounding=draw(st.sampled_from(roundings)), overflow=draw(st.sampled_from(overflows)))
-    if mode == "asymmetric":
+    overflow = draw(st.sampled_from(overflows))
+    narrow = signed and overflow == "saturate" and draw(st.booleans())
+    fmt = fxc.FixedPoint(bits, draw(st.integers(-6, 30)), signed=signed, narrow=narrow,
+                         rounding=draw(st.sampled_from(roundings)), overflow=overflow)
+    if draw(st.booleans()):
         fmt = fmt.replace(zero_point=draw(st.integers(*fmt._full_range())))
     return fmt
 

@@ -49,7 +49,7 @@ def off_grid(t, fmt):
     if fmt is None:
         return 0
     lo, hi = (-(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1) if fmt.signed else (0, 2 ** fmt.bits - 1)
-    if fmt.signed and fmt.mode == "symmetric" and fmt.overflow == "saturate":
+    if fmt.narrow:
         lo += 1
     code = t.detach().double() * 2.0 ** fmt.frac + fmt.zero_point
     ok = torch.isfinite(code) & (code == code.round()) & (code >= lo) & (code <= hi)

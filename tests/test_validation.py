@@ -15,7 +15,8 @@ from fxcompile.errors import FormatError, PolicyError, TraceError
     (dict(bits=0, frac=0), "bits"), (dict(bits=33, frac=8), "bits"), (dict(bits=1, frac=0), "bits"),
     (dict(bits=16, frac=65), "frac"), (dict(bits=16, frac=-65), "frac"), (dict(bits=16.0, frac=8), "bits"),
     (dict(bits=16, frac=8, rounding="up"), "rounding"), (dict(bits=16, frac=8, overflow="clip"), "overflow"),
-    (dict(bits=16, frac=8, mode="affine"), "mode"), (dict(bits=8, frac=0, zero_point=3), "zero_point"),
+    (dict(bits=16, frac=8, mode="affine"), "mode"), (dict(bits=8, frac=0, zero_point=300), "zero_point"),
+    (dict(bits=8, frac=0, signed=False, narrow=True), "narrow"),
 ])
 def test_invalid_formats_name_the_field(kwargs, field):
     with pytest.raises(FormatError, match=rf"FixedPoint\.{field}"):

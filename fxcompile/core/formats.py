@@ -2,32 +2,45 @@
 
 A :class:`FixedPoint` names a set of representable values ``(code - zero_point) * 2**-frac``
 where ``code`` is an integer of ``bits`` bits.  ``fixed(16, 8)`` and the string ``"16.8"``
-name the same format::
+name the same format, two's complement over all 2**16 codes, as hls4ml's ``ap_fixed<16,8>``
+and QPyTorch's ``fixed_point_quantize(x, 16, 8)`` are::
 
     >>> fixed(16, 8) == FixedPoint.parse("16.8")
     True
-    >>> fixed(16, 8).max_value
-    127.99609375
+    >>> fixed(16, 8).min_value, fixed(16, 8).max_value
+    (-128.0, 127.99609375)
+    >>> fixed(16, 8, narrow=True).min_value      # the string "16.8,narrow"
+    -127.99609375
 
 Semantics, kept identical in every backend (torch simulation, integer reference, ONNX):
 
 * ``rounding="nearest"`` rounds half to even (``torch.round``, ONNX ``QuantizeLinear``,
   hls4ml ``AP_RND_CONV``).  ``floor`` rounds toward -inf, ``toward_zero`` truncates,
   ``stochastic`` rounds up with probability equal to the fractional remainder.
-* ``mode="symmetric"`` has zero point 0 and a narrow range: a signed b-bit format saturates
-  at ``±(2**(b-1) - 1)`` codes, so negation never overflows.  ``mode="asymmetric"`` uses the
-  full code range and an integer ``zero_point`` (chosen from an observed range by
-  :meth:`FixedPoint.fit_zero_point`); the scale is always a power of two.
+* Range: a signed b-bit format uses the full two's-complement code range
+  ``-2**(b-1) .. 2**(b-1) - 1``, an unsigned one ``0 .. 2**b - 1``.  ``narrow=True``
+  (``"16.8,narrow"``) drops the most negative code, so a signed format saturates at
+  ``±(2**(b-1) - 1)`` and negation never overflows (hls4ml's ``AP_SAT_SYM``, QONNX's
+  ``narrow=1``); it applies to signed saturating formats only.
+* Zero point: ``zero_point`` (``"16.8,zp=3"``, default 0) is an integer code offset,
+  independent of the range; :meth:`FixedPoint.fit_zero_point` chooses one from an observed
+  range.  The scale is always a power of two.
+* The old ``mode="symmetric"`` (narrow range, zero point 0) and ``mode="asymmetric"`` (full
+  range) still parse, with a :class:`DeprecationWarning` naming the new spelling.
 * ``overflow="saturate"`` clamps to the range; ``overflow="wrap"`` wraps two's-complement
   style over all ``2**bits`` codes (as hardware registers do).
-* NaN and ±Inf are not numbers a fixed-point register can hold; the cast turns them into NaN
-  (never into a number) so they stay visible to the user.
+* NaN and ±Inf are not numbers a fixed-point register can hold; the simulation's cast turns
+  them into NaN (never into a number) so they stay visible in training.  The *deployed* input
+  quantizer (integer reference, ONNX) has no NaN code: it maps NaN to code 0 and ±Inf to the
+  bounds (as saturating float-to-fixed conversions in hardware do), and the runners count and
+  report such inputs (:func:`fxcompile.deploy.backends.integer.quantize_input`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -37,7 +50,7 @@ from .quantizer import OVERFLOWS, ROUNDINGS, draw_seed, quantize_reference
 
 __all__ = ["FixedPoint", "fixed", "as_format", "ROUNDINGS", "OVERFLOWS", "MODES"]
 
-MODES = ("symmetric", "asymmetric")
+MODES = ("symmetric", "asymmetric")  # deprecated spellings of narrow=True / narrow=False
 MAX_BITS = 32
 MAX_ABS_FRAC = 64
 
@@ -46,45 +59,77 @@ _PATTERN = re.compile(r"^\s*(u?)(\d+)\.(-?\d+)\s*((?:,\s*[\w=+-]+\s*)*)$")
 
 @dataclasses.dataclass(frozen=True)
 class FixedPoint:
-    """A fixed-point number format: ``bits`` total bits, ``frac`` fractional bits."""
+    """A fixed-point number format: ``bits`` total bits, ``frac`` fractional bits.
+
+    ``narrow`` drops the code ``-2**(bits-1)`` (signed, saturating formats only);
+    ``zero_point`` offsets the codes; ``mode`` is the deprecated spelling of both::
+
+        >>> str(FixedPoint(16, 8, narrow=True, zero_point=3))
+        '16.8,narrow,zp=3'
+    """
 
     bits: int
     frac: int
     signed: bool = True
-    mode: str = "symmetric"
+    mode: dataclasses.InitVar[str | None] = None  # deprecated: use narrow / zero_point
     rounding: str = "nearest"
     overflow: str = "saturate"
     zero_point: int = 0
+    narrow: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self, mode: str | None):
         for name in ("bits", "frac", "zero_point"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise FormatError(f"FixedPoint.{name} must be an int, got {value!r}")
-        if not isinstance(self.signed, bool):
-            raise FormatError(f"FixedPoint.signed must be a bool, got {self.signed!r}")
+        for name in ("signed", "narrow"):
+            if not isinstance(getattr(self, name), bool):
+                raise FormatError(f"FixedPoint.{name} must be a bool, got {getattr(self, name)!r}")
+        if mode is not None:
+            self._apply_mode(mode)
         if not 1 <= self.bits <= MAX_BITS:
             raise FormatError(f"FixedPoint.bits must be in 1..{MAX_BITS}, got {self.bits}")
         if self.signed and self.bits < 2:
             raise FormatError("FixedPoint.bits must be >= 2 for a signed format (one bit is the sign)")
         if abs(self.frac) > MAX_ABS_FRAC:
             raise FormatError(f"FixedPoint.frac must be in -{MAX_ABS_FRAC}..{MAX_ABS_FRAC}, got {self.frac}")
-        if self.mode not in MODES:
-            raise FormatError(f"FixedPoint.mode must be one of {MODES}, got {self.mode!r}")
         if self.rounding not in ROUNDINGS:
             raise FormatError(f"FixedPoint.rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.overflow not in OVERFLOWS:
             raise FormatError(f"FixedPoint.overflow must be one of {OVERFLOWS}, got {self.overflow!r}")
-        if self.mode == "symmetric" and self.zero_point != 0:
-            raise FormatError(f"FixedPoint.zero_point must be 0 in symmetric mode, got {self.zero_point}")
+        if self.narrow and not self.signed:
+            raise FormatError("FixedPoint.narrow applies to signed formats only (it drops the code -2**(bits-1)); "
+                              "an unsigned format has no negative codes to drop")
+        if self.narrow and self.overflow == "wrap":
+            raise FormatError("FixedPoint.narrow and overflow='wrap' conflict: wrapping runs over all 2**bits codes; "
+                              "keep one of them")
         lo, hi = self._full_range()
         if not lo <= self.zero_point <= hi:
             raise FormatError(f"FixedPoint.zero_point {self.zero_point} is outside the {self.bits}-bit code range {lo}..{hi}")
 
+    def _apply_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise FormatError(f"FixedPoint.mode must be one of {MODES}, got {mode!r} "
+                              "(mode is deprecated: use narrow=True and zero_point)")
+        new = "narrow=True ('<bits>.<frac>,narrow')" if mode == "symmetric" else \
+            "the default full range (drop mode; a zero point is zero_point=..., 'zp=...')"
+        warnings.warn(f"FixedPoint mode={mode!r} is deprecated: write {new}", DeprecationWarning, stacklevel=4)
+        if mode == "symmetric":
+            if self.zero_point != 0:
+                raise FormatError(f"FixedPoint.zero_point must be 0 in symmetric mode, got {self.zero_point}")
+            # the old symmetric mode narrowed only signed saturating formats
+            object.__setattr__(self, "narrow", self.signed and self.overflow == "saturate")
+        elif self.narrow:
+            raise FormatError("FixedPoint.narrow=True and mode='asymmetric' (full range) conflict; keep narrow")
+
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def parse(cls, text: str) -> FixedPoint:
-        """Parse ``"16.8"``, ``"u8.8"`` or ``"16.8,stochastic,wrap,asymmetric,zp=3"``."""
+        """Parse ``"16.8"``, ``"u8.8"``, ``"16.8,narrow"`` or ``"16.8,stochastic,wrap,zp=3"``.
+
+        Each option sets one field; two options that set the same field differently
+        (``"16.8,stochastic,floor"``) raise :class:`FormatError` naming both.
+        """
         if not isinstance(text, str):
             raise FormatError(f"a format string looks like '16.8', got {text!r}")
         m = _PATTERN.match(text)
@@ -92,23 +137,39 @@ class FixedPoint:
             raise FormatError(f"cannot parse format {text!r}: write '<bits>.<frac>' such as '16.8' "
                               "(prefix 'u' for unsigned, options after commas, e.g. '16.8,stochastic')")
         kwargs: dict[str, Any] = {"bits": int(m.group(2)), "frac": int(m.group(3)), "signed": not m.group(1)}
+        given: dict[str, str] = {}  # field → the option that set it
         for opt in filter(None, (o.strip() for o in m.group(4).split(","))):
             if opt in ROUNDINGS:
-                kwargs["rounding"] = opt
+                field, value = "rounding", opt
             elif opt in OVERFLOWS:
-                kwargs["overflow"] = opt
+                field, value = "overflow", opt
+            elif opt == "narrow":
+                field, value = "narrow", True
             elif opt in MODES:
-                kwargs["mode"] = opt
+                new = f"'{m.group(1)}{m.group(2)}.{m.group(3)},narrow'" if opt == "symmetric" else \
+                    "no option (the full range is the default)"
+                warnings.warn(f"format option {opt!r} in {text!r} is deprecated: write {new}",
+                              DeprecationWarning, stacklevel=2)
+                field, value = "narrow", opt == "symmetric"
             elif re.fullmatch(r"zp=[+-]?\d+", opt):
-                kwargs["zero_point"] = int(opt[3:])
+                field, value = "zero_point", int(opt[3:])
             else:
                 raise FormatError(f"unknown option {opt!r} in format {text!r}; options are "
-                                  f"{ROUNDINGS + OVERFLOWS + MODES} and zp=<int>")
+                                  f"{ROUNDINGS + OVERFLOWS + ('narrow',)} and zp=<int>")
+            if field in given and kwargs[field] != value:
+                raise FormatError(f"conflicting options {given[field]!r} and {opt!r} in format {text!r}: "
+                                  f"both set the {field}; keep one")
+            given[field], kwargs[field] = opt, value
+        if given.get("narrow") == "symmetric":  # the old symmetric mode narrowed only what it could
+            kwargs["narrow"] = kwargs["signed"] and kwargs.get("overflow") != "wrap"
+            if kwargs.get("zero_point"):
+                raise FormatError(f"conflicting options 'symmetric' and {given['zero_point']!r} in format {text!r}: "
+                                  "the symmetric mode had zero point 0; write 'narrow' with the zp")
         return cls(**kwargs)
 
     @classmethod
     def from_dict(cls, data: dict) -> FixedPoint:
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls)} | {"mode"}  # mode: deprecated, still read
         unknown = set(data) - fields
         if unknown:
             raise FormatError(f"unknown format field(s) {sorted(unknown)}; fields are {sorted(fields)}")
@@ -125,9 +186,11 @@ class FixedPoint:
 
     def __str__(self) -> str:
         text = f"{'' if self.signed else 'u'}{self.bits}.{self.frac}"
-        for name, default in (("rounding", "nearest"), ("overflow", "saturate"), ("mode", "symmetric")):
+        for name, default in (("rounding", "nearest"), ("overflow", "saturate")):
             if getattr(self, name) != default:
                 text += f",{getattr(self, name)}"
+        if self.narrow:
+            text += ",narrow"
         if self.zero_point:
             text += f",zp={self.zero_point}"
         return text
@@ -140,10 +203,9 @@ class FixedPoint:
 
     @property
     def code_min(self) -> int:
-        """Smallest code the format produces (saturation bound; narrow when symmetric)."""
+        """Smallest code the format produces: ``-2**(bits-1)``, one more when ``narrow``."""
         lo, _ = self._full_range()
-        narrow = self.signed and self.mode == "symmetric" and self.overflow == "saturate"
-        return lo + 1 if narrow else lo
+        return lo + 1 if self.narrow else lo
 
     @property
     def code_max(self) -> int:
@@ -168,10 +230,8 @@ class FixedPoint:
         return self.bits - self.frac
 
     def fit_zero_point(self, lo: float, hi: float) -> FixedPoint:
-        """Asymmetric mode: the format whose zero point centres the observed range [lo, hi]."""
-        if self.mode != "asymmetric":
-            raise FormatError("FixedPoint.mode must be 'asymmetric' to choose a zero_point")
-        full_lo, full_hi = self._full_range()
+        """The format whose zero point centres the observed range [lo, hi] on its codes."""
+        full_lo, full_hi = self.code_min, self.code_max
         mid_code = (full_lo + full_hi) / 2
         zp = round(mid_code - (lo + hi) / 2 / self.scale)
         return self.replace(zero_point=int(min(max(zp, full_lo), full_hi)))

@@ -30,7 +30,7 @@ from ..errors import ExportError
 from .fold_bn import fold_bn
 from .lower import IntegerGraph, lower
 
-__all__ = ["integer_graph", "export_onnx", "onnx_session", "verify", "FLAVOURS"]
+__all__ = ["integer_graph", "export_onnx", "onnx_session", "verify", "input_error", "FLAVOURS"]
 
 FLAVOURS = ("integer", "qdq", "qonnx")
 
@@ -39,7 +39,60 @@ def integer_graph(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
     """The integer program of ``qmodel`` (batch norms folded; see :mod:`fxcompile.deploy.lower`)."""
     if not isinstance(qmodel, fx.GraphModule):
         raise ExportError(f"expected a model compiled with fxc.compile, got {type(qmodel).__name__}")
+    _check_inputs(qmodel, example_inputs)
     return lower(fold_bn(qmodel), tuple(example_inputs))
+
+
+class _FirstRejection(fx.Interpreter):
+    """Runs the graph and, on the first node that raises, says which node that was."""
+
+    def run_node(self, n: fx.Node):
+        try:
+            return super().run_node(n)
+        except Exception as e:  # noqa: BLE001 - any op may reject an input its own way
+            raise _Rejected(n, e) from e
+
+
+class _Rejected(Exception):
+    def __init__(self, node: fx.Node, error: Exception):
+        super().__init__(str(error))
+        self.node, self.error = node, error
+
+
+def input_error(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> ExportError | None:
+    """The :class:`ExportError` naming the example input, its shape and the first op that rejects it
+    (``None`` if ``qmodel`` runs on ``example_inputs``)."""
+    placeholders = [n for n in qmodel.graph.nodes if n.op == "placeholder"]
+    names = ", ".join(repr(n.name) for n in placeholders)
+    if len(example_inputs) != len(placeholders):
+        return ExportError(f"the model takes {len(placeholders)} input(s) ({names}), "
+                           f"got {len(example_inputs)} example input(s)")
+    shapes = ", ".join(f"{n.name!r} of shape {tuple(x.shape)}" for n, x in zip(placeholders, example_inputs))
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        with torch.no_grad():
+            _FirstRejection(qmodel).run(*example_inputs)
+    except _Rejected as r:
+        node = r.node
+        op = node.meta.get("fxc_op") or (node.target if isinstance(node.target, str) else
+                                          getattr(node.target, "__name__", str(node.target)))
+        compiled = [n.meta["tensor_meta"].shape for n in placeholders if "tensor_meta" in n.meta]
+        hint = (f"; the model was compiled for {', '.join(str(tuple(s)) for s in compiled)}"
+                if len(compiled) == len(placeholders) else "")
+        message = str(r.error).strip().splitlines()[0] if str(r.error).strip() else type(r.error).__name__
+        return ExportError(f"example input {shapes} is rejected by node {node.name!r} ({op}): {message}{hint}")
+    finally:
+        qmodel.train(was_training)
+    return None
+
+
+def _check_inputs(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    # one eval forward before lowering: the shape propagation inside would otherwise fail
+    # deep in torch with a traceback that names no input
+    error = input_error(qmodel, tuple(example_inputs))
+    if error is not None:
+        raise error
 
 
 def export_onnx(qmodel: fx.GraphModule, path: str | os.PathLike, example_inputs: Sequence[torch.Tensor],
@@ -51,8 +104,10 @@ def export_onnx(qmodel: fx.GraphModule, path: str | os.PathLike, example_inputs:
     QDQ model and ``"qonnx"`` the QONNX model instead (float output ``output``; not bit-exact:
     see their modules).  The model passes ``onnx.checker.check_model(full_check=True)``.
     The file is written to a temporary name and renamed, so a failed export leaves nothing at
-    ``path``; raises :class:`ExportError` naming every node that does not lower (or, for the
-    other flavours, every edge whose format the flavour cannot write).
+    ``path``, and the file gets the permissions the umask gives (``0644`` under the usual
+    ``022``); raises :class:`ExportError` naming every node that does not lower (or, for the
+    other flavours, every edge whose format the flavour cannot write), and, for example inputs
+    the model cannot run on, the input, its shape and the first op that rejects it.
     """
     path = Path(path)
     if flavour not in FLAVOURS:
@@ -63,6 +118,7 @@ def export_onnx(qmodel: fx.GraphModule, path: str | os.PathLike, example_inputs:
         if not isinstance(qmodel, fx.GraphModule):
             raise ExportError(f"expected a model compiled with fxc.compile, got {type(qmodel).__name__}")
         to_flavour = to_qdq if flavour == "qdq" else to_qonnx
+        _check_inputs(qmodel, example_inputs)
         model = to_flavour(fold_bn(qmodel), tuple(example_inputs), name=type(qmodel).__name__)
     try:
         onnx.checker.check_model(model, full_check=True)

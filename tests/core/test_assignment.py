@@ -27,7 +27,7 @@ def test_json_round_trip():
 
 
 def test_round_trip_keeps_float_edges_and_unknown_shapes():
-    e = Edge("a", "*", "activation_out", None, "gradient", fixed(8, 4, mode="asymmetric", zero_point=-3), "add", None)
+    e = Edge("a", "*", "activation_out", None, "gradient", fixed(8, 4, zero_point=-3), "add", None)
     assert Assignment.from_json(Assignment([e]).to_json()) == [e]
 
 

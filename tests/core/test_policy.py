@@ -102,7 +102,7 @@ def test_override_matching_nothing_warns_and_matching_ones_do_not():
 def _rich_policy():
     return Policy(name="rich", clip_gradient=False, activation="16.8", input="u8.8", gradient="16.10,stochastic",
                   loss="16.10", weight="24.12", bias="16.8,floor", weight_gradient=None,
-                  overrides=[{"pattern": "fc*", "weight": "16.11,wrap", "activation_in": "12.6,asymmetric,zp=3"},
+                  overrides=[{"pattern": "fc*", "weight": "16.11,wrap", "activation_in": "12.6,zp=3"},
                              {"op": "Conv2d", "bias": "float"}, {"pattern": "conv1", "op": "Conv2d", "gradient": "8.4"}])
 
 
@@ -113,7 +113,7 @@ def test_save_load_round_trip(tmp_path, suffix):
     p.save(path)
     q = load_policy(path)
     assert q == p
-    assert q.format_for("activation_in", ["fc1"], "Linear") == fixed(12, 6, mode="asymmetric", zero_point=3)
+    assert q.format_for("activation_in", ["fc1"], "Linear") == fixed(12, 6, zero_point=3)
     assert q.format_for("bias", ["conv2"], "Conv2d") is None
     assert q.format_for("gradient", ["conv1"], "Conv2d") == fixed(8, 4)
     assert q.format_for("weight_gradient") is None

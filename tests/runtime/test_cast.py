@@ -14,7 +14,7 @@ ROUNDINGS = ["nearest", "floor", "toward_zero"]
 def code_range(fmt):
     """From the definition: full two's complement / unsigned range, narrow when symmetric saturating."""
     lo, hi = (-(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1) if fmt.signed else (0, 2 ** fmt.bits - 1)
-    if fmt.signed and fmt.mode == "symmetric" and fmt.overflow == "saturate":
+    if fmt.narrow:
         lo += 1
     return lo, hi
 
@@ -59,9 +59,9 @@ def probe_values(fmt, wide=True):
 FORMATS = [
     fixed(16, 8), fixed(8, 4), fixed(8, 0), fixed(2, 0), fixed(4, 1, signed=False),
     fixed(8, 8, signed=False), fixed(8, -2), fixed(6, -5, signed=False), fixed(8, 12), fixed(4, 10),
-    fixed(8, 3, mode="asymmetric", zero_point=-37), fixed(8, 2, signed=False, mode="asymmetric", zero_point=100),
-    fixed(16, 10, mode="asymmetric", zero_point=1234), fixed(24, 12), fixed(28, 10), fixed(32, 16),
-    fixed(32, 40, signed=False, mode="asymmetric", zero_point=5),
+    fixed(8, 3, zero_point=-37), fixed(8, 2, signed=False, zero_point=100),
+    fixed(16, 10, zero_point=1234), fixed(24, 12), fixed(28, 10), fixed(32, 16),
+    fixed(32, 40, signed=False, zero_point=5),
 ]
 
 
@@ -93,15 +93,16 @@ def test_ties_go_to_even_both_signs():
 
 
 def test_saturation_and_wrap_by_hand():
-    sat, wrap = fixed(8, 0), fixed(8, 0, overflow="wrap")
+    sat, narrow, wrap = fixed(8, 0), fixed(8, 0, narrow=True), fixed(8, 0, overflow="wrap")
     x = torch.tensor([127.0, 128.0, 129.0, -127.0, -128.0, -129.0, 300.0])
-    assert quantize(x, sat.spec()).tolist() == [127, 127, 127, -127, -127, -127, 127]
+    assert quantize(x, sat.spec()).tolist() == [127, 127, 127, -127, -128, -128, 127]
+    assert quantize(x, narrow.spec()).tolist() == [127, 127, 127, -127, -127, -127, 127]
     assert quantize(x, wrap.spec()).tolist() == [127, -128, -127, -127, -128, 127, 44]
     assert quantize(torch.tensor([256.0, 257.0, -1.0]), fixed(8, 0, signed=False, overflow="wrap").spec()).tolist() == [0, 1, 255]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fmt", [fixed(16, 8), fixed(8, 4), fixed(8, 2, signed=False, mode="asymmetric", zero_point=9),
+@pytest.mark.parametrize("fmt", [fixed(16, 8), fixed(8, 4), fixed(8, 2, signed=False, zero_point=9),
                                  fixed(8, 4, overflow="wrap", rounding="floor")], ids=str)
 def test_half_precision_inputs(dtype, fmt):
     x = torch.tensor(probe_values(fmt, wide=False), dtype=torch.float64).to(dtype)
@@ -114,7 +115,7 @@ def test_half_precision_inputs(dtype, fmt):
 
 
 @pytest.mark.parametrize("fmt", [fixed(16, 8), fixed(8, 0, overflow="wrap"), fixed(8, 4, rounding="stochastic"),
-                                 fixed(32, 16), fixed(8, 2, signed=False, mode="asymmetric", zero_point=3)], ids=str)
+                                 fixed(32, 16), fixed(8, 2, signed=False, zero_point=3)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_nan_stays_nan_and_inf_becomes_nan(fmt, dtype):
     x = torch.tensor([math.nan, math.inf, -math.inf, 1.0, -1.0], dtype=dtype)
@@ -192,7 +193,7 @@ def _grad(x, fwd, bwd, g, clip=True):
 
 
 @pytest.mark.parametrize("bwd", [fixed(16, 10), fixed(8, 3, rounding="floor"), fixed(6, 2, overflow="wrap"),
-                                 fixed(8, 4, signed=False, mode="asymmetric", zero_point=100)], ids=str)
+                                 fixed(8, 4, signed=False, zero_point=100)], ids=str)
 def test_gradient_is_rounded_to_the_backward_format(bwd):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3000, generator=gen, dtype=torch.float64)  # well inside 16.8: nothing saturates
@@ -203,7 +204,7 @@ def test_gradient_is_rounded_to_the_backward_format(bwd):
     assert grad.tolist() == [oracle(v, bwd) for v in g.tolist()]
 
 
-@pytest.mark.parametrize("fwd", [fixed(8, 4), fixed(8, 2, signed=False), fixed(8, 3, mode="asymmetric", zero_point=50),
+@pytest.mark.parametrize("fwd", [fixed(8, 4), fixed(8, 2, signed=False), fixed(8, 3, zero_point=50),
                                  fixed(16, 8, rounding="floor")], ids=str)
 def test_gradient_is_zero_where_saturated_like_float_clamp(fwd):
     # Away from the half step around each bound the forward value saturates exactly where a
@@ -227,7 +228,7 @@ def test_value_rounded_onto_the_bound_counts_as_saturated():
     # The contract: the backward sees only the output; a value at the saturation bound has
     # a zero gradient whether it came from x > max or from rounding onto max.
     fwd = fixed(8, 0)
-    x = torch.tensor([126.4, 126.6, 127.0, 500.0, -126.6, -127.0, -500.0], dtype=torch.float64)
+    x = torch.tensor([126.4, 126.6, 127.0, 500.0, -127.6, -128.0, -500.0], dtype=torch.float64)
     _, grad = _grad(x, fwd, None, torch.ones(7, dtype=torch.float64))
     assert grad.tolist() == [1, 0, 0, 0, 0, 0, 0]
 

@@ -20,9 +20,9 @@ from fxcompile.runtime.kernels import fallback
 
 FORMATS = [
     fixed(16, 8), fixed(8, 4, signed=False), fixed(24, 12), fixed(8, -2), fixed(2, 0),
-    fixed(8, 3, mode="asymmetric", zero_point=5),
+    fixed(8, 3, zero_point=5),
     fixed(32, 16, overflow="wrap"), fixed(8, 4, signed=False, overflow="wrap"), fixed(23, 10, overflow="wrap"),
-    fixed(12, 20, mode="asymmetric", zero_point=-100, overflow="wrap"),
+    fixed(12, 20, zero_point=-100, overflow="wrap"),
 ]
 ROUNDINGS = ["nearest", "stochastic", "floor", "toward_zero"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -301,8 +301,8 @@ def test_parameter_cast_passes_a_parameter_on_its_grid_through_without_a_copy():
     y = cast(off_grid, fmt, None, clip_gradient=False, parameter=True)
     assert y.data_ptr() != off_grid.data_ptr()
     assert_same_bits(y.detach(), quantize_reference(off_grid.detach(), fmt.spec()))
-    signed_zero = torch.tensor([-0.0, 1.0])  # asymmetric formats turn -0 into +0: not "already fixed"
-    asym = fixed(8, 4, mode="asymmetric", zero_point=3)
+    signed_zero = torch.tensor([-0.0, 1.0])  # formats with a zero point turn -0 into +0: not "already fixed"
+    asym = fixed(8, 4, zero_point=3)
     assert_same_bits(cast(signed_zero, asym, None, parameter=True), quantize_reference(signed_zero, asym.spec()))
 
 

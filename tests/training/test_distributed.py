@@ -49,10 +49,10 @@ def _rank_batch(rank):
 
 
 def _oracle_codes(g: np.ndarray, bits: int, frac: int) -> np.ndarray:
-    # exact: float64 holds g * 2**frac exactly; np.rint rounds half to even; narrow symmetric saturation
+    # exact: float64 holds g * 2**frac exactly; np.rint rounds half to even; two's-complement saturation
     q = np.rint(g.astype(np.float64) * 2.0 ** frac)
     lim = 2 ** (bits - 1) - 1
-    return np.clip(q, -lim, lim).astype(object)   # Python ints: the sum cannot overflow
+    return np.clip(q, -lim - 1, lim).astype(object)   # Python ints: the sum cannot overflow
 
 
 def _exact_case(rank, fmt_text):

@@ -19,8 +19,8 @@ the ``ap_fixed`` types that make its C++ compute exactly what the integer refere
 
 Formats map one to one onto ``ap_[u]fixed<W, W - frac, Q, O>``: rounding ``nearest`` (ties
 to even) → ``AP_RND_CONV``, ``floor`` → ``AP_TRN``, ``toward_zero`` → ``AP_TRN_ZERO``;
-overflow ``saturate`` → ``AP_SAT_SYM`` for a signed symmetric format (narrow range),
-``AP_SAT`` otherwise; ``wrap`` → ``AP_WRAP``.  Stochastic rounding on a forward value and
+overflow ``saturate`` → ``AP_SAT`` (the full two's-complement range, the default),
+``AP_SAT_SYM`` for a ``narrow`` format; ``wrap`` → ``AP_WRAP``.  Stochastic rounding on a forward value and
 nonzero zero points have no ``ap_fixed`` equivalent: :class:`~fxcompile.errors.ExportError`
 names the edge and the format.  (Parameters stored under a stochastic *update* rounding
 already lie on their grid and map like ``nearest``, as in the lowering.)
@@ -89,12 +89,12 @@ def hls_precision(fmt: FixedPoint, where: str = "format", parameter: bool = Fals
     ``parameter=True`` maps stochastic rounding like ``nearest`` (stored parameters are on
     their grid already); otherwise it raises :class:`ExportError`, as does a nonzero zero point.
 
-        >>> hls_precision(fixed(16, 8))
-        'ap_fixed<16,8,AP_RND_CONV,AP_SAT_SYM>'
+        >>> hls_precision(fixed(16, 8)), hls_precision(fixed(16, 8, narrow=True))
+        ('ap_fixed<16,8,AP_RND_CONV,AP_SAT>', 'ap_fixed<16,8,AP_RND_CONV,AP_SAT_SYM>')
     """
     if fmt.zero_point:
         raise ExportError(f"{where} has format {fmt} with zero point {fmt.zero_point}; ap_fixed types have no "
-                          "zero point: use a symmetric format (or zero_point=0) for this edge before the hls4ml handoff")
+                          "zero point: give this edge zero_point=0 before the hls4ml handoff")
     if fmt.rounding == "stochastic" and not parameter:
         raise ExportError(f"{where} has format {fmt}: stochastic rounding has no ap_fixed equivalent; give this "
                           "edge (or its role in the policy) rounding 'nearest', 'floor' or 'toward_zero'")

@@ -11,6 +11,7 @@ result is bit-true by construction; it is the oracle the ONNX export is checked 
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -19,13 +20,20 @@ import torch.nn.functional as F
 from ...core.formats import FixedPoint
 from ..lower import IntegerGraph, IntOp, round_shift, saturate
 
-__all__ = ["run_integer", "KERNELS", "quantize_input"]
+__all__ = ["run_integer", "KERNELS", "quantize_input", "count_non_finite", "non_finite_message"]
 
 
 def quantize_input(x: torch.Tensor, fmt: FixedPoint) -> torch.Tensor:
-    """Float → centred int64 codes of ``fmt``: scale by 2**frac, round, saturate or wrap."""
+    """Float → centred int64 codes of ``fmt``: scale by 2**frac, round, saturate or wrap.
+
+    A register holds no NaN: NaN becomes code 0 and ±Inf the format's bounds (under ``wrap``
+    too), as saturating float-to-fixed conversions in hardware do.
+    """
     t = x.double() * 2.0 ** fmt.frac  # exact: a power-of-two scale of a float32
     t = {"nearest": torch.round, "floor": torch.floor, "toward_zero": torch.trunc}[fmt.rounding](t)
+    t = torch.where(torch.isnan(t), 0.0, t)
+    if fmt.overflow == "wrap":
+        t = torch.where(torch.isinf(t), t.clamp(fmt.code_min - fmt.zero_point, fmt.code_max - fmt.zero_point), t)
     if fmt.overflow == "saturate":  # clamp in float first, so huge inputs cannot overflow int64
         return t.clamp(fmt.code_min - fmt.zero_point, fmt.code_max - fmt.zero_point).to(torch.int64)
     return saturate(t.to(torch.int64), fmt)
@@ -87,8 +95,31 @@ KERNELS: dict[str, Callable] = {
 }
 
 
+def count_non_finite(x: torch.Tensor) -> dict:
+    """How many elements of ``x`` are NaN, +Inf and -Inf, and how many samples (rows of dim 0) hold any."""
+    x = torch.as_tensor(x)
+    bad = ~torch.isfinite(x)
+    return {"nan": int(torch.isnan(x).sum()), "posinf": int((x == float("inf")).sum()),
+            "neginf": int((x == float("-inf")).sum()),
+            "samples": int(bad.reshape(len(x), -1).any(1).sum()) if x.dim() else int(bad)}
+
+
+def non_finite_message(name: str, counts: dict) -> str:
+    """One line saying what the deployed input quantizer does with the non-finite inputs counted."""
+    return (f"input {name!r}: {counts['nan']} NaN, {counts['posinf']} +Inf, {counts['neginf']} -Inf values in "
+            f"{counts['samples']} sample(s); the input quantizer maps NaN to 0 and ±Inf to its format's bounds")
+
+
 def run_integer(graph: IntegerGraph, *inputs: torch.Tensor, codes: bool = False) -> list[torch.Tensor]:
-    """Run ``graph`` on float inputs; float32 outputs, or their int64 codes with ``codes=True``."""
+    """Run ``graph`` on float inputs; float32 outputs, or their int64 codes with ``codes=True``.
+
+    Non-finite inputs are counted and reported in one :class:`UserWarning` per input (see
+    :func:`quantize_input` for what they become).
+    """
+    for name, x in zip(graph.inputs, inputs):
+        counts = count_non_finite(x)
+        if counts["samples"]:
+            warnings.warn(non_finite_message(name, counts), stacklevel=2)
     env = dict(zip(graph.inputs, inputs))
     for op in graph.ops:
         if codes and op.op == "dequantize":

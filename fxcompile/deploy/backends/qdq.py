@@ -27,9 +27,12 @@ This flavour is **not bit-exact** with the integer graph (:mod:`fxcompile.deploy
   exact sum of products (16-bit activation codes times 24-bit weight codes need ~40 bits),
   so a sum that lies within float32's rounding error of a rounding boundary of the next
   activation format can land one code away; the difference then travels on;
-* QuantizeLinear saturates at its container type's range: a symmetric format's narrow range
-  (``-(2**(b-1) - 1)``) becomes ``-2**(b-1)``, and a format narrower than its container
-  (say 12 bits in int16) does not saturate at all until the container does.
+* QuantizeLinear saturates at its container type's range: a ``narrow`` format's bound
+  ``-(2**(b-1) - 1)`` becomes ``-2**(b-1)`` on an activation edge, and a format narrower than
+  its container (say 12 bits in int16) does not saturate at all until the container does.
+  Weight and bias codes are written as initializers, so a ``narrow`` weight format gives the
+  narrow-range int8 weights (``-127..127``) that TensorRT's int8 kernels want; the default
+  full range (8.x, 16.x) is exactly QuantizeLinear's int8/int16 range.
 
 Measured with ``examples/export_flavours.py`` (SeedCNN, one epoch of fixed-point training,
 ONNX Runtime with or without its graph optimizations alike): baseline policy, 1 of 100,000

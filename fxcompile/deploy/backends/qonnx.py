@@ -10,15 +10,15 @@ QONNX's preferred opset).  Node names are ``quant/<cast>``, after the cast node 
 The input keeps the example input's shape (FINN and hls4ml expect a fixed batch size;
 :func:`run_qonnx` sets another for execution); the float output is ``output``.  After qonnx's
 clean-up (``cleanup_model``, ``ConvertToChannelsLastAndClean``, ``GemmToMatMul``) hls4ml's
-ONNX front-end reads each layer's format from its ``Quant`` (16.8 → ``fixed<16,8,RND_CONV,SAT_SYM>``).
+ONNX front-end reads each layer's format from its ``Quant`` (16.8 → ``fixed<16,8,RND_CONV,SAT>``, 16.8,narrow → ``SAT_SYM``).
 
 ``Quant`` computes ``(clip(round(x / scale + zeropt), min, max) − zeropt) · scale`` with
-numpy's ``round`` (half to even), so with an even zero point (symmetric formats have 0) each
+numpy's ``round`` (half to even), so with an even zero point (the default is 0) each
 quantizer *is* the fixed-point cast, bit for bit (tested on every tie and both bounds):
 
 * ``nearest`` → ``ROUND``, ``floor`` → ``FLOOR``, ``toward_zero`` → ``DOWN``;
-* a symmetric saturating signed format's range ``±(2**(b−1) − 1)`` is ``narrow=1``; unsigned
-  and asymmetric formats use the full ``b``-bit range, ``narrow=0``; clipping before
+* a ``narrow`` format's range ``±(2**(b−1) − 1)`` is ``narrow=1``; every other format uses
+  the full ``b``-bit range, ``narrow=0``; clipping before
   rounding to integer bounds is the same as after;
 * ``x / scale`` (a power of two) and ``+ zeropt`` are exact in float32 for codes below
   ``2**24``.

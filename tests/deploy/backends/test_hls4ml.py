@@ -50,10 +50,11 @@ class TinyMLP(nn.Module):
 # ---- the type mapping (no hls4ml needed) -------------------------------------------------
 
 @pytest.mark.parametrize("fmt, expected", [
-    ("16.8", "ap_fixed<16,8,AP_RND_CONV,AP_SAT_SYM>"),
+    ("16.8", "ap_fixed<16,8,AP_RND_CONV,AP_SAT>"),
+    ("16.8,narrow", "ap_fixed<16,8,AP_RND_CONV,AP_SAT_SYM>"),
     ("8.4,floor,wrap", "ap_fixed<8,4,AP_TRN,AP_WRAP>"),
-    ("12.14,toward_zero", "ap_fixed<12,-2,AP_TRN_ZERO,AP_SAT_SYM>"),
-    ("16.8,asymmetric", "ap_fixed<16,8,AP_RND_CONV,AP_SAT>"),
+    ("12.14,toward_zero,narrow", "ap_fixed<12,-2,AP_TRN_ZERO,AP_SAT_SYM>"),
+    ("12.14,toward_zero", "ap_fixed<12,-2,AP_TRN_ZERO,AP_SAT>"),
     ("16.8,wrap", "ap_fixed<16,8,AP_RND_CONV,AP_WRAP>"),
     ("u8.8", "ap_ufixed<8,0,AP_RND_CONV,AP_SAT>"),
     ("u8.-2,floor,wrap", "ap_ufixed<8,10,AP_TRN,AP_WRAP>"),
@@ -64,7 +65,7 @@ def test_precision_strings(fmt, expected):
 
 def test_stochastic_parameters_map_like_nearest_but_values_refuse():
     fmt = fxc.FixedPoint.parse("24.12,stochastic")
-    assert hls_precision(fmt, parameter=True) == "ap_fixed<24,12,AP_RND_CONV,AP_SAT_SYM>"
+    assert hls_precision(fmt, parameter=True) == "ap_fixed<24,12,AP_RND_CONV,AP_SAT>"
     with pytest.raises(ExportError, match=r"edge 'a->b'.*24\.12,stochastic"):
         hls_precision(fmt, "edge 'a->b'")
 
@@ -72,9 +73,9 @@ def test_stochastic_parameters_map_like_nearest_but_values_refuse():
 def test_zero_point_is_refused_naming_the_edge_and_format():
     x = torch.randn(2, 2, 8, 8)
     policy = fxc.Policy(activation="16.8", weight="16.12", bias="16.8",
-                        overrides=[{"pattern": "relu", "activation": "16.8,asymmetric,zp=5"}])
+                        overrides=[{"pattern": "relu", "activation": "16.8,zp=5"}])
     q = on_grid(fxc.compile(TinyMLP(), policy, example_inputs=(x,)))
-    with pytest.raises(ExportError, match=r"edge 'fc1->relu' has format 16\.8,asymmetric,zp=5 with zero point 5"):
+    with pytest.raises(ExportError, match=r"edge 'fc1->relu' has format 16\.8,zp=5 with zero point 5"):
         hls_plan(q, (x[:1],))
 
 
@@ -94,12 +95,12 @@ def test_accumulator_covers_the_largest_sum_exactly():
     graph, layers = hls_plan(q, (x[:1],))
     fc1 = next(l for l in layers if l.name == "fc1")
     op = graph.op_of("fc1")
-    bound = max(sum(abs(int(w)) * 127 for w in row) + abs(int(b))
+    bound = max(sum(abs(int(w)) * 128 for w in row) + abs(int(b))  # 8.4 reaches code -128
                 for row, b in zip(op.attrs["weight"].tolist(), op.attrs["bias"].tolist()))
     width = bound.bit_length() + 1
     assert op.frac == 10  # max(4 + 6, 8)
     assert fc1.precision["accum"] == f"ap_fixed<{width},{width - 10},AP_TRN,AP_WRAP>"
-    assert fc1.precision["result"] == "ap_fixed<8,4,AP_RND_CONV,AP_SAT_SYM>"
+    assert fc1.precision["result"] == "ap_fixed<8,4,AP_RND_CONV,AP_SAT>"
     assert fc1.edges == {"weight": "fc1_weight->*", "bias": "fc1_bias->*", "result": "fc1->*"}
 
 
@@ -223,5 +224,5 @@ def test_cli_writes_the_project_with_the_assignment_types(tmp_path, capsys):
     main(["hls4ml", str(tmp_path / "prj"), "--model", "mlp", "--policy", "baseline"])
     assert "fc1" in capsys.readouterr().out
     defines = (tmp_path / "prj" / "firmware" / "defines.h").read_text()
-    assert "typedef ap_fixed<16,8,AP_RND_CONV,AP_SAT_SYM,0> input_t;" in defines
-    assert "typedef ap_fixed<24,12,AP_RND_CONV,AP_SAT_SYM,0> fc1_weight_t;" in defines
+    assert "typedef ap_fixed<16,8,AP_RND_CONV,AP_SAT,0> input_t;" in defines
+    assert "typedef ap_fixed<24,12,AP_RND_CONV,AP_SAT,0> fc1_weight_t;" in defines

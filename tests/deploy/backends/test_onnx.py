@@ -52,7 +52,7 @@ def test_ort_equals_integer_reference(model, policy, tmp_path):
 
 
 @pytest.mark.parametrize("activation", ["16.8,floor", "12.5,toward_zero", "10.4,wrap", "u12.4",
-                                        "16.8,asymmetric,zp=-300", "14.6,asymmetric,floor,wrap,zp=1000"])
+                                        "16.8,zp=-300", "14.6,floor,wrap,zp=1000", "16.8,narrow", "12.5,narrow,zp=-7"])
 def test_ort_equals_integer_reference_for_every_rounding_and_overflow(activation):
     torch.manual_seed(0)
     policy = fxc.Policy(activation=activation, input="16.8", weight="16.11", bias="16.8")
@@ -149,7 +149,7 @@ def test_both_matmul_lowerings_are_bit_exact(eight_bit):
 
 
 @pytest.mark.parametrize("fmt", ["12.4", "8.0", "u10.2,floor", "12.3,toward_zero", "10.2,wrap", "9.1,floor,wrap",
-                                 "12.4,asymmetric,zp=-301", "12.4,asymmetric,zp=77"])
+                                 "12.4,zp=-301", "12.4,zp=77", "12.4,narrow", "8.0,narrow,zp=3"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shift", [-2, 0, 1, 3, 6])
 def test_requantize_every_code_including_ties(fmt, relu, shift):
@@ -186,7 +186,7 @@ def test_baseline_convolutions_and_pools_work_in_int32(model):
 
 
 @pytest.mark.parametrize("prefer", ["8-bit", "int32"])
-@pytest.mark.parametrize("activation", ["16.8", "12.5,asymmetric,zp=-301", "u12.4"])
+@pytest.mark.parametrize("activation", ["16.8", "12.5,zp=-301", "u12.4"])
 def test_signed_and_offset_inputs_to_padded_strided_convolutions(prefer, activation, monkeypatch):
     """Signed conv inputs (offset limbs, padding with the offset's digits) on both product
     paths: the 8-bit limbs and the direct int32 MatMul."""
@@ -226,7 +226,7 @@ def _linear_graph(in_fmt, weight, relu):
     return IntegerGraph(["x"], [tuple(x.shape)], ops, ["out"], shapes), x
 
 
-@pytest.mark.parametrize("fmt", ["16.0", "u16.0", "12.3", "16.0,asymmetric,zp=-301"])
+@pytest.mark.parametrize("fmt", ["16.0", "u16.0", "12.3", "16.0,zp=-301"])
 @pytest.mark.parametrize("relu", [False, True])
 def test_limbs_and_digits_every_code(fmt, relu, monkeypatch):
     """Every input code of a 16-bit range through the 8-bit products (limbs by the wrapping

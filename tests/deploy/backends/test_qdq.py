@@ -80,7 +80,7 @@ def _initializer(model, name):
 @pytest.mark.parametrize("bias_scale", ["accumulator", "format"])
 @pytest.mark.parametrize("policy", [fxc.baseline(), fxc.optimized(),
                                     fxc.Policy(activation="8.4", input="u8.7", weight="12.8", bias="16.8"),
-                                    fxc.Policy(activation="16.8,asymmetric,zp=-300", weight="24.12,asymmetric,zp=5",
+                                    fxc.Policy(activation="16.8,zp=-300", weight="24.12,zp=5",
                                                bias="16.8")])
 def test_every_fixed_point_edge_has_its_pair_with_scale_zero_point_and_type(policy, bias_scale):
     x = torch.randn(2, 1, 28, 28)
@@ -174,16 +174,19 @@ def test_unsupported_op_raises_naming_the_node_and_writes_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_symmetric_narrow_range_is_the_one_saturation_difference():
-    # one cast, no arithmetic: QuantizeLinear's rounding equals ours; only the int16 bound differs
+@pytest.mark.parametrize("fmt, differ", [("16.8", set()), ("16.8,narrow", {(-32767, -32768)})])
+def test_narrow_range_is_the_one_saturation_difference(fmt, differ):
+    # one cast, no arithmetic: QuantizeLinear's rounding equals ours; only a narrow format's
+    # bound, which int16 QuantizeLinear cannot express, differs
     x = torch.cat([torch.arange(-40000, 40000, 7.25) / 256, torch.tensor([-128.0, -127.998, 0.5 / 256, 1.5 / 256])])
     x = x.reshape(-1, 1)
-    q = fxc.compile(nn.Flatten(), fxc.Policy(activation="16.8", input="16.8"), example_inputs=(x[:1],)).eval()
+    q = fxc.compile(nn.Flatten(), fxc.Policy(activation=fmt, input=fmt), example_inputs=(x[:1],)).eval()
     session = onnx_session(to_qdq(fold_bn(q), (x[:1],)))
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     (ref,) = run_integer(integer_graph(q, (x[:1],)), x, codes=True)
     codes = torch.from_numpy(np.round(out.astype(np.float64) * 256)).to(torch.int64)
-    assert set(ref[codes != ref].tolist()) == {-32767} and set(codes[codes != ref].tolist()) == {-32768}
+    assert set(zip(ref[codes != ref].tolist(), codes[codes != ref].tolist())) == differ
+    assert ref.min() == (-32767 if differ else -32768)
 
 
 def test_export_command_writes_the_qdq_flavour(tmp_path, capsys):
@@ -192,7 +195,7 @@ def test_export_command_writes_the_qdq_flavour(tmp_path, capsys):
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
 
 
-@pytest.mark.parametrize("fmt", ["u8.4,asymmetric,zp=7", "16.8,asymmetric,zp=-301", "u16.9", "8.3,asymmetric"])
+@pytest.mark.parametrize("fmt", ["u8.4,zp=7", "16.8,zp=-301", "u16.9", "8.3"])
 def test_quantize_linear_is_our_cast_where_the_container_is_the_format(fmt):
     # full-range formats of 8 or 16 bits, odd zero points included: every tie, both bounds, beyond
     fmt = fxc.FixedPoint.parse(fmt)
@@ -225,3 +228,18 @@ def test_ort_fuses_an_eight_bit_model_into_quantized_ops(tmp_path):
     ort.InferenceSession(to_qdq(fold_bn(q), (x[:1],), bias_scale="format").SerializeToString(), opts,
                          providers=["CPUExecutionProvider"])
     assert "QLinearConv" not in {n.op_type for n in onnx.load(tmp_path / "unfused.onnx").graph.node}
+
+
+@pytest.mark.parametrize("weight, lowest", [("8.6", -128), ("8.6,narrow", -127)])
+def test_a_narrow_weight_format_gives_narrow_range_int8_weights(weight, lowest):
+    # the int8 weight range TensorRT wants is -127..127: a narrow format writes exactly that
+    lin = nn.Linear(4, 3)
+    with torch.no_grad():
+        lin.weight.fill_(-10.0)  # far below both formats: every code saturates
+    x = torch.randn(1, 4)
+    policy = fxc.Policy(input="8.4", activation="8.4", weight=weight, bias="16.8")
+    q = fxc.compile(nn.Sequential(lin), policy, example_inputs=(x,)).eval()
+    weights = [numpy_helper.to_array(t) for t in to_qdq(fold_bn(q), (x,)).graph.initializer
+               if tuple(t.dims) == (3, 4)]
+    assert len(weights) == 1 and weights[0].dtype == np.int8
+    assert (weights[0] == lowest).all()

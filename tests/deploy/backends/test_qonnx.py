@@ -42,7 +42,7 @@ def test_qonnx_executes_the_model_close_to_the_integer_reference(model, tmp_path
 
 @pytest.mark.parametrize("policy", [fxc.baseline(), fxc.optimized(),
                                     fxc.Policy(activation="7.3", input="u9.7", weight="5.3", bias="12.6,floor"),
-                                    fxc.Policy(activation="12.5,asymmetric,zp=-300", weight="24.12", bias="16.8")])
+                                    fxc.Policy(activation="12.5,zp=-300", weight="24.12", bias="16.8")])
 def test_one_quant_per_fixed_point_edge_with_its_format(policy):
     x = torch.randn(2, 1, 28, 28)
     q = compiled(ResidualCNN, policy, x)
@@ -59,7 +59,7 @@ def test_one_quant_per_fixed_point_edge_with_its_format(policy):
         assert wrapper.get_initializer(node.input[1]) == np.float32(2.0 ** -fmt.frac), cast
         assert wrapper.get_initializer(node.input[2]) == fmt.zero_point, cast
         assert op.get_nodeattr("signed") == fmt.signed, cast
-        assert op.get_nodeattr("narrow") == (fmt.signed and fmt.mode == "symmetric"), cast
+        assert op.get_nodeattr("narrow") == fmt.narrow, cast
         rounding = "nearest" if fmt.rounding == "stochastic" else fmt.rounding
         assert op.get_nodeattr("rounding_mode") == {"nearest": "ROUND", "floor": "FLOOR", "toward_zero": "DOWN"}[rounding]
         if parameter is not None:
@@ -89,8 +89,8 @@ def _both(fmt):
     return x, _exec_quant(x, fmt).astype(np.float64), quantize_input(x, fmt).double().numpy() * fmt.scale
 
 
-@pytest.mark.parametrize("fmt", ["16.8", "8.3", "u12.4", "10.2,floor", "12.5,toward_zero", "14.6,asymmetric,zp=-300",
-                                 "u8.4,asymmetric,zp=8", "5.-2"])
+@pytest.mark.parametrize("fmt", ["16.8", "8.3", "u12.4", "10.2,floor", "12.5,toward_zero", "14.6,zp=-300",
+                                 "u8.4,zp=8", "5.-2"])
 def test_quant_is_our_cast_bit_for_bit(fmt):
     _, theirs, ours = _both(fxc.FixedPoint.parse(fmt))
     assert np.array_equal(theirs, ours)
@@ -99,7 +99,7 @@ def test_quant_is_our_cast_bit_for_bit(fmt):
 def test_an_odd_zero_point_moves_ties_by_one_code():
     # Quant rounds x/scale + zeropt, we (and ONNX QuantizeLinear) round x/scale and then add it:
     # with an odd zero point, ties to even go the other way
-    fmt = fxc.FixedPoint.parse("u8.4,asymmetric,zp=7")
+    fmt = fxc.FixedPoint.parse("u8.4,zp=7")
     x, theirs, ours = _both(fmt)
     differ = theirs != ours
     t = x.double().numpy() * 2 ** fmt.frac  # centred codes before rounding
@@ -145,7 +145,7 @@ def test_hls4ml_reads_the_formats_from_the_quant_nodes(tmp_path):
     from qonnx.transformation.gemm_to_matmul import GemmToMatMul
     from qonnx.util.cleanup import cleanup_model
     x = torch.randn(2, 1, 28, 28)
-    q = compiled(SeedCNN, fxc.Policy(activation="12.5", input="16.8", weight="16.11", bias="16.8"), x)
+    q = compiled(SeedCNN, fxc.Policy(activation="12.5,narrow", input="16.8", weight="16.11", bias="16.8"), x)
     export_onnx(q, tmp_path / "m.onnx", (x[:1],), flavour="qonnx")
     # the clean-up hls4ml's QONNX front-end asks for
     model = cleanup_model(ModelWrapper(str(tmp_path / "m.onnx")))
@@ -155,5 +155,5 @@ def test_hls4ml_reads_the_formats_from_the_quant_nodes(tmp_path):
                                                           hls_config=config)
     layers = {layer.class_name: layer for layer in hls_model.get_layers()}
     assert {"Conv2D", "Dense", "Pooling2D"} <= set(layers)
-    for kind in ("Conv2D", "Dense", "Pooling2D"):  # 12.5, round half to even, symmetric saturation
+    for kind in ("Conv2D", "Dense", "Pooling2D"):  # 12.5,narrow: round half to even, symmetric saturation
         assert str(layers[kind].get_output_variable().type.precision) == "fixed<12,7,RND_CONV,SAT_SYM,0>", kind

@@ -26,6 +26,10 @@ def emit_quantize(b: _Builder, op: IntOp, x: str) -> str:
     elif fmt.rounding == "floor":
         t = b.node("Floor", [t])
     # toward_zero: the float → int Cast below truncates
+    # non-finite inputs (see fxcompile.core.formats): NaN → 0, ±Inf → the bounds, never a wrap
+    t = b.node("Where", [b.node("IsNaN", [t]), b.const(0.0, ftype), t])
+    if fmt.overflow == "wrap":
+        t = b.node("Where", [b.node("IsInf", [t]), b.node("Clip", [t, b.const(lo, ftype), b.const(hi, ftype)]), t])
     if fmt.overflow == "saturate":  # clamp in float: huge inputs must not overflow the int cast
         t = b.node("Clip", [t, b.const(lo, ftype), b.const(hi, ftype)])
         return b.value(b.node("Cast", [t], to=_ONNX_TYPE[_int_type(lo, hi)]), lo, hi)
