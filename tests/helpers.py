@@ -1,0 +1,93 @@
+"""What several test modules share: compiled models on their grid, comparisons with the
+integer reference, and where the Fashion-MNIST files are.  Test modules import from here,
+never from one another."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import fxcompile as fxc
+from fxcompile.deploy.backends.integer import run_integer
+from fxcompile.deploy.export import integer_graph, onnx_session
+from fxcompile.deploy.fold_bn import fold_bn
+from fxcompile.experiments.models import SeedCNN
+from fxcompile.passes.casts import Cast
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"   # the README's ../shared/data/fashion-mnist
+IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+NO_DATA = ("no Fashion-MNIST files: neither FXCOMPILE_DATA nor ../shared/data/fashion-mnist holds the four "
+           "IDX files (the other tests use synthetic data)")
+
+
+def fashion_mnist_root() -> str | None:
+    """``FXCOMPILE_DATA`` if set, else ``../shared/data/fashion-mnist`` beside the repository,
+    if it holds the four IDX files; None otherwise."""
+    env = os.environ.get("FXCOMPILE_DATA")
+    for root in ([Path(env)] if env else []) + [SHARED_DATA]:
+        if all((root / f).is_file() for f in IDX_FILES):
+            return str(root)
+    return None
+
+
+def on_grid(q):
+    """Store parameters in their formats, as fixed-point training leaves them."""
+    fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=0.0), q, rounding="nearest")
+    return q.eval()
+
+
+def compiled_with_loss(model=SeedCNN, policy=None):
+    """``model()`` compiled with a cross-entropy loss graph (the baseline policy by default)."""
+    return fxc.compile(model(), policy or fxc.baseline(), loss_fn=nn.CrossEntropyLoss(),
+                       example_inputs=(torch.randn(2, 1, 28, 28),))
+
+
+def compiled(model, policy, x):
+    """``model()`` with random batch-norm statistics, compiled for inference and on its grid."""
+    torch.manual_seed(0)
+    model = model()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5, generator=g)
+            m.running_var.uniform_(0.5, 2, generator=g)
+    return on_grid(fxc.compile(model, policy, example_inputs=(x[:2],)))
+
+
+def run_ort(model, x):
+    return onnx_session(model).run(None, {"x": x.numpy()})
+
+
+def differences(model, q, x, run=run_ort):
+    """(output codes that differ, largest |difference|, top-1 agreement) of ``run(model, x)``
+    (ONNX Runtime by default) vs the integer reference."""
+    graph = integer_graph(q, (x[:1],))
+    (ref,) = run_integer(graph, x, codes=True)
+    (out,) = run(model, x)
+    codes = torch.from_numpy(np.round(out.astype(np.float64) * 2.0 ** graph.op_of(graph.outputs[0]).frac))
+    codes = codes.to(torch.int64)
+    return int((codes != ref).sum()), int((codes - ref).abs().max()), float((codes.argmax(1) == ref.argmax(1)).float().mean())
+
+
+def fixed_point_edges(gm):
+    """(cast node name, format, the parameter or None) of every edge of the BN-folded graph ``gm``."""
+    return [(n.name, gm.get_submodule(n.target).edge.forward,
+             gm.get_parameter(n.args[0].target).detach() if n.args[0].op == "get_attr" else None)
+            for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Cast)
+            and gm.get_submodule(n.target).edge.forward is not None]
+
+
+def assert_corruption_is_caught(export, corrupt, run=run_ort):
+    """The seed CNN exported by ``export`` matches the integer reference exactly, and after
+    ``corrupt(model)`` (in place) the comparison sees many codes off by more than rounding."""
+    x = torch.randn(32, 1, 28, 28) * 1.5
+    q = compiled(SeedCNN, fxc.baseline(), x)
+    model = export(fold_bn(q), (x[:1],))
+    assert differences(model, q, x, run)[0] == 0  # untrained weights: no sum lands near a boundary
+    corrupt(model)
+    differ, largest, _ = differences(model, q, x, run)
+    assert differ > x.shape[0] and largest > 4
