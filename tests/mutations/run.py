@@ -123,14 +123,14 @@ def main(argv=None) -> int:
                      "caught": caught, "seconds": round(seconds, 1)})
         if not caught:
             survived.append(name)
-        print(f"{name}: {'caught by ' + str(len(failed)) + ' failing test(s)' if caught else 'SURVIVED'}", flush=True)
+        print(f"{name}: {'caught by ' + ', '.join(failed) if caught else 'SURVIVED'}", flush=True)
+        if args.out:   # after each mutation, so that an interrupted run keeps what it measured
+            Path(args.out).write_text(json.dumps({
+                "command": "python tests/mutations/run.py" + (" --only " + " ".join(args.only) if args.only else ""),
+                "date": datetime.date.today().isoformat(), "results": rows}, indent=2) + "\n")
     print("\n| mutation | failing tests |\n|---|---|")
     for r in rows:
         print(f"| {r['breaks']} | {', '.join(t.split('/')[-1] for t in r['failing_tests']) or 'none: survived'} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({
-            "command": "python tests/mutations/run.py" + (" --only " + " ".join(args.only) if args.only else ""),
-            "date": datetime.date.today().isoformat(), "results": rows}, indent=2) + "\n")
     return 1 if survived else 0
 
 
