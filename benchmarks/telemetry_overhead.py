@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,12 +22,22 @@ from fxcompile.experiments.data import synthetic
 from fxcompile.experiments.models import SeedCNN
 
 
+def write_results(path, argv, **results) -> None:
+    """The measured figures as JSON beside the command that produced them and the date."""
+    import datetime, json, os, sys
+    command = " ".join(["python", os.path.relpath(sys.argv[0])] + list(sys.argv[1:] if argv is None else argv))
+    Path(path).write_text(json.dumps({"command": command, "date": datetime.date.today().isoformat(),
+                                      "load_average": [round(v, 1) for v in os.getloadavg()], **results},
+                                     indent=2) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--every", type=int, default=1, help="count one step in N (telemetry.enable(every=N))")
+    p.add_argument("--results", default=None, help="also write the figures as JSON here (with command and date)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     (tx, ty), _ = synthetic(n_train=args.batch_size * 8, n_test=8)
@@ -58,6 +69,10 @@ def main(argv=None):
     print(f"mean step:   telemetry off {1e3 * mean_off:.2f} ms, on {1e3 * mean_on:.2f} ms, "
           f"ratio on/off {mean_on / mean_off:.3f}")
     print(f"edges counted: {len(counts)}; forward values counted: {sum(c['forward_elements'] for c in counts)}")
+    if args.results:
+        write_results(args.results, argv, steps=args.steps, threads=args.threads, every=args.every,
+                      median_ms_off=round(1e3 * off, 2), median_ms_on=round(1e3 * on, 2),
+                      median_ratio=round(on / off, 2), mean_ratio=round(mean_on / mean_off, 2))
 
 
 if __name__ == "__main__":

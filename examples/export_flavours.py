@@ -72,6 +72,15 @@ def compare(run, ref: torch.Tensor, frac: int, x, y, batch_size: int) -> dict:
             "accuracy": float((codes.argmax(1) == y).double().mean())}
 
 
+def write_results(path, argv, **results) -> None:
+    """The measured figures as JSON beside the command that produced them and the date."""
+    import datetime, json, os, sys
+    command = " ".join(["python", os.path.relpath(sys.argv[0])] + list(sys.argv[1:] if argv is None else argv))
+    Path(path).write_text(json.dumps({"command": command, "date": datetime.date.today().isoformat(),
+                                      "load_average": [round(v, 1) for v in os.getloadavg()], **results},
+                                     indent=2) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help="Fashion-MNIST root (default: synthetic data)")
@@ -81,6 +90,7 @@ def main(argv=None):
     p.add_argument("--policies", nargs="*", default=["baseline", "optimized"])
     p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch")
     p.add_argument("--out", default=None, help="keep the .onnx files in this folder")
+    p.add_argument("--results", default=None, help="also write the table as JSON here (with command and date)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.data:
@@ -123,6 +133,9 @@ def main(argv=None):
     for r in rows:
         print(f"{r['policy']:<11}{r['flavour']:<9}{r['runtime']:<21}{r['differ']:>13}{r['outputs']:>11}"
               f"{r['largest']:>12}{100 * r['agree']:>12.2f}%{100 * r['accuracy']:>9.2f}%")
+    if args.results:
+        write_results(args.results, argv, model=args.model, data=source, train_images=len(tx), test_images=len(vx),
+                      epochs=args.epochs, rows=rows)
 
 
 if __name__ == "__main__":

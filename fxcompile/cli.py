@@ -121,6 +121,9 @@ def run_train(args):
                       checkpoint_dir=f"{args.checkpoint_dir}/seed-{seed}" if args.checkpoint_dir else None)
         except (CheckpointError, PolicyError, FormatError) as e:
             raise SystemExit(f"fxcompile: {e}") from None
+        if args.resume:
+            print(f"{args.policy} seed {seed}: resumed at step {m['start_step']}, ran {m['steps_run']} steps",
+                  flush=True)
         history = ", ".join(f"{100 * h['accuracy']:.2f}" for h in m["history"])
         print(f"{args.policy} seed {seed}: test accuracy {100 * m['accuracy']:.2f}% (per epoch: {history})", flush=True)
         runs.append(m)

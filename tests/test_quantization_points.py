@@ -5,8 +5,13 @@ of every node, the gradient reaching every node's output (tensor hooks), and the
 each cast sends back to its input (a hook on a private view of the cast's input, so with
 fan-out every branch's gradient is seen on its own).  Each value must be an exact multiple
 of ``2**-frac`` inside its format's code range; the range is computed here from the
-definition, not by fxcompile.
+definition, not by fxcompile, and the format each edge should have comes from the policy
+(role → format, overrides) through a small resolver here, with roles read off the graph's
+structure: the compiler's own record of formats (``node.meta``) is never the expectation.
 """
+import dataclasses
+import fnmatch
+
 import pytest
 import torch
 import torch.fx as fx
@@ -46,8 +51,6 @@ def _is_float(t):
 
 def off_grid(t, fmt):
     """How many elements of ``t`` are not values of ``fmt`` (exact: scaling by 2**frac is exact)."""
-    if fmt is None:
-        return 0
     lo, hi = (-(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1) if fmt.signed else (0, 2 ** fmt.bits - 1)
     if fmt.narrow:
         lo += 1
@@ -56,50 +59,125 @@ def off_grid(t, fmt):
     return int((~ok).sum())
 
 
+# ---- what the policy says, resolved here (not read from the compiler's node.meta) ----------
+
+_FALLBACK = {"input": "activation", "activation_in": "activation", "activation_out": "activation",
+             "weight_gradient": "gradient", "bias_gradient": "gradient"}
+
+
+def policy_format(policy, role, node):
+    """The policy's format for ``role`` at ``node``: role formats, then the overrides whose
+    pattern matches the node's name or target (later ones win), then the role's fallback."""
+    formats = dict(policy.formats)
+    names = [node.name] + ([node.target] if isinstance(node.target, str) else [])
+    for o in policy.overrides:
+        assert o.op is None, "this resolver matches overrides by pattern only"
+        if any(fnmatch.fnmatchcase(n, o.pattern) for n in names):
+            formats.update(o.formats)
+    while role not in formats:
+        if role not in _FALLBACK:
+            return None
+        role = _FALLBACK[role]
+    return formats[role]
+
+
+class Expected:
+    """The (role, format) pairs the policy gives the values of one graph of a compiled model;
+    roles come from the graph's structure (``loss_graph``: the loss function's graph, whose
+    first input is the prediction and whose result is the loss)."""
+
+    def __init__(self, policy, gm, loss_graph):
+        self.policy, self.gm, self.loss_graph = policy, gm, loss_graph
+        self.parameters = dict(gm.named_parameters())
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        self.results = {_origin(a) for a in output.all_input_nodes}   # through the casts fxcompile added
+
+    def roles(self, node):
+        """(forward role, backward role) of the value ``node`` produces; None for a value that
+        is not a fixed-point quantity (labels, buffers, modules, sizes)."""
+        if node.op == "get_attr":
+            if node.target not in self.parameters:
+                return None
+            is_bias = node.target.rsplit(".", 1)[-1].endswith("bias")
+            return ("bias", "bias_gradient") if is_bias else ("weight", "weight_gradient")
+        if node.op == "placeholder":
+            first = node is next(iter(self.gm.graph.nodes))
+            return ("activation_out", "gradient") if self.loss_graph and first else ("input", "gradient")
+        if node.op in ("call_function", "call_module", "call_method"):
+            if self.loss_graph and node in self.results:
+                return "loss", "loss"
+            return "activation_out", "gradient"
+        return None
+
+    def value(self, producer):
+        """(forward, backward) of ``producer``'s value as it leaves the producer."""
+        roles = self.roles(producer)
+        return None if roles is None else tuple((r, policy_format(self.policy, r, producer)) for r in roles)
+
+    def use(self, producer, consumer):
+        """(forward, backward) on the edge ``producer → consumer``: a parameter keeps its
+        value's formats; any other value gets the consumer's ``activation_in`` / ``gradient``."""
+        value = self.value(producer)
+        if value is None or value[0][0] in ("weight", "bias"):
+            return value
+        return tuple((r, policy_format(self.policy, r, consumer)) for r in ("activation_in", "gradient"))
+
+
+def _is_cast(n):
+    return n.op == "call_module" and n.target.startswith("casts.")
+
+
 def _origin(node):
-    while "fxc_edge" in node.meta:
+    while _is_cast(node):
         node = node.args[0]
     return node
 
 
-def violations(gm, rec, seen):
-    """Every way ``gm``'s recorded run breaks "every quantization point is fixed point"."""
+def violations(gm, rec, expected, seen):
+    """Every value the policy quantizes that ``gm``'s recorded run left off its grid (or float)."""
     bad = []
+
+    def check(what, t, role_fmt, where):
+        role, fmt = role_fmt
+        seen.add((where, role))
+        if fmt is not None and (k := off_grid(t, fmt)):
+            bad.append(f"{what} ({role} {fmt}): {k} values off grid")
+
     for n in gm.graph.nodes:
-        edge = n.meta.get("fxc_edge")
-        if edge is not None:
+        if _is_cast(n):
+            producer = _origin(n)
+            if _is_cast(n.args[0]):   # the cast of one use: its consumer is its only user
+                (consumer,) = n.users
+                fwd, bwd = expected.use(producer, consumer)
+                name = f"{producer.name}->{consumer.name}"
+            else:                     # the cast right after the producer
+                fwd, bwd = expected.value(producer)
+                name = f"{producer.name}->*"
             if _is_float(rec.values[n]):
-                if k := off_grid(rec.values[n], edge.forward):
-                    bad.append(f"forward {edge.name} ({edge.role} {edge.forward}): {k} values off grid")
-                seen.add(("forward", edge.role))
+                check(f"forward {name}", rec.values[n], fwd, "forward")
             if n in rec.emitted:
-                if k := off_grid(rec.emitted[n], edge.backward):
-                    bad.append(f"gradient {edge.name} ({edge.backward_role} {edge.backward}): {k} values off grid")
-                seen.add(("backward", edge.backward_role))
+                check(f"gradient {name}", rec.emitted[n], bwd, "backward")
             continue
         if n.op in ("call_function", "call_module", "call_method", "output"):
             for a in n.all_input_nodes:
-                if not _is_float(rec.values.get(a)):
-                    continue
-                if "fxc_edge" not in a.meta:
-                    bad.append(f"{n.name} consumes {a.name} without a cast")
-                    continue
                 producer = _origin(a)
-                use = producer.meta.get("fxc_uses", {}).get(n.name, producer.meta["fxc_value"])
-                if k := off_grid(rec.values[a], use.forward):
-                    bad.append(f"input {use.name} of {n.name} ({use.role} {use.forward}): {k} values off grid")
-                seen.add(("forward", use.role))
-        value = n.meta.get("fxc_value")
-        if value is not None and n in rec.grads:
+                if not _is_float(rec.values.get(a)) or expected.roles(producer) is None:
+                    continue
+                fwd = (expected.value(producer) if n.op == "output" else expected.use(producer, n))[0]
+                if not _is_cast(a):
+                    if fwd[1] is not None:
+                        bad.append(f"{n.name} consumes {a.name} without a cast")
+                    continue
+                check(f"input {producer.name}->{n.name} of {n.name}", rec.values[a], fwd, "forward")
+        if expected.roles(n) is not None and n in rec.grads and _is_float(rec.values[n]):
             # the gradient reaching a producer is the (summed) gradient its value cast quantized
-            if k := off_grid(rec.grads[n], value.backward):
-                bad.append(f"gradient into {n.name} ({value.backward_role} {value.backward}): {k} values off grid")
-            seen.add(("backward", value.backward_role))
+            check(f"gradient into {n.name}", rec.grads[n], expected.value(n)[1], "backward")
     return bad
 
 
-def train_step(q, x, y, store=True):
-    """One step through the recorders; returns (violations, roles seen, recorders, loss)."""
+def train_step(q, x, y, policy, store=True):
+    """One step through the recorders, checked against ``policy``; returns (violations, roles
+    seen, recorders, loss)."""
     opt = torch.optim.Adam(q.parameters(), lr=1e-2)
     if store:
         opt = fxc.fixed_point_optimizer(opt, q)
@@ -109,25 +187,26 @@ def train_step(q, x, y, store=True):
     loss = rl.run(prediction, y)
     loss.backward()
     seen = set()
-    bad = violations(q, rm, seen) + violations(q.loss, rl, seen)
-    formats = {}
-    for node in q.graph.nodes:
-        if node.op == "get_attr" and node.meta.get("fxc_value") is not None:
-            formats[node.target] = node.meta["fxc_value"]
+    expected = Expected(policy, q, loss_graph=False)
+    bad = violations(q, rm, expected, seen) + violations(q.loss, rl, Expected(policy, q.loss, loss_graph=True), seen)
+    formats = {n.target: expected.value(n) for n in q.graph.nodes if n.op == "get_attr" and expected.roles(n)}
+    assert set(formats) == {name for name, _ in q.named_parameters()}
+
+    def check(what, t, role_fmt):
+        role, fmt = role_fmt
+        assert fmt is not None, f"the test policies quantize every parameter ({what})"
+        if k := off_grid(t, fmt):
+            bad.append(f"{what} ({role} {fmt}): {k} values off grid")
     for name, p in q.named_parameters():
-        edge = formats[name]
-        if k := off_grid(p.grad, edge.backward):
-            bad.append(f"{name}.grad ({edge.backward_role} {edge.backward}): {k} values off grid")
-        if k := off_grid(p, edge.forward):
-            bad.append(f"{name} before the step ({edge.role} {edge.forward}): {k} values off grid")
+        check(f"{name}.grad", p.grad, formats[name][1])
+        check(f"{name} before the step", p, formats[name][0])
     with torch.no_grad():  # the recorder ran the very graph the module runs
         output = next(n for n in q.graph.nodes if n.op == "output").args[0]
         assert torch.equal(q(x), rm.values[output].detach())
     opt.step()
     for name, p in q.named_parameters():
-        if k := off_grid(p, formats[name].forward):
-            bad.append(f"{name} after the step ({formats[name].role} {formats[name].forward}): {k} values off grid")
-        seen.add(("stored", formats[name].role))
+        check(f"{name} after the step", p, formats[name][0])
+        seen.add(("stored", formats[name][0][0]))
     assert torch.isfinite(loss)
     return bad, seen, rm, rl, loss
 
@@ -147,7 +226,7 @@ def test_every_value_and_gradient_of_a_training_step_is_fixed_point(policy):
     torch.manual_seed(0)
     x, y = _data()
     q = fxc.compile(SeedCNN(), policy, loss_fn=nn.CrossEntropyLoss(), example_inputs=(x,))
-    bad, seen, rm, rl, loss = train_step(q, x, y)
+    bad, seen, rm, rl, loss = train_step(q, x, y, policy)
     assert not bad, "\n".join(bad)
     assert ALL_ROLES <= seen, ALL_ROLES - seen
     # the checks looked at real, non-trivial numbers
@@ -164,7 +243,7 @@ def test_fan_out_gradient_sum_is_quantized():
     policy = fxc.Policy(activation="16.8", gradient="16.10", loss="16.10", weight="24.12", bias="16.8",
                         overrides=[{"pattern": "relu1", "gradient": "16.6"}])
     q = fxc.compile(ResidualCNN(), policy, loss_fn=nn.CrossEntropyLoss(), example_inputs=(x,))
-    bad, seen, rm, rl, _ = train_step(q, x, y)
+    bad, seen, rm, rl, _ = train_step(q, x, y, policy)
     assert not bad, "\n".join(bad)
     assert ALL_ROLES <= seen
     nodes = {n.name: n for n in q.graph.nodes}
@@ -180,7 +259,7 @@ def _sabotaged(change, store=True):
     x, y = _data()
     q = fxc.compile(SeedCNN(), fxc.baseline(), loss_fn=nn.CrossEntropyLoss(), example_inputs=(x,))
     change(q)
-    return train_step(q, x, y, store)[0]
+    return train_step(q, x, y, fxc.baseline(), store)[0]
 
 
 def test_a_missing_backward_rounding_is_detected():
@@ -195,6 +274,19 @@ def test_a_missing_forward_rounding_is_detected():
         q.casts.fc1._fwd = []
     bad = _sabotaged(drop)
     assert any("fc1" in b and "forward" in b for b in bad), bad
+
+
+def test_an_edge_made_float_in_metadata_and_cast_is_detected():
+    # The compiler's own record then agrees with the cast: only the policy says the gradient
+    # leaving pool1 is 16.10.
+    def make_float(q):
+        node = next(n for n in q.graph.nodes if n.name == "casts_pool1")
+        edge = dataclasses.replace(node.meta["fxc_edge"], backward=None)
+        node.meta["fxc_edge"] = edge
+        next(n for n in q.graph.nodes if n.name == "pool1").meta["fxc_value"] = edge
+        q.get_submodule(node.target).set_edge(edge)
+    bad = _sabotaged(make_float)
+    assert any("pool1" in b and "gradient" in b and "16.10" in b for b in bad), bad
 
 
 def test_a_removed_cast_is_detected():
@@ -231,7 +323,7 @@ def test_shared_weight_gradient_is_summed_then_quantized():
     policy = fxc.Policy(activation="16.8", gradient="16.10", loss="16.10", weight="24.12", bias="16.8",
                         weight_gradient="16.5")
     q = fxc.compile(TiedMLP(), policy, loss_fn=nn.CrossEntropyLoss(), example_inputs=(x,))
-    bad, seen, rm, _, _ = train_step(q, x, y)
+    bad, seen, rm, _, _ = train_step(q, x, y, policy)
     assert not bad, "\n".join(bad)
     weight = next(n for n in q.graph.nodes if n.op == "get_attr" and n.target == "fc.weight")
     assert len(weight.meta["fxc_uses"]) == 2

@@ -14,7 +14,12 @@ divides by its *local* batch rounds finer than single-process training does, and
 would not follow one process.  :func:`train_ddp` therefore scales each rank's mean loss by
 ``local batch / global batch``: every rank then rounds exactly the per-sample gradients a
 single process with the global batch rounds, and the sum over ranks is that process's
-gradient.  ``FixedPointAllReduce(average=True)`` divides by the world size instead (DDP's
+gradient, bit for bit, when two conditions hold (the tests check it with such a policy):
+each rank's partial sum of a weight gradient is exact on the weight-gradient grid (a format
+fine enough for the products, else each rank rounds its share and the sum may differ from the
+single process's by a code), and no rank's loss value saturates its loss format (a saturated
+loss cast passes no gradient, and each rank's loss is the mean over its own share).  With
+stochastic rounding the draws also differ with the split.  ``FixedPointAllReduce(average=True)`` divides by the world size instead (DDP's
 convention, for an unscaled loss); the mean is rounded once to the gradient's dtype.
 
 Run it on one machine or several with torchrun (gloo on CPU, nccl on GPUs)::

@@ -83,7 +83,10 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
 
     With ``checkpoint_dir`` the run is checkpointed atomically every ``cfg.checkpoint_every``
     steps and at each epoch end (:mod:`fxcompile.training.checkpoint`); ``resume=True`` continues from
-    the newest good checkpoint there, ending bit-identical to an uninterrupted run.
+    the newest good checkpoint there, ending bit-identical to an uninterrupted run.  The metrics
+    say where this process started (``start_step``, counted over all epochs; 0 for a fresh run)
+    and how many optimizer steps it ran (``steps_run``): a resumed run has
+    ``start_step + steps_run == epochs * steps per epoch``.
     """
     torch.manual_seed(cfg.seed)
     (tx, ty), (vx, vy) = train_data, test_data
@@ -99,6 +102,7 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
         from .checkpoint import TrainingCheckpointer
         ckpt = TrainingCheckpointer(checkpoint_dir, cfg, len(tx), cfg.checkpoint_every, resume)
         start_epoch, start_step, epochs, losses = ckpt.restore(model, opt, g)
+    start = start_epoch * steps_per_epoch + start_step
     bar = None
     if cfg.progress:
         from tqdm import tqdm
@@ -136,6 +140,7 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
             "train_size": len(tx), "test_size": len(vx), "accuracy": epochs[-1]["accuracy"] if epochs else None,
             "history": epochs, "step_time_ms": 1e3 * statistics.median(step_times) if step_times else None,
             "final_loss_finite": bool(torch.isfinite(torch.tensor(losses[-1:])).all()) if losses else None,
+            "start_step": start, "steps_run": len(step_times),
             "model_object": model}
 
 

@@ -1,21 +1,14 @@
 """Assignment: the per-edge formats as data (JSON round trip, diff, table)."""
 import json
 
-import torch
-from torch import nn
-
 import fxcompile as fxc
 from fxcompile import Assignment, Edge, fixed
-from fxcompile.experiments.models import ResidualCNN, SeedCNN
-
-
-def _compiled(policy=None, model=SeedCNN):
-    x = torch.randn(2, 1, 28, 28)
-    return fxc.compile(model(), policy or fxc.baseline(), loss_fn=nn.CrossEntropyLoss(), example_inputs=(x,))
+from fxcompile.experiments.models import ResidualCNN
+from tests.helpers import compiled_with_loss
 
 
 def test_json_round_trip():
-    a = fxc.assignment(_compiled())
+    a = fxc.assignment(compiled_with_loss())
     text = a.to_json()
     b = Assignment.from_json(text)
     assert b == a and isinstance(b, Assignment)
@@ -32,11 +25,11 @@ def test_round_trip_keeps_float_edges_and_unknown_shapes():
 
 
 def test_diff_lists_edges_whose_formats_differ():
-    base = fxc.assignment(_compiled())
+    base = fxc.assignment(compiled_with_loss())
     assert base.diff(Assignment.from_json(base.to_json())) == []
-    other = fxc.assignment(_compiled(fxc.Policy(activation="16.8", gradient="16.10,stochastic", loss="16.10",
-                                                weight="24.12,stochastic", bias="16.8,stochastic",
-                                                overrides=[{"pattern": "fc2*", "weight": "8.6"}])))
+    policy = fxc.Policy(activation="16.8", gradient="16.10,stochastic", loss="16.10", weight="24.12,stochastic",
+                        bias="16.8,stochastic", overrides=[{"pattern": "fc2*", "weight": "8.6"}])
+    other = fxc.assignment(compiled_with_loss(policy=policy))
     diff = base.diff(other)
     assert [name for name, _, _ in diff] == ["fc2_weight->*", "fc2_weight->fc2"]
     name, mine, theirs = diff[0]
@@ -47,19 +40,19 @@ def test_diff_lists_edges_whose_formats_differ():
 
 
 def test_formats_and_by_role():
-    a = fxc.assignment(_compiled(fxc.optimized()))
+    a = fxc.assignment(compiled_with_loss(policy=fxc.optimized()))
     assert a.formats() == {(16, 4), (16, 9), (16, 11), (10, 8)}
     assert {e.producer for e in a.by_role("bias")} == {"conv1_bias", "conv2_bias", "fc1_bias", "fc2_bias"}
 
 
 def test_fan_out_has_one_edge_per_use_and_the_value_edge():
-    a = fxc.assignment(_compiled(model=ResidualCNN))
+    a = fxc.assignment(compiled_with_loss(model=ResidualCNN))
     relu1 = [e for e in a if e.producer == "relu1"]
     assert sorted(e.consumer for e in relu1) == ["*", "add", "conv2"]
 
 
 def test_table_lists_every_edge_with_its_columns():
-    a = fxc.assignment(_compiled())
+    a = fxc.assignment(compiled_with_loss())
     lines = a.table().splitlines()
     assert lines[0].split() == ["edge", "op", "role", "forward", "backward", "shape"]
     assert set(lines[1]) <= {"-", " "}

@@ -84,11 +84,12 @@ def test_train_accepts_an_auto_policy():
     m = train(TrainConfig(model="mlp", policy=policy, epochs=1, progress=False), (tx, ty), (vx, vy))
     q = m["model_object"]
     assert len(fxc.assignment(q).formats()) <= 2
-    assert m["final_loss_finite"] and 0.0 <= m["accuracy"] <= 1.0
+    # learnable synthetic data, 10 classes: chance is 10 % (one standard error on 64 images: 4 points)
+    assert m["final_loss_finite"] and m["accuracy"] > 0.5
     assert m["policy"].startswith("auto(K=2")
     # plain policies still train the old way
     m = train(TrainConfig(model="mlp", policy="baseline", epochs=1, progress=False), (tx, ty), (vx, vy))
-    assert m["policy"] == "baseline"
+    assert m["policy"] == "baseline" and m["accuracy"] > 0.5
 
 
 def test_inspect_assignment_reports_noise_hardware_and_writes_plots(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -146,7 +147,7 @@ def _result_rows(path):
 
 
 def test_ray_and_local_executors_give_identical_rows(tmp_path):
-    pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[dev]' installs it)")
+    import ray  # noqa: F401 - in the dev extra
     sweep = load_sweep(_write(tmp_path, TINY))
     sweep.points = sweep.points[2:]   # one fixed-point point, 2 seeds
     run_sweep(sweep, tmp_path / "local.csv", executor="local", workers=2, progress=False)
@@ -167,8 +168,10 @@ batch_size = 16
 model = "resnet18"
 """)
     r = run_point(load_sweep(path).points[0].config, 0)
-    assert r["train_size"] == 16 and 0.0 <= r["accuracy"] <= 1.0 and len(r["history"]) == 1
-    pytest.importorskip("sklearn", reason="dataset 'digits' needs scikit-learn")
+    # one step of resnet18 says nothing about accuracy; this part checks that it runs and is recorded
+    assert r["train_size"] == 16 and r["test_size"] == 8 and len(r["history"]) == 1
+    assert math.isfinite(r["final_loss"]) and r["history"] == [r["accuracy"]]
+    import sklearn  # noqa: F401 - dataset 'digits' needs scikit-learn, in the dev extra
     c = resolve({"dataset": "digits", "model": "mlp", "epochs": 1, "train_subset": 400, "policy": "optimized"}, "t")
     r = run_point(c, 0)
     assert r["train_size"] == 400 and r["test_size"] == 449

@@ -7,15 +7,21 @@ from torch import nn
 
 import fxcompile as fxc
 from fxcompile.experiments.models import ResidualCNN
+from fxcompile.passes import choose_formats
 from fxcompile.passes.choose_formats import _BIG, solve
 
 
-def _brute_force(cost, k, format_cost=0.0):
-    best = np.inf
-    for size in range(1, k + 1):
-        for subset in itertools.combinations(range(cost.shape[1]), size):
-            best = min(best, cost[:, subset].min(axis=1).sum() + format_cost * size)
-    return best
+def brute_force(cost, format_cost=0.0):
+    """Best objective for each number of distinct formats k: every assignment of an allowed
+    format to every edge (itertools.product), scored as the sum of its entries plus
+    ``format_cost`` per distinct format.  Shares no code with the solver."""
+    allowed = [[c for c in range(cost.shape[1]) if cost[d, c] < _BIG] for d in range(cost.shape[0])]
+    a = np.array(list(itertools.product(*allowed)), dtype=np.int64)           # assignments × edges
+    distinct = 1 + (np.diff(np.sort(a, axis=1), axis=1) != 0).sum(axis=1)
+    total = cost[np.arange(cost.shape[0]), a].sum(axis=1) + format_cost * distinct
+    best = {k: total[distinct == k].min() for k in np.unique(distinct).tolist()}
+    return {k: min(v for kk, v in best.items() if kk <= k) for k in range(1, cost.shape[1] + 1)
+            if any(kk <= k for kk in best)}
 
 
 def _unimodal_table(rng, v, m):
@@ -24,31 +30,68 @@ def _unimodal_table(rng, v, m):
     return rng.uniform(0.1, 3, (v, 1)) * np.abs(f - centre[:, None]) ** rng.uniform(1, 3, (v, 1)) + rng.uniform(0, 1, (v, 1))
 
 
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_solver_objective_equals_brute_force(seed, k):
-    rng = np.random.default_rng(seed)
-    cost = _unimodal_table(rng, 12, 9) if seed % 2 == 0 else rng.uniform(0, 1, (12, 9))  # odd seeds: any rows
-    chosen, assign, objective, exact, curve = solve(cost, k)
-    assert exact
-    assert len(chosen) <= k
-    assert objective == pytest.approx(_brute_force(cost, k), rel=1e-12)
-    assert objective == pytest.approx(cost[np.arange(len(cost)), assign].sum(), rel=1e-12)
+@pytest.fixture
+def paths(monkeypatch):
+    """The solver's paths each solve() call took (names of the inner routines it called)."""
+    taken = set()
+    for name in ("_dp_curve", "_exhaustive_curve", "_local_search"):
+        inner = getattr(choose_formats, name)
+
+        def spy(*args, _inner=inner, _name=name, **kwargs):
+            out = _inner(*args, **kwargs)
+            if not (_name == "_exhaustive_curve" and out is None):
+                taken.add(_name)
+            return out
+        monkeypatch.setattr(choose_formats, name, spy)
+    return taken
+
+
+def _check_exact(cost, k, path, paths, widths=None, format_cost=0.0):
+    paths.clear()
+    chosen, assign, objective, exact, curve = solve(cost, k, widths, format_cost=format_cost)
+    assert paths == path
+    best = brute_force(cost, format_cost)
+    assert exact and len(chosen) <= k
+    assert objective == pytest.approx(best[k], rel=1e-12)
+    assert objective == pytest.approx(cost[np.arange(len(cost)), assign].sum() + format_cost * len(chosen), rel=1e-12)
     for kk, value in curve.items():
-        assert value == pytest.approx(_brute_force(cost, kk), rel=1e-12)
+        assert value == pytest.approx(best[kk], rel=1e-12)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_solver_with_two_widths_and_a_format_cost_equals_brute_force(seed):
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_dynamic_programme_equals_brute_force(seed, k, paths):
+    rng = np.random.default_rng(seed)
+    _check_exact(_unimodal_table(rng, 7, 6), k, {"_dp_curve"}, paths)   # unimodal rows
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_subset_enumeration_equals_brute_force(seed, k, paths):
+    rng = np.random.default_rng(50 + seed)
+    _check_exact(rng.uniform(0, 1, (7, 6)), k, {"_exhaustive_curve"}, paths)   # any rows
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_solver_with_two_widths_and_a_format_cost_equals_brute_force(seed, paths):
     rng = np.random.default_rng(100 + seed)
-    a, b = _unimodal_table(rng, 6, 5), _unimodal_table(rng, 5, 4)
-    cost = np.full((11, 9), _BIG)
-    cost[:6, :5], cost[6:, 5:] = a, b
-    widths = np.array([8] * 5 + [16] * 4)
+    a, b = _unimodal_table(rng, 4, 4), rng.uniform(0, 1, (3, 3))
+    cost = np.full((7, 7), _BIG)
+    cost[:4, :4], cost[4:, 4:] = a, b
+    widths = np.array([8] * 4 + [16] * 3)
     for k in (2, 3, 4):
-        chosen, assign, objective, exact, _ = solve(cost, k, widths, format_cost=0.05)
-        assert exact and len(chosen) <= k
-        assert objective == pytest.approx(_brute_force(cost, k, 0.05), rel=1e-12)
+        _check_exact(cost, k, {"_dp_curve", "_exhaustive_curve"}, paths, widths, format_cost=0.05)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_too_many_subsets_falls_back_to_local_search_bounded_by_brute_force(seed, paths, monkeypatch):
+    monkeypatch.setattr(choose_formats, "EXHAUSTIVE_LIMIT", 0)   # a table too large to enumerate
+    cost = np.random.default_rng(150 + seed).uniform(0, 1, (7, 6))
+    chosen, assign, objective, exact, _ = solve(cost, 3)
+    assert paths == {"_dp_curve", "_local_search"} and not exact and len(chosen) <= 3
+    best = brute_force(cost)[3]
+    assert best <= objective + 1e-9 and objective <= 1.25 * best
+    assert objective == pytest.approx(cost[np.arange(len(cost)), assign].sum())
 
 
 def test_solver_refuses_fewer_formats_than_widths():
@@ -119,14 +162,14 @@ def test_solution_beats_one_format_from_the_global_max_and_trains(compiled):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_heuristic_for_several_widths_per_decision_is_bounded_by_brute_force(seed):
+def test_heuristic_for_several_widths_per_decision_is_bounded_by_brute_force(seed, paths):
     rng = np.random.default_rng(200 + seed)
-    cost = _unimodal_table(rng, 10, 8)
-    cost[::3, :4] = _BIG  # some decisions may only take the wider candidates
-    widths = np.array([8] * 4 + [16] * 4)
+    cost = _unimodal_table(rng, 7, 6)
+    cost[::3, :3] = _BIG  # some decisions may only take the wider candidates
+    widths = np.array([8] * 3 + [16] * 3)
     chosen, assign, objective, exact, _ = solve(cost, 3, widths)
-    assert not exact and len(chosen) <= 3
-    best = _brute_force(cost, 3)
+    assert paths == {"_local_search"} and not exact and len(chosen) <= 3
+    best = brute_force(cost)[3]
     assert best <= objective + 1e-9
     assert objective == pytest.approx(cost[np.arange(len(cost)), assign].sum())
     assert objective <= 1.25 * best  # swap search lands close on tables this small

@@ -2,21 +2,15 @@
 import re
 
 import pytest
-import torch
-from torch import nn
 
 import fxcompile as fxc
-from fxcompile.experiments.models import ResidualCNN, SeedCNN
+from fxcompile.experiments.models import ResidualCNN
 from fxcompile.passes.casts import cast_nodes
-
-
-def _compiled(model=SeedCNN, policy=None):
-    return fxc.compile(model(), policy or fxc.baseline(), loss_fn=nn.CrossEntropyLoss(),
-                       example_inputs=(torch.randn(2, 1, 28, 28),))
+from tests.helpers import compiled_with_loss
 
 
 def test_inspect_lists_every_edge_with_node_op_role_formats_and_shape():
-    q = _compiled()
+    q = compiled_with_loss()
     text = fxc.inspect(q)
     assert "graph captured by: fx" in text
     assert "policy: baseline" in text
@@ -37,7 +31,7 @@ def test_inspect_lists_every_edge_with_node_op_role_formats_and_shape():
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydot on new pyparsing
 def test_to_dot_is_parsable_and_draws_every_cast():
-    q = _compiled(ResidualCNN)
+    q = compiled_with_loss(ResidualCNN)
     dot = fxc.to_dot(q)
     assert dot.startswith("digraph") and dot.rstrip().endswith("}")
     casts = [n for g, prefix in ((q, ""), (q.loss, "loss.")) for n in cast_nodes(g)]
@@ -48,7 +42,7 @@ def test_to_dot_is_parsable_and_draws_every_cast():
     arrows = re.findall(r'^\s*"([^"]+)" -> "([^"]+)";$', dot, re.M)
     assert len(arrows) == sum(len(n.all_input_nodes) for g in (q, q.loss) for n in g.graph.nodes)
     assert {a for pair in arrows for a in pair} <= declared
-    pydot = pytest.importorskip("pydot")
+    import pydot
     (graph,) = pydot.graph_from_dot_data(dot)
     names = {n.get_name().strip('"') for n in graph.get_nodes()}
     assert {"casts_relu1__add", "loss.casts_loss_fn"} <= names

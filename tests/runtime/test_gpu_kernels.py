@@ -17,13 +17,14 @@ from fxcompile.runtime import kernels, telemetry
 from fxcompile.core.quantizer import inside, quantize_reference
 from fxcompile.runtime.kernels import gpu
 
-from .test_kernels import DTYPES, FORMATS, ROUNDINGS, SEED, _inputs, _reference, assert_same_bits
+from tests.helpers import DTYPES, FORMATS, NO_GPU, ROUNDINGS, SEED, assert_same_bits
+from tests.helpers import kernel_inputs as _inputs
+from tests.helpers import kernel_reference as _reference
 
 pytestmark = pytest.mark.skipif(not gpu.available(), reason="Triton is not installed (pip install triton)")
 
-_NO_GPU = "no CUDA GPU here: the same kernels are checked under Triton's interpreter (the 'interpreter' cases)"
 DEVICES = ["interpreter", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason=_NO_GPU)])]
+    not torch.cuda.is_available(), reason=NO_GPU)])]
 
 
 @pytest.fixture(scope="module", autouse=True)

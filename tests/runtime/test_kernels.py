@@ -17,47 +17,9 @@ from fxcompile.runtime import kernels
 from fxcompile.core.quantizer import counter_uniform, inside, quantize_reference
 from fxcompile.runtime.cast import cast, quantize
 from fxcompile.runtime.kernels import fallback
-
-FORMATS = [
-    fixed(16, 8), fixed(8, 4, signed=False), fixed(24, 12), fixed(8, -2), fixed(2, 0),
-    fixed(8, 3, zero_point=5),
-    fixed(32, 16, overflow="wrap"), fixed(8, 4, signed=False, overflow="wrap"), fixed(23, 10, overflow="wrap"),
-    fixed(12, 20, zero_point=-100, overflow="wrap"),
-]
-ROUNDINGS = ["nearest", "stochastic", "floor", "toward_zero"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-SEED = 0x1234_5678_9ABC
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    ints = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-            torch.bfloat16: torch.int16}[t.dtype]
-    return t.contiguous().reshape(-1).view(ints)
-
-
-def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Equal shape and dtype, NaN in the same places, every other element equal bit for bit."""
-    assert a.shape == b.shape and a.dtype == b.dtype
-    nan_a, nan_b = torch.isnan(a).reshape(-1), torch.isnan(b).reshape(-1)
-    assert torch.equal(nan_a, nan_b)
-    assert torch.equal(_bits(a)[~nan_a], _bits(b)[~nan_b])
-
-
-def _inputs(fmt, dtype):
-    """Values spanning many binades plus ties, signed zero, NaN and ±Inf, in several layouts."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1000, dtype=torch.float64, generator=g) * torch.logspace(-6, 12, 1000, dtype=torch.float64)
-    step = 2.0 ** -fmt.frac
-    x[:10] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5 * step, 1.5 * step, -0.0,
-                           -2.5 * step, 1e300, -1e300, 3.0], dtype=torch.float64)
-    x = x.to(dtype)
-    return {"1000": x, "strided": x[::3], "empty": x[:0], "0-d": x[5], "transposed": x.view(10, 100).t(),
-            "4-d": x[:960].view(2, 3, 10, 16)}
-
-
-def _reference(x, spec, seed):
-    return quantize_reference(x, spec, seed=seed) if spec[4] == 1 else quantize_reference(x, spec)
-
+from tests.helpers import DTYPES, FORMATS, ROUNDINGS, SEED, assert_same_bits
+from tests.helpers import kernel_inputs as _inputs
+from tests.helpers import kernel_reference as _reference
 
 @pytest.fixture(scope="module", autouse=True)
 def _loaded():

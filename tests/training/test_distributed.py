@@ -1,4 +1,8 @@
-"""DDP with fixed-point gradient all-reduce: 2 CPU processes, gloo, localhost, bounded time."""
+"""DDP with fixed-point gradient all-reduce: 2 CPU processes, gloo, localhost, bounded time.
+
+The hook's sum against exact integer arithmetic, and train_ddp (loss scaling, the hook from
+FixedPointAllReduce.from_model) against single-process training on the same global batch:
+bit-identical gradients and parameters after every step."""
 
 import json
 import os
@@ -116,6 +120,94 @@ def test_allreduce_is_the_sum_of_the_ranks_quantized_gradients(tmp_path):
         assert r["8.4"]["ok"] and r["32.20"]["ok"], r
         assert r["8.4"]["saturated"] and r["8.4"]["on_grid"], r   # saturation and rounding were exercised
         assert r["nan"], "a non-finite gradient on one rank must make the bucket NaN on every rank"
+
+
+# ---- train_ddp against one process: bit-identical parameters after every step ----------------
+
+def _exact_policy():
+    """Nearest rounding everywhere (no random draws that depend on the batch split), formats in
+    which every product and partial sum of a weight gradient is exact in float32 and on its
+    gradient grid (8-bit activations and weights on 2**-4 and 2**-6, activation gradients on
+    2**-10, loss gradients on 2**-16: weight gradients on 2**-14 and 2**-20, held by 32.20), and
+    a loss format wide enough that no rank's loss value saturates.  The module docstring's
+    conditions for an all-reduce equal to one process's gradient."""
+    import fxcompile as fxc
+    return fxc.Policy(activation="8.4", gradient="16.10", loss="24.16", weight="8.6", bias="8.6",
+                      weight_gradient="32.20", bias_gradient="32.16", name="exact")
+
+
+DDP_STEPS, DDP_BATCH = 4, 16
+
+
+def _ddp_config():
+    from fxcompile.training.train import TrainConfig
+    return TrainConfig(model="mlp", policy=_exact_policy(), epochs=1, batch_size=DDP_BATCH, lr=0.01, seed=0,
+                       progress=False)
+
+
+def _ddp_data():
+    from fxcompile.experiments.data import synthetic
+    return synthetic(DDP_STEPS * DDP_BATCH, 16, seed=5)
+
+
+def _recording_steps(monkeypatch_target):
+    """Make the optimizer built by fxcompile.training.train._build record, at every step, the
+    gradients it is given and the parameters it leaves; returns the list it appends to."""
+    import fxcompile.training.train as training
+    build, steps = training._build, []
+
+    def recording_build(*args, **kwargs):
+        model, loss_fn, opt = build(*args, **kwargs)
+        step = opt.step
+
+        def recorded_step(*a, **k):
+            grads = [p.grad.detach().clone() for p in model.parameters()]
+            out = step(*a, **k)
+            steps.append((grads, [p.detach().clone() for p in model.parameters()]))
+            return out
+        opt.step = recorded_step
+        return model, loss_fn, opt
+    monkeypatch_target(training, "_build", recording_build)
+    return steps
+
+
+def _ddp_worker(rank, port, out_dir):
+    from fxcompile.training.distributed import train_ddp
+    _init(rank, port)
+    ok = False
+    try:
+        steps = _recording_steps(setattr)
+        train_ddp(_ddp_config(), *_ddp_data())
+        torch.save(steps, os.path.join(out_dir, f"ddp_{rank}.pt"))
+        ok = True
+    finally:
+        close_process_group(synchronize=ok)
+
+
+def test_two_ranks_give_the_single_process_parameters_bit_for_bit_after_every_step(tmp_path, monkeypatch):
+    from fxcompile.training.train import train
+    _spawn(_ddp_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"ddp_{r}.pt", weights_only=True) for r in range(WORLD)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _recording_steps(monkeypatch.setattr)
+        train(_ddp_config(), *_ddp_data())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(single) == DDP_STEPS and all(len(r) == DDP_STEPS for r in ranks)
+    for i, (grads, params) in enumerate(single):
+        for r in ranks:
+            rank_grads, rank_params = r[i]
+            for g, rg in zip(grads, rank_grads):
+                assert torch.equal(g, rg), f"step {i + 1}: the summed gradient differs from one process's"
+            for p, rp in zip(params, rank_params):
+                assert torch.equal(p, rp), f"step {i + 1}: parameters differ from one process's"
+        # not vacuous: the step moved the parameters, with gradients that are not all zero
+        before = single[i - 1][1] if i else None
+        assert any(bool(g.abs().sum() > 0) for g in grads)
+        if before is not None:
+            assert any(not torch.equal(a, b) for a, b in zip(before, params)), f"step {i + 1} changed nothing"
 
 
 def _data():

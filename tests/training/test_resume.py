@@ -1,5 +1,6 @@
-"""No lost work: a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted
-run; the same seed gives the same parameters and metrics (stochastic rounding included)."""
+"""No lost work: a run killed with SIGKILL at a chosen step and resumed starts from its newest
+checkpoint, runs only the steps after it, and ends bit-identical to an uninterrupted run; the
+same seed gives the same parameters and metrics (stochastic rounding included)."""
 
 import json
 import os
@@ -7,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -18,21 +18,42 @@ from fxcompile.experiments.data import synthetic
 from fxcompile.training.train import TrainConfig, train
 
 N_TRAIN, BATCH, EPOCHS = 160, 16, 2   # 10 steps an epoch
+TOTAL_STEPS = EPOCHS * N_TRAIN // BATCH
 
+# The training process under test.  With a kill step N it SIGKILLs itself when the loss of
+# step N + 1 is asked for: N steps have run (counted here, not by fxcompile) and step N + 1
+# is under way, so the kill lands at a chosen point, not whenever a checkpoint appears.
 SCRIPT = textwrap.dedent(f"""
-    import json, sys, torch
+    import json, os, signal, sys, torch
     torch.set_num_threads(1)
     import fxcompile as fxc
+    import fxcompile.training.train as training
     from fxcompile.experiments.data import synthetic
     from fxcompile.training.train import TrainConfig, train
-    ckdir, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    ckdir, out, resume, every, kill_after = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
+    build, calls = training._build, []
+
+    def counting_build(*args, **kwargs):
+        model, loss_fn, opt = build(*args, **kwargs)
+
+        def loss(prediction, target):
+            if len(calls) == kill_after:
+                with open(out + ".steps", "w") as f:
+                    f.write(str(len(calls)))
+                os.kill(os.getpid(), signal.SIGKILL)
+            calls.append(1)
+            return loss_fn(prediction, target)
+        return model, loss, opt
+
+    training._build = counting_build
     tr, te = synthetic(n_train={N_TRAIN}, n_test=32)
     cfg = TrainConfig(model="mlp", policy=fxc.baseline(), epochs={EPOCHS}, batch_size={BATCH},
-                      checkpoint_every=1, progress=False)
+                      checkpoint_every=every, progress=False)
     m = train(cfg, tr, te, checkpoint_dir=ckdir, resume=resume)
     torch.save(m["model_object"].state_dict(), out)
     with open(out + ".json", "w") as f:
-        json.dump(m["history"], f)
+        json.dump({{"history": m["history"], "start_step": m["start_step"], "steps_run": m["steps_run"],
+                    "losses_computed": len(calls)}}, f)
 """)
 
 
@@ -56,44 +77,50 @@ def _assert_same_parameters(a: dict, b: dict):
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
-    _kill_and_resume(tmp_path, kill_after=3)
+def _step_of(path) -> int:
+    return int(path.stem.split("-")[1])
+
+
+def test_sigkill_mid_epoch_then_resume_skips_the_finished_steps(tmp_path):
+    _kill_and_resume(tmp_path, kill_after=7, every=1)   # step 8 of epoch 1 (10 steps) under way
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_after", [1, 9, 10, 11, 17])
-def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, kill_after):
-    _kill_and_resume(tmp_path, kill_after)
+@pytest.mark.parametrize("kill_after, every", [(1, 1), (9, 1), (10, 1), (11, 1), (17, 1), (8, 3), (14, 4)])
+def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, kill_after, every):
+    _kill_and_resume(tmp_path, kill_after, every)
 
 
-def _kill_and_resume(tmp_path, kill_after):
+def _kill_and_resume(tmp_path, kill_after, every):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     ckdir, out = tmp_path / "ckpt", tmp_path / "final.pt"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(script), str(ckdir), str(out), "0"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    # kill once a few steps are checkpointed: mid-epoch, at whatever the process is doing then
-    while not checkpoints(ckdir) or int(checkpoints(ckdir)[-1].stem.split("-")[1]) < kill_after:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "the training subprocess made no checkpoint"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    proc.stderr.close()
+    run = [sys.executable, str(script), str(ckdir), str(out)]
+    killed = subprocess.run(run + ["0", str(every), str(kill_after)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not out.exists()
-    killed_at = int(checkpoints(ckdir)[-1].stem.split("-")[1])
-    assert 0 < killed_at < EPOCHS * N_TRAIN // BATCH
+    assert int((tmp_path / "final.pt.steps").read_text()) == kill_after   # steps the killed process ran
+    # the newest checkpoint is the last multiple of `every` (or an epoch end) at or before the kill
+    steps_per_epoch = N_TRAIN // BATCH
+    saved = max(s for s in range(kill_after + 1) if s % every == 0 or s % steps_per_epoch == 0)
+    assert _step_of(checkpoints(ckdir)[-1]) == saved
 
-    done = subprocess.run([sys.executable, str(script), str(ckdir), str(out), "1"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(run + ["1", str(every), "-1"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    resumed = json.loads((tmp_path / "final.pt.json").read_text())
+    # the resumed process started from the checkpoint and ran only the steps after it ...
+    assert resumed["start_step"] == saved
+    assert resumed["steps_run"] == resumed["losses_computed"]
+    # ... so the two processes together ran one uninterrupted run's steps, plus those the
+    # killed one ran after its last checkpoint (none when it checkpoints every step)
+    assert kill_after + resumed["steps_run"] == TOTAL_STEPS + (kill_after - saved)
 
     ref = _reference()
-    resumed = torch.load(out, weights_only=True)
-    _assert_same_parameters(ref["model_object"].state_dict(), resumed)
-    assert json.loads((tmp_path / "final.pt.json").read_text()) == ref["history"]
+    assert (ref["start_step"], ref["steps_run"]) == (0, TOTAL_STEPS)
+    _assert_same_parameters(ref["model_object"].state_dict(), torch.load(out, weights_only=True))
+    assert resumed["history"] == ref["history"]
 
 
 def test_same_seed_same_parameters_and_metrics():

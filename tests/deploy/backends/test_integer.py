@@ -8,12 +8,7 @@ from fxcompile.deploy.backends.integer import run_integer
 from fxcompile.deploy.export import integer_graph
 from fxcompile.experiments.models import MLP, ResidualCNN, SeedCNN
 from fxcompile.deploy.fold_bn import fold_bn
-
-
-def on_grid(q):
-    """Store parameters in their formats, as fixed-point training leaves them."""
-    fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=0.0), q, rounding="nearest")
-    return q.eval()
+from tests.helpers import on_grid
 
 
 @pytest.mark.parametrize("model", [SeedCNN, MLP, ResidualCNN])

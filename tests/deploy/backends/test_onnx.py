@@ -12,14 +12,10 @@ from fxcompile.deploy.backends.onnx import to_onnx
 from fxcompile.experiments.data import synthetic
 from fxcompile.deploy.export import export_onnx, integer_graph, onnx_session
 from fxcompile.experiments.models import MLP, ResidualCNN, SeedCNN
+from tests.helpers import on_grid
 
 INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
                  onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64}
-
-
-def on_grid(q):
-    fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=0.0), q, rounding="nearest")
-    return q.eval()
 
 
 def _ort(model, x):

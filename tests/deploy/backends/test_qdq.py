@@ -13,50 +13,11 @@ from fxcompile.deploy.backends.qdq import container, to_qdq
 from fxcompile.cli import main
 from fxcompile.deploy.export import export_onnx, integer_graph, onnx_session
 from fxcompile.experiments.models import MLP, ResidualCNN, SeedCNN
-from fxcompile.passes.casts import Cast
 from fxcompile.deploy.fold_bn import fold_bn
+from tests.helpers import assert_corruption_is_caught, compiled, differences, fixed_point_edges
 
 ONNX_TYPES = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT16: np.int16,
               onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.INT32: np.int32}
-
-
-def on_grid(q):
-    fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=0.0), q, rounding="nearest")
-    return q.eval()
-
-
-def compiled(model, policy, x):
-    torch.manual_seed(0)
-    model = model()
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5, generator=g)
-            m.running_var.uniform_(0.5, 2, generator=g)
-    return on_grid(fxc.compile(model, policy, example_inputs=(x[:2],)))
-
-
-def run_ort(model, x):
-    return onnx_session(model).run(None, {"x": x.numpy()})
-
-
-def differences(model, q, x, run=run_ort):
-    """(output codes that differ, largest |difference|, top-1 agreement) of ``run(model, x)``
-    (ONNX Runtime by default) vs the integer reference."""
-    graph = integer_graph(q, (x[:1],))
-    (ref,) = run_integer(graph, x, codes=True)
-    (out,) = run(model, x)
-    codes = torch.from_numpy(np.round(out.astype(np.float64) * 2.0 ** graph.op_of(graph.outputs[0]).frac))
-    codes = codes.to(torch.int64)
-    return int((codes != ref).sum()), int((codes - ref).abs().max()), float((codes.argmax(1) == ref.argmax(1)).float().mean())
-
-
-def fixed_point_edges(gm):
-    """(cast node name, format, the parameter or None) of every edge of the BN-folded graph ``gm``."""
-    return [(n.name, gm.get_submodule(n.target).edge.forward,
-             gm.get_parameter(n.args[0].target).detach() if n.args[0].op == "get_attr" else None)
-            for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Cast)
-            and gm.get_submodule(n.target).edge.forward is not None]
 
 
 @pytest.mark.parametrize("model", [SeedCNN, MLP, ResidualCNN])
@@ -126,18 +87,6 @@ def test_every_fixed_point_edge_has_its_pair_with_scale_zero_point_and_type(poli
             assert all(s == "DequantizeLinear" for s in sources[1:] if node.op_type != "Reshape"), node.name
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == sum(p is None for _, _, p in edges)
     assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == len(edges)
-
-
-def assert_corruption_is_caught(export, corrupt, run=run_ort):
-    """The seed CNN exported by ``export`` matches the integer reference exactly, and after
-    ``corrupt(model)`` (in place) the comparison sees many codes off by more than rounding."""
-    x = torch.randn(32, 1, 28, 28) * 1.5
-    q = compiled(SeedCNN, fxc.baseline(), x)
-    model = export(fold_bn(q), (x[:1],))
-    assert differences(model, q, x, run)[0] == 0  # untrained weights: no sum lands near a boundary
-    corrupt(model)
-    differ, largest, _ = differences(model, q, x, run)
-    assert differ > x.shape[0] and largest > 4
 
 
 def test_a_wrong_scale_is_caught_by_the_comparison():

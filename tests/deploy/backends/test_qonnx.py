@@ -18,13 +18,13 @@ from fxcompile.deploy.export import export_onnx
 from fxcompile.experiments.models import MLP, ResidualCNN, SeedCNN
 from fxcompile.deploy.fold_bn import fold_bn
 
-from . import test_qdq
-from .test_qdq import assert_corruption_is_caught, compiled, fixed_point_edges
+from tests import helpers
+from tests.helpers import assert_corruption_is_caught, compiled, fixed_point_edges
 
 
 def differences(model, q, x):
     """(output codes that differ, largest |difference|, top-1 agreement): qonnx's executor vs the reference."""
-    return test_qdq.differences(model, q, x, run=run_qonnx)
+    return helpers.differences(model, q, x, run=run_qonnx)
 
 
 @pytest.mark.parametrize("model", [SeedCNN, MLP, ResidualCNN])
@@ -140,7 +140,7 @@ def test_export_command_writes_the_qonnx_flavour(tmp_path, capsys):
 
 
 def test_hls4ml_reads_the_formats_from_the_quant_nodes(tmp_path):
-    hls4ml = pytest.importorskip("hls4ml")
+    import hls4ml
     from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
     from qonnx.transformation.gemm_to_matmul import GemmToMatMul
     from qonnx.util.cleanup import cleanup_model
