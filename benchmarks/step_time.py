@@ -188,6 +188,7 @@ def main(argv=None):
     p.add_argument("--no-elide", action="store_true",
                    help="add variants compiled with elide_casts=False (compile() elides identity casts by default)")
     args = p.parse_args(argv)
+    kernels.load()  # a first build (about a minute) must not land inside a timed region
     args.policies = args.policies.split(",")
     torch.set_num_threads(args.threads)
     if args.retain_memory:

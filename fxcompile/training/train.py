@@ -17,7 +17,7 @@ from ..compiler import compile
 from ..runtime.optim import fixed_point_optimizer
 from ..core.policy import Policy
 
-__all__ = ["TrainConfig", "train", "evaluate", "write_metrics"]
+__all__ = ["TrainConfig", "train", "evaluate", "write_metrics", "step_times_side_by_side"]
 
 
 @dataclasses.dataclass
@@ -76,6 +76,38 @@ def _build(cfg: TrainConfig, example: torch.Tensor, train_data=None):
         qmodel = compile(model, Policy.coerce(cfg.policy), loss_fn=criterion, example_inputs=(example,))
     opt = fixed_point_optimizer(torch.optim.Adam(qmodel.parameters(), lr=cfg.lr), qmodel, cfg.weight_rounding)
     return qmodel, qmodel.loss, opt
+
+
+def step_times_side_by_side(configs: list[TrainConfig], train_data, steps: int = 40,
+                            warmup: int = 5) -> list[float]:
+    """Median training-step time in seconds of each config's fresh model, measured side by side.
+
+    The models are built (and the cast kernel loaded) first, then each runs ``warmup``
+    untimed steps, then ``steps`` timed ones; the models take turns step by step in a rotating
+    order on the same batches, so machine noise hits them alike and their ratio is fair::
+
+        fp32, fx = step_times_side_by_side([TrainConfig(), TrainConfig(policy="baseline")], data)
+    """
+    from ..runtime import kernels
+    kernels.load()
+    tx, ty = train_data
+    runs = []
+    for cfg in configs:
+        torch.manual_seed(cfg.seed)
+        model, loss_fn, opt = _build(cfg, tx[:2], train_data)
+        runs.append((model.train(), loss_fn, opt, []))
+    batch = configs[0].batch_size
+    for i in range(warmup + steps):
+        idx = torch.arange(i * batch, (i + 1) * batch) % len(tx)
+        for j in range(len(runs)):
+            model, loss_fn, opt, times = runs[(i + j) % len(runs)]
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(tx[idx]), ty[idx]).backward()
+            opt.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return [statistics.median(times) for *_, times in runs]
 
 
 def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resume: bool = False) -> dict:
