@@ -344,6 +344,8 @@ def add_sweep(sub):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [defaults] key of every file, e.g. --set epochs=2 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="list the points and runs, train nothing")
+    p.add_argument("--tensorboard", default=None, metavar="DIR", help="log each run (loss, accuracy, lr, per-edge "
+                   "telemetry, histograms) to DIR/<point>-seed<N> (pip install tensorboard)")
 
 
 def _parse_set(items):
@@ -372,7 +374,14 @@ def run_sweep(args):
                       f"epochs {p.config['epochs']} batch {p.config['batch_size']}  {p.label}")
             print(f"{len(sweep.points)} points x {len(sweep.seeds)} seeds = {len(sweep.runs)} runs -> {out}")
             return
-        run(sweep, out, executor=args.executor, workers=args.workers, root=args.data, ray_address=args.ray_address)
+        if args.tensorboard:
+            from .training.tensorboard import require_tensorboard
+            try:
+                require_tensorboard()
+            except ImportError as e:
+                raise SystemExit(f"fxcompile: {e}") from None
+        run(sweep, out, executor=args.executor, workers=args.workers, root=args.data, ray_address=args.ray_address,
+            tensorboard=args.tensorboard)
         print(f"{len(read_rows(out))} finished runs in {out}")
     except SweepError as e:
         raise SystemExit(f"fxcompile: {e}") from None
