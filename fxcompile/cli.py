@@ -257,7 +257,9 @@ def add_inspect(sub):
     p.add_argument("--input-shape", default="1,1,28,28", help="example input shape (comma separated)")
     p.add_argument("--leaf", action="append", default=[], help="module path to keep as a leaf (repeatable)")
     p.add_argument("--frontend", default="fx", choices=["fx", "export", "auto"])
+    p.add_argument("--edges", action="store_true", help="one row per edge (producer->consumer) instead of one per value")
     p.add_argument("--dot", help="also write the rewritten graph as Graphviz DOT to this file")
+    p.add_argument("--svg", help="also draw the rewritten graph as SVG to this file, casts coloured by format")
     p.add_argument("--json", help="also write the Assignment as JSON to this file")
     a = p.add_argument_group("cost model (--assignment): calibrate, let fxc.auto choose, report noise and hardware")
     a.add_argument("--assignment", action="store_true",
@@ -310,7 +312,7 @@ def run_inspect(args):
                         frontend=args.frontend)
     except (TraceError, PolicyError, FormatError) as e:
         raise SystemExit(f"fxcompile: {e}") from None
-    print(inspect(q))
+    print(inspect(q, edges=args.edges))
     if args.assignment:
         from .passes.calibrate import save_calibration
         from .reports.profile import plot_noise_vs_k, plot_profile
@@ -323,6 +325,10 @@ def run_inspect(args):
     if args.dot:
         with open(args.dot, "w") as f:
             f.write(to_dot(q))
+    if args.svg:
+        from .reports.inspect import to_svg
+        with open(args.svg, "w") as f:
+            f.write(to_svg(q))
     if args.json:
         with open(args.json, "w") as f:
             f.write(assignment(q).to_json())
