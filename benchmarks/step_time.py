@@ -224,6 +224,7 @@ def main(argv=None):
     unknown = [m for m in args.models.split(",") if m not in args.models_table]
     if unknown:
         p.error(f"--models: unknown {unknown} for --device {args.device}; choose from {sorted(args.models_table)}")
+    kernels.load()  # a first build (about a minute) must not land inside a timed region
     args.policies = args.policies.split(",")
     torch.set_num_threads(args.threads)
     if args.retain_memory:

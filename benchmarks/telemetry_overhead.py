@@ -39,6 +39,7 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=1, help="count one step in N (telemetry.enable(every=N))")
     p.add_argument("--results", default=None, help="also write the figures as JSON here (with command and date)")
     args = p.parse_args(argv)
+    kernels.load()  # a first build (about a minute) must not land inside a timed region
     torch.set_num_threads(args.threads)
     (tx, ty), _ = synthetic(n_train=args.batch_size * 8, n_test=8)
     runs = {}

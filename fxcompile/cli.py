@@ -41,24 +41,31 @@ def add_demo(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--onnx", default=None, help="write the exported integer ONNX model here "
                    "(default: a temporary file)")
+    p.add_argument("--timing-steps", type=int, default=60,
+                   help="steps of each model timed side by side for the step-time ratio (default 60)")
 
 
 def run_demo(args):
     from . import inspect
-    from .training.train import TrainConfig, train
+    from .runtime import kernels
+    from .training.train import TrainConfig, step_times_side_by_side, train
     train_data, test_data = _load_data(args)
+    kernels.load()  # a first run builds the kernel here (one line says so), before anything is timed
     print(f"training the seed CNN on {len(train_data[0])} Fashion-MNIST images for {args.epochs} epoch(s), "
           f"evaluating on all {len(test_data[0])} test images")
-    rows = []
-    for policy in (None, args.policy):
-        rows.append(train(TrainConfig(policy=policy, epochs=args.epochs, seed=args.seed), train_data, test_data))
+    configs = [TrainConfig(policy=policy, epochs=args.epochs, seed=args.seed) for policy in (None, args.policy)]
+    rows = [train(cfg, train_data, test_data) for cfg in configs]
+    # timed apart from training, side by side after warm-up: sequential runs on a busy machine
+    # would compare different loads rather than the two kinds of step
+    times = step_times_side_by_side(configs, train_data, steps=args.timing_steps)
     fp32, fx = rows
     print()
     print(f"{'':<12}{'test accuracy':>14}{'step time':>12}")
-    for r in rows:
-        print(f"{r['policy']:<12}{100 * r['accuracy']:>13.2f}%{r['step_time_ms']:>10.2f}ms")
+    for r, t in zip(rows, times):
+        print(f"{r['policy']:<12}{100 * r['accuracy']:>13.2f}%{1e3 * t:>10.2f}ms")
     print(f"accuracy difference: {100 * (fx['accuracy'] - fp32['accuracy']):+.2f} points; "
-          f"step-time ratio (fixed point / FP32): {fx['step_time_ms'] / fp32['step_time_ms']:.2f}")
+          f"step-time ratio (fixed point / FP32): {times[1] / times[0]:.2f} "
+          f"(median of {args.timing_steps} steps each, taken in turns after warm-up; kernel: {kernels.backend()})")
     print()
     print(inspect(fx["model_object"]))
     _demo_export(fx["model_object"], test_data, args.onnx)
@@ -80,17 +87,70 @@ def _demo_export(qmodel, test_data, path):
 
 # ---- train ----------------------------------------------------------------------------------
 
+def _dataset_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data set (--dataset imagefolder:DIR reads a folder of class subfolders)")
+    g.add_argument("--dataset", default="fashion_mnist",
+                   help="fashion_mnist (default), synthetic, or imagefolder:DIR (torchvision ImageFolder: DIR holds one "
+                   "subfolder per class, or train/ and test/ (or val/) each holding them)")
+    g.add_argument("--image-size", type=int, default=None, help="resize images to this square size "
+                   "(default: the first image's size)")
+    g.add_argument("--mean", default=None, help="per-channel normalisation mean, e.g. 0.485,0.456,0.406 "
+                   "(default: measured on the training images)")
+    g.add_argument("--std", default=None, help="per-channel normalisation std (default: measured)")
+    g.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of each class held out for testing when DIR has no train/test folders (default 0.2)")
+    g.add_argument("--grayscale", action="store_true", help="read images as one channel instead of RGB")
+
+
+def _floats(text):
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"fxcompile: --mean/--std take comma-separated numbers, got {text!r}") from None
+
+
+def _load_dataset(args):
+    """(train, test, info) from --dataset and its flags (Fashion-MNIST from --data)."""
+    from .experiments.data import DataError, load
+    try:
+        return load(args.dataset, args.data, getattr(args, "train_subset", None), image_size=args.image_size,
+                    mean=_floats(args.mean), std=_floats(args.std), test_fraction=args.test_fraction,
+                    grayscale=args.grayscale)
+    except DataError as e:
+        raise SystemExit(f"fxcompile: {e}") from None
+
+
+def _policy_arg(text: str):
+    """``fp32`` -> None, ``auto:K`` -> fxc.auto(max_formats=K), else the name or file as given."""
+    if text == "fp32":
+        return None
+    if text.startswith("auto:"):
+        from .core.auto import auto
+        try:
+            return auto(max_formats=int(text[5:]))
+        except ValueError:
+            raise SystemExit(f"fxcompile: --policy auto:K wants a whole number K of distinct formats, got {text!r}") from None
+    return text
+
+
 def add_train(sub):
-    p = sub.add_parser("train", help="train a model on Fashion-MNIST in FP32 or under a policy")
+    p = sub.add_parser("train", help="train a model in FP32 or under a policy (Fashion-MNIST or your images)")
     _data_flags(p)
-    p.add_argument("--model", default="seed_cnn", help="seed_cnn, mlp or residual_cnn")
-    p.add_argument("--policy", default="fp32", help="fp32, baseline, optimized, or a .toml/.json policy file")
+    _dataset_flags(p)
+    p.add_argument("--model", default="seed_cnn", help="seed_cnn, mlp, residual_cnn, a torchvision model (resnet18), "
+                   "a timm model (timm:NAME; pip install timm), or module:callable returning an nn.Module")
+    p.add_argument("--policy", default="fp32", help="fp32, baseline, optimized, a .toml/.json policy file, or auto:K "
+                   "(the cost model chooses at most K formats, calibrated on the first training batches)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--weight-rounding", choices=["nearest", "stochastic", "floor", "toward_zero"], default=None)
     p.add_argument("--out", default=None, help="write metrics to this .json or .csv file")
+    p.add_argument("--save", default=None, metavar="FILE", help="save the trained weights with what export and "
+                   "run-onnx need (model, policy, data set); one file per seed when several: FILE-seed<N>.pt")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint atomically into this folder "
                    "(one subfolder per seed); keeps the last two")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100; "
@@ -99,33 +159,79 @@ def add_train(sub):
                    "--checkpoint-dir (a run killed at any point ends as if never interrupted)")
     p.add_argument("--telemetry", type=int, default=0, metavar="N",
                    help="count overflow/underflow/NaN on every edge, one step in N (0: off)")
+    p.add_argument("--tensorboard", default=None, metavar="DIR", help="log loss, accuracy, learning rate, per-edge "
+                   "telemetry and value/gradient histograms to DIR/seed-<N> (pip install tensorboard)")
+    p.add_argument("--tensorboard-every", type=int, default=50, metavar="N",
+                   help="steps between telemetry scalars and histograms (default 50)")
+
+
+def _save_run(path, model, qmodel, args, info, policy, seed, calibration=None):
+    """Weights of the plain model plus what rebuilding it for export needs."""
+    from .core.auto import Auto
+    from .reports.inspect import assignment
+    meta = {"model": args.model, "seed": seed, "num_classes": len(info["classes"]), "dataset": args.dataset, "data": info,
+            "input_shape": [1, info["channels"], *info["image_size"]]}
+    if isinstance(policy, Auto):
+        import dataclasses
+        meta["policy"] = {"auto": dataclasses.asdict(policy)}
+        meta["calibration"] = calibration
+        meta["assignment"] = assignment(qmodel).to_json()   # export checks it chose the same formats
+    elif policy is not None:
+        from .core.policy import Policy
+        meta["policy"] = Policy.coerce(policy).to_dict()
+    torch.save({"model": model.state_dict(), "fxcompile": meta}, path)
 
 
 def run_train(args):
-    from .training.train import TrainConfig, train, write_metrics
-    policy = None if args.policy == "fp32" else args.policy
+    from .core.auto import Auto
+    from .experiments.models import build
+    from .training.train import TrainConfig, calibration_batches, train, write_metrics
+    policy = _policy_arg(args.policy)
     if args.resume and not args.checkpoint_dir:
         raise SystemExit("fxcompile: --resume needs --checkpoint-dir DIR (the folder the run checkpointed into)")
-    if args.checkpoint_every < 1 or args.telemetry < 0:
-        raise SystemExit("fxcompile: --checkpoint-every must be >= 1 and --telemetry >= 0")
-    train_data, test_data = _load_data(args)
+    if args.checkpoint_every < 1 or args.telemetry < 0 or args.tensorboard_every < 1:
+        raise SystemExit("fxcompile: --checkpoint-every and --tensorboard-every must be >= 1 and --telemetry >= 0")
+    if args.tensorboard:
+        from .training.tensorboard import require_tensorboard
+        try:
+            require_tensorboard()
+        except ImportError as e:
+            raise SystemExit(f"fxcompile: {e}") from None
+    train_data, test_data, info = _load_dataset(args)
     runs = []
     for seed in args.seeds:
-        cfg = TrainConfig(model=args.model, policy=policy, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, seed=seed, weight_rounding=args.weight_rounding,
-                          checkpoint_every=args.checkpoint_every, telemetry=args.telemetry)
         from .training.checkpoint import CheckpointError
-        from .errors import FormatError, PolicyError
+        from .errors import FormatError, PolicyError, TraceError
+        torch.manual_seed(seed)  # the model's initial weights follow the seed
+        try:
+            model = build(args.model, num_classes=len(info["classes"]), in_channels=info["channels"])
+        except ValueError as e:
+            raise SystemExit(f"fxcompile: {e}") from None
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        cfg = TrainConfig(model=model, policy=policy, epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, seed=seed, weight_rounding=args.weight_rounding,
+                          checkpoint_every=args.checkpoint_every, telemetry=args.telemetry,
+                          tensorboard=f"{args.tensorboard}/seed-{seed}" if args.tensorboard else None,
+                          tensorboard_every=args.tensorboard_every)
         try:
             m = train(cfg, train_data, test_data, resume=args.resume,
                       checkpoint_dir=f"{args.checkpoint_dir}/seed-{seed}" if args.checkpoint_dir else None)
-        except (CheckpointError, PolicyError, FormatError) as e:
+        except (CheckpointError, PolicyError, FormatError, TraceError) as e:
             raise SystemExit(f"fxcompile: {e}") from None
         if args.resume:
             print(f"{args.policy} seed {seed}: resumed at step {m['start_step']}, ran {m['steps_run']} steps",
                   flush=True)
+        m["model"] = args.model
         history = ", ".join(f"{100 * h['accuracy']:.2f}" for h in m["history"])
         print(f"{args.policy} seed {seed}: test accuracy {100 * m['accuracy']:.2f}% (per epoch: {history})", flush=True)
+        if args.save:
+            path = args.save if len(args.seeds) == 1 else f"{args.save.removesuffix('.pt')}-seed{seed}.pt"
+            calibration = None
+            if isinstance(policy, Auto):  # export chooses the same formats from the same statistics
+                calibration = {"initial": initial, "batches": calibration_batches(cfg, train_data,
+                                                                                  policy.calibration_batches)}
+            _save_run(path, model, m["model_object"], args, info, policy, seed, calibration)
+            print(f"saved {path} (fxcompile export OUT.onnx --state-dict {path} exports it)")
         runs.append(m)
     accs = [100 * r["accuracy"] for r in runs]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
@@ -154,7 +260,9 @@ def add_inspect(sub):
     p.add_argument("--input-shape", default="1,1,28,28", help="example input shape (comma separated)")
     p.add_argument("--leaf", action="append", default=[], help="module path to keep as a leaf (repeatable)")
     p.add_argument("--frontend", default="fx", choices=["fx", "export", "auto"])
+    p.add_argument("--edges", action="store_true", help="one row per edge (producer->consumer) instead of one per value")
     p.add_argument("--dot", help="also write the rewritten graph as Graphviz DOT to this file")
+    p.add_argument("--svg", help="also draw the rewritten graph as SVG to this file, casts coloured by format")
     p.add_argument("--json", help="also write the Assignment as JSON to this file")
     a = p.add_argument_group("cost model (--assignment): calibrate, let fxc.auto choose, report noise and hardware")
     a.add_argument("--assignment", action="store_true",
@@ -207,7 +315,7 @@ def run_inspect(args):
                         frontend=args.frontend)
     except (TraceError, PolicyError, FormatError) as e:
         raise SystemExit(f"fxcompile: {e}") from None
-    print(inspect(q))
+    print(inspect(q, edges=args.edges))
     if args.assignment:
         from .passes.calibrate import save_calibration
         from .reports.profile import plot_noise_vs_k, plot_profile
@@ -220,6 +328,10 @@ def run_inspect(args):
     if args.dot:
         with open(args.dot, "w") as f:
             f.write(to_dot(q))
+    if args.svg:
+        from .reports.inspect import to_svg
+        with open(args.svg, "w") as f:
+            f.write(to_svg(q))
     if args.json:
         with open(args.json, "w") as f:
             f.write(assignment(q).to_json())
@@ -241,6 +353,8 @@ def add_sweep(sub):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [defaults] key of every file, e.g. --set epochs=2 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="list the points and runs, train nothing")
+    p.add_argument("--tensorboard", default=None, metavar="DIR", help="log each run (loss, accuracy, lr, per-edge "
+                   "telemetry, histograms) to DIR/<point>-seed<N> (pip install tensorboard)")
 
 
 def _parse_set(items):
@@ -269,7 +383,14 @@ def run_sweep(args):
                       f"epochs {p.config['epochs']} batch {p.config['batch_size']}  {p.label}")
             print(f"{len(sweep.points)} points x {len(sweep.seeds)} seeds = {len(sweep.runs)} runs -> {out}")
             return
-        run(sweep, out, executor=args.executor, workers=args.workers, root=args.data, ray_address=args.ray_address)
+        if args.tensorboard:
+            from .training.tensorboard import require_tensorboard
+            try:
+                require_tensorboard()
+            except ImportError as e:
+                raise SystemExit(f"fxcompile: {e}") from None
+        run(sweep, out, executor=args.executor, workers=args.workers, root=args.data, ray_address=args.ray_address,
+            tensorboard=args.tensorboard)
         print(f"{len(read_rows(out))} finished runs in {out}")
     except SweepError as e:
         raise SystemExit(f"fxcompile: {e}") from None
@@ -293,12 +414,17 @@ def run_report(args):
 # ---- export / run-onnx ---------------------------------------------------------------------
 
 def _trained_model_flags(p: argparse.ArgumentParser) -> None:
-    """The flags :func:`_trained_model` reads."""
-    p.add_argument("--model", default="seed_cnn", help="seed_cnn, mlp, residual_cnn, or module:callable")
-    p.add_argument("--policy", default="baseline", help="the policy it was trained under (name or file)")
-    p.add_argument("--state-dict", default=None, help="weights saved with torch.save(model.state_dict()) "
-                   "(or a dict holding them under 'model'); default: the untrained model")
-    p.add_argument("--input-shape", default="1,1,28,28", help="example input shape (comma separated)")
+    """The flags :func:`_trained_model` reads; a file saved by ``train --save`` supplies the defaults."""
+    p.add_argument("--model", default=None, help="seed_cnn, mlp, residual_cnn, a torchvision or timm model, or "
+                   "module:callable (default: the one --state-dict was trained as, else seed_cnn)")
+    p.add_argument("--policy", default=None, help="the policy it was trained under (name or file; default: the "
+                   "one --state-dict records, else baseline)")
+    p.add_argument("--state-dict", default=None, help="a file written by 'fxcompile train --save', or weights saved "
+                   "with torch.save(model.state_dict()) (or a dict holding them under 'model'); default: untrained")
+    p.add_argument("--input-shape", default=None, help="example input shape, comma separated (default: the "
+                   "--state-dict's data, else 1,1,28,28)")
+    p.add_argument("--num-classes", type=int, default=None, help="outputs of a model built by name (default: the "
+                   "--state-dict's data, else 10)")
 
 
 def add_export(sub):
@@ -311,26 +437,70 @@ def add_export(sub):
 
 
 def _trained_model(args):
-    """The model named by --model with the weights of --state-dict, and a zero example input."""
-    from .experiments.models import MODELS
-    model = MODELS[args.model]() if args.model in MODELS else _load_callable(args.model)
+    """The model named by --model with the weights of --state-dict, a zero example input, and
+    the policy (with its calibration, for an ``auto:K`` run) to compile it under."""
+    from .experiments.models import build
+    state, meta = None, {}
     if args.state_dict:
         try:
             state = torch.load(args.state_dict, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch.load raises many kinds
             raise SystemExit(f"fxcompile: cannot read weights from {args.state_dict}: {str(e).splitlines()[0]}") from None
+        meta = state.get("fxcompile", {}) if isinstance(state, dict) else {}
         state = state.get("model", state) if isinstance(state, dict) else state
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise SystemExit(f"fxcompile: {args.state_dict} does not fit {args.model}: {e}") from None
-    x = torch.zeros(tuple(int(s) for s in args.input_shape.split(",")))
-    return model, x
+    name = args.model or meta.get("model", "seed_cnn")
+    shape = (tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape
+             else tuple(meta.get("input_shape", (1, 1, 28, 28))))
+    try:
+        model = build(name, num_classes=args.num_classes or meta.get("num_classes", 10))
+    except ValueError as e:
+        raise SystemExit(f"fxcompile: {e}") from None
+    policy, calibration = args.policy, None
+    if policy is None:
+        recorded = meta.get("policy", "baseline")
+        if isinstance(recorded, dict) and "auto" in recorded:
+            from .core.auto import Auto
+            policy, calibration = Auto(**recorded["auto"]), {**meta["calibration"], "assignment": meta["assignment"]}
+        elif isinstance(recorded, dict):
+            from .core.policy import Policy
+            policy = Policy.from_dict(recorded, where=args.state_dict)
+        else:
+            policy = recorded or "baseline"
+    elif policy.startswith("auto:"):
+        raise SystemExit("fxcompile: an auto:K policy is chosen from calibration during training: export the file "
+                         "'fxcompile train --policy auto:K --save FILE' wrote, without --policy")
+    if calibration is not None:  # the formats are chosen again, exactly as training chose them
+        model.load_state_dict(calibration["initial"])
+    elif state is not None:
+        _load_weights(model, state, args, name)
+    return model, torch.zeros(shape), policy, (calibration, state, meta.get("seed", 0))
 
 
-def _compile_for_deployment(model, policy, x):
+def _load_weights(model, state, args, name):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise SystemExit(f"fxcompile: {args.state_dict} does not fit {name}: {e}") from None
+
+
+def _compile_for_deployment(model, policy, x, recorded=(None, None, 0), args=None):
     from . import compile, fixed_point_optimizer
-    qmodel = compile(model, policy, example_inputs=(x,)).eval()
+    calibration, state, seed = recorded
+    if calibration is not None:
+        torch.manual_seed(seed)
+        qmodel = compile(model, policy, loss_fn=torch.nn.CrossEntropyLoss(), example_inputs=(x,),
+                         calibration_data=calibration["batches"])
+        _load_weights(model, state, args, "the model")  # parameters are shared with qmodel
+        qmodel = qmodel.eval()
+        from .core.assignment import Assignment
+        from .reports.inspect import assignment
+        differ = assignment(qmodel).diff(Assignment.from_json(calibration["assignment"]))
+        if differ:
+            raise SystemExit(f"fxcompile: choosing the formats again from the recorded calibration gave different "
+                             f"formats on {len(differ)} edge(s), first {differ[0][0]}; the file may come from another "
+                             "fxcompile version: retrain with --save")
+    else:
+        qmodel = compile(model, policy, example_inputs=(x,)).eval()
     # weights trained in fixed point are on their grid already; others are rounded once here
     fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
     return qmodel
@@ -339,9 +509,9 @@ def _compile_for_deployment(model, policy, x):
 def run_export(args):
     from .errors import ExportError, FormatError, PolicyError, TraceError
     from .deploy.export import export_onnx, integer_graph
-    model, x = _trained_model(args)
+    model, x, policy, recorded = _trained_model(args)
     try:
-        qmodel = _compile_for_deployment(model, args.policy, x)
+        qmodel = _compile_for_deployment(model, policy, x, recorded, args)
         exported = export_onnx(qmodel, args.output, example_inputs=(x,), flavour=args.flavour)
     except (ExportError, TraceError, PolicyError, FormatError) as e:
         raise SystemExit(f"fxcompile: {e}") from None
@@ -359,16 +529,18 @@ def add_run_onnx(sub):
     p = sub.add_parser("run-onnx", help="evaluate an exported ONNX model with ONNX Runtime on the test set")
     p.add_argument("model", help="an .onnx file written by 'fxcompile export'")
     p.add_argument("--data", help="Fashion-MNIST root (default: $FXCOMPILE_DATA)")
+    _dataset_flags(p)
+    p.set_defaults(train_subset=1)  # only the test images are used
     p.add_argument("--batch-size", type=int, default=500)
 
 
 def run_run_onnx(args):
     import time
-    from .experiments.data import DataError, fashion_mnist
+    from .experiments.data import DataError
     from .deploy.export import onnx_session
     from .deploy.backends.integer import count_non_finite, non_finite_message
     try:
-        _, (x, y) = fashion_mnist(args.data, train_subset=1)
+        _, (x, y), _ = _load_dataset(args)  # the same split and normalisation as training
         session = onnx_session(args.model)
     except DataError as e:
         raise SystemExit(f"fxcompile: {e}") from None
@@ -403,9 +575,9 @@ def run_hls4ml(args):
         require_hls4ml()
     except ImportError as e:
         raise SystemExit(f"fxcompile: {e}") from None
-    model, x = _trained_model(args)
+    model, x, policy, recorded = _trained_model(args)
     try:
-        qmodel = _compile_for_deployment(model, args.policy, x)
+        qmodel = _compile_for_deployment(model, policy, x, recorded, args)
         _, layers = hls_plan(qmodel, (x,))
         hls_model = to_hls4ml(qmodel, args.output_dir, example_inputs=(x,), backend=args.backend, part=args.part)
     except (ExportError, TraceError, PolicyError, FormatError) as e:
@@ -418,7 +590,63 @@ def run_hls4ml(args):
         print("built the C simulation: hls_model.predict(x) gives the integer graph's outputs")
 
 
-COMMANDS = ("demo", "train", "inspect", "sweep", "report", "export", "run-onnx", "hls4ml")
+# ---- doctor ---------------------------------------------------------------------------------
+
+def add_doctor(sub):
+    p = sub.add_parser("doctor", help="report the cast kernel, library versions, threads and data root; "
+                       "--build builds the kernel ahead of time")
+    p.add_argument("--build", action="store_true", help="build (or load) the C++ cast kernel now, so that the "
+                   "first training run does not wait for it")
+    p.add_argument("--data", help="Fashion-MNIST root to check (default: $FXCOMPILE_DATA)")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def run_doctor(args):
+    """Print one line per fact; exit status 1 when the kernel failed to build."""
+    import os
+    import platform
+    from .experiments.data import DataError, find_root
+    from .runtime import kernels
+    print(f"python       {platform.python_version()} ({sys.executable})")
+    print(f"torch        {torch.__version__} (CUDA {'available' if torch.cuda.is_available() else 'not available'})")
+    for package in ("torchvision", "onnx", "onnxruntime", "hls4ml", "tensorboard", "timm"):
+        print(f"{package:<13}{_version(package)}")
+    print(f"threads      torch {torch.get_num_threads()} of {os.cpu_count()} CPUs"
+          + "".join(f", {v}={os.environ[v]}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if v in os.environ))
+    root = args.data or os.environ.get("FXCOMPILE_DATA")
+    try:
+        print(f"data root    {find_root(root)} (Fashion-MNIST found"
+              + (f" via {'--data' if args.data else 'FXCOMPILE_DATA'})" if root else ")"))
+    except DataError as e:
+        print(f"data root    not usable: {e}")
+    if os.environ.get("FXCOMPILE_KERNELS", "").lower() == "python":
+        print("kernel       fallback: pure-PyTorch cast, forced by FXCOMPILE_KERNELS=python")
+        return 0
+    where = kernels.build_directory()
+    if not args.build and kernels.backend() is None:
+        state = "built" if kernels.is_cached() else "not built yet (fxcompile doctor --build builds it, about a minute)"
+        print(f"kernel       {state}; cache {where}")
+        return 0
+    backend = kernels.load()
+    if backend == "cpp":
+        print(f"kernel       built: C++ cast kernel loaded from {where}")
+        return 0
+    print("kernel       build error; fallback: pure-PyTorch cast (training works, slower). The compiler said:")
+    for line in kernels.compiler_message(kernels.build_error() or "").splitlines():
+        print(f"               {line}")
+    print("             fix: install a C++ compiler (g++; on Debian/Ubuntu apt-get install g++) and ninja, "
+          f"then run fxcompile doctor --build (cache {where})")
+    return 1
+
+
+COMMANDS = ("demo", "train", "inspect", "sweep", "report", "export", "run-onnx", "hls4ml", "doctor")
 
 
 def main(argv=None):

@@ -75,7 +75,7 @@ def input_error(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) 
             _FirstRejection(qmodel).run(*example_inputs)
     except _Rejected as r:
         node = r.node
-        op = node.meta.get("fxc_op") or (node.target if isinstance(node.target, str) else
+        op = ir.OP.get(node) or (node.target if isinstance(node.target, str) else
                                           getattr(node.target, "__name__", str(node.target)))
         compiled = [n.meta["tensor_meta"].shape for n in placeholders if "tensor_meta" in n.meta]
         hint = (f"; the model was compiled for {', '.join(str(tuple(s)) for s in compiled)}"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 from torch import nn
 
-__all__ = ["SeedCNN", "MLP", "ResidualCNN", "build"]
+__all__ = ["SeedCNN", "MLP", "ResidualCNN", "build", "MODELS"]
 
 
 class SeedCNN(nn.Module):
@@ -30,6 +33,8 @@ class SeedCNN(nn.Module):
 
 
 class MLP(nn.Module):
+    """Three linear layers on flattened 28x28 images."""
+
     def __init__(self, in_features: int = 784, hidden: int = 256, num_classes: int = 10):
         super().__init__()
         self.flatten = nn.Flatten()
@@ -67,7 +72,83 @@ class ResidualCNN(nn.Module):
 MODELS = {"seed_cnn": SeedCNN, "mlp": MLP, "residual_cnn": ResidualCNN}
 
 
-def build(name: str) -> nn.Module:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name]()
+def build(name: str, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
+    """A model by name, untrained, with ``num_classes`` outputs.
+
+    ``name`` is one of the bundled models (``seed_cnn``, ``mlp``, ``residual_cnn``), a
+    ``module:callable`` returning an ``nn.Module`` (called with ``num_classes=`` when it takes
+    that argument), a torchvision classification model (``resnet18``, ``mobilenet_v3_small``;
+    ``torchvision:NAME`` to be explicit), or a timm model (``timm:NAME``, or a plain name
+    torchvision does not know; needs ``pip install timm``).  ``in_channels`` is passed to timm
+    models; for the others it is checked against the first convolution::
+
+        build("resnet18", num_classes=4)       # torchvision.models.resnet18(num_classes=4)
+    """
+    if name in MODELS:
+        model = MODELS[name](num_classes=num_classes)
+    elif name.startswith("timm:"):
+        model = _timm(name[5:], num_classes, in_channels)
+    elif name.startswith("torchvision:"):
+        model = _torchvision(name[12:], num_classes)
+    elif ":" in name:
+        model = _from_callable(name, num_classes)
+    elif name in _torchvision_names():
+        model = _torchvision(name, num_classes)
+    else:
+        try:
+            import timm
+        except ImportError:
+            timm = None
+        if timm is None or not timm.is_model(name):
+            raise ValueError(f"unknown model {name!r}: not a bundled model ({', '.join(MODELS)}), not a torchvision "
+                             "classification model" + (", not a timm model" if timm else
+                                                      " (timm models need pip install timm)")
+                             + "; or give module:callable returning an nn.Module")
+        model = _timm(name, num_classes, in_channels)
+    if in_channels is not None:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is not None and first.in_channels != in_channels:
+            raise ValueError(f"model {name!r} takes {first.in_channels}-channel images (its first convolution), the "
+                             f"data has {in_channels}: choose a model for {in_channels} channels "
+                             "(or --grayscale/colour images to match)")
+    return model
+
+
+def _torchvision_names() -> set[str]:
+    import torchvision
+    return set(torchvision.models.list_models(module=torchvision.models))
+
+
+def _torchvision(name: str, num_classes: int) -> nn.Module:
+    import torchvision
+    if name not in _torchvision_names():
+        raise ValueError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def _timm(name: str, num_classes: int, in_channels: int | None) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"model {name!r} is a timm model: pip install timm (or pip install 'fxcompile[timm]')") from None
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels or 3)
+
+
+def _from_callable(spec: str, num_classes: int) -> nn.Module:
+    module, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load model {spec!r}: {e}") from None
+    if isinstance(obj, nn.Module):
+        return obj
+    try:
+        takes_classes = "num_classes" in inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        takes_classes = False
+    model = obj(num_classes=num_classes) if takes_classes else obj()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model

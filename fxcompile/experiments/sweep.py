@@ -307,10 +307,11 @@ def build_model(name: str, num_classes: int = 10) -> torch.nn.Module:
     return build(name)
 
 
-def run_point(config: dict, seed: int, root: str | None = None) -> dict:
+def run_point(config: dict, seed: int, root: str | None = None, tensorboard: str | None = None) -> dict:
     """Train one point for one seed in this process (one torch thread); returns the result columns.
 
     Deterministic: the same (config, seed) gives the same accuracy and history in any process.
+    ``tensorboard`` is a folder for the run's TensorBoard log (:mod:`fxcompile.training.tensorboard`).
     """
     from ..training.train import TrainConfig, train
     threads = torch.get_num_threads()
@@ -324,7 +325,8 @@ def run_point(config: dict, seed: int, root: str | None = None) -> dict:
         model = build_model(config["model"])
         policy = None if config["policy"] is None else Policy.from_dict(config["policy"])
         cfg = TrainConfig(model=model, policy=policy, epochs=config["epochs"], batch_size=config["batch_size"],
-                          lr=config["lr"], seed=seed, weight_rounding=config["weight_rounding"], progress=False)
+                          lr=config["lr"], seed=seed, weight_rounding=config["weight_rounding"], progress=False,
+                          tensorboard=tensorboard)
         m = train(cfg, train_data, test_data)
         return {"accuracy": m["accuracy"], "history": [h["accuracy"] for h in m["history"]],
                 "final_loss": m["history"][-1]["train_loss"] if m["history"] else None,
@@ -450,14 +452,14 @@ def _record(sweep: Sweep, point: Point, seed: int, result: dict) -> tuple[str, s
 
 def _local(jobs, workers: int, root):
     if workers <= 1:
-        for key, (config, seed) in jobs:
-            yield key, run_point(config, seed, root)
+        for key, (config, seed, tb) in jobs:
+            yield key, run_point(config, seed, root, tb)
         return
     import concurrent.futures as cf
     import multiprocessing as mp
     # spawn: a fresh interpreter per worker, no forked torch thread pools
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
-        futures = {pool.submit(run_point, config, seed, root): key for key, (config, seed) in jobs}
+        futures = {pool.submit(run_point, config, seed, root, tb): key for key, (config, seed, tb) in jobs}
         for fut in cf.as_completed(futures):
             yield futures[fut], fut.result()
 
@@ -475,7 +477,7 @@ def _ray(jobs, workers: int, root, address: str | None):
             ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
     try:
         task = ray.remote(num_cpus=1)(run_point)
-        refs = {task.remote(config, seed, root): key for key, (config, seed) in jobs}
+        refs = {task.remote(config, seed, root, tb): key for key, (config, seed, tb) in jobs}
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -488,10 +490,11 @@ def _ray(jobs, workers: int, root, address: str | None):
 
 def run_sweep(sweep: Sweep, out: str | Path, *, executor: str = "local", workers: int | None = None,
               root: str | None = None, ray_address: str | None = None, progress: bool = True,
-              on_row: Callable[[dict], None] | None = None) -> Path:
+              on_row: Callable[[dict], None] | None = None, tensorboard: str | Path | None = None) -> Path:
     """Run every (point, seed) not yet in ``out``; append each finished run as it completes.
 
-    Returns the CSV path; the metadata is ``out`` with suffix ``.jsonl``.
+    Returns the CSV path; the metadata is ``out`` with suffix ``.jsonl``.  With ``tensorboard``
+    each run logs to ``<tensorboard>/<point id>-seed<seed>`` (the point ids are those of the CSV).
     """
     out = Path(out)
     meta_path = out.with_suffix(".jsonl")
@@ -499,7 +502,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, executor: str = "local", workers
     todo = [(p, s) for p, s in sweep.runs if (p.id, s) not in done]
     points = {p.id: p for p in sweep.points}
     workers = workers or os.cpu_count() or 1
-    jobs = [((p.id, s), (p.config, s)) for p, s in todo]
+    jobs = [((p.id, s), (p.config, s, f"{tensorboard}/{p.id}-seed{s}" if tensorboard else None)) for p, s in todo]
     if executor == "local":
         results = _local(jobs, min(workers, max(1, len(jobs))), root)
     elif executor == "ray":

@@ -17,7 +17,7 @@ from ..compiler import compile
 from ..runtime.optim import fixed_point_optimizer
 from ..core.policy import Policy
 
-__all__ = ["TrainConfig", "train", "evaluate", "write_metrics"]
+__all__ = ["TrainConfig", "train", "evaluate", "write_metrics", "step_times_side_by_side"]
 
 
 @dataclasses.dataclass
@@ -35,6 +35,8 @@ class TrainConfig:
     checkpoint_every: int = 100   # steps between checkpoints (with a checkpoint_dir; epoch ends always)
     telemetry: int = 0            # N > 0: count overflow/underflow/NaN on every cast, one step in N
     saturation_warning: float = 0.01   # warn once per edge saturating more than this fraction
+    tensorboard: str | None = None   # log scalars and per-edge telemetry/histograms to this folder
+    tensorboard_every: int = 50   # steps between telemetry scalars and histograms
 
     def policy_name(self) -> str:
         if self.policy is None:
@@ -78,6 +80,38 @@ def _build(cfg: TrainConfig, example: torch.Tensor, train_data=None):
     return qmodel, qmodel.loss, opt
 
 
+def step_times_side_by_side(configs: list[TrainConfig], train_data, steps: int = 40,
+                            warmup: int = 5) -> list[float]:
+    """Median training-step time in seconds of each config's fresh model, measured side by side.
+
+    The models are built (and the cast kernel loaded) first, then each runs ``warmup``
+    untimed steps, then ``steps`` timed ones; the models take turns step by step in a rotating
+    order on the same batches, so machine noise hits them alike and their ratio is fair::
+
+        fp32, fx = step_times_side_by_side([TrainConfig(), TrainConfig(policy="baseline")], data)
+    """
+    from ..runtime import kernels
+    kernels.load()
+    tx, ty = train_data
+    runs = []
+    for cfg in configs:
+        torch.manual_seed(cfg.seed)
+        model, loss_fn, opt = _build(cfg, tx[:2], train_data)
+        runs.append((model.train(), loss_fn, opt, []))
+    batch = configs[0].batch_size
+    for i in range(warmup + steps):
+        idx = torch.arange(i * batch, (i + 1) * batch) % len(tx)
+        for j in range(len(runs)):
+            model, loss_fn, opt, times = runs[(i + j) % len(runs)]
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(tx[idx]), ty[idx]).backward()
+            opt.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return [statistics.median(times) for *_, times in runs]
+
+
 def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resume: bool = False) -> dict:
     """Train from ``cfg`` on (x, y) tensors; returns metrics (test accuracy after each epoch).
 
@@ -94,6 +128,10 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
     if cfg.telemetry and isinstance(model, torch.fx.GraphModule):
         from ..runtime import telemetry
         telemetry.enable(model, every=cfg.telemetry)
+    log = None
+    if cfg.tensorboard:
+        from .tensorboard import TensorBoardLog
+        log = TensorBoardLog(cfg.tensorboard, model, every=cfg.tensorboard_every)
     g = torch.Generator().manual_seed(cfg.seed)
     step_times, epochs, losses = [], [], []
     steps_per_epoch = (len(tx) + cfg.batch_size - 1) // cfg.batch_size
@@ -114,6 +152,9 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
         perm = torch.randperm(len(tx), generator=g)
         for i in range(start_step if epoch == start_epoch else 0, steps_per_epoch):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            step = epoch * steps_per_epoch + i + 1
+            if log is not None:
+                log.before_step(step)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(tx[idx]), ty[idx])
@@ -121,6 +162,8 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
             opt.step()
             step_times.append(time.perf_counter() - t0)
             losses.append(loss.item())
+            if log is not None:
+                log.step(step, losses[-1], opt.param_groups[0]["lr"])
             if bar is not None:
                 bar.update()
                 if i % 50 == 0:
@@ -129,12 +172,16 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
                 ckpt.save(model, opt, shuffle_state, epoch, i + 1, steps_per_epoch, epochs, losses)
         epochs.append({"epoch": epoch + 1, "accuracy": evaluate(model, vx, vy),
                        "train_loss": statistics.fmean(losses[-steps_per_epoch:])})
+        if log is not None:
+            log.epoch((epoch + 1) * steps_per_epoch, epochs[-1]["accuracy"], epochs[-1]["train_loss"])
         if cfg.telemetry and isinstance(model, torch.fx.GraphModule):
             telemetry.check(model, cfg.saturation_warning)
         if ckpt is not None:
             ckpt.save(model, opt, g.get_state(), epoch + 1, 0, steps_per_epoch, epochs, losses)
     if bar is not None:
         bar.close()
+    if log is not None:
+        log.close()
     return {"policy": cfg.policy_name(), "model": cfg.model if isinstance(cfg.model, str) else type(cfg.model).__name__,
             "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "train_size": len(tx), "test_size": len(vx), "accuracy": epochs[-1]["accuracy"] if epochs else None,

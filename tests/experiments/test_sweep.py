@@ -205,3 +205,18 @@ def test_a_killed_sweep_resumes_without_duplicate_or_lost_rows(tmp_path):
     assert [(r["point"], r["seed"]) for r in rows[:len(before)]] == [(r["point"], r["seed"]) for r in before]
     with open(out, newline="") as f:   # every line is a whole CSV record
         assert all(len(rec) == len(COLUMNS) for rec in csv.reader(f))
+
+
+def test_sweep_logs_each_run_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard is an optional extra (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from fxcompile.cli import main
+    path = _write(tmp_path, TINY.replace("seeds = 2", "seeds = 1"))
+    main(["sweep", str(path), "--out", str(tmp_path / "r.csv"), "--workers", "1", "--tensorboard", str(tmp_path / "tb")])
+    rows = read_rows(tmp_path / "r.csv")
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == sorted(f"{r['point']}-seed0" for r in rows)
+    for r in rows:
+        acc = EventAccumulator(str(tmp_path / "tb" / f"{r['point']}-seed0"))
+        acc.Reload()
+        assert [e.value for e in acc.Scalars("test/accuracy")] == pytest.approx([float(r["accuracy"])])
+        assert bool(acc.Tags()["histograms"]) == (r["policy"] != "fp32")

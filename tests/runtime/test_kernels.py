@@ -423,3 +423,40 @@ def test_cpp_enums_follow_the_spec_layout():
         body = re.search(rf"enum {enum} \{{([^}}]*)\}}", source).group(1)
         values = {k.strip(): int(v) for k, v in (item.split("=") for item in body.split(","))}
         assert {name.upper(): i for i, name in enumerate(names)}.items() <= values.items(), enum
+
+
+def test_a_first_build_says_one_plain_line_and_hides_torchs_cuda_notice(monkeypatch, tmp_path, capfd):
+    import logging
+    import torch.utils.cpp_extension as cpp_extension
+    calls = []
+
+    def fake_load(**kwargs):  # what torch does on a machine with a CUDA toolkit and no GPU
+        logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME='/x'")
+        calls.append(kwargs["name"])
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert not kernels.is_cached()
+    kernels._build()
+    err = capfd.readouterr().err
+    assert calls == ["fxcompile_cast_cpu"]
+    assert "CUDA" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "building the C++ cast kernel" in lines[0] and "about a minute" in lines[0]
+    assert str(tmp_path / "fxcompile_cast_cpu") in lines[0] and " done in " in lines[0]
+    # once built, nothing is said
+    (tmp_path / "fxcompile_cast_cpu").mkdir()
+    (tmp_path / "fxcompile_cast_cpu" / "fxcompile_cast_cpu.so").write_bytes(b"")
+    assert kernels.is_cached()
+    kernels._build()
+    assert capfd.readouterr().err == ""
+
+
+def test_compiler_message_keeps_the_errors_not_the_command_lines():
+    output = ("Error building extension 'fxcompile_cast_cpu': [1/2] c++ -c cast_cpu.cpp -o cast_cpu.o\n"
+              "FAILED: [code=1] cast_cpu.o\nc++ -O3 -c cast_cpu.cpp -o cast_cpu.o\n"
+              "cast_cpu.cpp:3:10: fatal error: torch/extension.h: No such file or directory\n"
+              "compilation terminated.\nninja: build stopped: subcommand failed.")
+    assert kernels.compiler_message(output) == "cast_cpu.cpp:3:10: fatal error: torch/extension.h: No such file or directory"
+    assert kernels.compiler_message("something odd\nlast words") == "last words"

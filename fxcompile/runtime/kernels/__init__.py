@@ -69,8 +69,11 @@ tests train the seed CNN on the CUDA code path and compare it with the C++ kerne
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 import threading
+import time
 import warnings
 
 import torch
@@ -79,7 +82,8 @@ from ...core.quantizer import draw_seed
 from . import fallback, gpu
 from .fallback import pack_mask, unpack_mask
 
-__all__ = ["load", "backend", "on_cpu", "draw_seed", "pack_mask", "unpack_mask", "cache_info", "empty_cache",
+__all__ = ["load", "backend", "on_cpu", "build_error", "build_directory", "compiler_message", "is_cached", "draw_seed",
+           "pack_mask", "unpack_mask", "cache_info", "empty_cache",
            "set_cache_limit", "KERNEL_SOURCE"]
 
 KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "cast_cpu.cpp")
@@ -93,7 +97,9 @@ _LIB.define("cast(Tensor x, int[] forward, int[] backward, bool clip=True, bool 
             tags=_SEEDED)
 _LIB.define("buffer_cache(int limit=-1) -> int[]")
 
+_EXTENSION = "fxcompile_cast_cpu"
 _backend: str | None = None
+_build_error: str | None = None
 _lock = threading.Lock()
 
 
@@ -139,13 +145,77 @@ def load() -> str:
     return _backend
 
 
+def build_error() -> str | None:
+    """The build's full error output (the compiler's messages) when the C++ kernel failed to
+    build in this process, else ``None``."""
+    return _build_error
+
+
+def build_directory() -> str:
+    """The folder where ``torch.utils.cpp_extension`` caches the built kernel
+    (``$TORCH_EXTENSIONS_DIR/fxcompile_cast_cpu``, or torch's per-user default)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return os.path.join(root, _EXTENSION)
+    with _quiet_cpp_extension():
+        from torch.utils import cpp_extension
+    try:
+        return cpp_extension._get_build_directory(_EXTENSION, verbose=False)
+    except Exception:  # noqa: BLE001 - a private helper: fall back to the documented root
+        return os.path.join(cpp_extension.get_default_build_root(), _EXTENSION)
+
+
+def compiler_message(error: str, lines: int = 10) -> str:
+    """The lines of a build's error output that say what went wrong (the compiler's errors, a
+    missing program), without the echoed command lines."""
+    import re
+    found = [ln.strip() for ln in error.splitlines()
+             if re.search(r"error|not found|no such file|fatal|cannot", ln, re.IGNORECASE)
+             and not ln.startswith(("FAILED", "Error building extension", "ninja: build stopped"))]
+    found = found or [ln.strip() for ln in error.splitlines() if ln.strip()][-1:]
+    return "\n".join(found[:lines])
+
+
+def is_cached() -> bool:
+    """Whether a built kernel newer than its source is in :func:`build_directory`."""
+    built = os.path.join(build_directory(), _EXTENSION + ".so")
+    return os.path.exists(built) and os.path.getmtime(built) >= os.path.getmtime(KERNEL_SOURCE)
+
+
+class _quiet_cpp_extension:
+    """Importing ``torch.utils.cpp_extension`` on a machine with a CUDA toolkit but no GPU logs
+    "No CUDA runtime is found"; the CPU kernel needs neither, so that line would only mislead."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("torch.utils.cpp_extension")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
 def _build() -> None:
-    from torch.utils.cpp_extension import load as load_extension
+    with _quiet_cpp_extension():
+        from torch.utils.cpp_extension import load as load_extension
     # -ffp-contract=off: no fused multiply-adds, so each step rounds like the reference's;
     # -fno-trapping-math (FP exception flags only, never values) lets selects vectorise
     flags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-    load_extension(name="fxcompile_cast_cpu", sources=[KERNEL_SOURCE], extra_cflags=flags,
-                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    fresh = not is_cached()
+    if fresh:  # the only output of a first build: what, how long, where
+        print(f"fxcompile: building the C++ cast kernel (once, about a minute), cached in {build_directory()} ...",
+              end="", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        with _quiet_cpp_extension():  # and its compiler-compatibility notes: a real failure raises
+            load_extension(name=_EXTENSION, sources=[KERNEL_SOURCE], extra_cflags=flags,
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except BaseException:
+        if fresh:
+            print(" failed", file=sys.stderr, flush=True)
+        raise
+    if fresh:
+        print(f" done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
 
 def _load() -> str:
@@ -157,13 +227,15 @@ def _load() -> str:
     if forced:
         fallback.register(_LIB, cpu=True)
         return "python"
+    global _build_error
     try:
         _build()
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, no headers: all mean fallback
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        _build_error = str(exc).strip() or type(exc).__name__
+        reason = compiler_message(_build_error, lines=1)
         warnings.warn(f"fxcompile: the fused C++ cast kernel could not be built ({reason}); using the "
                       "pure-PyTorch cast, which is slower. Install a C++ compiler (g++) and ninja "
-                      "(pip install ninja) to get the fast kernel.", RuntimeWarning, stacklevel=3)
+                      "(pip install ninja) to get the fast kernel; `fxcompile doctor --build` shows the compiler's message.", RuntimeWarning, stacklevel=3)
         fallback.register(_LIB, cpu=True)
         return "python"
     limit = os.environ.get("FXCOMPILE_BUFFER_CACHE_MB")
