@@ -13,6 +13,7 @@ from .passes.calibrate import calibrate
 from .passes.choose_formats import choose_formats
 from .core.policy import Policy, warn_unused
 from .frontend.expose_params import expose_params
+from .frontend.functionalize import functionalize
 from .frontend.roles import annotate_roles
 from .frontend.shapes import propagate_shapes
 from .frontend.trace import trace
@@ -34,8 +35,8 @@ class LossGraph(torch.nn.Module):
 
 
 def _front(model, *, loss_graph=False, leaf_modules=(), frontend="fx", example_inputs=None):
-    """Capture and annotate: trace, expose parameters, shapes (with example inputs), roles."""
-    gm = trace(model, leaf_modules, frontend, example_inputs)
+    """Capture and annotate: trace, functionalise, expose parameters, shapes (with example inputs), roles."""
+    gm = functionalize(trace(model, leaf_modules, frontend, example_inputs))
     gm = expose_params(gm)
     if example_inputs is not None:
         gm = propagate_shapes(gm, example_inputs)

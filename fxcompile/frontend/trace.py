@@ -13,6 +13,7 @@ produced it in ``gm.meta["fxc_frontend"]``::
 from __future__ import annotations
 
 import fnmatch
+import operator
 import traceback
 import warnings
 from typing import Iterable, Sequence
@@ -30,6 +31,16 @@ _LEAF_HINT = ("mark it as a leaf so fxcompile quantizes it at its boundary: "
               "fxc.compile(model, policy, leaf_modules=[{path!r}])")
 
 
+class _Proxy(fx.Proxy):
+    """A proxy that records ``x += y`` as ``operator.iadd``: fx's own proxy records ``add``,
+    which loses the write that views of ``x`` see (functionalize rewrites it faithfully)."""
+
+
+for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor"):
+    setattr(_Proxy, f"__{_name}__", (lambda op: lambda self, other: self.tracer.create_proxy(
+        "call_function", op, (self, other), {}))(getattr(operator, _name)))
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: Sequence):
         super().__init__()
@@ -37,6 +48,9 @@ class _Tracer(fx.Tracer):
         self.leaf_names = [x for x in leaf_modules if isinstance(x, str)]
         self.path: list[tuple[str, str]] = []  # (qualified name, class) of modules being traced
         self.failed: tuple[str, str] | None = None  # the innermost module an exception came out of
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types) or any(fnmatch.fnmatchcase(qualname, p) for p in self.leaf_names):
