@@ -150,7 +150,7 @@ def add_inspect(sub):
     p.add_argument("--policy", default="baseline")
     p.add_argument("--input-shape", default="1,1,28,28", help="example input shape (comma separated)")
     p.add_argument("--leaf", action="append", default=[], help="module path to keep as a leaf (repeatable)")
-    p.add_argument("--frontend", default="fx", choices=["fx", "export", "auto"])
+    p.add_argument("--frontend", default="auto", choices=["fx", "export", "auto"])
     p.add_argument("--dot", help="also write the rewritten graph as Graphviz DOT to this file")
     p.add_argument("--json", help="also write the Assignment as JSON to this file")
     a = p.add_argument_group("cost model (--assignment): calibrate, let fxc.auto choose, report noise and hardware")

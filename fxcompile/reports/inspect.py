@@ -6,7 +6,7 @@ import torch.fx as fx
 
 from ..core.assignment import Assignment, Edge
 
-__all__ = ["assignment", "inspect", "to_dot", "graphs"]
+__all__ = ["assignment", "inspect", "to_dot", "graphs", "boundary_ops"]
 
 
 def graphs(qmodel: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
@@ -44,7 +44,9 @@ def inspect(qmodel: fx.GraphModule) -> str:
     a = assignment(qmodel)
     policy = qmodel.meta.get("fxc_policy")
     fmts = sorted(a.formats())
-    lines = [f"graph captured by: {qmodel.meta.get('fxc_frontend', '?')}",
+    reason = qmodel.meta.get("fxc_frontend_reason")
+    lines = [f"graph captured by: {qmodel.meta.get('fxc_frontend', '?')}" + (f" ({reason})" if reason else ""),
+             *boundary_ops(qmodel),
              f"policy: {getattr(policy, 'name', None) or repr(policy)}",
              f"edges: {len(a)}  casts: {sum(len(list(gm.casts.children())) for _, gm in graphs(qmodel) if hasattr(gm, 'casts'))}"
              f"  distinct formats: {len(fmts)} ({', '.join(f'{b}.{f}' for b, f in fmts)})",
@@ -57,6 +59,23 @@ def inspect(qmodel: fx.GraphModule) -> str:
     if counts:
         lines += ["", counts]
     return "\n".join(lines)
+
+
+# ops computed in floating point inside, their inputs and outputs cast: attention (a softmax
+# between two products), recurrent cells; a product-sum alone (einsum, matmul, linear) is exact
+# up to its output cast, like any multiply-accumulate
+_FLOAT_INSIDE = ("scaled_dot_product_attention", "multi_head_attention", "MultiheadAttention", "lstm", "gru", "rnn")
+
+
+def boundary_ops(qmodel: fx.GraphModule) -> list[str]:
+    """One line naming the leaf modules and ops quantized only at their boundary, if any."""
+    names = []
+    for node in qmodel.graph.nodes:
+        op = str(node.meta.get("fxc_op", ""))
+        leaf = node.op == "call_module" and not str(node.target).startswith("casts.")
+        if leaf or any(k.lower() in op.lower() for k in _FLOAT_INSIDE):
+            names.append(f"{node.meta.get('fxc_module', node.target if leaf else node.name)} ({op})")
+    return [f"quantized at their boundary only (float inside): {', '.join(dict.fromkeys(names))}"] if names else []
 
 
 def _dot_label(node: fx.Node) -> str:
