@@ -175,6 +175,32 @@ def _as_graph_module(exported: torch.nn.Module, name: str) -> fx.GraphModule:
     return gm
 
 
+def _mode_args() -> dict:
+    aten = torch.ops.aten
+    # op -> position of its "training" argument
+    return {aten.dropout.default: 2, aten.feature_dropout.default: 2, aten.alpha_dropout.default: 2,
+            aten.feature_alpha_dropout.default: 2, aten.batch_norm.default: 5}
+
+
+def _follow_mode(gm: fx.GraphModule) -> fx.GraphModule:
+    """Dropout and batch norm captured in training mode read ``gm.training`` at run time, so
+    that ``qmodel.eval()`` turns dropout off and batch norm to its running statistics, as the
+    model's own modules would (torch.export bakes the mode in as a constant)."""
+    mode, table = None, _mode_args()
+    for node in list(gm.graph.nodes):
+        pos = table.get(node.target)
+        if pos is None or len(node.args) <= pos or node.args[pos] is not True:
+            continue
+        if node.target is torch.ops.aten.batch_norm.default and node.args[3] is None:
+            continue  # no running statistics: batch statistics in both modes
+        if mode is None:
+            with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op != "placeholder")):
+                mode = gm.graph.create_node("get_attr", "training")
+        node.update_arg(pos, mode)
+    gm.recompile()
+    return gm
+
+
 def _fixing_node(model, args, kwargs, batch: int) -> str:
     """Which node of the graph fixes the batch size: export with the size left free to
     specialise, run that graph at another batch size, name the first node that fails."""
@@ -226,7 +252,7 @@ def _trace_export(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
                 "Make that code use the input's size (x.shape[0], -1 in view/reshape) instead of a constant.") from exc
         raise TraceError(f"torch.export cannot capture {type(model).__name__}: "
                          f"{msg.splitlines()[0] if msg else type(exc).__name__}") from exc
-    gm = _as_graph_module(exported, type(model).__name__)
+    gm = _follow_mode(_as_graph_module(exported, type(model).__name__))
     gm.meta["fxc_frontend"] = "export"
     return gm
 

@@ -189,3 +189,18 @@ def test_export_takes_keyword_inputs_and_keeps_integer_inputs_as_they_are():
     gm = trace(model, frontend="export", example_inputs={"mask": mask, "ids": ids})
     ids, mask = torch.randint(0, 10, (3, 7)), torch.ones(3, 7)  # batch and sequence length both change
     assert torch.equal(gm(ids=ids, mask=mask), model(ids, mask))
+
+
+def test_export_graph_follows_train_and_eval_for_dropout_and_batch_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    x = torch.randn(8, 4)
+    gm = trace(model, frontend="export", example_inputs=(x,))
+    gm.eval()
+    model.eval()
+    assert torch.equal(gm(x), model(x))  # no dropout, running statistics
+    gm.train()
+    torch.manual_seed(1)
+    a = gm(x)
+    torch.manual_seed(2)
+    assert not torch.equal(a, gm(x))  # dropout draws again in training mode
