@@ -18,8 +18,10 @@ each edge holds its own cast, the second consumer would read ``x`` before the Re
 rewritten graph says ``add(relu(x), y)``, which is the graph of the same model written
 out-of-place, so it gets the same edges, formats and casts, hence gradients equal bit for bit,
 and no cast ever returns a tensor that a later op writes into (autograd forbids writing into
-a custom function's view output).  Rewriting ``node.meta``-free fx nodes at capture keeps it
-one small pass for both front-ends::
+a custom function's view output).  Rewriting right after capture, before any pass has
+annotated the graph, keeps it one small pass for both front-ends (fx's ``x += y`` is
+recorded as ``operator.iadd`` by the tracer for this pass; torch.export's own
+functionalisation would also lower every op to ATen, losing fx's module-level graph)::
 
     >>> gm = functionalize(trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True))))
     >>> gm.get_submodule("1").inplace

@@ -1,9 +1,11 @@
 """Pass: capture a model as a ``torch.fx.GraphModule``.
 
 Two front-ends: ``"fx"`` (``torch.fx`` symbolic tracing: readable, module-level graphs) and
-``"export"`` (``torch.export``: ATen-level graphs, handles more Python, needs example
-inputs).  ``"auto"`` tries fx and falls back to export.  The graph records which front-end
-produced it in ``gm.meta["fxc_frontend"]``::
+``"export"`` (``torch.export``: ATen-level graphs, handles more Python, needs example inputs;
+the batch size stays symbolic, other sizes where the model allows).  ``"auto"``, the
+default, tries fx, then export, then fx with the modules fx cannot trace kept as leaves.  The
+graph records which one produced it in ``gm.meta["fxc_frontend"]`` and why in
+``gm.meta["fxc_frontend_reason"]``::
 
     >>> gm = trace(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU()))
     >>> gm.meta["fxc_frontend"]
