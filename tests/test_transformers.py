@@ -61,14 +61,14 @@ def test_gpt2_language_model_with_its_own_loss():
 
 
 @pytest.mark.slow
-def test_model_zoo(capsys):
+def test_model_zoo(capsys, tmp_path):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "model_zoo.py"
     spec = importlib.util.spec_from_file_location("model_zoo", path)
     zoo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(zoo)
     records = []
     for name in zoo.ZOOS:
-        records += zoo.run(name, zoo.names(name), str(Path(capsys and "/tmp") / "fxcompile_model_zoo.jsonl"), 900)
+        records += zoo.run(name, zoo.names(name), str(tmp_path / "model_zoo.jsonl"), 900)
     with capsys.disabled():
         print("\n" + zoo.summary(records))
     for name, share in (("torchvision", 1.0), ("timm", 0.97), ("hf", 1.0)):
