@@ -185,7 +185,8 @@ def _twin(gm: fx.GraphModule, node: fx.Node):
             return None
         packet = getattr(torch.ops.aten, target.overloadpacket.__name__.rstrip("_"), None)
         twin = getattr(packet, target._overloadname, None) if target.namespace == "aten" else None
-        if twin is not None and not twin._schema.is_mutable:
+        # aten.copy has no derivative: copy_ runs on a copy instead
+        if twin is not None and not twin._schema.is_mutable and twin.overloadpacket is not torch.ops.aten.copy:
             return "call_function", twin, args, kwargs
         return "call_function", on_copy, ("function", _get_qualified_name(target), *args), kwargs
     flags = _inplace_kwarg(target, args, kwargs) if callable(target) else None
