@@ -259,7 +259,7 @@ def add_inspect(sub):
     p.add_argument("--policy", default="baseline")
     p.add_argument("--input-shape", default="1,1,28,28", help="example input shape (comma separated)")
     p.add_argument("--leaf", action="append", default=[], help="module path to keep as a leaf (repeatable)")
-    p.add_argument("--frontend", default="fx", choices=["fx", "export", "auto"])
+    p.add_argument("--frontend", default="auto", choices=["fx", "export", "auto"])
     p.add_argument("--edges", action="store_true", help="one row per edge (producer->consumer) instead of one per value")
     p.add_argument("--dot", help="also write the rewritten graph as Graphviz DOT to this file")
     p.add_argument("--svg", help="also draw the rewritten graph as SVG to this file, casts coloured by format")

@@ -13,6 +13,7 @@ from .core.policy import Policy, warn_unused
 from .errors import PolicyError
 from .frontend import roles
 from .frontend.expose_params import expose_params
+from .frontend.functionalize import functionalize
 from .frontend.roles import annotate_roles
 from .frontend.shapes import propagate_shapes
 from .frontend.trace import CONTRACT as TRACE_CONTRACT
@@ -24,7 +25,7 @@ from .passes.casts import insert_casts
 from .passes.choose_formats import choose_formats
 from .passes.elide_casts import elide_identity_casts
 
-__all__ = ["compile", "LossGraph"]
+__all__ = ["compile", "LossGraph", "NamedLoss"]
 
 
 class LossGraph(torch.nn.Module):
@@ -51,19 +52,33 @@ def _checked(fn: Callable, contract: ir.Contract, enabled: bool) -> Callable:
     return run
 
 
-def _front(model, *, loss_graph=False, leaf_modules=(), frontend="fx", example_inputs=None, check=False):
-    """Capture and annotate: trace, expose parameters, shapes (with example inputs), roles."""
+class NamedLoss(torch.nn.Module):
+    """``qmodel.loss(output)`` for a model that computes its own loss: its output named ``name``."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, prediction, target=None):
+        return prediction[self.name]
+
+
+def _front(model, *, loss_graph=False, leaf_modules=(), frontend="auto", example_inputs=None, loss_output=None,
+           check=False):
+    """Capture and annotate: trace, functionalise, expose parameters, shapes (with example inputs), roles."""
     gm = trace(model, leaf_modules, frontend, example_inputs)
     if check:
         ir.check_contract(gm, "trace", TRACE_CONTRACT, "after")
+    gm = functionalize(gm)
     gm = expose_params(gm)
     if example_inputs is not None:
         gm = propagate_shapes(gm, example_inputs)
-    return _checked(annotate_roles, roles.CONTRACT, check)(gm, loss_graph=loss_graph)
+    return _checked(annotate_roles, roles.CONTRACT, check)(gm, loss_graph=loss_graph, loss_output=loss_output)
 
 
-def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *, loss_fn: Callable | None = None,
-            example_inputs: Sequence | None = None, leaf_modules: Iterable = (), frontend: str = "fx",
+def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *,
+            loss_fn: Callable | str | None = None, example_inputs: Sequence | dict | None = None,
+            leaf_modules: Iterable = (), frontend: str = "auto",
             calibration_data: Iterable | None = None, elide_casts: bool = True,
             check_contracts: bool = False) -> fx.GraphModule:
     """Return a trainable fixed-point GraphModule of ``model`` under ``policy``.
@@ -76,7 +91,13 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
         loss = qmodel.loss(qmodel(x), y); loss.backward()
 
     With ``policy=fxc.auto(...)`` the formats are chosen by the cost model from statistics of
-    ``calibration_data`` (batches ``(x, y)``), forward and backward.  ``elide_casts`` turns
+    ``calibration_data`` (batches ``(x, y)``), forward and backward.
+
+    ``frontend="auto"`` captures with torch.fx, else torch.export with a symbolic batch size
+    (needs ``example_inputs``: a tuple, or a dict of keyword inputs such as ``input_ids`` and
+    ``attention_mask``), else fx with the modules it cannot trace as leaves.  A model that
+    computes its own loss names that output: ``loss_fn="loss"`` makes it the loss edge and
+    ``qmodel.loss(output)`` returns it.  ``elide_casts`` turns
     casts whose forward provably changes nothing (after ReLU, max-pool, flatten) into forward
     identities; their gradients are still rounded.  ``check_contracts`` (for pass authors)
     checks between passes that each finds the node.meta facts it requires and writes those
@@ -85,8 +106,10 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
     check = check_contracts
     auto = isinstance(policy, Auto)
     policy = policy if auto else Policy.coerce(policy)
-    gm = _front(model, leaf_modules=leaf_modules, frontend=frontend, example_inputs=example_inputs, check=check)
-    loss = _front(LossGraph(loss_fn), loss_graph=True, check=check) if loss_fn is not None else None
+    named = loss_fn if isinstance(loss_fn, str) else None
+    gm = _front(model, leaf_modules=leaf_modules, frontend=frontend, example_inputs=example_inputs, loss_output=named,
+                check=check)
+    loss = _front(LossGraph(loss_fn), loss_graph=True, frontend="fx", check=check) if callable(loss_fn) else None
     graphs = [g for g in (gm, loss) if g is not None]
     if auto:
         if calibration_data is None:
@@ -107,8 +130,8 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
         if elide_casts:
             _checked(elide_identity_casts, elision.CONTRACT, check)(g)
     ir.POLICY.set(gm, policy)
-    if loss is not None:
+    if loss is not None or named:
         if hasattr(gm, "loss"):
             raise ValueError("the model already has an attribute 'loss'; compile's loss graph needs that name")
-        gm.add_module("loss", loss)
+        gm.add_module("loss", loss if loss is not None else NamedLoss(named))
     return gm

@@ -102,11 +102,20 @@ class Branchy(nn.Module):
 
 def test_data_dependent_branch_names_the_submodule_and_how_to_fix_it():
     with pytest.raises(TraceError) as info:
-        fxc.compile(Branchy(Gate()), fxc.baseline())
+        fxc.compile(Branchy(Gate()), fxc.baseline(), frontend="fx")
     msg = str(info.value)
     assert "'block.1'" in msg and "Gate" in msg
     assert "if x.sum() > 0:" in msg
     assert "leaf" in msg and "leaf_modules=['block.1']" in msg
+
+
+def test_auto_front_end_keeps_the_branching_submodule_as_a_leaf_and_inspect_says_why():
+    with pytest.warns(UserWarning, match="block.1 \\(Gate\\) as leaf"):
+        q = fxc.compile(Branchy(Gate()), fxc.baseline(), loss_fn=nn.CrossEntropyLoss())
+    assert [n.target for n in q.graph.nodes if n.op == "call_module" and not n.target.startswith("casts")] == [
+        "block.0", "block.1"]
+    report = fxc.inspect(q)
+    assert "graph captured by: leaf (torch.fx failed" in report and "block.1 (Gate) as leaves" in report
 
 
 def test_leaf_module_makes_the_branching_model_compile_and_train():
@@ -155,9 +164,9 @@ def test_auto_reports_both_front_ends_when_neither_captures_the_model():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(TraceError) as info:
-            fxc.compile(Branchy(Gate()), fxc.baseline(), frontend="auto", example_inputs=(x,))
-    msg = str(info.value)
-    assert "leaf_modules=['block.1']" in msg and "torch.export" in msg
+            fxc.compile(Gate(), fxc.baseline(), frontend="auto", example_inputs=(8 * x[:, :1],))
+    msg = str(info.value)  # a value-dependent branch at the top level: no leaf to keep either
+    assert "top-level module (Gate)" in msg and "torch.export failed too" in msg
 
 
 def test_unknown_frontend_and_non_module():

@@ -117,7 +117,7 @@ class _Net(nn.Module):
 def test_trace_errors_name_module_operation_and_fix(kind, failure):
     x = torch.randn(2, 4)
     with pytest.raises(TraceError) as info:
-        fxc.compile(_Net(kind), "baseline", example_inputs=(x,))
+        fxc.compile(_Net(kind), "baseline", example_inputs=(x,), frontend="fx")
     msg = str(info.value)
     assert "module 'body.1' (_Block)" in msg and failure in msg
     assert "test_validation.py" in msg  # the offending line

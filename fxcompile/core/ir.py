@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from .formats import FixedPoint
 
-__all__ = ["Key", "Contract", "check_contract", "OP", "MODULE", "ROLE", "VALUE", "USES", "EDGE", "STATS", "NOISE",
+__all__ = ["Key", "Contract", "check_contract", "OP", "MODULE", "FRONTEND_REASON", "LEAVES", "ROLE", "VALUE", "USES", "EDGE", "STATS", "NOISE",
            "ELIDED", "BACKWARD_ELIDED", "FRONTEND", "POLICY", "SOLUTION", "OVERRIDE_MATCHES", "CLIP_GRADIENT",
            "CALIBRATION_BATCHES", "KEYS", "NODE_KEYS", "GRAPH_KEYS", "PARAMETER_ROLES", "graphs", "fetch", "stored_format"]
 
@@ -64,6 +64,8 @@ class Key(Generic[T]):
 # ---- the keys, in the order the pipeline writes them -------------------------------------
 # (scope "node": node.meta; "graph": gm.meta)
 FRONTEND: Key[str] = Key("fxc_frontend", "the front-end that captured the graph", "frontend.trace", "graph")
+FRONTEND_REASON: Key[str] = Key("fxc_frontend_reason", "why that front-end captured it", "frontend.trace", "graph")
+LEAVES: Key[list] = Key("fxc_leaves", "modules the leaf fallback kept opaque", "frontend.trace", "graph")
 MODULE: Key[str] = Key("fxc_module", "the path of the module a node came from", "frontend.expose_params")
 OP: Key[str] = Key("fxc_op", "the op name a policy override matches", "frontend.roles.annotate_roles")
 ROLE: Key[str | None] = Key("fxc_role", "why the value exists: input, activation, weight, bias, loss or None",
@@ -88,7 +90,7 @@ BACKWARD_ELIDED: Key[bool] = Key("fxc_backward_elided", "the cast's gradient arr
                                  "passes.elide_casts.elide_identity_casts")
 POLICY: Key[Any] = Key("fxc_policy", "the Policy or Auto the model was compiled under", "compiler.compile", "graph")
 
-KEYS = (FRONTEND, MODULE, OP, ROLE, CALIBRATION_BATCHES, STATS, VALUE, USES, OVERRIDE_MATCHES, NOISE, SOLUTION,
+KEYS = (FRONTEND, FRONTEND_REASON, LEAVES, MODULE, OP, ROLE, CALIBRATION_BATCHES, STATS, VALUE, USES, OVERRIDE_MATCHES, NOISE, SOLUTION,
         CLIP_GRADIENT, EDGE, ELIDED, BACKWARD_ELIDED, POLICY)
 NODE_KEYS = tuple(k for k in KEYS if k.scope == "node")
 GRAPH_KEYS = tuple(k for k in KEYS if k.scope == "graph")

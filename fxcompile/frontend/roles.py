@@ -1,8 +1,9 @@
 """Pass: give every value in the graph a role, in ``node.meta["fxc_role"]``.
 
-Roles of values: ``input`` (placeholders), ``weight`` / ``bias`` (parameters), ``activation``
-(anything an op computes), ``loss`` (what a loss graph returns).  Values that are not
-floating-point tensors (sizes, integer labels) get no role and no cast.  Also records the
+Roles of values: ``input`` (placeholders), ``weight`` / ``bias`` (parameters, embedding tables
+included), ``activation`` (anything an op computes), ``loss`` (what a loss graph returns, or
+the model's output named by ``loss_output``).  Values that are not floating-point tensors
+(sizes, token ids, attention masks of integers, labels) get no role and no cast.  Also records the
 op name a policy override can match in ``node.meta["fxc_op"]``::
 
     >>> gm = annotate_roles(trace(torch.nn.Linear(4, 2)))
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..core import ir
 
-__all__ = ["CONTRACT", "annotate_roles", "op_name"]
+__all__ = ["CONTRACT", "annotate_roles", "op_name", "named_outputs"]
 
 CONTRACT = ir.Contract(provides=(ir.ROLE, ir.OP))
 
@@ -45,9 +47,32 @@ def _is_float_tensor_value(node: fx.Node) -> bool | None:
     return isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point
 
 
-def annotate_roles(gm: fx.GraphModule, loss_graph: bool = False) -> fx.GraphModule:
+def named_outputs(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """The graph's output values by name: ``"loss"``, ``"logits"`` for dict or ModelOutput
+    outputs, ``"0"``, ``"1"``... for tuples (nested names joined with dots)."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    value = out.args[0]
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is not None and info.out_spec is not None:  # export graphs: flat outputs plus their structure
+        value = pytree.tree_unflatten(list(pytree.tree_leaves(value)), info.out_spec)
+    names = {}
+    for path, leaf in pytree.tree_flatten_with_path(value)[0]:
+        if isinstance(leaf, fx.Node):
+            keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+            names[".".join(str(k) for k in keys)] = leaf
+    return names
+
+
+def annotate_roles(gm: fx.GraphModule, loss_graph: bool = False, loss_output: str | None = None) -> fx.GraphModule:
     """Annotate roles; with ``loss_graph`` the first input is the model's prediction and the
-    returned value is the loss."""
+    returned value is the loss; ``loss_output`` names the model's output that is the loss."""
+    loss_node = None
+    if loss_output is not None:
+        outputs = named_outputs(gm)
+        if loss_output not in outputs:
+            raise ValueError(f"loss_fn={loss_output!r} names no output of {type(gm).__name__}; "
+                             f"its outputs are {sorted(outputs)}")
+        loss_node = outputs[loss_output]
     placeholders = 0
     for node in gm.graph.nodes:
         ir.OP.set(node, op_name(gm, node))
@@ -61,7 +86,7 @@ def annotate_roles(gm: fx.GraphModule, loss_graph: bool = False) -> fx.GraphModu
                 role = "bias" if "bias" in node.target.rsplit(".", 1)[-1] else "weight"
         elif node.op in ("call_module", "call_function", "call_method"):
             role = "activation"
-            if loss_graph and any(u.op == "output" for u in node.users):
+            if (loss_graph and any(u.op == "output" for u in node.users)) or node is loss_node:
                 role = "loss"
         if role is not None and _is_float_tensor_value(node) is False:
             role = None

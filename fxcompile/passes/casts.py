@@ -56,6 +56,8 @@ class Cast(nn.Module):
 
 
 def _add_cast(gm: fx.GraphModule, source: fx.Node, name: str, edge: Edge, clip: bool, identity=False) -> fx.Node:
+    while hasattr(gm.casts, name):  # a node named like a Module attribute ("to", "float", "train")
+        name += "_"
     gm.casts.add_module(name, Cast(edge, clip, identity))
     node = gm.graph.call_module(f"casts.{name}", (source,))
     ir.EDGE.set(node, edge)

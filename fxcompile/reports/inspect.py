@@ -11,7 +11,7 @@ import torch.fx as fx
 from ..core import ir
 from ..core.assignment import Assignment, Edge
 
-__all__ = ["assignment", "inspect", "compact_table", "to_dot", "to_svg", "format_colours"]
+__all__ = ["assignment", "inspect", "compact_table", "to_dot", "to_svg", "format_colours", "boundary_ops"]
 
 
 def _prefixed(edge: Edge, prefix: str) -> Edge:
@@ -104,7 +104,9 @@ def inspect(qmodel: fx.GraphModule, edges: bool = False) -> str:
     a = assignment(qmodel)
     policy = ir.POLICY.get(qmodel)
     fmts = sorted(a.formats())
-    lines = [f"graph captured by: {ir.FRONTEND.get(qmodel, '?')}",
+    reason = ir.FRONTEND_REASON.get(qmodel)
+    lines = [f"graph captured by: {ir.FRONTEND.get(qmodel, '?')}" + (f" ({reason})" if reason else ""),
+             *boundary_ops(qmodel),
              f"policy: {getattr(policy, 'name', None) or repr(policy)}",
              f"edges: {len(a)}  casts: {sum(len(list(gm.casts.children())) for _, gm in ir.graphs(qmodel) if hasattr(gm, 'casts'))}"
              f"  distinct formats: {len(fmts)} ({', '.join(f'{b}.{f}' for b, f in fmts)})",
@@ -133,6 +135,21 @@ def format_colours(qmodel: fx.GraphModule) -> dict[str, str]:
 
 def _format_key(fmt) -> str | None:
     return None if fmt is None else f"{fmt.bits}.{fmt.frac}"
+# ops computed in floating point inside, their inputs and outputs cast: attention (a softmax
+# between two products), recurrent cells; a product-sum alone (einsum, matmul, linear) is exact
+# up to its output cast, like any multiply-accumulate
+_FLOAT_INSIDE = ("scaled_dot_product_attention", "multi_head_attention", "MultiheadAttention", "lstm", "gru", "rnn")
+
+
+def boundary_ops(qmodel: fx.GraphModule) -> list[str]:
+    """One line naming the leaf modules and ops quantized only at their boundary, if any."""
+    names = []
+    for node in qmodel.graph.nodes:
+        op = str(ir.OP.get(node, ""))
+        leaf = node.op == "call_module" and not str(node.target).startswith("casts.")
+        if leaf or any(k.lower() in op.lower() for k in _FLOAT_INSIDE):
+            names.append(f"{ir.MODULE.get(node, node.target if leaf else node.name)} ({op})")
+    return [f"quantized at their boundary only (float inside): {', '.join(dict.fromkeys(names))}"] if names else []
 
 
 def _dot_label(node: fx.Node) -> str:

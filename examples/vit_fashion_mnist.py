@@ -1,0 +1,126 @@
+"""A small vision transformer on Fashion-MNIST, in FP32 and under the baseline policy.
+
+Patches of 7x7 (16 tokens and a class token), 2 pre-norm encoder layers of width 64 with 4
+heads, Adam (lr 1e-3), batch 64.  Attention, softmax, GELU and LayerNorm are traced op by op,
+so every score, probability and normalised value is a fixed-point edge.  Both policies train
+from the same initial weights and batches for each seed; the script prints the test accuracy
+(full 10,000-image test set) of both side by side::
+
+    python examples/vit_fashion_mnist.py --data ../shared/data/fashion-mnist --seeds 0 1 --epochs 3
+    python examples/vit_fashion_mnist.py --train-subset 10000     # quicker, FXCOMPILE_DATA for the data
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompile as fxc
+from fxcompile.experiments.data import fashion_mnist
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // self.heads))
+        return self.proj((att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class Layer(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    def __init__(self, patch: int = 7, dim: int = 64, depth: int = 2, heads: int = 4, hidden: int = 128,
+                 classes: int = 10):
+        super().__init__()
+        self.embed = nn.Conv2d(1, dim, patch, stride=patch)
+        tokens = (28 // patch) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens + 1, dim))
+        self.layers = nn.Sequential(*(Layer(dim, heads, hidden) for _ in range(depth)))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.head(self.norm(self.layers(x))[:, 0])
+
+
+def accuracy(model, x, y, batch: int = 1000) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+    model.train()
+    return 100.0 * correct / len(x)
+
+
+def run(policy: str, seed: int, train, test, epochs: int, batch: int, patch: int, depth: int) -> float:
+    torch.manual_seed(seed)
+    model = ViT(patch=patch, depth=depth)
+    (tx, ty), (vx, vy) = train, test
+    if policy == "fp32":
+        q, loss_fn, opt = model, F.cross_entropy, torch.optim.Adam(model.parameters(), 1e-3)
+    else:
+        q = fxc.compile(model, policy, loss_fn=nn.CrossEntropyLoss(), example_inputs=(tx[:2],))
+        loss_fn = q.loss
+        opt = fxc.fixed_point_optimizer(torch.optim.Adam(q.parameters(), 1e-3), q)
+    g = torch.Generator().manual_seed(seed)  # the same batches under both policies
+    for _ in range(epochs):
+        order = torch.randperm(len(tx), generator=g)
+        for i in range(0, len(tx), batch):
+            idx = order[i:i + batch]
+            opt.zero_grad()
+            loss_fn(q(tx[idx]), ty[idx]).backward()
+            opt.step()
+    return accuracy(q, vx, vy)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=None, help="Fashion-MNIST root (default: $FXCOMPILE_DATA)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--patch", type=int, default=7, choices=[4, 7])
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train, test = fashion_mnist(args.data, train_subset=args.train_subset)
+    rows = []
+    print(f"ViT patch {args.patch}, {args.depth} layers, {args.epochs} epochs, {len(train[0])} training images")
+    print(f"{'seed':>4} {'fp32 %':>8} {'baseline %':>11} {'diff':>7} {'seconds':>8}")
+    for seed in args.seeds:
+        t0 = time.perf_counter()
+        fp32 = run("fp32", seed, train, test, args.epochs, args.batch, args.patch, args.depth)
+        base = run("baseline", seed, train, test, args.epochs, args.batch, args.patch, args.depth)
+        rows.append((fp32, base))
+        print(f"{seed:>4} {fp32:>8.2f} {base:>11.2f} {base - fp32:>+7.2f} {time.perf_counter() - t0:>8.0f}", flush=True)
+    f, b = statistics.fmean(r[0] for r in rows), statistics.fmean(r[1] for r in rows)
+    print(f"mean {f:>8.2f} {b:>11.2f} {b - f:>+7.2f}")
+
+
+if __name__ == "__main__":
+    main()
