@@ -25,6 +25,7 @@ import torch.fx as fx
 from .backends.onnx import to_onnx
 from .backends.qdq import to_qdq
 from .backends.qonnx import to_qonnx
+from ..core import ir
 from ..core.files import atomic_write
 from ..errors import ExportError
 from .fold_bn import fold_bn
