@@ -23,11 +23,8 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _load_data(args):
-    from .experiments.data import DataError, fashion_mnist
-    try:
-        return fashion_mnist(args.data, train_subset=args.train_subset)
-    except DataError as e:
-        raise SystemExit(f"fxcompile: {e}") from None
+    from .experiments.data import fashion_mnist
+    return fashion_mnist(args.data, train_subset=args.train_subset)
 
 
 # ---- demo -----------------------------------------------------------------------------------
@@ -113,13 +110,10 @@ def _floats(text):
 
 def _load_dataset(args):
     """(train, test, info) from --dataset and its flags (Fashion-MNIST from --data)."""
-    from .experiments.data import DataError, load
-    try:
-        return load(args.dataset, args.data, getattr(args, "train_subset", None), image_size=args.image_size,
-                    mean=_floats(args.mean), std=_floats(args.std), test_fraction=args.test_fraction,
-                    grayscale=args.grayscale)
-    except DataError as e:
-        raise SystemExit(f"fxcompile: {e}") from None
+    from .experiments.data import load
+    return load(args.dataset, args.data, getattr(args, "train_subset", None), image_size=args.image_size,
+                mean=_floats(args.mean), std=_floats(args.std), test_fraction=args.test_fraction,
+                grayscale=args.grayscale)
 
 
 def _policy_arg(text: str):
@@ -200,8 +194,6 @@ def run_train(args):
     train_data, test_data, info = _load_dataset(args)
     runs = []
     for seed in args.seeds:
-        from .training.checkpoint import CheckpointError
-        from .errors import FormatError, PolicyError, TraceError
         torch.manual_seed(seed)  # the model's initial weights follow the seed
         try:
             model = build(args.model, num_classes=len(info["classes"]), in_channels=info["channels"])
@@ -213,11 +205,8 @@ def run_train(args):
                           checkpoint_every=args.checkpoint_every, telemetry=args.telemetry,
                           tensorboard=f"{args.tensorboard}/seed-{seed}" if args.tensorboard else None,
                           tensorboard_every=args.tensorboard_every)
-        try:
-            m = train(cfg, train_data, test_data, resume=args.resume,
-                      checkpoint_dir=f"{args.checkpoint_dir}/seed-{seed}" if args.checkpoint_dir else None)
-        except (CheckpointError, PolicyError, FormatError, TraceError) as e:
-            raise SystemExit(f"fxcompile: {e}") from None
+        m = train(cfg, train_data, test_data, resume=args.resume,
+                  checkpoint_dir=f"{args.checkpoint_dir}/seed-{seed}" if args.checkpoint_dir else None)
         if args.resume:
             print(f"{args.policy} seed {seed}: resumed at step {m['start_step']}, ran {m['steps_run']} steps",
                   flush=True)
@@ -304,17 +293,13 @@ def _auto_compile(args, model, shape):
 
 def run_inspect(args):
     from . import assignment, compile, inspect, to_dot
-    from .errors import FormatError, PolicyError, TraceError
     model = _load_callable(args.model)
     shape = tuple(int(s) for s in args.input_shape.split(","))
-    try:
-        if args.assignment:
-            q = _auto_compile(args, model, shape)
-        else:
-            q = compile(model, args.policy, example_inputs=(torch.randn(shape),), leaf_modules=args.leaf,
-                        frontend=args.frontend)
-    except (TraceError, PolicyError, FormatError) as e:
-        raise SystemExit(f"fxcompile: {e}") from None
+    if args.assignment:
+        q = _auto_compile(args, model, shape)
+    else:
+        q = compile(model, args.policy, example_inputs=(torch.randn(shape),), leaf_modules=args.leaf,
+                    frontend=args.frontend)
     print(inspect(q, edges=args.edges))
     if args.assignment:
         from .passes.calibrate import save_calibration
@@ -372,28 +357,25 @@ def _parse_set(items):
 
 
 def run_sweep(args):
-    from .experiments.sweep import SweepError, load_sweep, read_rows, run_sweep as run
-    try:
-        sweep = load_sweep(args.files, overrides=_parse_set(args.set),
-                           seeds=list(range(args.seeds)) if args.seeds else None)
-        out = args.out or sweep.output or f"results/{sweep.name}.csv"
-        if args.dry_run:
-            for p in sweep.points:
-                print(f"{p.id}  {p.config['dataset']:<13} {p.config['model']:<10} {p.config['policy_name']:<10} "
-                      f"epochs {p.config['epochs']} batch {p.config['batch_size']}  {p.label}")
-            print(f"{len(sweep.points)} points x {len(sweep.seeds)} seeds = {len(sweep.runs)} runs -> {out}")
-            return
-        if args.tensorboard:
-            from .training.tensorboard import require_tensorboard
-            try:
-                require_tensorboard()
-            except ImportError as e:
-                raise SystemExit(f"fxcompile: {e}") from None
-        run(sweep, out, executor=args.executor, workers=args.workers, root=args.data, ray_address=args.ray_address,
-            tensorboard=args.tensorboard)
-        print(f"{len(read_rows(out))} finished runs in {out}")
-    except SweepError as e:
-        raise SystemExit(f"fxcompile: {e}") from None
+    from .experiments.sweep import load_sweep, read_rows, run_sweep as run
+    sweep = load_sweep(args.files, overrides=_parse_set(args.set),
+                       seeds=list(range(args.seeds)) if args.seeds else None)
+    out = args.out or sweep.output or f"results/{sweep.name}.csv"
+    if args.dry_run:
+        for p in sweep.points:
+            print(f"{p.id}  {p.config['dataset']:<13} {p.config['model']:<10} {p.config['policy_name']:<10} "
+                  f"epochs {p.config['epochs']} batch {p.config['batch_size']}  {p.label}")
+        print(f"{len(sweep.points)} points x {len(sweep.seeds)} seeds = {len(sweep.runs)} runs -> {out}")
+        return
+    if args.tensorboard:
+        from .training.tensorboard import require_tensorboard
+        try:
+            require_tensorboard()
+        except ImportError as e:
+            raise SystemExit(f"fxcompile: {e}") from None
+    run(sweep, out, executor=args.executor, workers=args.workers, root=args.data, ray_address=args.ray_address,
+        tensorboard=args.tensorboard)
+    print(f"{len(read_rows(out))} finished runs in {out}")
 
 
 def add_report(sub):
@@ -404,11 +386,7 @@ def add_report(sub):
 
 def run_report(args):
     from .experiments.report import report
-    from .experiments.sweep import SweepError
-    try:
-        print(report(args.files, args.out))
-    except SweepError as e:
-        raise SystemExit(f"fxcompile: {e}") from None
+    print(report(args.files, args.out))
 
 
 # ---- export / run-onnx ---------------------------------------------------------------------
@@ -507,14 +485,10 @@ def _compile_for_deployment(model, policy, x, recorded=(None, None, 0), args=Non
 
 
 def run_export(args):
-    from .errors import ExportError, FormatError, PolicyError, TraceError
     from .deploy.export import export_onnx, integer_graph
     model, x, policy, recorded = _trained_model(args)
-    try:
-        qmodel = _compile_for_deployment(model, policy, x, recorded, args)
-        exported = export_onnx(qmodel, args.output, example_inputs=(x,), flavour=args.flavour)
-    except (ExportError, TraceError, PolicyError, FormatError) as e:
-        raise SystemExit(f"fxcompile: {e}") from None
+    qmodel = _compile_for_deployment(model, policy, x, recorded, args)
+    exported = export_onnx(qmodel, args.output, example_inputs=(x,), flavour=args.flavour)
     if args.flavour != "integer":
         quantizers = [n for n in exported.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Quant")]
         print(f"wrote {args.output}: {args.flavour} model, {len(exported.graph.node)} nodes of which "
@@ -536,14 +510,11 @@ def add_run_onnx(sub):
 
 def run_run_onnx(args):
     import time
-    from .experiments.data import DataError
     from .deploy.export import onnx_session
     from .deploy.backends.integer import count_non_finite, non_finite_message
+    _, (x, y), _ = _load_dataset(args)  # the same split and normalisation as training
     try:
-        _, (x, y), _ = _load_dataset(args)  # the same split and normalisation as training
         session = onnx_session(args.model)
-    except DataError as e:
-        raise SystemExit(f"fxcompile: {e}") from None
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         raise SystemExit(f"fxcompile: cannot load {args.model} with ONNX Runtime: {e}") from None
     name = session.get_inputs()[0].name
@@ -569,19 +540,15 @@ def add_hls4ml(sub):
 
 
 def run_hls4ml(args):
-    from .errors import ExportError, FormatError, PolicyError, TraceError
     from .deploy.backends.hls4ml import hls_plan, require_hls4ml, to_hls4ml
     try:
         require_hls4ml()
     except ImportError as e:
         raise SystemExit(f"fxcompile: {e}") from None
     model, x, policy, recorded = _trained_model(args)
-    try:
-        qmodel = _compile_for_deployment(model, policy, x, recorded, args)
-        _, layers = hls_plan(qmodel, (x,))
-        hls_model = to_hls4ml(qmodel, args.output_dir, example_inputs=(x,), backend=args.backend, part=args.part)
-    except (ExportError, TraceError, PolicyError, FormatError) as e:
-        raise SystemExit(f"fxcompile: {e}") from None
+    qmodel = _compile_for_deployment(model, policy, x, recorded, args)
+    _, layers = hls_plan(qmodel, (x,))
+    hls_model = to_hls4ml(qmodel, args.output_dir, example_inputs=(x,), backend=args.backend, part=args.part)
     print(f"wrote hls4ml project {args.output_dir} ({args.backend}, io_parallel):")
     for layer in layers:
         print(f"  {layer.name:<10} {layer.kind:<10} " + ", ".join(f"{k} {v}" for k, v in layer.precision.items()))

@@ -111,7 +111,7 @@ def fixed_point_allreduce_hook(state: FixedPointAllReduce, bucket: dist.GradBuck
         bad += b
     wide = max(f.bits for f in formats) - 1 + math.ceil(math.log2(max(world, 1)))
     dtype = torch.int32 if wide <= 30 else torch.int64
-    flat = torch.cat(parts + [torch.tensor([bad])]).to(dtype)
+    flat = torch.cat(parts + [parts[0].new_tensor([bad])]).to(dtype)  # on the gradients' device (NCCL: CUDA)
     fut = dist.all_reduce(flat, group=group, async_op=True).get_future()
 
     def decode(fut: torch.futures.Future) -> torch.Tensor:

@@ -30,6 +30,8 @@ import math
 import torch
 import torch.fx as fx
 
+from ..core import ir
+
 __all__ = ["TensorBoardLog", "require_tensorboard"]
 
 
@@ -65,11 +67,10 @@ class TensorBoardLog:
         self.every, self.casts, self._last, self._hooks = every, [], {}, []
         self._capturing = False
         if isinstance(model, fx.GraphModule):
-            from ..reports.inspect import graphs
             from ..runtime import telemetry
             if not any(getattr(c, "counters", None) for _, _, c in telemetry._casts(model)):
                 telemetry.enable(model, every=every)
-            self.casts = [(prefix + c.edge.name, c) for prefix, gm in graphs(model) if hasattr(gm, "casts")
+            self.casts = [(prefix + c.edge.name, c) for prefix, gm in ir.graphs(model) if hasattr(gm, "casts")
                           for c in gm.casts.children()]
             for name, c in self.casts:
                 self._hooks.append(c.register_forward_hook(self._capture_hook(name, c)))

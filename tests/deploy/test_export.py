@@ -115,7 +115,7 @@ def test_run_onnx_reports_non_finite_inputs(tmp_path, capsys, monkeypatch):
     import fxcompile.experiments.data as data
     x = torch.rand(20, 1, 28, 28)
     x[0, 0, 0, 0], x[3, 0, 5, 5], x[3, 0, 6, 6] = float("nan"), float("inf"), float("-inf")
-    monkeypatch.setattr(data, "fashion_mnist", lambda root, train_subset=None: (None, (x, torch.zeros(20, dtype=torch.long))))
+    monkeypatch.setattr(data, "fashion_mnist", lambda root, train_subset=None, **kw: (None, (x, torch.zeros(20, dtype=torch.long))))
     main(["export", str(tmp_path / "mlp.onnx"), "--model", "mlp"])
     main(["run-onnx", str(tmp_path / "mlp.onnx")])
     out = capsys.readouterr().out
