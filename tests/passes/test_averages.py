@@ -199,3 +199,25 @@ def test_trained_cnn_with_global_average_pool_deploys_with_zero_differing_codes(
     assert int((sim != ref).sum()) == 0 and int((torch.from_numpy(out) != ref).sum()) == 0
     (qdq,) = onnx_session(to_qdq(q, (test[:2],))).run(None, {"x": test.numpy()})[:1]
     assert qdq.shape == out.shape and (qdq.argmax(1) == out.argmax(1)).mean() > 0.9
+
+
+class MeanHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+def test_qdq_writes_a_squeezing_mean_as_a_float_average():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 7, 7)
+    q = fxc.compile(MeanHead(), fxc.baseline(), example_inputs=(x[:2],)).eval()
+    model = to_qdq(q, (x[:2],))
+    assert "AveragePool" in [n.op_type for n in model.graph.node]
+    (out,) = onnx_session(model).run(None, {"x": x.numpy()})[:1]
+    with torch.no_grad():
+        sim = q(x).numpy()
+    # float between the quantizers: close to the fixed-point average, not bound to equal it
+    assert out.shape == sim.shape and np.abs(out - sim).max() < 0.05
