@@ -88,8 +88,12 @@ CASES = [  # model, input (C, H, W), window, divisor
 ]
 
 
-@pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("activation", ["8.4", "8.6,floor", "8.2,toward_zero", "8.5,wrap", "u8.4"])
+# every case in one format; every rounding and overflow on the averages by 49 and by 15
+PARAMS = [(case, "8.4") for case in range(len(CASES))] + \
+         [(case, fmt) for case in (0, 6) for fmt in ("8.6,floor", "8.2,toward_zero", "8.5,wrap", "u8.4")]
+
+
+@pytest.mark.parametrize("case, activation", PARAMS)
 def test_every_8_bit_code_through_simulation_integer_reference_and_ort(case, activation):
     make, shape, kernel, divisor = CASES[case]
     fmt = out_fmt = as_format(activation)  # the input in the same format: the pool reads every code as is
