@@ -18,8 +18,9 @@ from .frontend.roles import annotate_roles
 from .frontend.shapes import propagate_shapes
 from .frontend.trace import CONTRACT as TRACE_CONTRACT
 from .frontend.trace import trace
-from .passes import assign, calibrate as calibration, casts, choose_formats as cost_model, elide_casts as elision
+from .passes import assign, averages, calibrate as calibration, casts, choose_formats as cost_model, elide_casts as elision
 from .passes.assign import assign_formats
+from .passes.averages import fixed_point_averages
 from .passes.calibrate import calibrate
 from .passes.casts import insert_casts
 from .passes.choose_formats import choose_formats
@@ -129,6 +130,7 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
         _checked(insert_casts, casts.CONTRACT, check)(g)
         if elide_casts:
             _checked(elide_identity_casts, elision.CONTRACT, check)(g)
+        _checked(fixed_point_averages, averages.CONTRACT, check)(g)
     ir.POLICY.set(gm, policy)
     if loss is not None or named:
         if hasattr(gm, "loss"):

@@ -15,8 +15,10 @@ one entry here, its function in each backend, and their tests::
     >>> op_of(gm, node).name, op_of(gm, node).group
     ('conv2d', 'multiply_accumulate')
 
-The module also holds the two functions the IR's nodes call that are fxcompile's own:
-:func:`batch_norm` and :func:`call_with_parameters` (written by ``expose_params``).
+The module also holds the functions the IR's nodes call that are fxcompile's own:
+:func:`batch_norm` and :func:`call_with_parameters` (written by ``expose_params``), and
+:func:`fixed_point_average` (written by ``passes.averages``), whose reciprocal is
+:func:`reciprocal`.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ir
+from .quantizer import quantize_reference
 
-__all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "ops_in", "batch_norm", "call_with_parameters"]
+__all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "ops_in", "batch_norm", "call_with_parameters",
+           "fixed_point_average", "reciprocal", "average_windows", "RECIPROCAL_BITS"]
 
 GROUPS = {
     "cast": "the fixed-point cast on an edge",
@@ -62,6 +66,80 @@ def batch_norm(x, module: nn.modules.batchnorm._BatchNorm, weight, bias):
 def call_with_parameters(module: nn.Module, names: tuple, params: tuple, *args, **kwargs):
     """Call ``module`` with its parameters ``names`` replaced by ``params`` (the casted values)."""
     return torch.func.functional_call(module, dict(zip(names, params)), args, kwargs, strict=False)
+
+
+RECIPROCAL_BITS = 16  # significant bits of 1/n for a divisor n that is not a power of two
+
+
+def reciprocal(n: int) -> tuple[int, int]:
+    """``1/n`` in fixed point: ``(c, r)`` with ``c · 2**-r`` the reciprocal.
+
+    A power of two is exact (``c = 1``); otherwise ``c = round(2**r / n)`` has
+    :data:`RECIPROCAL_BITS` significant bits (``r = 15 + n.bit_length()``, so
+    ``2**15 < c < 2**16``; no ties occur, since ``2**(r+1) / n`` is never an odd integer)::
+
+        >>> reciprocal(49)
+        (42799, 21)
+    """
+    if n < 1:
+        raise ValueError(f"an average needs a positive divisor, got {n}")
+    if n & (n - 1) == 0:
+        return 1, n.bit_length() - 1
+    r = RECIPROCAL_BITS - 1 + n.bit_length()
+    return ((1 << (r + 1)) + n) // (2 * n), r
+
+
+def average_windows(shape, output_size) -> tuple[tuple[int, int], int] | None:
+    """The uniform window (kernel = stride) of an adaptive average over the last two dims of
+    ``shape`` to ``output_size``, and its divisor; ``None`` when the windows are uneven."""
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    h, w = shape[-2:]
+    oh, ow = h if oh is None else oh, w if ow is None else ow
+    if h % oh or w % ow:
+        return None
+    return (h // oh, w // ow), (h // oh) * (w // ow)
+
+
+class _FixedPointAverage(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel, n, spec):
+        c, r = reciprocal(n)
+        # exact in float64: window sums of codes times c stay below 2**53 for inputs of up to
+        # 24 bits and windows of up to 2**13 elements
+        total = F.avg_pool2d(x.double(), kernel, kernel, divisor_override=1)
+        y = quantize_reference(total * c * 2.0 ** -r, spec)  # the one rounding: the output format's
+        ctx.kernel, ctx.n = kernel, n
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # the float derivative of the average; the output cast after this op has already
+        # zeroed the gradient where it saturated, and the input cast rounds what this returns
+        # (the windows tile the input: uniform windows are exactly what this op runs)
+        up = grad.repeat_interleave(ctx.kernel[0], -2).repeat_interleave(ctx.kernel[1], -1) / ctx.n
+        return up, None, None, None
+
+
+def fixed_point_average(x: torch.Tensor, output_size, squeeze: bool, spec: list) -> torch.Tensor:
+    """The average over windows of the last two dims of ``x`` as deployed: an adaptive average
+    pool to ``output_size`` (a global average is ``(1, 1)``; ``squeeze`` drops those dims, as
+    ``mean(dim=(2, 3))`` does; only with ``(1, 1)``), rounded to the format ``spec`` of the
+    cast after it.
+
+    The fixed-point definition, shared with the integer graph: each window's sum of input
+    values times the :func:`reciprocal` ``c · 2**-r`` of its size, computed exactly, then
+    rounded once with ``spec``'s rounding and overflow.  Uneven windows (an output size
+    not dividing the input) have no such definition: they average in float, and export
+    refuses them.  The backward is the float average's derivative.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"fixed_point_average: expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    windows = average_windows(x.shape, output_size)
+    if windows is None:
+        y = F.adaptive_avg_pool2d(x, output_size)
+    else:
+        y = _FixedPointAverage.apply(x, *windows, list(spec))
+    return y[..., 0, 0] if squeeze else y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +179,10 @@ _DECLARED = [
     Op("cat", "adder", (), (torch.cat, torch.concat, torch.concatenate), (), ("cat", "concat")),
     Op("stack", "adder", (), (torch.stack,), (), ("stack",)),
     Op("avg_pool2d", "reduction", (nn.AvgPool2d,), (F.avg_pool2d,), (), ("avg_pool2d",)),
+    Op("adaptive_avg_pool2d", "reduction", (nn.AdaptiveAvgPool2d,), (F.adaptive_avg_pool2d,), (),
+       ("adaptive_avg_pool2d", "_adaptive_avg_pool2d")),
+    Op("mean", "reduction", (), (torch.mean,), ("mean",), ("mean",)),
+    Op("fixed_point_average", "reduction", (), (fixed_point_average,)),  # written by passes.averages
     Op("dropout", "elementwise", (nn.Dropout,), (F.dropout,), (), ("dropout",)),  # the identity at eval time
     Op("batch_norm", "normalization", (), (batch_norm,)),
 ]
@@ -119,6 +201,7 @@ INTEGER_OPS = {
     "relu": "max(codes, 0)",
     "max_pool2d": "window maxima of codes",
     "sum_pool2d": "window sums of codes (a power-of-two average with the binary point moved)",
+    "scale": "codes times an integer constant (an average's fixed-point reciprocal), binary point moved",
     "add": "operands shifted to the larger binary point, then added",
     "reshape": "the same codes in another shape",
     "dequantize": "codes -> float32 at an output",

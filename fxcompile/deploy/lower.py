@@ -14,6 +14,10 @@ arithmetic:
 * ``relu``, ``max_pool2d``, ``flatten``: on codes, binary point unchanged,
 * ``sum_pool2d``: average pooling whose divisor is a power of two is a window sum with the
   binary point moved left (no rounding: the next cast rounds),
+* ``scale``: an adaptive/global average or spatial mean over ``n`` values, ``n`` not a power
+  of two, is ``sum_pool2d`` then codes × ``c`` with the binary point moved left by ``r``
+  (``c · 2**-r`` the reciprocal of :func:`fxcompile.core.ops.reciprocal`); the next cast
+  rounds the exact product once — the definition training ran (``passes.averages``),
 * ``add``: both operands shifted left to the larger binary point, then added,
 * ``dequantize`` codes → float32 at the outputs.
 
@@ -44,6 +48,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..core import ir, ops
 from ..errors import ExportError
 from ..core.formats import FixedPoint
+from ..passes.averages import average_arguments
 from ..passes.casts import Cast
 
 __all__ = ["CONTRACT", "IntOp", "IntegerGraph", "Value", "lower", "RULES", "UNSUPPORTED", "op_key", "op_arguments", "pair",
@@ -266,6 +271,47 @@ def rule_avg_pool2d(lw, node, x, *args, **kwargs):
                    stride=pair(p["stride"] or k))
 
 
+def _average(lw: _Lowering, node: fx.Node, x: Value, output_size, squeeze: bool, spec=None) -> Value:
+    x = _operand(node, x)
+    name = ops.op_of(lw.gm, node).name
+    windows = ops.average_windows(x.shape, output_size)
+    if windows is None:
+        raise ExportError(f"node {node.name!r} ({name}): averaging {tuple(x.shape[-2:])} to {output_size} has "
+                          "uneven windows, which have no single fixed-point divisor; use an output size that "
+                          "divides the input size")
+    kernel, n = windows
+    c, r = ops.reciprocal(n)
+    if c != 1:
+        casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u)]
+        fmt = lw.gm.get_submodule(casts[0].target).edge.forward if len(node.users) == 1 == len(casts) else None
+        if spec is None or fmt is None or fmt.spec() != list(spec):
+            raise ExportError(f"node {node.name!r} ({name}): an average over {n} values (not a power of two) "
+                              "deploys only as the fixed-point average compile() makes of it, rounded by the "
+                              "format of the one cast after it; give its output a single consumer and a "
+                              "fixed-point format, and recompile after changing that format")
+    shape = x.shape[:2] + (x.shape[2] // kernel[0], x.shape[3] // kernel[1])
+    v = lw.emit(node, "sum_pool2d", [x], x.frac + (r if c == 1 else 0), suffix="_sum", kernel=kernel, stride=kernel)
+    if c != 1:
+        v = lw.emit(node, "scale", [v], x.frac + r, suffix="_scaled", factor=c)
+    lw.shapes[v.name] = shape
+    v = dataclasses.replace(v, shape=shape)
+    if squeeze:
+        v = lw.emit(node, "reshape", [v], v.frac, shape=(0, shape[1]))
+    return v
+
+
+def rule_fixed_point_average(lw, node, x, output_size, squeeze, spec):
+    return _average(lw, node, x, output_size, squeeze, spec)
+
+
+def rule_unrewritten_average(lw, node, x, *args, **kwargs):
+    arguments = average_arguments(lw.gm, node)
+    if arguments is None:
+        raise ExportError(f"node {node.name!r} ({ops.op_of(lw.gm, node).name}): only averages over the last two "
+                          "dims of an (N, C, H, W) tensor lower (mean with dim=(2, 3) or (-2, -1), no dtype)")
+    return _average(lw, node, x, *arguments)
+
+
 def rule_flatten(lw, node, x, *args, **kwargs):
     default_start = 1 if node.op == "call_module" else 0
     p = op_arguments(lw.gm, node, ("start_dim", "end_dim"), {"start_dim": default_start, "end_dim": -1})
@@ -297,6 +343,9 @@ RULES: dict[str, Callable] = {
     "relu": rule_relu,
     "max_pool2d": rule_max_pool2d,
     "avg_pool2d": rule_avg_pool2d,
+    "adaptive_avg_pool2d": rule_unrewritten_average,
+    "mean": rule_unrewritten_average,
+    "fixed_point_average": rule_fixed_point_average,
     "flatten": rule_flatten,
     "add": rule_add,
     "identity": rule_identity,

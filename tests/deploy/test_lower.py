@@ -53,7 +53,7 @@ class Single(nn.Module):
 
 def test_rule_table_has_one_entry_per_op():
     assert set(RULES) == {"cast", "conv2d", "linear", "relu", "max_pool2d", "avg_pool2d", "flatten", "add",
-                          "identity", "dropout"}
+                          "identity", "dropout", "adaptive_avg_pool2d", "mean", "fixed_point_average"}
 
 
 # ---- rounding shift and saturation: Python integers as the oracle ----------------------------

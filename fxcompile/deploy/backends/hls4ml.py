@@ -67,6 +67,8 @@ HLS_LAYERS: dict[str, str] = {
     "dequantize": "the output (no layer)",
 }
 UNSUPPORTED: dict[str, str] = {
+    "scale": "hls4ml's AveragePooling2D divides in its own fixed-point types; this handoff does not yet map "
+             "the window sum times a fixed-point reciprocal onto a layer that rounds the same way",
     "sum_pool2d": "hls4ml has AveragePooling2D, but this handoff does not yet map a window sum with a moved "
                   "binary point onto it",
     "add": "the handoff writes sequential models; a residual add needs hls4ml's Merge layer",

@@ -89,6 +89,7 @@ KERNELS: dict[str, Callable] = {
     "relu": lambda op, x: x.clamp_min(0),
     "max_pool2d": _max_pool2d,
     "sum_pool2d": _sum_pool2d,
+    "scale": lambda op, x: x * op.attrs["factor"],
     "add": _add,
     "reshape": _reshape,
     "dequantize": lambda op, x: (x.double() * 2.0 ** -op.frac).float(),

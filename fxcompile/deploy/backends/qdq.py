@@ -59,9 +59,10 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto, helper
 
-from ...core import ir
+from ...core import ir, ops
 from ...errors import ExportError
 from ...core.formats import FixedPoint
+from ...passes.averages import average_arguments
 from ...passes.casts import Cast
 from ..lower import UNSUPPORTED as UNSUPPORTED_LOWERING
 from ..lower import lower, op_arguments, op_key, pair
@@ -239,6 +240,18 @@ def _avg_pool2d(g, node, x, *args, **kwargs):
     return g.node("AveragePool", [x], kernel_shape=list(k), strides=list(pair(p["stride"] or k)))
 
 
+def _average(g, node, x, *args, **kwargs):
+    # the float average between the input's DequantizeLinear and the output's QuantizeLinear: the
+    # nearest this flavour has to the integer graph's window sum times a fixed-point reciprocal
+    if ops.op_of(g.gm, node).name == "fixed_point_average":
+        output_size, squeeze = node.args[1:3]
+    else:
+        output_size, squeeze = average_arguments(g.gm, node)
+    (kernel, _) = ops.average_windows(tuple(node.args[0].meta["tensor_meta"].shape), output_size)
+    y = g.node("AveragePool", [x], kernel_shape=list(kernel), strides=list(kernel))
+    return g.node("Reshape", [y, g.const([0, -1], np.int64)]) if squeeze else y
+
+
 def _flatten(g, node, x, *args, **kwargs):
     shape = tuple(node.meta["tensor_meta"].shape)
     return g.node("Reshape", [x, g.const([0, *shape[1:]], np.int64)])
@@ -254,7 +267,8 @@ def _identity(g, node, x, *args, **kwargs):
 
 FLOAT_OPS: dict[str, Callable] = {
     "conv2d": _conv2d, "linear": _linear, "relu": _relu, "max_pool2d": _max_pool2d,
-    "avg_pool2d": _avg_pool2d, "flatten": _flatten, "add": _add, "identity": _identity, "dropout": _identity,
+    "avg_pool2d": _avg_pool2d, "adaptive_avg_pool2d": _average, "mean": _average, "fixed_point_average": _average,
+    "flatten": _flatten, "add": _add, "identity": _identity, "dropout": _identity,
 }
 
 # Ops that build() writes itself rather than through FLOAT_OPS.

@@ -153,6 +153,14 @@ def _sum_of_parts(b: _Builder, x: str, k: int) -> str:
     return _sum(b, b.split(x, k, axis=1)) if k > 1 else x
 
 
+def emit_scale(b: _Builder, op: IntOp, x: str) -> str:
+    """Codes times the integer ``attrs["factor"]``, in the narrowest integer type that holds the product."""
+    c, (lo, hi) = op.attrs["factor"], b.ranges[x]
+    lo, hi = min(lo * c, hi * c), max(lo * c, hi * c)
+    layout, x = x, b.cast(x, _int_type(lo, hi))
+    return b.value(b.node("Mul", [x, b.const(c, b.dtype(x))]), lo, hi, like=layout)
+
+
 def emit_add(b: _Builder, op: IntOp, x: str, y: str) -> str:
     sx, sy = op.attrs["shifts"]
     if (x in b.channels_last) != (y in b.channels_last):
@@ -185,6 +193,7 @@ EMITTERS: dict[str, Callable] = {
     "relu": emit_relu,
     "max_pool2d": emit_max_pool2d,
     "sum_pool2d": emit_sum_pool2d,
+    "scale": emit_scale,
     "add": emit_add,
     "reshape": emit_reshape,
 }
