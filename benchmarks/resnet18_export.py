@@ -6,13 +6,18 @@ folded at export), and exports the integer flavour, then the QDQ and QONNX flavo
 between the fixed-point simulation, the integer reference and ONNX Runtime, or the
 ``ExportError`` that stops the export (it names every unsupported node)::
 
-    python benchmarks/resnet18_export.py --batch 16
+    python benchmarks/resnet18_export.py --batch 16 --results benchmarks/results/resnet18_export.json
+
+``--results FILE`` adds this run's figures to FILE (one entry per input configuration).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import pathlib
+import sys
 import tempfile
 
 import torch
@@ -30,6 +35,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    parser.add_argument("--results", type=pathlib.Path, help="add this run's figures to this JSON file")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
@@ -50,7 +56,17 @@ def main() -> None:
     print(f"resnet18 integer export: ok ({len(graph.ops)} integer ops), {args.batch} inputs of {args.size}x{args.size}")
     print(f"differing output codes: simulation vs integer reference {int((sim != ref).sum())}, "
           f"ORT vs integer reference {int((out != ref).sum())} (of {ref.numel()})")
-    print(f"top-1 agreement simulation vs ORT: {(sim.argmax(1) == out.argmax(1)).float().mean().item():.3f}")
+    agreement = (sim.argmax(1) == out.argmax(1)).float().mean().item()
+    print(f"top-1 agreement simulation vs ORT: {agreement:.3f}")
+    if args.results:
+        data = json.loads(args.results.read_text()) if args.results.exists() else {"runs": {}}
+        command = "python " + " ".join(sys.argv)
+        data.update(command=command, date=datetime.date.today().isoformat())  # the latest run's
+        data["runs"][f"{args.channels}x{args.size}x{args.size}, batch {args.batch}"] = {"command": command,
+            "integer_ops": len(graph.ops), "output_codes": ref.numel(),
+            "differing_simulation_vs_integer": int((sim != ref).sum()),
+            "differing_ort_vs_integer": int((out != ref).sum()), "top1_agreement": agreement}
+        args.results.write_text(json.dumps(data, indent=1) + "\n")
     for flavour in ("qdq", "qonnx"):
         try:
             with tempfile.TemporaryDirectory() as tmp:
