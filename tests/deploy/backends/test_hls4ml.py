@@ -66,21 +66,16 @@ def test_stochastic_parameters_map_like_nearest_but_values_refuse():
         hls_precision(fmt, "edge 'a->b'")
 
 
-def test_zero_point_is_refused_naming_the_edge_and_format():
+@pytest.mark.parametrize("pattern, activation, message", [
+    ("relu", "16.8,zp=5", r"edge 'fc1->relu' has format 16\.8,zp=5 with zero point 5"),
+    ("fc1", "16.8,stochastic", r"edge 'flatten->fc1'.*16\.8,stochastic"),
+], ids=["zero point", "stochastic activation"])
+def test_formats_without_ap_fixed_are_refused_naming_the_edge_and_format(pattern, activation, message):
     x = torch.randn(2, 2, 8, 8)
     policy = fxc.Policy(activation="16.8", weight="16.12", bias="16.8",
-                        overrides=[{"pattern": "relu", "activation": "16.8,zp=5"}])
+                        overrides=[{"pattern": pattern, "activation": activation}])
     q = on_grid(fxc.compile(TinyMLP(), policy, example_inputs=(x,)))
-    with pytest.raises(ExportError, match=r"edge 'fc1->relu' has format 16\.8,zp=5 with zero point 5"):
-        hls_plan(q, (x[:1],))
-
-
-def test_stochastic_activation_is_refused_naming_the_edge_and_format():
-    x = torch.randn(2, 2, 8, 8)
-    policy = fxc.Policy(activation="16.8", weight="16.12", bias="16.8",
-                        overrides=[{"pattern": "fc1", "activation": "16.8,stochastic"}])
-    q = on_grid(fxc.compile(TinyMLP(), policy, example_inputs=(x,)))
-    with pytest.raises(ExportError, match=r"edge 'flatten->fc1'.*16\.8,stochastic"):
+    with pytest.raises(ExportError, match=message):
         hls_plan(q, (x[:1],))
 
 
