@@ -42,8 +42,11 @@ TIMM_SAMPLE = 56
 TIMM_MAX_PARAMS = 30_000_000
 FLAVOURS = ("integer", "qdq", "qonnx")
 TORCHVISION_TRANSFORMERS = re.compile(r"^(vit_|swin_|maxvit)")
-# module class names that make a model something other than a CNN
-NOT_CNN = re.compile(r"attention|attn|mixer|lstm|gru|transformer|mha", re.IGNORECASE)
+# module class names that make a model something other than a CNN: attention (timm's
+# MHSA/GPSA of ConViT, SHSA/SHMA of SHViT/iFormer, LiteMLA of EfficientViT), recurrent or
+# state-space (EfficientViM's HSMSSD) token mixers, MLP-Mixers
+NOT_CNN = re.compile(r"attention|attn|mixer|lstm|gru|transformer|mha|mhsa|gpsa|shsa|shma|litemla|ssd$",
+                     re.IGNORECASE)
 
 
 def is_cnn(model) -> bool:
