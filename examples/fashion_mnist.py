@@ -31,6 +31,7 @@ def main(argv=None):
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out", default="runs/study")
+    p.add_argument("--results", help="also write the table (per-seed accuracies, mean, std, vs fp32) to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -50,11 +51,20 @@ def main(argv=None):
             results.setdefault(policy, []).append(run)
     print(f"\n{'policy':<12}{'test accuracy (mean ± std)':>28}{'vs fp32':>10}  seeds")
     ref = statistics.fmean(r["accuracy"] for r in results["fp32"]) if "fp32" in results else None
+    table = {}
     for policy, runs in results.items():
         accs = [100 * r["accuracy"] for r in runs]
         mean, std = statistics.fmean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
         delta = f"{mean - 100 * ref:+.2f}" if ref is not None else ""
         print(f"{policy:<12}{mean:>20.2f} ± {std:.2f}{delta:>10}  {len(accs)}")
+        table[policy] = {"seeds": [r["seed"] for r in runs], "accuracy_percent": accs, "mean": mean, "std": std,
+                         "vs_fp32": None if ref is None else mean - 100 * ref}
+    if args.results:
+        import datetime
+        import sys
+        Path(args.results).write_text(json.dumps({
+            "command": "python examples/fashion_mnist.py " + " ".join(sys.argv[1:]),
+            "date": datetime.date.today().isoformat(), "epochs": args.epochs, "policies": table}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
