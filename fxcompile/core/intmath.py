@@ -18,7 +18,8 @@ import math
 
 import torch
 
-__all__ = ["isqrt", "bit_length", "ISQRT_STEPS", "round_divide", "SOFTMAX_BITS", "exp_table", "softmax_codes"]
+__all__ = ["isqrt", "bit_length", "ISQRT_STEPS", "round_divide", "SOFTMAX_BITS", "exp_table", "softmax_codes",
+           "LAYER_NORM_BITS", "layer_norm_plan", "layer_norm_codes"]
 
 # Newton steps of isqrt.  The start 2**ceil(b/2) (b = bit length of n) lies in [√n, 2√n], so the
 # relative error ε of the real-valued iterate obeys ε' = ε²/(2(1+ε)) from ε <= 1: 1/4, 1/40,
@@ -93,3 +94,58 @@ def softmax_codes(x: torch.Tensor, table: torch.Tensor, frac_out: int, rounding:
     e = table[d.clamp_max(len(table) - 1)]
     s = e.sum(dim=-1, keepdim=True)
     return round_divide(e << frac_out, s.expand_as(e), rounding, generator)
+
+
+# Fractional bits of the normalised value z = (x − μ)/σ before the affine map
+LAYER_NORM_BITS = 16
+
+
+def layer_norm_plan(n: int, bits: int, frac: int, eps: float, weight_frac: int = 0, bias_frac: int = 0) -> dict:
+    """The internal widths of :func:`layer_norm_codes` for rows of ``n`` codes of at most
+    ``bits`` magnitude bits at binary point ``frac``: ``p`` extra bits of the mean the variance
+    is taken about, ``g`` extra bits of σ, ``k`` bits of z, ``q = k + g + p`` extra bits of the
+    mean z is centred on, and ``e = max(1, round(eps · 4**(frac + p)))`` (``eps`` in the
+    variance's units).  Chosen so that every intermediate stays below ``2**63``:
+    ``Σ c² <= n · 4**(bits + 1 + p)``, ``V · 4**g <= 2**61``, ``Σx · 2**(q+1) < 2**62``,
+    ``2 · x · 2**q < 2**62``.  Raises ``ValueError`` when no such widths exist."""
+    p = min(8, (62 - n.bit_length() - 2 * (bits + 1)) // 2)
+    g = (61 - 2 * (bits + 1 + max(p, 0))) // 2
+    k = max(LAYER_NORM_BITS, bias_frac - weight_frac)
+    q = k + g + p
+    e = max(1, round(eps * 4.0 ** (frac + p)))
+    if p < 0 or g < 0 or n.bit_length() + bits + q + 2 > 62 or e > 4 ** (bits + 1 + p):
+        raise ValueError(f"layer norm: rows of {n} codes of {bits} bits (eps {eps}) leave no int64 width for "
+                         "the mean and σ; give its input a narrower format")
+    return {"n": n, "p": p, "g": g, "k": k, "e": e}
+
+
+def _floor_divide(num: torch.Tensor, den) -> torch.Tensor:
+    return torch.div(num, den, rounding_mode="floor")
+
+
+def _mean(x: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """The row mean of ``x`` with ``bits`` extra fractional bits, rounded half up."""
+    return _floor_divide(x.sum(-1, keepdim=True) * (1 << (bits + 1)) + n, 2 * n)
+
+
+def layer_norm_codes(x: torch.Tensor, plan: dict, weight: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The integer LayerNorm over the last dim of int64 codes ``x``, with :func:`layer_norm_plan`
+    ``plan``; ``weight`` codes (at ``w`` fractional bits) and ``bias`` codes already aligned to
+    ``k + w``.  Returns the accumulator ``z · weight + bias`` at ``k + w`` fractional bits:
+
+    * ``c = x · 2**p − m_p`` about the mean ``m_p`` with ``p`` extra bits (rounded half up:
+      ``⌊(Σx · 2**(p+1) + n) / 2n⌋``), and ``V = ⌊Σc² / n⌋ + e``: the variance plus eps, in
+      units of ``2**-2(frac+p)``,
+    * ``R = isqrt(V · 4**g)``: σ at ``frac + p + g`` fractional bits (:func:`isqrt`),
+    * ``z = ⌊(2 c' + R) / 2R⌋`` with ``c' = x · 2**q − m_q`` (the mean with ``q = k + g + p``
+      extra bits): (x − μ)/σ at ``k`` bits, rounded half up,
+    * the affine map, exact.  The cast after it rounds once more, to its format.
+    """
+    p, g, k, e, n = plan["p"], plan["g"], plan["k"], plan["e"], plan["n"]
+    q = k + g + p
+    c = x * (1 << p) - _mean(x, n, p)
+    r = isqrt((((c * c).sum(-1, keepdim=True) // n) + e) << (2 * g))
+    z = _floor_divide(2 * (x * (1 << q) - _mean(x, n, q)) + r, 2 * r)
+    z = z if weight is None else z * weight
+    return z if bias is None else z + bias

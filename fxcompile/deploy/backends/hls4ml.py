@@ -72,6 +72,11 @@ UNSUPPORTED: dict[str, str] = {
     "sum_pool2d": "hls4ml has AveragePooling2D, but this handoff does not yet map a window sum with a moved "
                   "binary point onto it",
     "add": "the handoff writes sequential models; a residual add needs hls4ml's Merge layer",
+    "matmul": "the handoff writes sequential models; a product of two activations needs two-input layers",
+    "softmax": "hls4ml's Softmax uses its own exp and inverse tables, which round differently from the integer "
+               "definition; this handoff does not map one onto the other",
+    "layer_norm": "hls4ml's LayerNormalization computes its statistics in its own fixed-point types and table; "
+                  "this handoff does not map the integer definition onto it",
 }
 
 
