@@ -12,6 +12,7 @@ import fxcompile as fxc
 from fxcompile.core import ops
 from fxcompile.deploy.backends.integer import run_integer
 from fxcompile.deploy.backends.onnx import to_onnx
+from fxcompile.deploy.backends.qdq import to_qdq
 from fxcompile.deploy.export import integer_graph, onnx_session
 
 
@@ -62,3 +63,7 @@ def test_attention_block_trains_and_exports_bit_exactly():
     assert int((sim_codes != codes).sum()) == 0
     assert int((torch.from_numpy(ort_codes) != codes).sum()) == 0
     assert codes.unique().numel() > 100  # the outputs are not trivially constant
+    # the QDQ flavour runs float MatMul, Softmax, LayerNormalization between its pairs: close, not exact
+    (qdq,) = onnx_session(to_qdq(q, (x[:2],))).run(None, {"x": x.numpy()})
+    qdq_codes = torch.round(torch.from_numpy(qdq).double() * 2.0 ** graph.op_of(graph.outputs[0]).frac).long()
+    assert (qdq_codes - codes).abs().max() <= 2 and (qdq_codes != codes).float().mean() < 0.05
