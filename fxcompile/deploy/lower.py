@@ -451,6 +451,7 @@ def _unsupported(gm: fx.GraphModule) -> list[str]:
         if node.op in ("call_module", "call_function", "call_method") and op_key(gm, node) not in RULES:
             hint = " (batch norm folds only into a conv/linear whose output feeds nothing else)" \
                 if op_key(gm, node) == "batch_norm" else ""
+            hint = f" ({_UNREWRITTEN})" if UNSUPPORTED.get(op_key(gm, node)) == _UNREWRITTEN else hint
             bad.append(f"{node.name!r} ({_label(gm, node)}){hint}")
     return bad
 

@@ -74,6 +74,11 @@ def _matmul(gm, node, name):
     formats = [input_format(a) for a in operands]
     if any(f is None for f in formats):
         return None
+    a_meta = operands[0].meta.get("tensor_meta")
+    if a_meta is not None:  # a reduction whose sums float64 cannot hold exactly stays as it is
+        k = a_meta.shape[perms[0][-1] if perms and perms[0] else -1]
+        if sum(ops.code_bits(f.spec()) for f in formats) + int(k).bit_length() > 53:
+            return None
     return ops.fixed_point_matmul, (*operands, perms, *(f.spec() for f in formats))
 
 

@@ -205,8 +205,28 @@ def test_nodes_without_a_definition_are_left_and_refused():
     x = torch.randn(2, 3, 4)
     q = fxc.compile(Softmax(dim=1), fxc.baseline(), example_inputs=(x,))
     assert not any(n.target is ops.fixed_point_softmax for n in q.graph.nodes)
-    with pytest.raises(ExportError, match="softmax"):
+    with pytest.raises(ExportError, match="'softmax'.*over the last dim"):
         integer_graph(q.eval(), (x,))
+    # 24-bit codes times 24-bit codes over 64 terms: float64 could not hold the sums exactly
+    a, b = torch.randn(2, 3, 64), torch.randn(2, 64, 5)
+    q = fxc.compile(Product("matmul"), fxc.Policy(input="24.12", activation="24.12"), example_inputs=(a, b))
+    assert not any(n.target is ops.fixed_point_matmul for n in q.graph.nodes)
+    with pytest.raises(ExportError, match="'matmul'.*not rewritten"):
+        integer_graph(q.eval(), (a, b))
+
+
+@pytest.mark.parametrize("fout", ["16.6,floor", "16.6,toward_zero", "12.10,wrap", "u16.8"])
+def test_products_round_with_the_output_casts_rounding_and_overflow(fout):
+    g = torch.Generator().manual_seed(8)
+    fmt = as_format("16.8")
+    a, b = _grid((2, 3, 5, 32), fmt, g), _grid((2, 3, 6, 32), fmt, g)
+    policy = fxc.Policy(input="16.8", activation_in="16.8", activation_out=fout)
+    q = fxc.compile(Product("bhqd,bhkd->bhqk"), policy, example_inputs=(a, b)).eval()
+    graph = integer_graph(q, (a, b))
+    sim_codes, ref_codes, ort_codes, sim, ref = _three_ways(q, graph, (a, b), ("a", "b"))
+    assert torch.equal(sim_codes, ref_codes) and torch.equal(ort_codes, ref_codes)
+    exact = torch.einsum("bhqd,bhkd->bhqk", a.double(), b.double())
+    assert torch.equal(sim.double(), as_format(fout).quantize(exact))
 
 
 def test_qdq_runs_the_float_ops_between_pairs():
