@@ -7,7 +7,8 @@ definition computes); the largest error of the integer softmax and LayerNorm aga
 in units of the output format's last place (LSB), and how many codes differ from float64
 rounded once to the output format; and the differing output codes of a tiny attention block
 (tests/deploy/test_attention.py) between the simulation, the integer reference, ONNX Runtime
-and the QDQ flavour (float ops between Q/DQ pairs) after one training step::
+and the QDQ flavour (float ops between Q/DQ pairs) after one training step; and what each
+definition costs in training against the float op followed by a cast::
 
     python benchmarks/transformer_ops.py --results benchmarks/results/transformer_ops.json
 """
@@ -19,6 +20,7 @@ import datetime
 import json
 import pathlib
 import sys
+import time
 
 import torch
 from torch import nn
@@ -30,6 +32,7 @@ from fxcompile.deploy.backends.integer import run_integer
 from fxcompile.deploy.backends.onnx import to_onnx
 from fxcompile.deploy.backends.qdq import to_qdq
 from fxcompile.deploy.export import integer_graph, onnx_session
+from fxcompile.runtime.cast import cast
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from tests.deploy.test_attention import Attention  # noqa: E402
@@ -122,6 +125,42 @@ def attention(batch: int) -> dict:
             "qdq_vs_integer": int((qdq_codes != codes).sum()), "qdq_max_codes_off": int((qdq_codes - codes).abs().max())}
 
 
+def _seconds(fn, *inputs, repeat: int = 20) -> float:
+    """Median seconds of forward + backward of ``fn`` on ``inputs``."""
+    times = []
+    for _ in range(repeat + 2):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        start = time.perf_counter()
+        fn(*leaves).sum().backward()
+        times.append(time.perf_counter() - start)
+    return sorted(times[2:])[repeat // 2]
+
+
+def training_cost(g) -> dict:
+    """Forward + backward of each definition against the float op and a cast, at the sizes of
+    examples/vit_fashion_mnist.py (batch 64, 17 tokens, width 64, 4 heads), interleaved."""
+    fmt, w_fmt = as_format("16.8"), as_format("24.12")
+    spec, w_spec = fmt.spec(), w_fmt.spec()
+    x, s, q = _grid((64, 17, 64), fmt, g, 512), _grid((64, 4, 17, 17), fmt, g, 512), _grid((64, 4, 17, 16), fmt, g, 512)
+    w, b = w_fmt.quantize(torch.rand(64, generator=g) + 0.5), fmt.quantize(torch.randn(64, generator=g))
+    perms = ops.matmul_equation("bhqd,bhkd->bhqk")
+    pairs = {
+        "layer_norm": (lambda x, w, b: ops.fixed_point_layer_norm(x, (64,), w, b, 1e-5, spec, w_spec, spec, spec),
+                       lambda x, w, b: cast(nn.functional.layer_norm(x, (64,), w, b), spec, spec), (x, w, b)),
+        "softmax": (lambda s: ops.fixed_point_softmax(s, spec, spec), lambda s: cast(torch.softmax(s, -1), spec, spec),
+                    (s,)),
+        "matmul": (lambda a, b: ops.fixed_point_matmul(a, b, perms, spec, spec, spec),
+                   lambda a, b: cast(a @ b.transpose(-2, -1), spec, spec), (q, q)),
+    }
+    out = {}
+    for name, (definition, float_op, inputs) in pairs.items():
+        times = [(_seconds(definition, *inputs), _seconds(float_op, *inputs)) for _ in range(3)]
+        d, f = sorted(t[0] for t in times)[1], sorted(t[1] for t in times)[1]
+        out[name] = {"definition_ms": round(1e3 * d, 3), "float_op_and_cast_ms": round(1e3 * f, 3),
+                     "ratio": round(d / f, 1)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=256)
@@ -131,7 +170,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     figures = {"products": products(g), "softmax": softmax(g), "layer_norm": layer_norm(g),
-               "attention_block": attention(args.batch)}
+               "attention_block": attention(args.batch), "training_cost": training_cost(g)}
     print(json.dumps(figures, indent=1))
     if args.results:
         record = {"command": "python benchmarks/transformer_ops.py " + " ".join(sys.argv[1:]),

@@ -203,7 +203,8 @@ def matmul_product(a, b, perms):
     if perms is None:
         return torch.matmul(a, b)
     pa, pb, po = perms
-    y = torch.matmul(a.permute(pa) if pa else a, b.permute(pb) if pb else b)
+    # contiguous operands: a batched matmul of strided ones falls back to one product a batch
+    y = torch.matmul(a.permute(pa).contiguous() if pa else a, b.permute(pb).contiguous() if pb else b)
     return y.permute(po) if po else y
 
 
