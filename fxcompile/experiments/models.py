@@ -80,20 +80,22 @@ def build(name: str, num_classes: int = 10, in_channels: int | None = None) -> n
     that argument), a torchvision classification model (``resnet18``, ``mobilenet_v3_small``;
     ``torchvision:NAME`` to be explicit), or a timm model (``timm:NAME``, or a plain name
     torchvision does not know; needs ``pip install timm``).  ``in_channels`` is passed to timm
-    models; for the others it is checked against the first convolution::
+    models, and a torchvision model's first convolution is rebuilt for it (untrained, like the
+    rest); for the others it is checked against the first convolution::
 
-        build("resnet18", num_classes=4)       # torchvision.models.resnet18(num_classes=4)
+        build("resnet18", num_classes=4)                  # torchvision.models.resnet18(num_classes=4)
+        build("resnet18", num_classes=10, in_channels=1)  # ... whose first conv takes 1 channel
     """
     if name in MODELS:
         model = MODELS[name](num_classes=num_classes)
     elif name.startswith("timm:"):
         model = _timm(name[5:], num_classes, in_channels)
     elif name.startswith("torchvision:"):
-        model = _torchvision(name[12:], num_classes)
+        model = adapt_input_channels(_torchvision(name[12:], num_classes), in_channels)
     elif ":" in name:
         model = _from_callable(name, num_classes)
     elif name in _torchvision_names():
-        model = _torchvision(name, num_classes)
+        model = adapt_input_channels(_torchvision(name, num_classes), in_channels)
     else:
         try:
             import timm
@@ -111,6 +113,23 @@ def build(name: str, num_classes: int = 10, in_channels: int | None = None) -> n
             raise ValueError(f"model {name!r} takes {first.in_channels}-channel images (its first convolution), the "
                              f"data has {in_channels}: choose a model for {in_channels} channels "
                              "(or --grayscale/colour images to match)")
+    return model
+
+
+def adapt_input_channels(model: nn.Module, in_channels: int | None) -> nn.Module:
+    """``model`` with its first ``Conv2d`` rebuilt (same geometry, new untrained weights) to take
+    ``in_channels`` channels; ``model`` itself if it already does or ``in_channels`` is ``None``."""
+    first = next(((name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if in_channels is None or first is None or first[1].in_channels == in_channels:
+        return model
+    name, conv = first
+    if conv.groups != 1:
+        raise ValueError(f"the first convolution {name!r} is grouped ({conv.groups} groups): it cannot be rebuilt "
+                         f"for {in_channels} input channels")
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
     return model
 
 

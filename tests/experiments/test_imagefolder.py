@@ -80,7 +80,15 @@ def test_models_by_torchvision_name_timm_name_and_module_callable():
     with pytest.raises(ValueError, match="unknown model 'no_such_net'"):
         build("no_such_net")
     with pytest.raises(ValueError, match="3-channel images"):
-        build("resnet18", in_channels=1)
+        build("tests.experiments.test_imagefolder:TinyCNN", in_channels=1)  # the user's own model is not rebuilt
+
+
+@pytest.mark.parametrize("name, first", [("resnet18", "conv1"), ("mobilenet_v3_small", "features.0.0")])
+def test_torchvision_models_get_a_first_convolution_for_the_data_channels(name, first):
+    m = build(name, num_classes=3, in_channels=1)
+    conv = m.get_submodule(first)
+    assert (conv.in_channels, conv.out_channels) == (1, build(name).get_submodule(first).out_channels)
+    assert m.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 3)
 
 
 def test_timm_models_by_name():
