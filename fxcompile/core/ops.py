@@ -18,12 +18,15 @@ one entry here, its function in each backend, and their tests::
 The module also holds the functions the IR's nodes call that are fxcompile's own:
 :func:`batch_norm` and :func:`call_with_parameters` (written by ``expose_params``), and
 :func:`fixed_point_average` (written by ``passes.averages``), whose reciprocal is
-:func:`reciprocal`.
+:func:`reciprocal`, and :func:`fixed_point_matmul`, :func:`fixed_point_softmax`,
+:func:`fixed_point_layer_norm` (written by
+``passes.definitions``; their integer algorithms are :mod:`fxcompile.core.intmath`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from typing import Callable
 
@@ -32,11 +35,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import ir
-from .quantizer import quantize_reference
+from . import intmath, ir
+from .quantizer import ROUNDINGS, quantize_reference
 
 __all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "ops_in", "batch_norm", "call_with_parameters",
-           "fixed_point_average", "reciprocal", "average_windows", "RECIPROCAL_BITS"]
+           "fixed_point_average", "reciprocal", "average_windows", "RECIPROCAL_BITS",
+           "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "matmul_equation", "matmul_product", "code_bits"]
 
 GROUPS = {
     "cast": "the fixed-point cast on an edge",
@@ -142,6 +146,146 @@ def fixed_point_average(x: torch.Tensor, output_size, squeeze: bool, spec: list)
     return y[..., 0, 0] if squeeze else y
 
 
+# ---- products of two activations, softmax, LayerNorm: fixed-point definitions (passes.definitions) ----
+
+class _Definition(torch.autograd.Function):
+    """Forward: ``exact(*tensors)``, an op's fixed-point definition; backward: the derivative of
+    the float op ``reference`` at the same inputs (the casts around the op round it)."""
+
+    @staticmethod
+    def forward(ctx, exact, reference, *tensors):
+        ctx.reference = reference
+        ctx.save_for_backward(*tensors)
+        return exact(*tensors)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+            wanted = [t for t in inputs if t.requires_grad]
+            grads = iter(torch.autograd.grad(ctx.reference(*inputs), wanted, grad) if wanted else ())
+        return (None, None, *(next(grads) if t.requires_grad else None for t in inputs))
+
+
+def code_bits(spec) -> int:
+    """Bits of the largest centred code magnitude of the format ``spec``."""
+    frac, qmin, qmax, zp = spec[:4]
+    return max(abs(qmin - zp), abs(qmax - zp)).bit_length()
+
+
+def matmul_equation(equation: str) -> tuple | None:
+    """How the two-operand einsum ``equation`` is a batched matmul: ``(perm_a, perm_b, perm_out)``,
+    the permutations taking ``a`` to (batch…, i, j) and ``b`` to (batch…, j, k), and the product
+    (batch…, i, k) to the output (``None`` where one is the identity); ``None`` if it is no
+    matmul (one contracted index, one free index an operand, the others batch dims)::
+
+        >>> matmul_equation("bhqd,bhkd->bhqk"), matmul_equation("bqhd,bkhd->bhqk")
+        ((None, (0, 1, 3, 2), None), ((0, 2, 1, 3), (0, 2, 3, 1), None))
+    """
+    terms = equation.replace(" ", "").split("->")
+    if len(terms) != 2 or "." in equation or len(terms[0].split(",")) != 2:
+        return None
+    (a, b), out = terms[0].split(","), terms[1]
+    if any(len(set(t)) != len(t) for t in (a, b, out)):
+        return None
+    batch = "".join(c for c in out if c in a and c in b)
+    i, k = [c for c in a if c not in b], [c for c in b if c not in a]
+    j = [c for c in a if c in b and c not in out]
+    if not (len(i) == len(j) == len(k) == 1 and len(a) == len(b) == len(out) == len(batch) + 2 and set(out) <= set(a + b)):
+        return None
+    perms = (tuple(a.index(c) for c in batch + i[0] + j[0]), tuple(b.index(c) for c in batch + j[0] + k[0]),
+             tuple((batch + i[0] + k[0]).index(c) for c in out))
+    return tuple(None if p == tuple(range(len(p))) else p for p in perms)
+
+
+def matmul_product(a, b, perms):
+    """``a @ b`` (``perms`` None), else the einsum that :func:`matmul_equation` read as ``perms``."""
+    if perms is None:
+        return torch.matmul(a, b)
+    pa, pb, po = perms
+    # contiguous operands: a batched matmul of strided ones falls back to one product a batch
+    y = torch.matmul(a.permute(pa).contiguous() if pa else a, b.permute(pb).contiguous() if pb else b)
+    return y.permute(po) if po else y
+
+
+def fixed_point_matmul(a: torch.Tensor, b: torch.Tensor, perms: tuple | None, a_spec: list, b_spec: list,
+                       spec: list) -> torch.Tensor:
+    """``a @ b`` of two fixed-point activations (with ``perms`` from :func:`matmul_equation`, the
+    einsum it stands for) as deployed: the exact sum of products, rounded once to the format
+    ``spec`` of the cast after it.
+
+    float32 cannot hold these sums (two 16-bit codes make a 30-bit product, and a length-d
+    reduction adds ``log2 d`` bits), so the product is taken in float64, exact while the codes'
+    bits (``a_spec``, ``b_spec``) plus those of the reduction length stay within 53 — the
+    integer graph's ``matmul`` is the same sum in int64.  The backward is the float product's.
+    """
+    k = a.shape[perms[0][-1] if perms and perms[0] else -1]
+    bits = code_bits(a_spec) + code_bits(b_spec) + k.bit_length()
+    if bits > 53:
+        raise ValueError(f"fixed_point_matmul: products of {code_bits(a_spec)}- and {code_bits(b_spec)}-bit codes "
+                         f"summed over {k} terms need {bits} bits, more than float64 holds exactly (53); "
+                         "give the operands narrower formats")
+
+    def exact(a, b):
+        return quantize_reference(matmul_product(a.double(), b.double(), perms), spec).to(a.dtype)
+    return _Definition.apply(exact, lambda a, b: matmul_product(a, b, perms), a, b)
+
+
+def fixed_point_softmax(x: torch.Tensor, in_spec: list, spec: list) -> torch.Tensor:
+    """Softmax over the last dim as deployed (:func:`fxcompile.core.intmath.softmax_codes`): an
+    exact table of ``exp`` over the code differences to the row maximum, their integer sum and
+    an integer division rounded with the rounding of the cast after it (format ``spec``);
+    ``x``'s codes are read in the input format ``in_spec`` (at most 16 bits).  The backward is
+    the float softmax's."""
+    frac, qmin, qmax = in_spec[:3]
+    if qmax - qmin >= 1 << 16 or not 0 <= spec[0] <= 32:
+        raise ValueError(f"fixed_point_softmax: needs an input of at most 16 bits (got {(qmax - qmin).bit_length()}) "
+                         f"and an output with 0 to 32 fractional bits (got {spec[0]})")
+    table = intmath.exp_table(frac, qmax - qmin)
+
+    def exact(x):
+        codes = torch.round(x.double() * 2.0 ** frac).to(torch.int64)
+        y = intmath.softmax_codes(codes, table.to(x.device), spec[0], ROUNDINGS[spec[4]])
+        return quantize_reference(y.double() * 2.0 ** -spec[0], spec).to(x.dtype)
+    return _Definition.apply(exact, lambda x: torch.softmax(x, -1), x)
+
+
+def fixed_point_layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                           eps: float, in_spec: list, w_spec: list | None, b_spec: list | None,
+                           spec: list) -> torch.Tensor:
+    """LayerNorm over the last dim as deployed (:func:`fxcompile.core.intmath.layer_norm_codes`):
+    integer mean and variance, :func:`~fxcompile.core.intmath.isqrt`, an integer division to
+    ``z`` at 16 fractional bits, the exact affine map with the weight and bias codes (formats
+    ``w_spec``, ``b_spec``), rounded once to the format ``spec`` of the cast after it.  The
+    backward is the float LayerNorm's."""
+    n = x.shape[-1]
+    if tuple(normalized_shape) != (n,):
+        raise ValueError(f"fixed_point_layer_norm: normalizes the last dim only, got normalized_shape "
+                         f"{tuple(normalized_shape)} for an input of shape {tuple(x.shape)}")
+    wf, bf = (w_spec[0] if w_spec else 0), (b_spec[0] if b_spec else 0)
+    plan = intmath.layer_norm_plan(n, code_bits(in_spec), in_spec[0], eps, wf, bf)
+    k = plan["k"]
+    if (code_bits(w_spec) if w_spec else 1) + k + (math.isqrt(n) + 1).bit_length() + 1 > 53:
+        raise ValueError("fixed_point_layer_norm: the weight's codes times z need more than float64's 53 bits; "
+                         "give the weight a narrower format")
+
+    def codes(t, frac):
+        return torch.round(t.double() * 2.0 ** frac).to(torch.int64)
+
+    def exact(x, *params):
+        params = iter(params)
+        w = codes(next(params), wf) if weight is not None else None
+        b = codes(next(params), bf) << (k + wf - bf) if bias is not None else None
+        acc = intmath.layer_norm_codes(codes(x, in_spec[0]), plan, w, b)
+        return quantize_reference(acc.double() * 2.0 ** -(k + wf), spec).to(x.dtype)
+
+    def reference(x, *params):
+        params = iter(params)
+        w, b = (next(params) if weight is not None else None), (next(params) if bias is not None else None)
+        return F.layer_norm(x, (n,), w, b, eps)
+    return _Definition.apply(exact, reference, x, *(t for t in (weight, bias) if t is not None))
+
+
 @dataclasses.dataclass(frozen=True)
 class Op:
     """One op: its name, group, and the fx node targets that are it."""
@@ -185,6 +329,14 @@ _DECLARED = [
     Op("fixed_point_average", "reduction", (), (fixed_point_average,)),  # written by passes.averages
     Op("dropout", "elementwise", (nn.Dropout,), (F.dropout,), (), ("dropout",)),  # the identity at eval time
     Op("batch_norm", "normalization", (), (batch_norm,)),
+    # products of two activations, softmax, LayerNorm: their fixed-point definitions are written by passes.definitions
+    Op("einsum", "multiply_accumulate", (), (torch.einsum,), (), ("einsum",)),
+    Op("fixed_point_matmul", "multiply_accumulate", (), (fixed_point_matmul,)),
+    Op("softmax", "normalization", (nn.Softmax,), (torch.softmax, F.softmax), ("softmax",), ("softmax", "_softmax")),
+    Op("fixed_point_softmax", "normalization", (), (fixed_point_softmax,)),
+    Op("layer_norm", "normalization", (nn.LayerNorm,), (F.layer_norm,), (), ("layer_norm", "native_layer_norm")),
+    Op("fixed_point_layer_norm", "normalization", (), (fixed_point_layer_norm,)),
+    Op("unflatten", "shape", (nn.Unflatten,), (torch.unflatten,), ("unflatten",)),  # split a dim into heads
 ]
 
 OPS: dict[str, Op] = {op.name: op for op in _DECLARED}
@@ -205,6 +357,9 @@ INTEGER_OPS = {
     "add": "operands shifted to the larger binary point, then added",
     "reshape": "the same codes in another shape",
     "dequantize": "codes -> float32 at an output",
+    "matmul": "int64 sums of products of two activations' codes (the second operand transposed or not)",
+    "softmax": "integer softmax over the last dim: exp table over code differences, sum, rounding division",
+    "layer_norm": "integer LayerNorm over the last dim: integer mean and variance, isqrt, division, affine map",
 }
 
 

@@ -45,7 +45,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..core import ir, ops
+from ..core import intmath, ir, ops
+from ..core.quantizer import ROUNDINGS
 from ..errors import ExportError
 from ..core.formats import FixedPoint
 from ..passes.averages import average_arguments
@@ -336,6 +337,66 @@ def rule_identity(lw, node, x, *args, **kwargs):
     return x
 
 
+# ---- products of two activations, softmax, LayerNorm: the definitions passes.definitions wrote -------
+
+def _definition_output(lw: _Lowering, node: fx.Node, spec, name: str) -> None:
+    """Refuse a definition whose rounding (``spec``) is no longer its output cast's format."""
+    casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u)]
+    fmt = lw.gm.get_submodule(casts[0].target).edge.forward if len(node.users) == 1 == len(casts) else None
+    if fmt is None or fmt.spec() != list(spec):
+        raise ExportError(f"node {node.name!r} ({name}): its fixed-point definition rounds to a format that is no "
+                          "longer its output cast's; recompile after changing formats")
+
+
+def rule_fixed_point_matmul(lw, node, a, b, perms, a_spec, b_spec, spec):
+    a, b = _operand(node, a), _operand(node, b)
+    _definition_output(lw, node, spec, "matmul")
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        raise ExportError(f"node {node.name!r} (matmul): both operands need at least two dims, got shapes "
+                          f"{a.shape} and {b.shape}")
+    return lw.emit(node, "matmul", [a, b], a.frac + b.frac, perms=perms)
+
+
+def rule_fixed_point_softmax(lw, node, x, in_spec, spec):
+    x = _operand(node, x)
+    _definition_output(lw, node, spec, "softmax")
+    if x.frac != in_spec[0]:
+        raise ExportError(f"node {node.name!r} (softmax): its exp table is for inputs with {in_spec[0]} fractional "
+                          f"bits, its input has {x.frac}; recompile after changing formats")
+    return lw.emit(node, "softmax", [x], spec[0], table=intmath.exp_table(in_spec[0], in_spec[2] - in_spec[1]),
+                   rounding=ROUNDINGS[spec[4]])
+
+
+def rule_fixed_point_layer_norm(lw, node, x, normalized_shape, w, b, eps, in_spec, w_spec, b_spec, spec):
+    x = _operand(node, x)
+    _definition_output(lw, node, spec, "layer_norm")
+    for name, p in (("weight", w), ("bias", b)):
+        if p is not None and (not isinstance(p, Value) or p.const is None or p.frac is None):
+            raise ExportError(f"node {node.name!r} (layer_norm): its {name} must be a stored parameter behind a cast")
+    if x.frac != in_spec[0]:
+        raise ExportError(f"node {node.name!r} (layer_norm): defined for inputs with {in_spec[0]} fractional bits, "
+                          f"its input has {x.frac}; recompile after changing formats")
+    wf, bf = (w.frac if w is not None else 0), (b.frac if b is not None else 0)
+    plan = intmath.layer_norm_plan(x.shape[-1], ops.code_bits(in_spec), x.frac, eps, wf, bf)
+    bias = None if b is None else b.const << (plan["k"] + wf - bf)
+    return lw.emit(node, "layer_norm", [x], plan["k"] + wf, plan=plan, weight=None if w is None else w.const,
+                   bias=bias)
+
+
+def rule_unflatten(lw, node, x, *args, **kwargs):
+    x = _operand(node, x)
+    p = op_arguments(lw.gm, node, ("dim", "sizes"), {}) if node.op != "call_module" else \
+        {"dim": lw.gm.get_submodule(node.target).dim}
+    if p["dim"] % len(x.shape) == 0:
+        raise ExportError(f"node {node.name!r} (unflatten): unflattening the batch dimension does not lower")
+    shape = tuple(node.meta["tensor_meta"].shape)
+    return lw.emit(node, "reshape", [x], x.frac, x.fmt, shape=(0, *shape[1:]))
+
+
+_UNREWRITTEN = ("deploys as the fixed-point definition compile() makes of it; this node was not rewritten: its "
+                "operands and its output need fixed-point formats (softmax: over the last dim, input <= 16 bits)")
+
+
 RULES: dict[str, Callable] = {
     "cast": rule_cast,
     "conv2d": rule_conv2d,
@@ -350,15 +411,18 @@ RULES: dict[str, Callable] = {
     "add": rule_add,
     "identity": rule_identity,
     "dropout": rule_identity,  # deployment is inference: dropout is the identity
+    "fixed_point_matmul": rule_fixed_point_matmul,
+    "fixed_point_softmax": rule_fixed_point_softmax,
+    "fixed_point_layer_norm": rule_fixed_point_layer_norm,
+    "unflatten": rule_unflatten,
 }
 
 # Registered ops without a rule, and what lowering them would take.
 UNSUPPORTED: dict[str, str] = {
     "conv1d": "a 1-d convolution rule (im2col over one axis) and its integer kernel",
     "conv3d": "a 3-d convolution rule and its integer kernel",
-    "matmul": "a rule for products of two activations (wide accumulation, then requantize)",
-    "mm": "a rule for products of two activations (wide accumulation, then requantize)",
-    "bmm": "a rule for batched products of two activations (wide accumulation, then requantize)",
+    "matmul": _UNREWRITTEN, "mm": _UNREWRITTEN, "bmm": _UNREWRITTEN, "einsum": _UNREWRITTEN,
+    "softmax": _UNREWRITTEN, "layer_norm": _UNREWRITTEN,
     "max_pool1d": "a 1-d window maximum rule",
     "max_pool3d": "a 3-d window maximum rule",
     "reshape": "a rule that checks the batch dimension stays first and free",

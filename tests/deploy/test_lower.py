@@ -53,7 +53,8 @@ class Single(nn.Module):
 
 def test_rule_table_has_one_entry_per_op():
     assert set(RULES) == {"cast", "conv2d", "linear", "relu", "max_pool2d", "avg_pool2d", "flatten", "add",
-                          "identity", "dropout", "adaptive_avg_pool2d", "mean", "fixed_point_average"}
+                          "identity", "dropout", "adaptive_avg_pool2d", "mean", "fixed_point_average",
+                          "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "unflatten"}
 
 
 # ---- rounding shift and saturation: Python integers as the oracle ----------------------------

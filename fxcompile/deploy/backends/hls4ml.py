@@ -73,6 +73,12 @@ UNSUPPORTED: dict[str, str] = {
              "the window sum times a fixed-point reciprocal onto a layer that rounds the same way",
     "sum_pool2d": "hls4ml has AveragePooling2D, but this handoff does not yet map a window sum with a moved "
                   "binary point onto it",
+    "matmul": "this handoff does not yet map a product of two activations' codes (two layer inputs, an int64 "
+              "sum of products) onto an hls4ml layer",
+    "softmax": "hls4ml's Softmax uses its own exp and inverse tables, which round differently from the integer "
+               "definition; this handoff does not map one onto the other",
+    "layer_norm": "hls4ml's LayerNormalization computes its statistics in its own fixed-point types and table; "
+                  "this handoff does not map the integer definition onto it",
 }
 
 

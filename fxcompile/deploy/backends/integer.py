@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ...core import intmath, ops
 from ...core.formats import FixedPoint
 from ..lower import IntegerGraph, IntOp, round_shift, saturate
 
@@ -93,6 +94,9 @@ KERNELS: dict[str, Callable] = {
     "add": _add,
     "reshape": _reshape,
     "dequantize": lambda op, x: (x.double() * 2.0 ** -op.frac).float(),
+    "matmul": lambda op, a, b: ops.matmul_product(a, b, op.attrs["perms"]),
+    "softmax": lambda op, x: intmath.softmax_codes(x, op.attrs["table"], op.frac, op.attrs["rounding"]),
+    "layer_norm": lambda op, x: intmath.layer_norm_codes(x, op.attrs["plan"], op.attrs["weight"], op.attrs["bias"]),
 }
 
 

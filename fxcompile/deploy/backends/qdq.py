@@ -265,10 +265,34 @@ def _identity(g, node, x, *args, **kwargs):
     return x
 
 
+def _matmul(g, node, a, b, perms, *specs):
+    # the float product between the pairs: float32 sums, so not always the exact one (see above)
+    pa, pb, po = perms or (None, None, None)
+    a = g.node("Transpose", [a], perm=list(pa)) if pa else a
+    b = g.node("Transpose", [b], perm=list(pb)) if pb else b
+    y = g.node("MatMul", [a, b])
+    return g.node("Transpose", [y], perm=list(po)) if po else y
+
+
+def _softmax(g, node, x, *specs):
+    # the float softmax between the pairs: within about one output code of the integer one
+    return g.node("Softmax", [x], axis=-1)
+
+
+def _layer_norm(g, node, x, normalized_shape, w, b, eps, *specs):
+    # the float LayerNormalization between the pairs (see the module docstring for the distance)
+    n = normalized_shape[0]
+    w = w if w is not None else g.const(np.ones(n, np.float32), np.float32)
+    b = b if b is not None else g.const(np.zeros(n, np.float32), np.float32)
+    return g.node("LayerNormalization", [x, w, b], axis=-1, epsilon=eps)
+
+
 FLOAT_OPS: dict[str, Callable] = {
     "conv2d": _conv2d, "linear": _linear, "relu": _relu, "max_pool2d": _max_pool2d,
     "avg_pool2d": _avg_pool2d, "adaptive_avg_pool2d": _average, "mean": _average, "fixed_point_average": _average,
     "flatten": _flatten, "add": _add, "identity": _identity, "dropout": _identity,
+    "fixed_point_matmul": _matmul, "fixed_point_softmax": _softmax, "fixed_point_layer_norm": _layer_norm,
+    "unflatten": _flatten,  # a Reshape to the node's shape, as flatten
 }
 
 # Ops that build() writes itself rather than through FLOAT_OPS.

@@ -1,13 +1,15 @@
 """The emitters of the other integer ops (quantize, requantize, dequantize, pools, add, ReLU,
-reshape) and :data:`EMITTERS`, the table from integer op to emitter."""
+reshape, products of two activations, softmax, LayerNorm) and :data:`EMITTERS`, the table from integer op to emitter."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
 from onnx import TensorProto
 
+from ....core import intmath
 from ....core.formats import FixedPoint
 from ...lower import IntOp
 from .arithmetic import _centred_range, _clip, _fits32, _int_type, _relu, _round_shift, _wide, _wrap
@@ -184,6 +186,96 @@ def emit_reshape(b: _Builder, op: IntOp, x: str) -> str:
     return b.value(out, *b.ranges[x])
 
 
+# ---- products of two activations and softmax (fxcompile.core.intmath) ----------------------
+
+def emit_matmul(b: _Builder, op: IntOp, x: str, y: str) -> str:
+    """One ``MatMul`` of the two operands' codes, in int32 when ``K · max|x| · max|y|`` fits it
+    (else int64), between the ``Transpose`` of ``attrs["perms"]`` (an einsum's layouts)."""
+    pa, pb, po = op.attrs["perms"] or (None, None, None)
+    x, y = b.nchw(x), b.nchw(y)
+    k = b.shapes[op.inputs[0]][pa[-1] if pa else -1]
+    bound = k * max(map(abs, b.ranges[x])) * max(map(abs, b.ranges[y]))
+    dt = np.int32 if _fits32(-bound, bound) else np.int64
+    x, y = b.cast(x, dt), b.cast(y, dt)
+    x = b.node("Transpose", [x], perm=list(pa)) if pa else x
+    y = b.node("Transpose", [y], perm=list(pb)) if pb else y
+    out = b.node("MatMul", [x, y])
+    return b.value(b.node("Transpose", [out], perm=list(po)) if po else out, -bound, bound)
+
+
+def emit_softmax(b: _Builder, op: IntOp, x: str) -> str:
+    """:func:`fxcompile.core.intmath.softmax_codes` in int64: ``ReduceMax``, the differences
+    (capped at the table's last, zero, entry), ``Gather`` from the exp table, ``ReduceSum``, and
+    ``Div`` (the floor: all non-negative) with the ties-to-even bump ``(2r + (q AND 1)) / (s + 1)``."""
+    table = op.attrs["table"].numpy()
+    x = b.cast(b.nchw(x), np.int64)
+    d = b.node("Sub", [b.node("ReduceMax", [x, b.const([-1])], keepdims=1), x])
+    d = b.node("Min", [d, b.const(len(table) - 1)])
+    e = b.node("Gather", [b.const(table, name=f"{op.out}.exp_table"), d], axis=0)
+    s = b.node("ReduceSum", [e, b.const([-1])], keepdims=1)
+    n = b.node("Mul", [e, b.const(1 << op.frac)])
+    q = b.node("Div", [n, s])
+    if op.attrs["rounding"] == "nearest":
+        r = b.node("Sub", [n, b.node("Mul", [q, s])])
+        bump = b.node("Add", [b.node("Add", [r, r]), b.node("BitwiseAnd", [q, b.const(1)])])
+        q = b.node("Add", [q, b.node("Div", [bump, b.node("Add", [s, b.const(1)])])])
+    return b.value(q, 0, 1 << op.frac)
+
+
+def _floor_divide(b: _Builder, num: str, den: str) -> str:
+    """``⌊num / den⌋`` for ``den > 0`` (int64): ``Div`` truncates, so the remainder ``Mod`` (the
+    divisor's sign) is taken off first and the division is exact."""
+    return b.node("Div", [b.node("Sub", [num, b.node("Mod", [num, den], fmod=0)]), den])
+
+
+def _power_of_two(b: _Builder, exponent: str) -> str:
+    """``2**exponent`` (int64, 0 <= exponent <= 62) by an unsigned ``BitShift``."""
+    one = b.const(1, np.uint64)
+    shift = b.node("BitShift", [one, b.node("Cast", [exponent], to=TensorProto.UINT64)], direction="LEFT")
+    return b.node("Cast", [shift], to=TensorProto.INT64)
+
+
+def emit_isqrt(b: _Builder, n: str) -> str:
+    """:func:`fxcompile.core.intmath.isqrt` of non-negative int64 ``n``: the bit length by a
+    six-step binary search, the start ``2**ceil(b/2)``, six Newton steps."""
+    length = b.node("Mul", [n, b.const(0)])
+    for step in (32, 16, 8, 4, 2, 1):
+        above = b.node("GreaterOrEqual", [n, _power_of_two(b, b.node("Add", [length, b.const(step - 1)]))])
+        length = b.node("Where", [above, b.node("Add", [length, b.const(step)]), length])
+    k = _power_of_two(b, b.node("Div", [b.node("Add", [length, b.const(1)]), b.const(2)]))
+    for _ in range(intmath.ISQRT_STEPS):
+        step = b.node("Div", [b.node("Add", [k, b.node("Div", [n, b.node("Max", [k, b.const(1)])])]), b.const(2)])
+        k = b.node("Min", [k, step])
+    return k
+
+
+def emit_layer_norm(b: _Builder, op: IntOp, x: str) -> str:
+    """:func:`fxcompile.core.intmath.layer_norm_codes` in int64 (``Mod`` for the floor of
+    signed divisions, :func:`emit_isqrt` for σ)."""
+    plan, w, bias = op.attrs["plan"], op.attrs["weight"], op.attrs["bias"]
+    p, g, k, e, n = plan["p"], plan["g"], plan["k"], plan["e"], plan["n"]
+    x = b.cast(b.nchw(x), np.int64)
+    total = b.node("ReduceSum", [x, b.const([-1])], keepdims=1)
+
+    def centred(bits):  # x · 2**bits minus the mean with as many extra bits, rounded half up
+        mean = _floor_divide(b, b.node("Add", [b.node("Mul", [total, b.const(1 << (bits + 1))]), b.const(n)]),
+                             b.const(2 * n))
+        return b.node("Sub", [b.node("Mul", [x, b.const(1 << bits)]), mean])
+    c = centred(p)
+    v = b.node("Div", [b.node("ReduceSum", [b.node("Mul", [c, c]), b.const([-1])], keepdims=1), b.const(n)])
+    r = emit_isqrt(b, b.node("Mul", [b.node("Add", [v, b.const(e)]), b.const(1 << (2 * g))]))
+    num = b.node("Add", [b.node("Mul", [centred(k + g + p), b.const(2)]), r])
+    z = _floor_divide(b, num, b.node("Mul", [r, b.const(2)]))
+    top = (math.isqrt(n) + 1) << k
+    if w is not None:
+        z = b.node("Mul", [z, b.const(w.numpy(), name=f"{op.out}.weight")])
+        top *= int(w.abs().max())
+    if bias is not None:
+        z = b.node("Add", [z, b.const(bias.numpy(), name=f"{op.out}.bias")])
+        top += int(bias.abs().max())
+    return b.value(z, -top, top)
+
+
 EMITTERS: dict[str, Callable] = {
     "quantize": emit_quantize,
     "requantize": emit_requantize,
@@ -196,5 +288,8 @@ EMITTERS: dict[str, Callable] = {
     "scale": emit_scale,
     "add": emit_add,
     "reshape": emit_reshape,
+    "matmul": emit_matmul,
+    "softmax": emit_softmax,
+    "layer_norm": emit_layer_norm,
 }
 _WEIGHTED = {"conv2d", "linear"}
