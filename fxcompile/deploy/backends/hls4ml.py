@@ -72,6 +72,16 @@ UNSUPPORTED: dict[str, str] = {
     "sum_pool2d": "hls4ml has AveragePooling2D, but this handoff does not yet map a window sum with a moved "
                   "binary point onto it",
     "add": "the handoff writes sequential models; a residual add needs hls4ml's Merge layer",
+    # structural ops
+    "concat": "the handoff writes sequential models; a concatenation needs hls4ml's Concatenate (Merge) layer",
+    "mul": "the handoff writes sequential models; a product of two activations needs hls4ml's Multiply (Merge) layer",
+    "transpose": "hls4ml has Permute/Transpose, but this sequential handoff does not yet map one between its "
+                 "channels-last layers",
+    "slice": "a slice of a value feeds a branch; the handoff writes sequential models",
+    "affine": "hls4ml's BatchNormalization scales in its own types; this handoff does not yet map the "
+              "fixed-point scale and offset onto it",
+    "pad": "hls4ml has ZeroPadding2D, but this handoff does not yet map it",
+    "upsample": "hls4ml has UpSampling2D (nearest), but this handoff does not yet map it",
 }
 
 
