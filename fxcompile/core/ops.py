@@ -308,7 +308,7 @@ INTEGER_OPS = {
     "concat": "operands shifted to the largest binary point, then concatenated along a non-batch axis",
     "mul": "the elementwise (broadcast) product of two operands' codes, at the sum of their binary points",
     "affine": "codes times a per-channel integer, plus a per-channel integer (at the product's binary point)",
-    "pad": "codes with zeros added around the spatial axes",
+    "pad": "codes with a constant (zero, or a max pool's smallest code) added around non-batch axes",
     "upsample": "codes repeated by integer factors along the spatial axes (nearest)",
 }
 

@@ -276,12 +276,25 @@ def rule_relu(lw, node, x, *args, **kwargs):
 def rule_max_pool2d(lw, node, x, *args, **kwargs):
     p = op_arguments(lw.gm, node, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
                    {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
-    if p["ceil_mode"] or p["return_indices"]:
-        raise ExportError(f"node {node.name!r} (max_pool2d): ceil_mode and return_indices do not lower")
+    if p["return_indices"]:
+        raise ExportError(f"node {node.name!r} (max_pool2d): return_indices does not lower")
     x = _operand(node, x)
-    k = pair(p["kernel_size"])
-    return lw.emit(node, "max_pool2d", [x], x.frac, x.fmt, kernel=k, stride=pair(p["stride"] or k),
-                   padding=pair(p["padding"]), dilation=pair(p["dilation"]))
+    k, stride, padding, dilation = pair(p["kernel_size"]), pair(p["stride"] or p["kernel_size"]), \
+        pair(p["padding"]), pair(p["dilation"])
+    if p["ceil_mode"]:
+        # the last windows that ceil_mode adds run past the bottom/right edge: pad there with the
+        # format's smallest code, which never exceeds a value in the window (each holds one)
+        extra = [(o - 1) * s + d * (kk - 1) + 1 - (n + 2 * q) for o, s, d, kk, n, q in
+                 zip(_shape(node)[2:], stride, dilation, k, x.shape[2:], padding)]
+        if any(e > 0 for e in extra):
+            if x.fmt is None:
+                raise ExportError(f"node {node.name!r} (max_pool2d): ceil_mode needs its input in a fixed-point "
+                                  "format (the padding is its smallest code)")
+            shape = (*x.shape[:2], x.shape[2] + max(extra[0], 0), x.shape[3] + max(extra[1], 0))
+            x = lw.emit(node, "pad", [x], x.frac, x.fmt, suffix="_ceil", out_shape=shape,
+                        pads=(0, max(extra[1], 0), 0, max(extra[0], 0)), value=x.fmt.code_min - x.fmt.zero_point)
+    return lw.emit(node, "max_pool2d", [x], x.frac, x.fmt, kernel=k, stride=stride, padding=padding,
+                   dilation=dilation)
 
 
 def rule_avg_pool2d(lw, node, x, *args, **kwargs):

@@ -104,6 +104,17 @@ class Upsample(nn.Module):
         return F.interpolate(y, size=(y.shape[2] * 3, y.shape[3]), mode="nearest")
 
 
+class CeilPool(nn.Module):  # squeezenet's and googlenet's max pools
+    def __init__(self):
+        super().__init__()
+        self.a = _conv(3, 4)
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        return torch.cat([self.pool(y), F.max_pool2d(self.a(x), 3, 2, 1, ceil_mode=True)[..., 1:, :-1]], 1)
+
+
 class Mul(nn.Module):  # a product of two activations, broadcast over the spatial axes
     def __init__(self):
         super().__init__()
@@ -233,7 +244,7 @@ class UNetBlock(nn.Module):  # down, nearest upsample, pad to the skip's size, c
         return self.dec(torch.cat([skip, y], dim=1))
 
 
-MODELS = [Cat, Stack, ViewTranspose, Slices, Splits, Pad, Upsample, Mul, StandaloneBN, Grouped, Bookkeeping,
+MODELS = [Cat, Stack, ViewTranspose, Slices, Splits, Pad, Upsample, CeilPool, Mul, StandaloneBN, Grouped, Bookkeeping,
           DenseBlock, ShuffleBlock, SEBlock, SeparableNet, UNetBlock]
 
 

@@ -115,7 +115,7 @@ KERNELS: dict[str, Callable] = {
     "concat": lambda op, *xs: torch.cat([x << s for x, s in zip(xs, op.attrs["shifts"])], op.attrs["axis"]),
     "mul": lambda op, a, b: a * b,
     "affine": _affine,
-    "pad": lambda op, x: F.pad(x, op.attrs["pads"]),
+    "pad": lambda op, x: F.pad(x, op.attrs["pads"], value=op.attrs.get("value", 0)),
     "upsample": _upsample,
 }
 

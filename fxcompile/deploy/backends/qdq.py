@@ -227,11 +227,12 @@ def _relu(g, node, x, *args, **kwargs):
 
 
 def _max_pool2d(g, node, x, *args, **kwargs):
-    p = op_arguments(g.gm, node, ("kernel_size", "stride", "padding", "dilation"),
-                   {"stride": None, "padding": 0, "dilation": 1})
+    p = op_arguments(g.gm, node, ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+                   {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False})
     k, (ph, pw) = pair(p["kernel_size"]), pair(p["padding"])
+    ceil = {"ceil_mode": 1} if p["ceil_mode"] else {}
     return g.node("MaxPool", [x], kernel_shape=list(k), strides=list(pair(p["stride"] or k)),
-                  pads=[ph, pw, ph, pw], dilations=list(pair(p["dilation"])))
+                  pads=[ph, pw, ph, pw], dilations=list(pair(p["dilation"])), **ceil)
 
 
 def _avg_pool2d(g, node, x, *args, **kwargs):

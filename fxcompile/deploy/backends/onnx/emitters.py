@@ -249,8 +249,9 @@ def emit_pad(b: _Builder, op: IntOp, x: str) -> str:
     for i in range(len(pads) // 2):  # torch: (last axis begin, end, the axis before ...)
         begin[rank - 1 - i], end[rank - 1 - i] = pads[2 * i], pads[2 * i + 1]
     lo, hi = b.ranges[x]
-    out = b.node("Pad", [x, b.const(begin + end), b.const(0, b.dtype(x))])
-    return b.value(out, min(lo, 0), max(hi, 0))
+    value = op.attrs.get("value", 0)  # zeros, or a max pool's smallest code (ceil_mode)
+    out = b.node("Pad", [x, b.const(begin + end), b.const(value, b.dtype(x))])
+    return b.value(out, min(lo, value), max(hi, value))
 
 
 def emit_upsample(b: _Builder, op: IntOp, x: str) -> str:
