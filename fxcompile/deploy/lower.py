@@ -305,8 +305,13 @@ def rule_avg_pool2d(lw, node, x, *args, **kwargs):
     x = _operand(node, x)
     k = pair(p["kernel_size"])
     divisor = p["divisor_override"] or k[0] * k[1]
-    if pair(p["padding"]) != (0, 0) or p["ceil_mode"] or divisor & (divisor - 1):
-        raise ExportError(f"node {node.name!r} (avg_pool2d): lowers only without padding or ceil_mode and with a "
+    stride = pair(p["stride"] or k)
+    # ceil_mode adds partial windows only where the kernel does not tile the input (timm's
+    # resnet-d downsampling pools even sizes: none)
+    partial = p["ceil_mode"] and any((n - kk) % s for n, kk, s in zip(x.shape[2:], k, stride))
+    if pair(p["padding"]) != (0, 0) or partial or divisor & (divisor - 1):
+        raise ExportError(f"node {node.name!r} (avg_pool2d): lowers only without padding or partial (ceil_mode) "
+                          f"windows and with a "
                           f"power-of-two divisor (got kernel {k}, divisor {divisor}, padding {p['padding']})")
     return lw.emit(node, "sum_pool2d", [x], x.frac + int(math.log2(divisor)), kernel=k,
                    stride=pair(p["stride"] or k))

@@ -174,6 +174,15 @@ def test_rule_avg_pool2d_power_of_two():
     assert torch.equal(y, expected)
 
 
+def test_rule_avg_pool2d_with_ceil_mode_lowers_where_it_adds_no_partial_window():
+    pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)  # timm's resnet-d downsampling
+    graph, y, expected = _exact_oracle(Single(lambda s, x: s.mods[0](x), pool), POLICY, torch.randn(2, 3, 8, 8))
+    assert "sum_pool2d" in _ops(graph) and torch.equal(y, expected)
+    q = fxc.compile(Single(lambda s, x: s.mods[0](x), pool), POLICY, example_inputs=(torch.randn(1, 1, 7, 7),))
+    with pytest.raises(fxc.ExportError, match="partial"):
+        lower(q, (torch.randn(1, 1, 7, 7),))
+
+
 def test_rule_avg_pool2d_refuses_other_divisors():
     q = fxc.compile(Single(lambda s, x: s.mods[0](x), nn.AvgPool2d(3)), POLICY,
                     example_inputs=(torch.randn(1, 1, 6, 6),))
