@@ -383,7 +383,13 @@ class Bilinear(nn.Module):
         return F.interpolate(x, scale_factor=2, mode="bilinear")
 
 
+class FunctionalDropout(nn.Module):  # fx records self.training as the constant it was when traced
+    def forward(self, x):
+        return F.dropout(x, 0.2, self.training)
+
+
 @pytest.mark.parametrize("make, message", [
+    (FunctionalDropout, r"node 'dropout' \(dropout\): F.dropout was traced with training=True"),
     (BatchReshape, r"node 'reshape' \(reshape\): reshapes \(2, 3, 8, 8\) to \(4, 3, 8, 4\)"),
     (BatchCat, r"node 'cat' \(cat\): along the batch dimension does not lower"),
     (Bilinear, r"node 'interpolate' \(interpolate\): only nearest upsampling"),
@@ -393,3 +399,9 @@ def test_what_does_not_lower_is_refused_naming_the_node(make, message):
     q = fxc.compile(make(), fxc.baseline(), example_inputs=(x,)).eval()
     with pytest.raises(fxc.ExportError, match=message):
         integer_graph(q, (x,))
+
+
+def test_functional_dropout_traced_in_eval_mode_is_the_identity():
+    x = torch.randn(2, 3, 8, 8)
+    q = fxc.compile(FunctionalDropout().eval(), fxc.baseline(), example_inputs=(x,))
+    assert [op.op for op in integer_graph(q, (x,)).ops] == ["quantize", "dequantize"]
