@@ -405,10 +405,14 @@ def _tensors(*values) -> bool:
 
 def rule_size(lw, node, *args, **kwargs):
     try:
-        return evaluate(node, args, kwargs)
+        value = evaluate(node, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - the model's own assert or arithmetic failed
         raise ExportError(f"node {node.name!r} ({_label(lw.gm, node)}): evaluating it for the example shape "
                           f"failed: {exc}") from exc
+    if isinstance(value, torch.Tensor):
+        raise ExportError(f"node {node.name!r} ({_label(lw.gm, node)}): computes a tensor; only sizes, their "
+                          "arithmetic and asserts are evaluated when lowering")
+    return value
 
 
 def _batch_kept(lw, node: fx.Node, x: Value, shape) -> None:
@@ -425,9 +429,9 @@ def rule_reshape(lw, node, x, *args, **kwargs):
     return lw.emit(node, "reshape", [x], x.frac, x.fmt, shape=(0, *shape[1:]))
 
 
-def permutation(node: fx.Node, rank: int, dims: tuple, kwargs: dict) -> list[int]:
+def permutation(gm: fx.GraphModule, node: fx.Node, rank: int, dims: tuple, kwargs: dict) -> list[int]:
     """The axis permutation of a ``permute``/``transpose`` node of a rank-``rank`` tensor."""
-    if getattr(node.target, "__name__", node.target) == "transpose":
+    if ops.op_of(gm, node).name == "transpose":
         d0, d1 = (tuple(dims) + (kwargs.get("dim0"), kwargs.get("dim1")))[:2]
         perm = list(range(rank))
         perm[d0 % rank], perm[d1 % rank] = perm[d1 % rank], perm[d0 % rank]
@@ -438,7 +442,7 @@ def permutation(node: fx.Node, rank: int, dims: tuple, kwargs: dict) -> list[int
 
 def rule_permute(lw, node, x, *dims, **kwargs):
     x = _operand(node, x)
-    perm = permutation(node, len(x.shape), dims, kwargs)
+    perm = permutation(lw.gm, node, len(x.shape), dims, kwargs)
     if perm[0] != 0:
         raise ExportError(f"node {node.name!r} ({_label(lw.gm, node)}): moves the batch dimension (permutation "
                           f"{perm}); only permutations of the other axes lower")

@@ -288,7 +288,7 @@ def _reshape(g, node, x, *args, **kwargs):
 
 
 def _permute(g, node, x, *dims, **kwargs):
-    return g.node("Transpose", [x], perm=permutation(node, len(_shape(node)), dims, kwargs))
+    return g.node("Transpose", [x], perm=permutation(g.gm, node, len(_shape(node)), dims, kwargs))
 
 
 def _getitem(g, node, x, index):
