@@ -286,6 +286,16 @@ def test_deploys_with_zero_differing_codes(make):
         assert q(test).shape == make().eval()(test).shape
 
 
+def test_cat_aligns_operands_at_different_binary_points():
+    # uses without a format of their own (activation_in=None) see each value as produced
+    policy = fxc.Policy(activation="16.8", activation_in=None, gradient="16.10,stochastic", loss="16.10",
+                        weight="24.12,stochastic", bias="16.8,stochastic",
+                        overrides=[{"pattern": "relu", "activation_out": "12.3"}])
+    q, x = _trained(Cat, policy)
+    sim_vs_ref, ort_vs_ref, graph = _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)
+    assert sorted(graph.op_of("cat").attrs["shifts"]) == [0, 0, 5] and (sim_vs_ref, ort_vs_ref) == (0, 0)
+
+
 def test_the_qdq_flavour_writes_the_structural_ops():
     q, x = _trained(ShuffleBlock)
     test = torch.randn(32, 3, 8, 8)
