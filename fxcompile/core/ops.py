@@ -16,9 +16,12 @@ one entry here, its function in each backend, and their tests::
     ('conv2d', 'multiply_accumulate')
 
 The module also holds the functions the IR's nodes call that are fxcompile's own:
-:func:`batch_norm` and :func:`call_with_parameters` (written by ``expose_params``), and
+:func:`batch_norm` and :func:`call_with_parameters` (written by ``expose_params``),
 :func:`fixed_point_average` (written by ``passes.averages``), whose reciprocal is
-:func:`reciprocal`.
+:func:`reciprocal`, :func:`fixed_point_mul` (``passes.products``) and
+:func:`fixed_point_batch_norm` (``passes.batch_norms``), whose affine map is
+:func:`batch_norm_affine`.  Module classes of optional packages (timm's ``DropPath``) are
+named by their qualified class name (``module_names``), so the registry imports none of them.
 """
 
 from __future__ import annotations
