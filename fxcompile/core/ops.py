@@ -273,13 +273,14 @@ _DECLARED = [
     Op("contiguous", "shape", (), (), ("contiguous",), ("clone", "contiguous")),
     Op("squeeze", "shape", (), (torch.squeeze, torch.unsqueeze), ("squeeze", "unsqueeze"), ("squeeze", "unsqueeze")),
     Op("getitem", "shape", (), (operator.getitem,)),  # slices of tensors, elements of tuples and sizes
-    Op("split", "shape", (), (torch.split, torch.chunk, torch.unbind), ("split", "chunk", "unbind")),
+    Op("split", "shape", (), (torch.split, torch.chunk, torch.unbind), ("split", "chunk", "unbind"),
+       ("split", "chunk", "unbind", "split_with_sizes")),
     Op("size", "size", (), (getattr, operator.floordiv, operator.eq, operator.ne, operator.lt, operator.le,
                               operator.gt, operator.ge, torch._assert), ("size", "dim"), ("sym_size",)),
     Op("mul", "multiply_accumulate", (), (operator.mul, operator.imul, torch.mul), ("mul", "mul_"), ("mul",)),
     Op("fixed_point_mul", "multiply_accumulate", (), (fixed_point_mul,)),  # written by passes.products
     Op("fixed_point_batch_norm", "normalization", (), (fixed_point_batch_norm,)),  # written by passes.batch_norms
-    Op("pad", "resample", (nn.ZeroPad2d, nn.ConstantPad2d), (F.pad,)),
+    Op("pad", "resample", (nn.ZeroPad2d, nn.ConstantPad2d), (F.pad,), (), ("pad",)),
     # timm's stochastic depth: random in training, the identity at eval time (traced as a leaf)
     Op("drop_path", "elementwise", module_names=("timm.layers.drop.DropPath", "timm.models.layers.drop.DropPath")),
     Op("interpolate", "resample", (nn.Upsample, nn.UpsamplingNearest2d), (F.interpolate,), (),

@@ -508,7 +508,9 @@ def rule_getitem(lw, node, x, index):
 
 def split_sizes(node: fx.Node, shape: tuple, args: tuple, kwargs: dict) -> tuple[int, list[int], bool]:
     """``(axis, sizes, squeeze)`` of a ``split``/``chunk``/``unbind`` node of a tensor of ``shape``."""
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    target = node.target
+    name = target if isinstance(target, str) else (
+        target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else target.__name__)
     unbind = name == "unbind"
     dim = kwargs.get("dim", (args[0] if args else 0) if unbind else (args[1] if len(args) > 1 else 0))
     dim = _axis(node, dim, len(shape), name)

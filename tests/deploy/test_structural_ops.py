@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompile as fxc
-from fxcompile.core import ops
+from fxcompile.core import ir, ops
 from fxcompile.core.formats import as_format
 from fxcompile.deploy.backends.integer import run_integer
 from fxcompile.deploy.backends.onnx import to_onnx
@@ -294,6 +294,15 @@ def test_cat_aligns_operands_at_different_binary_points():
     q, x = _trained(Cat, policy)
     sim_vs_ref, ort_vs_ref, graph = _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)
     assert sorted(graph.op_of("cat").attrs["shifts"]) == [0, 0, 5] and (sim_vs_ref, ort_vs_ref) == (0, 0)
+
+
+@pytest.mark.parametrize("make", [ShuffleBlock, UNetBlock, SEBlock], ids=lambda m: m.__name__)
+def test_graphs_captured_by_torch_export_deploy_too(make):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    q = fxc.compile(make().eval(), fxc.baseline(), frontend="export", example_inputs=(x[:2],)).eval()
+    assert ir.FRONTEND.of(q) == "export"
+    assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
 
 
 def test_the_qdq_flavour_writes_the_structural_ops():
