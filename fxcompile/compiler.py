@@ -19,14 +19,16 @@ from .frontend.shapes import propagate_shapes
 from .frontend.trace import CONTRACT as TRACE_CONTRACT
 from .frontend.trace import trace
 from .passes import assign, averages, calibrate as calibration, casts, choose_formats as cost_model, elide_casts as elision
-from .passes import definitions
+from .passes import batch_norms, definitions, products
 from .passes.assign import assign_formats
 from .passes.averages import fixed_point_averages
+from .passes.batch_norms import fixed_point_batch_norms
 from .passes.calibrate import calibrate
 from .passes.casts import insert_casts
 from .passes.choose_formats import choose_formats
 from .passes.definitions import fixed_point_definitions
 from .passes.elide_casts import elide_identity_casts
+from .passes.products import fixed_point_products
 
 __all__ = ["compile", "LossGraph", "NamedLoss"]
 
@@ -134,6 +136,8 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
             _checked(elide_identity_casts, elision.CONTRACT, check)(g)
         _checked(fixed_point_averages, averages.CONTRACT, check)(g)
         _checked(fixed_point_definitions, definitions.CONTRACT, check)(g)
+        _checked(fixed_point_products, products.CONTRACT, check)(g)
+        _checked(fixed_point_batch_norms, batch_norms.CONTRACT, check)(g)
     ir.POLICY.set(gm, policy)
     if loss is not None or named:
         if hasattr(gm, "loss"):

@@ -16,11 +16,15 @@ one entry here, its function in each backend, and their tests::
     ('conv2d', 'multiply_accumulate')
 
 The module also holds the functions the IR's nodes call that are fxcompile's own:
-:func:`batch_norm` and :func:`call_with_parameters` (written by ``expose_params``), and
+:func:`batch_norm` and :func:`call_with_parameters` (written by ``expose_params``),
 :func:`fixed_point_average` (written by ``passes.averages``), whose reciprocal is
 :func:`reciprocal`, and :func:`fixed_point_matmul`, :func:`fixed_point_softmax`,
 :func:`fixed_point_layer_norm` (written by
-``passes.definitions``; their integer algorithms are :mod:`fxcompile.core.intmath`).
+``passes.definitions``; their integer algorithms are :mod:`fxcompile.core.intmath`),
+:func:`fixed_point_mul` (``passes.products``) and
+:func:`fixed_point_batch_norm` (``passes.batch_norms``), whose affine map is
+:func:`batch_norm_affine`.  Module classes of optional packages (timm's ``DropPath``) are
+named by their qualified class name (``module_names``), so the registry imports none of them.
 """
 
 from __future__ import annotations
@@ -38,9 +42,11 @@ from torch import nn
 from . import intmath, ir
 from .quantizer import ROUNDINGS, quantize_reference
 
-__all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "ops_in", "batch_norm", "call_with_parameters",
+__all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "module_op", "ops_in", "batch_norm", "call_with_parameters",
            "fixed_point_average", "reciprocal", "average_windows", "RECIPROCAL_BITS",
-           "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "matmul_equation", "matmul_product", "code_bits"]
+           "fixed_point_mul", "fixed_point_batch_norm", "batch_norm_affine", "SCALE_BITS",
+           "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "matmul_equation", "matmul_product",
+           "code_bits"]
 
 GROUPS = {
     "cast": "the fixed-point cast on an edge",
@@ -51,6 +57,8 @@ GROUPS = {
     "elementwise": "an elementwise function of one value",
     "reduction": "sums (and averages) over some dimensions",
     "normalization": "a per-channel affine map from statistics",
+    "size": "Python values computed from shapes (sizes, their arithmetic, asserts): evaluated when lowering",
+    "resample": "moves values to new places and may add values (padding): formats need not be preserved",
 }
 
 
@@ -286,6 +294,80 @@ def fixed_point_layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tens
     return _Definition.apply(exact, reference, x, *(t for t in (weight, bias) if t is not None))
 
 
+class _FixedPointMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, spec):
+        ctx.save_for_backward(a, b)
+        # exact in float64: a product of two codes of up to 24 bits has at most 48
+        return quantize_reference(a.double() * b.double(), spec).to(torch.promote_types(a.dtype, b.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return (grad * b).sum_to_size(a.shape), (grad * a).sum_to_size(b.shape), None
+
+
+def fixed_point_mul(a: torch.Tensor, b: torch.Tensor, spec: list) -> torch.Tensor:
+    """``a * b`` (broadcasting) as deployed: the exact product of the two fixed-point values
+    (the integer product of their codes, at the sum of their binary points), rounded once to
+    the format ``spec`` of the cast after it.  Float32 would round products of more than 24
+    significant bits; this forms them in float64, where products of codes of up to 24 bits
+    are exact.  The backward is the float product's derivative::
+
+        >>> fixed_point_mul(torch.tensor([1.5]), torch.tensor([0.75]), fixed(16, 8).spec())
+        tensor([1.1250])
+    """
+    return _FixedPointMul.apply(a, b, list(spec))
+
+
+SCALE_BITS = 16  # significant bits of a stand-alone batch norm's per-channel scale
+
+
+def batch_norm_affine(module: nn.modules.batchnorm._BatchNorm, weight, bias, frac: int
+                      ) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """A stand-alone batch norm in eval mode as the fixed-point affine map ``y = x · s + t``:
+    ``(s_codes, s_frac, t_codes)``, per channel, int64.
+
+    ``s = γ / sqrt(σ² + ε)`` (float64, from the running variance and the casted ``γ``) is
+    rounded to :data:`SCALE_BITS` significant bits at one binary point for the tensor,
+    ``s_frac = 16 − e`` where ``max|s| = f · 2**e``, ``f`` in [0.5, 1); ``t = β − μ · s`` (the
+    unrounded ``s``) is rounded to the binary point ``frac`` of the output's format.  Both
+    round to nearest, ties to even.  ``weight``/``bias`` ``None`` (``affine=False``) are 1 and 0::
+
+        >>> s, s_frac, t = batch_norm_affine(bn, gamma, beta, frac=8)   # y = x·s·2**-s_frac + t·2**-8
+    """
+    if module.running_mean is None:
+        raise ValueError("a stand-alone batch norm needs running statistics (track_running_stats=True)")
+    mean, var = module.running_mean.detach().double(), module.running_var.detach().double()
+    gamma = torch.ones_like(mean) if weight is None else weight.detach().double()
+    beta = torch.zeros_like(mean) if bias is None else bias.detach().double()
+    s = gamma / torch.sqrt(var + module.eps)
+    largest = float(s.abs().max()) if s.numel() else 0.0
+    s_frac = SCALE_BITS - math.frexp(largest)[1] if largest > 0 else SCALE_BITS
+    s_codes = torch.round(s * 2.0 ** s_frac).long()
+    t_codes = torch.round((beta - mean * s) * 2.0 ** frac).long()
+    return s_codes, s_frac, t_codes
+
+
+def fixed_point_batch_norm(x, module: nn.modules.batchnorm._BatchNorm, weight, bias, spec: list) -> torch.Tensor:
+    """A batch norm that folds into no conv/linear, as deployed: in eval mode the affine map of
+    :func:`batch_norm_affine` at the binary point of the format ``spec`` of the cast after it,
+    ``x · s + t`` computed exactly (float64: codes of up to 24 bits times a 17-bit ``s``) and
+    rounded once with ``spec``.  In training mode it is :func:`batch_norm` (batch statistics,
+    running statistics updated); the cast after it rounds.  The backward of the eval form is
+    ``s`` (as for frozen statistics)."""
+    if module.training or module.running_mean is None:
+        return batch_norm(x, module, weight, bias)
+    s_codes, s_frac, t_codes = batch_norm_affine(module, weight, bias, int(spec[0]))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    s = (s_codes.double() * 2.0 ** -s_frac).view(shape).to(x.device)
+    t = (t_codes.double() * 2.0 ** -int(spec[0])).view(shape).to(x.device)
+    exact = x.double() * s + t
+    y = quantize_reference(exact.detach(), spec).to(x.dtype)
+    # the value is the fixed-point one; the gradient flows through x · s
+    return y + (x * s.to(x.dtype) - (x * s.to(x.dtype)).detach())
+
+
 @dataclasses.dataclass(frozen=True)
 class Op:
     """One op: its name, group, and the fx node targets that are it."""
@@ -296,6 +378,7 @@ class Op:
     functions: tuple[Callable, ...] = ()
     methods: tuple[str, ...] = ()
     aten: tuple[str, ...] = ()  # overload packet names in torch.export graphs
+    module_names: tuple[str, ...] = ()  # module classes of optional packages, "package.module.Class"
 
     def __post_init__(self):
         if self.group not in GROUPS:
@@ -337,10 +420,29 @@ _DECLARED = [
     Op("layer_norm", "normalization", (nn.LayerNorm,), (F.layer_norm,), (), ("layer_norm", "native_layer_norm")),
     Op("fixed_point_layer_norm", "normalization", (), (fixed_point_layer_norm,)),
     Op("unflatten", "shape", (nn.Unflatten,), (torch.unflatten,), ("unflatten",)),  # split a dim into heads
+    # structural ops of CNNs: shapes, slices, concatenation, products of activations, resampling
+    Op("permute", "shape", (), (torch.permute,), ("permute",), ("permute",)),
+    Op("transpose", "shape", (), (torch.transpose,), ("transpose",), ("transpose",)),
+    Op("contiguous", "shape", (), (), ("contiguous",), ("clone", "contiguous")),
+    Op("squeeze", "shape", (), (torch.squeeze, torch.unsqueeze), ("squeeze", "unsqueeze"), ("squeeze", "unsqueeze")),
+    Op("getitem", "shape", (), (operator.getitem,)),  # slices of tensors, elements of tuples and sizes
+    Op("split", "shape", (), (torch.split, torch.chunk, torch.unbind), ("split", "chunk", "unbind"),
+       ("split", "chunk", "unbind", "split_with_sizes")),
+    Op("size", "size", (), (getattr, operator.floordiv, operator.eq, operator.ne, operator.lt, operator.le,
+                              operator.gt, operator.ge, torch._assert), ("size", "dim"), ("sym_size",)),
+    Op("mul", "multiply_accumulate", (), (operator.mul, operator.imul, torch.mul), ("mul", "mul_"), ("mul",)),
+    Op("fixed_point_mul", "multiply_accumulate", (), (fixed_point_mul,)),  # written by passes.products
+    Op("fixed_point_batch_norm", "normalization", (), (fixed_point_batch_norm,)),  # written by passes.batch_norms
+    Op("pad", "resample", (nn.ZeroPad2d, nn.ConstantPad2d), (F.pad,), (), ("pad",)),
+    # timm's stochastic depth: random in training, the identity at eval time (traced as a leaf)
+    Op("drop_path", "elementwise", module_names=("timm.layers.drop.DropPath", "timm.models.layers.drop.DropPath")),
+    Op("interpolate", "resample", (nn.Upsample, nn.UpsamplingNearest2d), (F.interpolate,), (),
+       ("upsample_nearest2d",)),
 ]
 
 OPS: dict[str, Op] = {op.name: op for op in _DECLARED}
 _BY_MODULE = {m: op for op in _DECLARED for m in op.modules}
+_BY_MODULE_NAME = {m: op for op in _DECLARED for m in op.module_names}
 _BY_FUNCTION = {f: op for op in _DECLARED for f in op.functions}
 _BY_METHOD = {m: op for op in _DECLARED for m in op.methods}
 _BY_ATEN = {a: op for op in _DECLARED for a in op.aten}
@@ -360,6 +462,13 @@ INTEGER_OPS = {
     "matmul": "int64 sums of products of two activations' codes (the second operand transposed or not)",
     "softmax": "integer softmax over the last dim: exp table over code differences, sum, rounding division",
     "layer_norm": "integer LayerNorm over the last dim: integer mean and variance, isqrt, division, affine map",
+    "transpose": "the same codes with the non-batch axes permuted",
+    "slice": "a strided range of codes along non-batch axes",
+    "concat": "operands shifted to the largest binary point, then concatenated along a non-batch axis",
+    "mul": "the elementwise (broadcast) product of two operands' codes, at the sum of their binary points",
+    "affine": "codes times a per-channel integer, plus a per-channel integer (at the product's binary point)",
+    "pad": "codes with a constant (zero, or a max pool's smallest code) added around non-batch axes",
+    "upsample": "codes repeated by integer factors along the spatial axes (nearest)",
 }
 
 
@@ -368,7 +477,7 @@ def op_of(gm: fx.GraphModule, node: fx.Node) -> Op | None:
     if node.op == "call_module":
         if ir.EDGE.has(node):
             return OPS["cast"]
-        return _BY_MODULE.get(type(gm.get_submodule(node.target)))
+        return module_op(gm.get_submodule(node.target))
     if node.op == "call_function":
         if isinstance(node.target, torch._ops.OpOverload):
             return _BY_ATEN.get(node.target.overloadpacket.__name__)
@@ -379,6 +488,12 @@ def op_of(gm: fx.GraphModule, node: fx.Node) -> Op | None:
     if node.op == "call_method":
         return _BY_METHOD.get(node.target)
     return None
+
+
+def module_op(module: nn.Module) -> Op | None:
+    """The registered op a module is (by class, or by qualified class name), or ``None``."""
+    cls = type(module)
+    return _BY_MODULE.get(cls) or _BY_MODULE_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
 def ops_in(*groups: str) -> set[str]:

@@ -18,8 +18,21 @@ arithmetic:
   of two, is ``sum_pool2d`` then codes × ``c`` with the binary point moved left by ``r``
   (``c · 2**-r`` the reciprocal of :func:`fxcompile.core.ops.reciprocal`); the next cast
   rounds the exact product once — the definition training ran (``passes.averages``),
-* ``add``: both operands shifted left to the larger binary point, then added,
+* ``add``: both operands shifted left to the larger binary point, then added (``subtract``: b
+  subtracted),
+* ``reshape``, ``transpose``, ``slice``, ``pad`` (zeros), ``upsample`` (nearest, integer
+  factors): the codes moved, binary point unchanged; the batch axis stays first and free (its
+  size is the only one not fixed by the example inputs; sizes, their arithmetic and asserts
+  are evaluated for the example shape and dropped),
+* ``concat``: the operands shifted left to the largest binary point, then concatenated,
+* ``mul``: the product of two operands' codes at the sum of their binary points; the next
+  cast rounds it once (``passes.products`` makes training run that definition),
+* ``affine``: a stand-alone batch norm, codes × per-channel ``s`` + per-channel ``t`` (see
+  :func:`fxcompile.core.ops.batch_norm_affine`; ``passes.batch_norms``),
 * ``dequantize`` codes → float32 at the outputs.
+
+Grouped and depthwise convs lower as the dense conv whose weight is zero off each group's
+block.
 
 Codes are stored *centred*: for an asymmetric format ``v = code − zero_point``, so zero
 points only appear inside ``quantize``/``requantize``.  The rounding of casts is that of the
@@ -53,7 +66,7 @@ from ..passes.averages import average_arguments
 from ..passes.casts import Cast
 
 __all__ = ["CONTRACT", "IntOp", "IntegerGraph", "Value", "lower", "RULES", "UNSUPPORTED", "op_key", "op_arguments", "pair",
-           "MAX_SHIFT"]
+           "MAX_SHIFT", "evaluate", "permutation", "index_slices", "split_sizes", "FLOAT32_EXACT"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
@@ -120,9 +133,10 @@ class _Lowering:
     def __init__(self, gm: fx.GraphModule):
         self.gm, self.ops, self.shapes = gm, [], {}
 
-    def emit(self, node: fx.Node, op: str, inputs, frac: int, bounds=None, suffix: str = "", **attrs) -> Value:
+    def emit(self, node: fx.Node, op: str, inputs, frac: int, bounds=None, suffix: str = "", out_shape=None,
+             **attrs) -> Value:
         out = node.name + suffix
-        shape = tuple(node.meta["tensor_meta"].shape) if "tensor_meta" in node.meta else None
+        shape = out_shape if out_shape is not None else _shape(node)
         for v in inputs:
             if v.name is None:
                 raise ExportError(f"node {node.name!r} ({op}): operand is a constant; only parameters of "
@@ -130,6 +144,11 @@ class _Lowering:
         self.ops.append(IntOp(op, out, tuple(v.name for v in inputs), frac, bounds, attrs, node.name))
         self.shapes[out] = shape
         return Value(out, frac, bounds, shape)
+
+
+def _shape(node: fx.Node) -> tuple | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 # ---- rounding: shared by the rules (constants) and the integer backend ---------------------
@@ -229,9 +248,18 @@ def _weighted(lw: _Lowering, node: fx.Node, x: Value, w: Value, b: Value | None,
 
 
 def rule_conv2d(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-    if groups != 1 or isinstance(padding, str):
-        raise ExportError(f"node {node.name!r} (conv2d): only groups=1 and numeric padding lower to integer "
-                          f"MatMul (got groups={groups}, padding={padding!r})")
+    if isinstance(padding, str):
+        raise ExportError(f"node {node.name!r} (conv2d): only numeric padding lowers to integer MatMul "
+                          f"(got padding={padding!r})")
+    if groups != 1 and isinstance(w, Value) and w.const is not None:
+        # a grouped (or depthwise) conv is the dense conv whose weight is zero off each group's
+        # block: exact, and every backend's conv runs it (at groups times the multiplies)
+        o, cg = w.const.shape[:2]
+        dense = w.const.new_zeros(o, cg * groups, *w.const.shape[2:])
+        for g in range(groups):
+            rows = slice(g * (o // groups), (g + 1) * (o // groups))
+            dense[rows, g * cg:(g + 1) * cg] = w.const[rows]
+        w = dataclasses.replace(w, const=dense, shape=tuple(dense.shape))
     return _weighted(lw, node, x, w, b, "conv2d", stride=pair(stride), padding=pair(padding),
                      dilation=pair(dilation))
 
@@ -249,12 +277,25 @@ def rule_relu(lw, node, x, *args, **kwargs):
 def rule_max_pool2d(lw, node, x, *args, **kwargs):
     p = op_arguments(lw.gm, node, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
                    {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
-    if p["ceil_mode"] or p["return_indices"]:
-        raise ExportError(f"node {node.name!r} (max_pool2d): ceil_mode and return_indices do not lower")
+    if p["return_indices"]:
+        raise ExportError(f"node {node.name!r} (max_pool2d): return_indices does not lower")
     x = _operand(node, x)
-    k = pair(p["kernel_size"])
-    return lw.emit(node, "max_pool2d", [x], x.frac, x.fmt, kernel=k, stride=pair(p["stride"] or k),
-                   padding=pair(p["padding"]), dilation=pair(p["dilation"]))
+    k, stride, padding, dilation = pair(p["kernel_size"]), pair(p["stride"] or p["kernel_size"]), \
+        pair(p["padding"]), pair(p["dilation"])
+    if p["ceil_mode"]:
+        # the last windows that ceil_mode adds run past the bottom/right edge: pad there with the
+        # format's smallest code, which never exceeds a value in the window (each holds one)
+        extra = [(o - 1) * s + d * (kk - 1) + 1 - (n + 2 * q) for o, s, d, kk, n, q in
+                 zip(_shape(node)[2:], stride, dilation, k, x.shape[2:], padding)]
+        if any(e > 0 for e in extra):
+            if x.fmt is None:
+                raise ExportError(f"node {node.name!r} (max_pool2d): ceil_mode needs its input in a fixed-point "
+                                  "format (the padding is its smallest code)")
+            shape = (*x.shape[:2], x.shape[2] + max(extra[0], 0), x.shape[3] + max(extra[1], 0))
+            x = lw.emit(node, "pad", [x], x.frac, x.fmt, suffix="_ceil", out_shape=shape,
+                        pads=(0, max(extra[1], 0), 0, max(extra[0], 0)), value=x.fmt.code_min - x.fmt.zero_point)
+    return lw.emit(node, "max_pool2d", [x], x.frac, x.fmt, kernel=k, stride=stride, padding=padding,
+                   dilation=dilation)
 
 
 def rule_avg_pool2d(lw, node, x, *args, **kwargs):
@@ -265,8 +306,13 @@ def rule_avg_pool2d(lw, node, x, *args, **kwargs):
     x = _operand(node, x)
     k = pair(p["kernel_size"])
     divisor = p["divisor_override"] or k[0] * k[1]
-    if pair(p["padding"]) != (0, 0) or p["ceil_mode"] or divisor & (divisor - 1):
-        raise ExportError(f"node {node.name!r} (avg_pool2d): lowers only without padding or ceil_mode and with a "
+    stride = pair(p["stride"] or k)
+    # ceil_mode adds partial windows only where the kernel does not tile the input (timm's
+    # resnet-d downsampling pools even sizes: none)
+    partial = p["ceil_mode"] and any((n - kk) % s for n, kk, s in zip(x.shape[2:], k, stride))
+    if pair(p["padding"]) != (0, 0) or partial or divisor & (divisor - 1):
+        raise ExportError(f"node {node.name!r} (avg_pool2d): lowers only without padding or partial (ceil_mode) "
+                          f"windows and with a "
                           f"power-of-two divisor (got kernel {k}, divisor {divisor}, padding {p['padding']})")
     return lw.emit(node, "sum_pool2d", [x], x.frac + int(math.log2(divisor)), kernel=k,
                    stride=pair(p["stride"] or k))
@@ -326,6 +372,8 @@ def rule_flatten(lw, node, x, *args, **kwargs):
 
 
 def rule_add(lw, node, a, b, *args, **kwargs):
+    if not any(isinstance(v, Value) for v in (a, b)):
+        return rule_size(lw, node, a, b)  # arithmetic on sizes
     if args or kwargs.get("alpha", 1) != 1:
         raise ExportError(f"node {node.name!r} (add): only a + b lowers (no alpha)")
     a, b = _operand(node, a), _operand(node, b)
@@ -397,6 +445,277 @@ _UNREWRITTEN = ("deploys as the fixed-point definition compile() makes of it; th
                 "operands and its output need fixed-point formats (softmax: over the last dim, input <= 16 bits)")
 
 
+# ---- structural ops: shapes, slices, concatenation, products, resampling --------------------
+# Shape ops take their output shape from the example inputs' shape propagation; only the
+# batch dimension (axis 0, written 0 in a reshape: "as the input's") stays free.
+
+def evaluate(node: fx.Node, args, kwargs):
+    """Run ``node``'s Python target on concrete arguments, a lowered tensor standing in as an
+    empty tensor of its example shape: sizes, their arithmetic and asserts become constants."""
+    def concrete(v):
+        return torch.empty(v.shape, device="meta") if isinstance(v, Value) else v
+    args, kwargs = fx.node.map_aggregate(args, concrete), fx.node.map_aggregate(kwargs, concrete)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def _tensors(*values) -> bool:
+    return any(isinstance(v, Value) for v in values)
+
+
+def rule_size(lw, node, *args, **kwargs):
+    try:
+        value = evaluate(node, args, kwargs)
+    except Exception as exc:  # noqa: BLE001 - the model's own assert or arithmetic failed
+        raise ExportError(f"node {node.name!r} ({_label(lw.gm, node)}): evaluating it for the example shape "
+                          f"failed: {exc}") from exc
+    if isinstance(value, torch.Tensor):
+        raise ExportError(f"node {node.name!r} ({_label(lw.gm, node)}): computes a tensor; only sizes, their "
+                          "arithmetic and asserts are evaluated when lowering")
+    return value
+
+
+def _batch_kept(lw, node: fx.Node, x: Value, shape) -> None:
+    if not shape or shape[0] != x.shape[0]:
+        raise ExportError(f"node {node.name!r} ({_label(lw.gm, node)}): reshapes {tuple(x.shape)} to "
+                          f"{tuple(shape or ())}; only shapes that keep the batch dimension first and whole lower")
+
+
+def rule_reshape(lw, node, x, *args, **kwargs):
+    x, shape = _operand(node, x), _shape(node)
+    _batch_kept(lw, node, x, shape)
+    if shape == x.shape:
+        return x
+    return lw.emit(node, "reshape", [x], x.frac, x.fmt, shape=(0, *shape[1:]))
+
+
+def permutation(gm: fx.GraphModule, node: fx.Node, rank: int, dims: tuple, kwargs: dict) -> list[int]:
+    """The axis permutation of a ``permute``/``transpose`` node of a rank-``rank`` tensor."""
+    if ops.op_of(gm, node).name == "transpose":
+        d0, d1 = (tuple(dims) + (kwargs.get("dim0"), kwargs.get("dim1")))[:2]
+        perm = list(range(rank))
+        perm[d0 % rank], perm[d1 % rank] = perm[d1 % rank], perm[d0 % rank]
+        return perm
+    dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims or kwargs["dims"]
+    return [d % rank for d in dims]
+
+
+def rule_permute(lw, node, x, *dims, **kwargs):
+    x = _operand(node, x)
+    perm = permutation(lw.gm, node, len(x.shape), dims, kwargs)
+    if perm[0] != 0:
+        raise ExportError(f"node {node.name!r} ({_label(lw.gm, node)}): moves the batch dimension (permutation "
+                          f"{perm}); only permutations of the other axes lower")
+    if perm == list(range(len(x.shape))):
+        return x
+    return lw.emit(node, "transpose", [x], x.frac, x.fmt, perm=tuple(perm))
+
+
+def _axis(node: fx.Node, dim: int, rank: int, what: str) -> int:
+    if dim % rank == 0:
+        raise ExportError(f"node {node.name!r} ({what}): along the batch dimension does not lower; only "
+                          "other axes may be sliced, split or concatenated")
+    return dim % rank
+
+
+def _slice(lw, node, x: Value, starts, ends, axes, steps, suffix="", out_shape=None) -> Value:
+    return lw.emit(node, "slice", [x], x.frac, x.fmt, suffix=suffix, out_shape=out_shape, starts=tuple(starts),
+                   ends=tuple(ends), axes=tuple(axes), steps=tuple(steps))
+
+
+def index_slices(node: fx.Node, shape: tuple, index) -> tuple[list, list, list, list]:
+    """``(starts, ends, axes, steps)`` of ``x[index]`` for ``x`` of ``shape`` (ints become
+    one-element slices, dropped by a reshape after; ``None`` adds an axis there)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, (Value, torch.Tensor, list, fx.Node)) for i in index) or sum(i is Ellipsis for i in index) > 1:
+        raise ExportError(f"node {node.name!r} (getitem): only indexing by ints, slices, None and one ... lowers")
+    named = [i for i in index if i is not None and i is not Ellipsis]
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (len(shape) - len(named)) + index[at + 1:]
+    starts, ends, axes, steps, axis = [], [], [], [], 0
+    for i in index:
+        if i is None:
+            continue
+        size = shape[axis]
+        if isinstance(i, int):
+            i = slice(i % size, i % size + 1)
+        start, end, step = i.indices(size)
+        if step < 1:
+            raise ExportError(f"node {node.name!r} (getitem): negative steps do not lower")
+        if (start, end, step) != (0, size, 1):
+            _axis(node, axis, len(shape), "getitem")
+            starts.append(start), ends.append(end), axes.append(axis), steps.append(step)
+        axis += 1
+    return starts, ends, axes, steps
+
+
+def rule_getitem(lw, node, x, index):
+    if isinstance(x, (tuple, list)):
+        return x[index]  # one output of a split
+    if not isinstance(x, Value):
+        return rule_size(lw, node, x, index)  # an element of a shape
+    x, shape = _operand(node, x), _shape(node)
+    starts, ends, axes, steps = index_slices(node, x.shape, index)
+    if starts:
+        inner = list(x.shape)
+        for s, e, a, t in zip(starts, ends, axes, steps):
+            inner[a] = len(range(s, e, t))
+        x = _slice(lw, node, x, starts, ends, axes, steps, suffix="_slice" if tuple(inner) != shape else "",
+                   out_shape=tuple(inner))
+    return x if x.shape == shape else lw.emit(node, "reshape", [x], x.frac, x.fmt, shape=(0, *shape[1:]))
+
+
+def split_sizes(node: fx.Node, shape: tuple, args: tuple, kwargs: dict) -> tuple[int, list[int], bool]:
+    """``(axis, sizes, squeeze)`` of a ``split``/``chunk``/``unbind`` node of a tensor of ``shape``."""
+    target = node.target
+    name = target if isinstance(target, str) else (
+        target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else target.__name__)
+    unbind = name == "unbind"
+    dim = kwargs.get("dim", (args[0] if args else 0) if unbind else (args[1] if len(args) > 1 else 0))
+    dim = _axis(node, dim, len(shape), name)
+    if unbind:
+        return dim, [1] * shape[dim], True
+    parts = getattr(torch.empty(shape, device="meta"), name)(*args, **kwargs)
+    return dim, [p.shape[dim] for p in parts], False
+
+
+def rule_split(lw, node, x, *args, **kwargs):
+    x = _operand(node, x)
+    dim, sizes, squeeze = split_sizes(node, x.shape, args, kwargs)
+    out, start = [], 0
+    for i, size in enumerate(sizes):
+        inner = tuple(x.shape[:dim]) + (size,) + tuple(x.shape[dim + 1:])
+        v = _slice(lw, node, x, [start], [start + size], [dim], [1], suffix=f"_{i}", out_shape=inner)
+        if squeeze:
+            squeezed = inner[:dim] + inner[dim + 1:]
+            v = lw.emit(node, "reshape", [v], v.frac, v.fmt, suffix=f"_{i}_squeezed", out_shape=squeezed,
+                        shape=(0, *squeezed[1:]))
+        out.append(v)
+        start += size
+    return tuple(out)
+
+
+def rule_cat(lw, node, tensors, dim=0, **kwargs):
+    dim = kwargs.get("axis", dim)
+    tensors = [_operand(node, t) for t in tensors]
+    name = ops.op_of(lw.gm, node).name
+    dim = _axis(node, dim, len(tensors[0].shape) + (name == "stack"), name)
+    if name == "stack":  # each operand gets the new axis, then they are concatenated along it
+        tensors = [lw.emit(node, "reshape", [t], t.frac, t.fmt, suffix=f"_{i}", out_shape=s,
+                           shape=(0, *s[1:])) for i, t in enumerate(tensors)
+                   for s in [tuple(t.shape[:dim]) + (1,) + tuple(t.shape[dim:])]]
+    frac = max(t.frac for t in tensors)  # aligned exactly, as add's operands
+    fmts = {t.fmt for t in tensors}
+    fmt = fmts.pop() if len(fmts) == 1 and all(t.frac == frac for t in tensors) else None
+    return lw.emit(node, "concat", tensors, frac, fmt, axis=dim, shifts=tuple(frac - t.frac for t in tensors))
+
+
+# float32 holds a product of codes exactly up to 2**24: beyond it the simulation's float
+# product rounds, so only the fixed-point product (passes.products) deploys
+FLOAT32_EXACT = 1 << 24
+
+
+def _largest_code(v: Value) -> int | None:
+    return None if v.fmt is None else max(abs(v.fmt.code_min - v.fmt.zero_point), abs(v.fmt.code_max - v.fmt.zero_point))
+
+
+def _product(lw, node, a: Value, b: Value, spec=None) -> Value:
+    a, b = _operand(node, a), _operand(node, b)
+    name = ops.op_of(lw.gm, node).name
+    if spec is None:
+        la, lb = _largest_code(a), _largest_code(b)
+        if la is None or lb is None or la * lb > FLOAT32_EXACT:
+            raise ExportError(f"node {node.name!r} ({name}): a product of two activations whose codes reach "
+                              f"{la} × {lb} > 2**24 is not exact in the simulation's float32; compile() makes "
+                              "it exact (passes.products) when its output has one consumer through a "
+                              "fixed-point cast: give it one, or narrower operand formats")
+    else:
+        casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u)]
+        fmt = lw.gm.get_submodule(casts[0].target).edge.forward if len(node.users) == 1 == len(casts) else None
+        if fmt is None or fmt.spec() != list(spec):
+            raise ExportError(f"node {node.name!r} ({name}): the fixed-point product rounds to the format of the "
+                              "one cast after it, which changed after compile(); recompile")
+    return lw.emit(node, "mul", [a, b], a.frac + b.frac)
+
+
+def rule_mul(lw, node, a, b):
+    if not _tensors(a, b):
+        return rule_size(lw, node, a, b)
+    if isinstance(a, Value) and isinstance(b, Value):
+        return _product(lw, node, a, b)
+    x, k = (a, b) if isinstance(a, Value) else (b, a)
+    x = _operand(node, x)
+    m, e = math.frexp(k) if isinstance(k, (int, float)) else (None, None)
+    if m != 0.5:
+        raise ExportError(f"node {node.name!r} (mul): a product with the constant {k!r} lowers only when it is a "
+                          "positive power of two (a moved binary point)")
+    return Value(x.name, x.frac - (e - 1), None, x.shape)  # the same codes, read at another binary point
+
+
+def rule_fixed_point_mul(lw, node, a, b, spec):
+    return _product(lw, node, a, b, spec)
+
+
+def rule_sub(lw, node, a, b, *args, **kwargs):
+    if not _tensors(a, b):
+        return rule_size(lw, node, a, b)  # arithmetic on sizes
+    if args or kwargs.get("alpha", 1) != 1:
+        raise ExportError(f"node {node.name!r} (sub): only a - b lowers (no alpha)")
+    a, b = _operand(node, a), _operand(node, b)
+    frac = max(a.frac, b.frac)
+    return lw.emit(node, "add", [a, b], frac, shifts=(frac - a.frac, frac - b.frac), subtract=True)
+
+
+def rule_fixed_point_batch_norm(lw, node, x, module, weight, bias, spec):
+    x = _operand(node, x)
+    frac = int(spec[0])
+    params = [None if p is None else p.const.double() * 2.0 ** -p.frac for p in (weight, bias)]
+    s, s_frac, t = ops.batch_norm_affine(module, *params, frac)
+    out = max(x.frac + s_frac, frac)
+    if out - frac > MAX_SHIFT:
+        raise ExportError(f"node {node.name!r} (batch norm): its scale needs {s_frac} fractional bits, too many "
+                          "for the int64 accumulator; check its running variance")
+    return lw.emit(node, "affine", [x], out, scale=s << (out - x.frac - s_frac), offset=t << (out - frac))
+
+
+def rule_pad(lw, node, x, *args, **kwargs):
+    if node.op == "call_module":
+        mod = lw.gm.get_submodule(node.target)
+        pads, mode, value = tuple(mod.padding), "constant", getattr(mod, "value", 0.0)
+    else:
+        p = {"mode": "constant", "value": None, **dict(zip(("pad", "mode", "value"), args)), **kwargs}
+        pads, mode, value = tuple(p["pad"]), p["mode"], p["value"] or 0.0
+    x = _operand(node, x)
+    if mode != "constant" or value != 0 or len(pads) > 2 * (len(x.shape) - 1) or min(pads) < 0:
+        raise ExportError(f"node {node.name!r} (pad): only constant zero padding of non-batch axes lowers "
+                          f"(got pad={pads}, mode={mode!r}, value={value})")
+    return lw.emit(node, "pad", [x], x.frac, x.fmt, pads=pads)
+
+
+def rule_interpolate(lw, node, x, *args, **kwargs):
+    if node.op == "call_module":
+        mode = lw.gm.get_submodule(node.target).mode
+    else:
+        mode = op_arguments(lw.gm, node, ("size", "scale_factor", "mode"), {"mode": "nearest"})["mode"]
+    x, shape = _operand(node, x), _shape(node)
+    factors = tuple(o // i for o, i in zip(shape[2:], x.shape[2:]))
+    if mode != "nearest" or len(x.shape) != 4 or any(o != i * f for o, i, f in zip(shape[2:], x.shape[2:], factors)):
+        raise ExportError(f"node {node.name!r} (interpolate): only nearest upsampling of (N, C, H, W) by integer "
+                          f"factors lowers (got mode {mode!r}, {tuple(x.shape)} to {shape})")
+    return lw.emit(node, "upsample", [x], x.frac, x.fmt, factors=factors)
+
+
+def rule_dropout(lw, node, x, *args, **kwargs):
+    if node.op == "call_function":
+        p = op_arguments(lw.gm, node, ("p", "training"), {"p": 0.5, "training": True})
+        if p["training"] and p["p"] > 0:
+            raise ExportError(f"node {node.name!r} (dropout): F.dropout was traced with training=True, so the "
+                              "graph drops in eval mode too; trace the model in eval mode, or use nn.Dropout")
+    return x
+
+
 RULES: dict[str, Callable] = {
     "cast": rule_cast,
     "conv2d": rule_conv2d,
@@ -410,11 +729,17 @@ RULES: dict[str, Callable] = {
     "flatten": rule_flatten,
     "add": rule_add,
     "identity": rule_identity,
-    "dropout": rule_identity,  # deployment is inference: dropout is the identity
+    "dropout": rule_dropout,  # deployment is inference: dropout is the identity
     "fixed_point_matmul": rule_fixed_point_matmul,
     "fixed_point_softmax": rule_fixed_point_softmax,
     "fixed_point_layer_norm": rule_fixed_point_layer_norm,
     "unflatten": rule_unflatten,
+    # structural ops
+    "reshape": rule_reshape, "squeeze": rule_reshape, "contiguous": rule_identity, "drop_path": rule_identity,
+    "permute": rule_permute, "transpose": rule_permute, "getitem": rule_getitem, "split": rule_split,
+    "size": rule_size, "cat": rule_cat, "stack": rule_cat, "mul": rule_mul, "fixed_point_mul": rule_fixed_point_mul,
+    "sub": rule_sub, "fixed_point_batch_norm": rule_fixed_point_batch_norm, "pad": rule_pad,
+    "interpolate": rule_interpolate,
 }
 
 # Registered ops without a rule, and what lowering them would take.
@@ -425,10 +750,6 @@ UNSUPPORTED: dict[str, str] = {
     "softmax": _UNREWRITTEN, "layer_norm": _UNREWRITTEN,
     "max_pool1d": "a 1-d window maximum rule",
     "max_pool3d": "a 3-d window maximum rule",
-    "reshape": "a rule that checks the batch dimension stays first and free",
-    "sub": "a rule like add's with the second operand negated",
-    "cat": "a rule aligning the operands' binary points before the concatenation",
-    "stack": "a rule aligning the operands' binary points before stacking",
     "batch_norm": "folding into the conv/linear before it (fold_bn); a stand-alone per-channel affine rule",
 }
 
@@ -451,7 +772,8 @@ def _unsupported(gm: fx.GraphModule) -> tuple[list[str], dict[str, str]]:
     for node in gm.graph.nodes:
         if node.op in ("call_module", "call_function", "call_method") and op_key(gm, node) not in RULES:
             key, label = op_key(gm, node), _label(gm, node)
-            hint = " (batch norm folds only into a conv/linear whose output feeds nothing else)" \
+            hint = " (a batch norm lowers folded into a conv/linear whose output feeds nothing else, or stand-alone " \
+                "with running statistics (track_running_stats=True) and a fixed-point output format)" \
                 if key == "batch_norm" else ""
             bad.append(f"{node.name!r} ({label}){hint}")
             needs.setdefault(label, UNSUPPORTED.get(key) or "an op registry entry (fxcompile.core.ops) and a rule")

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..core import ir
+from ..core import ir, ops
 from ..errors import TraceError
 
 __all__ = ["CONTRACT", "trace", "FRONTENDS"]
@@ -61,6 +61,9 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types) or any(fnmatch.fnmatchcase(qualname, p) for p in self.leaf_names):
+            return True
+        op = ops.module_op(m)
+        if op is not None and op.module_names:  # e.g. timm's DropPath: random in training, traced whole
             return True
         return super().is_leaf_module(m, qualname)
 

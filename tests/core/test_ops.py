@@ -67,7 +67,8 @@ def _single_node_graph(kind: str, target):
 
 _MODULE_ARGS = {torch.nn.Conv1d: (1, 1, 1), torch.nn.Conv2d: (1, 1, 1), torch.nn.Conv3d: (1, 1, 1),
                 torch.nn.Linear: (1, 1), torch.nn.MaxPool1d: (2,), torch.nn.MaxPool2d: (2,), torch.nn.MaxPool3d: (2,),
-                torch.nn.AvgPool2d: (2,), torch.nn.AdaptiveAvgPool2d: (1,)}
+                torch.nn.AvgPool2d: (2,), torch.nn.AdaptiveAvgPool2d: (1,), torch.nn.ZeroPad2d: (1,),
+                torch.nn.ConstantPad2d: (1, 0.0)}
 _MODULE_ARGS[torch.nn.LayerNorm], _MODULE_ARGS[torch.nn.Unflatten] = (4,), (1, (2, 2))
 _TARGETS = [(op.name, "module", m) for op in ops.OPS.values() for m in op.modules] + \
            [(op.name, "function", f) for op in ops.OPS.values() for f in op.functions] + \
@@ -83,6 +84,20 @@ def test_fx_nodes_map_to_their_op(name, kind, target):
     else:
         gm, node = _single_node_graph(kind, target)
     assert ops.op_of(gm, node).name == name
+
+
+class DropPath(torch.nn.Module):  # timm's stochastic depth, as its qualified class name tells it
+    __module__ = "timm.layers.drop"
+
+
+def test_optional_package_modules_map_by_class_name():
+    gm, node = _single_node_graph("module", DropPath)
+    assert ops.op_of(gm, node).name == "drop_path"
+    DropPath.__module__ = __name__  # another package's class of that name is not it
+    try:
+        assert ops.op_of(gm, node) is None
+    finally:
+        DropPath.__module__ = "timm.layers.drop"
 
 
 def test_unknown_nodes_and_aten_ops():

@@ -7,6 +7,7 @@ from torch import nn
 
 import fxcompile as fxc
 from fxcompile.experiments.models import ResidualCNN
+from fxcompile.core import ops
 from fxcompile.frontend.expose_params import batch_norm
 from fxcompile.deploy.fold_bn import fold_bn
 from fxcompile.deploy.lower import lower
@@ -73,11 +74,11 @@ def test_folded_parameters_equal_the_documented_formula_exactly():
         assert len(np.unique(expected_b)) == len(expected_b)   # not a degenerate all-equal bias
 
 
-def test_batch_norm_after_a_shared_value_is_not_folded():
+def test_batch_norm_after_a_shared_value_is_not_folded_but_stands_alone():
     class Shared(nn.Module):
-        def __init__(self):
+        def __init__(self, **bn):
             super().__init__()
-            self.conv, self.bn = nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2)
+            self.conv, self.bn = nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2, **bn)
 
         def forward(self, x):
             y = self.conv(x)
@@ -86,6 +87,11 @@ def test_batch_norm_after_a_shared_value_is_not_folded():
     x = torch.randn(2, 1, 6, 6)
     q = fxc.compile(Shared().eval(), fxc.baseline(), example_inputs=(x,))
     folded = fold_bn(q)
+    assert [n.target for n in folded.graph.nodes if n.name == "bn"] == [ops.fixed_point_batch_norm]
+    assert "affine" in [op.op for op in lower(folded, (x,)).ops]
+    # without running statistics there is nothing to fold and no fixed affine map
+    q = fxc.compile(Shared(track_running_stats=False).eval(), fxc.baseline(), example_inputs=(x,))
+    folded = fold_bn(q)
     assert len(_bn_nodes(folded)) == 1
-    with pytest.raises(fxc.ExportError, match="'bn' .*batch norm folds only"):
+    with pytest.raises(fxc.ExportError, match="'bn' .*batch norm lowers folded.*or stand-alone with running"):
         lower(folded, (x,))

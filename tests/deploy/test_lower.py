@@ -54,7 +54,11 @@ class Single(nn.Module):
 def test_rule_table_has_one_entry_per_op():
     assert set(RULES) == {"cast", "conv2d", "linear", "relu", "max_pool2d", "avg_pool2d", "flatten", "add",
                           "identity", "dropout", "adaptive_avg_pool2d", "mean", "fixed_point_average",
-                          "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "unflatten"}
+                          "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "unflatten",
+                          # structural ops
+                          "reshape", "squeeze", "contiguous", "drop_path", "permute", "transpose", "getitem",
+                          "split", "size", "cat", "stack", "mul", "fixed_point_mul", "sub",
+                          "fixed_point_batch_norm", "pad", "interpolate"}
 
 
 # ---- rounding shift and saturation: Python integers as the oracle ----------------------------
@@ -169,6 +173,15 @@ def test_rule_avg_pool2d_power_of_two():
     graph, y, expected = _exact_oracle(Single(lambda s, x: s.mods[0](x), nn.AvgPool2d(4)), POLICY, x)
     assert "sum_pool2d" in _ops(graph)
     assert torch.equal(y, expected)
+
+
+def test_rule_avg_pool2d_with_ceil_mode_lowers_where_it_adds_no_partial_window():
+    pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)  # timm's resnet-d downsampling
+    graph, y, expected = _exact_oracle(Single(lambda s, x: s.mods[0](x), pool), POLICY, torch.randn(2, 3, 8, 8))
+    assert "sum_pool2d" in _ops(graph) and torch.equal(y, expected)
+    q = fxc.compile(Single(lambda s, x: s.mods[0](x), pool), POLICY, example_inputs=(torch.randn(1, 1, 7, 7),))
+    with pytest.raises(fxc.ExportError, match="partial"):
+        lower(q, (torch.randn(1, 1, 7, 7),))
 
 
 def test_rule_avg_pool2d_refuses_other_divisors():

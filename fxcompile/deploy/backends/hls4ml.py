@@ -79,6 +79,16 @@ UNSUPPORTED: dict[str, str] = {
                "definition; this handoff does not map one onto the other",
     "layer_norm": "hls4ml's LayerNormalization computes its statistics in its own fixed-point types and table; "
                   "this handoff does not map the integer definition onto it",
+    # structural ops
+    "concat": "the handoff writes sequential models; a concatenation needs hls4ml's Concatenate (Merge) layer",
+    "mul": "the handoff writes sequential models; a product of two activations needs hls4ml's Multiply (Merge) layer",
+    "transpose": "hls4ml has Permute/Transpose, but this sequential handoff does not yet map one between its "
+                 "channels-last layers",
+    "slice": "a slice of a value feeds a branch; the handoff writes sequential models",
+    "affine": "hls4ml's BatchNormalization scales in its own types; this handoff does not yet map the "
+              "fixed-point scale and offset onto it",
+    "pad": "hls4ml has ZeroPadding2D, but this handoff does not yet map it",
+    "upsample": "hls4ml has UpSampling2D (nearest), but this handoff does not yet map it",
 }
 
 

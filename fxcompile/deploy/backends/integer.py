@@ -73,12 +73,29 @@ def _requantize(op: IntOp, x):
 
 def _add(op: IntOp, a, b):
     sa, sb = op.attrs["shifts"]
-    return (a << sa) + (b << sb)
+    return (a << sa) - (b << sb) if op.attrs.get("subtract") else (a << sa) + (b << sb)
 
 
 def _reshape(op: IntOp, x):
     shape = [x.shape[i] if d == 0 else d for i, d in enumerate(op.attrs["shape"])]
     return x.reshape(shape)
+
+
+def _slice(op: IntOp, x):
+    index = [slice(None)] * x.dim()
+    for start, end, axis, step in zip(op.attrs["starts"], op.attrs["ends"], op.attrs["axes"], op.attrs["steps"]):
+        index[axis] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+def _affine(op: IntOp, x):
+    shape = (1, -1) + (1,) * (x.dim() - 2)  # per channel: axis 1
+    return x * op.attrs["scale"].view(shape) + op.attrs["offset"].view(shape)
+
+
+def _upsample(op: IntOp, x):
+    fh, fw = op.attrs["factors"]
+    return x.repeat_interleave(fh, -2).repeat_interleave(fw, -1)
 
 
 KERNELS: dict[str, Callable] = {
@@ -97,6 +114,13 @@ KERNELS: dict[str, Callable] = {
     "matmul": lambda op, a, b: ops.matmul_product(a, b, op.attrs["perms"]),
     "softmax": lambda op, x: intmath.softmax_codes(x, op.attrs["table"], op.frac, op.attrs["rounding"]),
     "layer_norm": lambda op, x: intmath.layer_norm_codes(x, op.attrs["plan"], op.attrs["weight"], op.attrs["bias"]),
+    "transpose": lambda op, x: x.permute(op.attrs["perm"]),
+    "slice": _slice,
+    "concat": lambda op, *xs: torch.cat([x << s for x, s in zip(xs, op.attrs["shifts"])], op.attrs["axis"]),
+    "mul": lambda op, a, b: a * b,
+    "affine": _affine,
+    "pad": lambda op, x: F.pad(x, op.attrs["pads"], value=op.attrs.get("value", 0)),
+    "upsample": _upsample,
 }
 
 

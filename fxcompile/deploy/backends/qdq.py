@@ -65,7 +65,7 @@ from ...core.formats import FixedPoint
 from ...passes.averages import average_arguments
 from ...passes.casts import Cast
 from ..lower import UNSUPPORTED as UNSUPPORTED_LOWERING
-from ..lower import lower, op_arguments, op_key, pair
+from ..lower import evaluate, index_slices, lower, op_arguments, op_key, pair, permutation, split_sizes
 from .onnx import add_constant
 
 __all__ = ["to_qdq", "FloatGraph", "FLOAT_OPS", "UNSUPPORTED", "STRUCTURAL", "OPSET", "container"]
@@ -227,11 +227,12 @@ def _relu(g, node, x, *args, **kwargs):
 
 
 def _max_pool2d(g, node, x, *args, **kwargs):
-    p = op_arguments(g.gm, node, ("kernel_size", "stride", "padding", "dilation"),
-                   {"stride": None, "padding": 0, "dilation": 1})
+    p = op_arguments(g.gm, node, ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+                   {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False})
     k, (ph, pw) = pair(p["kernel_size"]), pair(p["padding"])
+    ceil = {"ceil_mode": 1} if p["ceil_mode"] else {}
     return g.node("MaxPool", [x], kernel_shape=list(k), strides=list(pair(p["stride"] or k)),
-                  pads=[ph, pw, ph, pw], dilations=list(pair(p["dilation"])))
+                  pads=[ph, pw, ph, pw], dilations=list(pair(p["dilation"])), **ceil)
 
 
 def _avg_pool2d(g, node, x, *args, **kwargs):
@@ -287,10 +288,115 @@ def _layer_norm(g, node, x, normalized_shape, w, b, eps, *specs):
     return g.node("LayerNormalization", [x, w, b], axis=-1, epsilon=eps)
 
 
+# ---- structural ops: shapes come from the example inputs' shape propagation ----------------
+
+def _shape(node) -> list:
+    return list(node.meta["tensor_meta"].shape)
+
+
+def _size(g, node, *args, **kwargs):
+    # sizes, their arithmetic and asserts: constants for the example shape (the batch stays free)
+    def concrete(arg, value):
+        meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None
+        return torch.empty(tuple(meta.shape), device="meta") if hasattr(meta, "shape") else value
+    args = tuple(concrete(a, v) for a, v in zip(node.args, args))
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def _reshape(g, node, x, *args, **kwargs):
+    return g.node("Reshape", [x, g.const([0, *_shape(node)[1:]], np.int64)])
+
+
+def _permute(g, node, x, *dims, **kwargs):
+    return g.node("Transpose", [x], perm=permutation(g.gm, node, len(_shape(node)), dims, kwargs))
+
+
+def _getitem(g, node, x, index):
+    if isinstance(x, (tuple, list)):
+        return x[index]
+    if not isinstance(x, str):
+        return _size(g, node, x, index)
+    starts, ends, axes, steps = index_slices(node, tuple(node.args[0].meta["tensor_meta"].shape), index)
+    if starts:
+        x = g.node("Slice", [x, g.const(starts, np.int64), g.const(ends, np.int64), g.const(axes, np.int64),
+                             g.const(steps, np.int64)])
+    return _reshape(g, node, x)
+
+
+def _split(g, node, x, *args, **kwargs):
+    dim, sizes, squeeze = split_sizes(node, tuple(node.args[0].meta["tensor_meta"].shape), args, kwargs)
+    out, start = [], 0
+    for size in sizes:
+        part = g.node("Slice", [x, g.const([start], np.int64), g.const([start + size], np.int64),
+                                g.const([dim], np.int64)])
+        out.append(g.node("Squeeze", [part, g.const([dim], np.int64)]) if squeeze else part)
+        start += size
+    return out
+
+
+def _cat(g, node, tensors, dim=0, **kwargs):
+    dim = kwargs.get("axis", dim)
+    if ops.op_of(g.gm, node).name == "stack":
+        tensors = [g.node("Unsqueeze", [t, g.const([dim], np.int64)]) for t in tensors]
+    return g.node("Concat", list(tensors), axis=dim % len(_shape(node)))
+
+
+def _mul(g, node, a, b, *args):
+    if not any(isinstance(v, str) for v in (a, b)):
+        return _size(g, node, a, b)
+    a, b = (a if isinstance(a, str) else g.const(a, np.float32)), (b if isinstance(b, str) else g.const(b, np.float32))
+    return g.node("Mul", [a, b])
+
+
+def _sub(g, node, a, b, *args, **kwargs):
+    return g.node("Sub", [a, b]) if isinstance(a, str) else _size(g, node, a, b)
+
+
+def _add_or_size(g, node, a, b, *args, **kwargs):
+    return _add(g, node, a, b) if isinstance(a, str) else _size(g, node, a, b)
+
+
+def _batch_norm(g, node, x, module, weight, bias, spec):
+    # the fixed-point affine map's constants, applied in float
+    def casted(arg):  # the parameter's value as the simulation reads it
+        with torch.no_grad():
+            return None if arg is None else g.gm.get_submodule(arg.target)(ir.fetch(g.gm, arg.args[0].target))
+    s_codes, s_frac, t_codes = ops.batch_norm_affine(ir.fetch(g.gm, node.args[1].target),
+                                                     casted(node.args[2]), casted(node.args[3]), int(spec[0]))
+    shape = [-1] + [1] * (len(_shape(node)) - 2)
+    s = (s_codes.double() * 2.0 ** -s_frac).numpy().reshape(shape)
+    t = (t_codes.double() * 2.0 ** -int(spec[0])).numpy().reshape(shape)
+    return g.node("Add", [g.node("Mul", [x, g.const(s, np.float32)]), g.const(t, np.float32)])
+
+
+def _pad(g, node, x, *args, **kwargs):
+    shape, before = _shape(node), list(node.args[0].meta["tensor_meta"].shape)
+    pads = list(g.gm.get_submodule(node.target).padding) if node.op == "call_module" else list(
+        kwargs.get("pad", args[0] if args else None))
+    rank = len(shape)
+    begin, end = [0] * rank, [0] * rank
+    for i in range(len(pads) // 2):
+        begin[rank - 1 - i], end[rank - 1 - i] = pads[2 * i], pads[2 * i + 1]
+    return g.node("Pad", [x, g.const(begin + end, np.int64)])
+
+
+def _interpolate(g, node, x, *args, **kwargs):
+    shape, before = _shape(node), list(node.args[0].meta["tensor_meta"].shape)
+    scales = [1.0, 1.0] + [o / i for o, i in zip(shape[2:], before[2:])]
+    return g.node("Resize", [x, "", g.const(scales, np.float32)], mode="nearest")
+
+
 FLOAT_OPS: dict[str, Callable] = {
     "conv2d": _conv2d, "linear": _linear, "relu": _relu, "max_pool2d": _max_pool2d,
     "avg_pool2d": _avg_pool2d, "adaptive_avg_pool2d": _average, "mean": _average, "fixed_point_average": _average,
-    "flatten": _flatten, "add": _add, "identity": _identity, "dropout": _identity,
+    "flatten": _flatten, "add": _add_or_size, "identity": _identity, "dropout": _identity,
+    # structural ops
+    "reshape": _reshape, "squeeze": _reshape, "contiguous": _identity, "drop_path": _identity, "permute": _permute,
+    "transpose": _permute, "getitem": _getitem, "split": _split, "size": _size, "cat": _cat, "stack": _cat,
+    "mul": _mul, "fixed_point_mul": _mul, "sub": _sub, "fixed_point_batch_norm": _batch_norm, "pad": _pad,
+    "interpolate": _interpolate,
     "fixed_point_matmul": _matmul, "fixed_point_softmax": _softmax, "fixed_point_layer_norm": _layer_norm,
     "unflatten": _flatten,  # a Reshape to the node's shape, as flatten
 }

@@ -168,12 +168,15 @@ def emit_add(b: _Builder, op: IntOp, x: str, y: str) -> str:
     if (x in b.channels_last) != (y in b.channels_last):
         x, y = b.nhwc(x), b.nhwc(y)
     (xl, xh), (yl, yh) = b.ranges[x], b.ranges[y]
+    subtract = op.attrs.get("subtract", False)
+    if subtract:  # x − y: y's interval turned around
+        yl, yh = -yh, -yl
     lo, hi = (xl << sx) + (yl << sy), (xh << sx) + (yh << sy)
     dt = np.int32 if all(_fits32(*r) for r in ((lo, hi), (xl << sx, xh << sx), (yl << sy, yh << sy))) else np.int64
     layout, x, y = x, b.cast(x, dt), b.cast(y, dt)
     x = b.node("Mul", [x, b.const(1 << sx, dt)]) if sx else x
     y = b.node("Mul", [y, b.const(1 << sy, dt)]) if sy else y
-    return b.value(b.node("Add", [x, y]), lo, hi, like=layout)
+    return b.value(b.node("Sub" if subtract else "Add", [x, y]), lo, hi, like=layout)
 
 
 def emit_relu(b: _Builder, op: IntOp, x: str) -> str:
@@ -276,6 +279,84 @@ def emit_layer_norm(b: _Builder, op: IntOp, x: str) -> str:
     return b.value(z, -top, top)
 
 
+# ---- structural ops: each works on the NCHW value (its attributes are in NCHW order) ------
+
+def emit_transpose(b: _Builder, op: IntOp, x: str) -> str:
+    x = b.nchw(x)
+    return b.value(b.node("Transpose", [x], perm=list(op.attrs["perm"])), *b.ranges[x])
+
+
+def emit_slice(b: _Builder, op: IntOp, x: str) -> str:
+    x = b.nchw(x)
+    a = op.attrs
+    out = b.node("Slice", [x, b.const(list(a["starts"])), b.const(list(a["ends"])), b.const(list(a["axes"])),
+                           b.const(list(a["steps"]))])
+    return b.value(out, *b.ranges[x])
+
+
+def emit_concat(b: _Builder, op: IntOp, *xs: str) -> str:
+    """The operands shifted to one binary point (in int32 when every shifted interval fits), then ``Concat``."""
+    xs = [b.nchw(x) for x in xs]
+    ranges = [(b.ranges[x][0] << s, b.ranges[x][1] << s) for x, s in zip(xs, op.attrs["shifts"])]
+    dt = np.int32 if all(_fits32(*r) for r in ranges) else np.int64
+    parts = []
+    for x, s in zip(xs, op.attrs["shifts"]):
+        x = b.cast(x, dt)
+        parts.append(b.node("Mul", [x, b.const(1 << s, dt)]) if s else x)
+    out = b.node("Concat", parts, axis=op.attrs["axis"]) if len(parts) > 1 else parts[0]
+    return b.value(out, min(r[0] for r in ranges), max(r[1] for r in ranges))
+
+
+def emit_mul(b: _Builder, op: IntOp, x: str, y: str) -> str:
+    """The product of codes, in int32 when the product of the intervals fits, else int64."""
+    x, y = b.nchw(x), b.nchw(y)
+    corners = [u * v for u in b.ranges[x] for v in b.ranges[y]]
+    lo, hi = min(corners), max(corners)
+    dt = np.int32 if _fits32(lo, hi) else np.int64
+    return b.value(b.node("Mul", [b.cast(x, dt), b.cast(y, dt)]), lo, hi)
+
+
+def emit_affine(b: _Builder, op: IntOp, x: str) -> str:
+    """Per-channel ``x · scale + offset`` (a stand-alone batch norm), in int32 when every
+    channel's interval fits, else int64."""
+    x = b.nchw(x)
+    scale, offset = op.attrs["scale"].numpy(), op.attrs["offset"].numpy()
+    lo, hi = b.ranges[x]
+    prods = [scale.astype(object) * lo, scale.astype(object) * hi]
+    low = np.minimum(*prods) + offset.astype(object)
+    high = np.maximum(*prods) + offset.astype(object)
+    out_lo, out_hi = int(low.min()), int(high.max())
+    dt = np.int32 if _fits32(out_lo, out_hi) and _fits32(int(np.minimum(*prods).min()), int(np.maximum(*prods).max())) \
+        else np.int64
+    shape = (-1,) + (1,) * (len(b.shapes[op.inputs[0]]) - 2)
+    t = b.node("Mul", [b.cast(x, dt), b.const(scale.reshape(shape), dt, name=f"{op.out}.scale")])
+    t = b.node("Add", [t, b.const(offset.reshape(shape), dt, name=f"{op.out}.offset")])
+    return b.value(t, out_lo, out_hi)
+
+
+def emit_pad(b: _Builder, op: IntOp, x: str) -> str:
+    x = b.nchw(x)
+    rank, pads = len(b.shapes[op.inputs[0]]), op.attrs["pads"]
+    begin, end = [0] * rank, [0] * rank
+    for i in range(len(pads) // 2):  # torch: (last axis begin, end, the axis before ...)
+        begin[rank - 1 - i], end[rank - 1 - i] = pads[2 * i], pads[2 * i + 1]
+    lo, hi = b.ranges[x]
+    value = op.attrs.get("value", 0)  # zeros, or a max pool's smallest code (ceil_mode)
+    out = b.node("Pad", [x, b.const(begin + end), b.const(value, b.dtype(x))])
+    return b.value(out, min(lo, value), max(hi, value))
+
+
+def emit_upsample(b: _Builder, op: IntOp, x: str) -> str:
+    """Nearest upsampling by integer factors: a view (N, C, H, 1, W, 1) expanded to
+    (N, C, H, fh, W, fw) and reshaped (``Expand`` has integer kernels; ``Resize`` has no int64 one)."""
+    x = b.nchw(x)
+    _, c, h, w = b.shapes[op.inputs[0]]
+    fh, fw = op.attrs["factors"]
+    t = b.node("Reshape", [x, b.const([-1, c, h, 1, w, 1])])
+    t = b.node("Expand", [t, b.const([1, 1, 1, fh, 1, fw])])
+    return b.value(b.node("Reshape", [t, b.const([-1, c, h * fh, w * fw])]), *b.ranges[x])
+
+
 EMITTERS: dict[str, Callable] = {
     "quantize": emit_quantize,
     "requantize": emit_requantize,
@@ -291,5 +372,8 @@ EMITTERS: dict[str, Callable] = {
     "matmul": emit_matmul,
     "softmax": emit_softmax,
     "layer_norm": emit_layer_norm,
+    # structural ops
+    "transpose": emit_transpose, "slice": emit_slice, "concat": emit_concat, "mul": emit_mul,
+    "affine": emit_affine, "pad": emit_pad, "upsample": emit_upsample,
 }
 _WEIGHTED = {"conv2d", "linear"}
