@@ -19,12 +19,14 @@ from .frontend.shapes import propagate_shapes
 from .frontend.trace import CONTRACT as TRACE_CONTRACT
 from .frontend.trace import trace
 from .passes import assign, averages, calibrate as calibration, casts, choose_formats as cost_model, elide_casts as elision
+from .passes import lookup_tables as tables
 from .passes.assign import assign_formats
 from .passes.averages import fixed_point_averages
 from .passes.calibrate import calibrate
 from .passes.casts import insert_casts
 from .passes.choose_formats import choose_formats
 from .passes.elide_casts import elide_identity_casts
+from .passes.lookup_tables import lookup_tables
 
 __all__ = ["compile", "LossGraph", "NamedLoss"]
 
@@ -131,6 +133,7 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
         if elide_casts:
             _checked(elide_identity_casts, elision.CONTRACT, check)(g)
         _checked(fixed_point_averages, averages.CONTRACT, check)(g)
+        _checked(lookup_tables, tables.CONTRACT, check)(g)
     ir.POLICY.set(gm, policy)
     if loss is not None or named:
         if hasattr(gm, "loss"):

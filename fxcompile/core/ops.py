@@ -18,7 +18,8 @@ one entry here, its function in each backend, and their tests::
 The module also holds the functions the IR's nodes call that are fxcompile's own:
 :func:`batch_norm` and :func:`call_with_parameters` (written by ``expose_params``), and
 :func:`fixed_point_average` (written by ``passes.averages``), whose reciprocal is
-:func:`reciprocal`.
+:func:`reciprocal`, and :func:`lookup` (written by ``passes.lookup_tables``; defined with the
+clips' bounds in :mod:`fxcompile.core.nonlinear`).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ir
+from .nonlinear import lookup
 from .quantizer import quantize_reference
 
 __all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "ops_in", "batch_norm", "call_with_parameters",
-           "fixed_point_average", "reciprocal", "average_windows", "RECIPROCAL_BITS"]
+           "fixed_point_average", "reciprocal", "average_windows", "RECIPROCAL_BITS", "lookup", "CLIP_OPS",
+           "LOOKUP_OPS"]
 
 GROUPS = {
     "cast": "the fixed-point cast on an edge",
@@ -185,7 +188,24 @@ _DECLARED = [
     Op("fixed_point_average", "reduction", (), (fixed_point_average,)),  # written by passes.averages
     Op("dropout", "elementwise", (nn.Dropout,), (F.dropout,), (), ("dropout",)),  # the identity at eval time
     Op("batch_norm", "normalization", (), (batch_norm,)),
+    # elementwise nonlinearities (fxcompile.core.nonlinear): clips on codes, tables for the rest
+    Op("relu6", "format_preserving", (nn.ReLU6,), (F.relu6,), (), ("relu6",)),
+    Op("hardtanh", "format_preserving", (nn.Hardtanh,), (F.hardtanh,), (), ("hardtanh",)),
+    Op("clamp", "format_preserving", (), (torch.clamp, torch.clip), ("clamp", "clip"), ("clamp", "clip")),
+    Op("sigmoid", "elementwise", (nn.Sigmoid,), (torch.sigmoid, F.sigmoid), ("sigmoid",), ("sigmoid",)),
+    Op("tanh", "elementwise", (nn.Tanh,), (torch.tanh, F.tanh), ("tanh",), ("tanh",)),
+    Op("silu", "elementwise", (nn.SiLU,), (F.silu,), (), ("silu",)),
+    Op("gelu", "elementwise", (nn.GELU,), (F.gelu,), (), ("gelu",)),
+    Op("hardswish", "elementwise", (nn.Hardswish,), (F.hardswish,), (), ("hardswish",)),
+    Op("hardsigmoid", "elementwise", (nn.Hardsigmoid,), (F.hardsigmoid,), (), ("hardsigmoid",)),
+    Op("leaky_relu", "elementwise", (nn.LeakyReLU,), (F.leaky_relu,), (), ("leaky_relu",)),
+    Op("elu", "elementwise", (nn.ELU,), (F.elu,), (), ("elu",)),
+    Op("mish", "elementwise", (nn.Mish,), (F.mish,), (), ("mish",)),
+    Op("lookup", "elementwise", (), (lookup,)),  # written by passes.lookup_tables
 ]
+
+CLIP_OPS = ("relu6", "hardtanh", "clamp")  # exact on codes: a clamp to the bounds
+LOOKUP_OPS = ("sigmoid", "tanh", "silu", "gelu", "hardswish", "hardsigmoid", "leaky_relu", "elu", "mish")
 
 OPS: dict[str, Op] = {op.name: op for op in _DECLARED}
 _BY_MODULE = {m: op for op in _DECLARED for m in op.modules}
@@ -199,6 +219,8 @@ INTEGER_OPS = {
     "conv2d": "int64 sums of products of input and weight codes, plus aligned bias codes",
     "linear": "int64 sums of products of input and weight codes, plus aligned bias codes",
     "relu": "max(codes, 0)",
+    "clip": "codes shifted left (exactly) to a finer binary point, then clamped to constant bounds",
+    "lookup": "a table of output codes indexed by input code minus the smallest input code",
     "max_pool2d": "window maxima of codes",
     "sum_pool2d": "window sums of codes (a power-of-two average with the binary point moved)",
     "scale": "codes times an integer constant (an average's fixed-point reciprocal), binary point moved",

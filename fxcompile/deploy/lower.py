@@ -19,6 +19,11 @@ arithmetic:
   (``c · 2**-r`` the reciprocal of :func:`fxcompile.core.ops.reciprocal`); the next cast
   rounds the exact product once — the definition training ran (``passes.averages``),
 * ``add``: both operands shifted left to the larger binary point, then added,
+* ``clip``: ReLU6, Hardtanh and clamp/clip with constant bounds: the codes shifted left
+  (exactly) to the output cast's binary point if that is finer, then clamped to the bounds
+  rounded by the output cast's rounding onto its grid (see :func:`rule_clip`),
+* ``lookup``: sigmoid, tanh, SiLU, GELU, Hardswish, Hardsigmoid, LeakyReLU, ELU, Mish: a table
+  of output codes indexed by input code (``passes.lookup_tables`` made training run it),
 * ``dequantize`` codes → float32 at the outputs.
 
 Codes are stored *centred*: for an asymmetric format ``v = code − zero_point``, so zero
@@ -45,11 +50,12 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..core import ir, ops
+from ..core import ir, nonlinear, ops
 from ..errors import ExportError
 from ..core.formats import FixedPoint
 from ..passes.averages import average_arguments
 from ..passes.casts import Cast
+from ..passes.lookup_tables import lookup_arguments, lookup_refusal
 
 __all__ = ["CONTRACT", "IntOp", "IntegerGraph", "Value", "lower", "RULES", "UNSUPPORTED", "op_key", "op_arguments", "pair",
            "MAX_SHIFT"]
@@ -336,6 +342,64 @@ def rule_identity(lw, node, x, *args, **kwargs):
     return x
 
 
+def _round_bound(v: float, rounding: str) -> int:
+    """``v`` (exact in float64) rounded to an integer by a format's rounding (ties to even)."""
+    return {"floor": math.floor, "toward_zero": math.trunc}.get(rounding, round)(v)
+
+
+def rule_clip(lw, node, x, *args, **kwargs):
+    """ReLU6, Hardtanh, clamp/clip with constant bounds ``lo``, ``hi``, followed by their cast
+    to ``out`` (binary point ``f``).
+
+    The definition, bit for bit the float clamp followed by the cast (rounding and saturation
+    are non-decreasing, so they commute with a clamp): the input codes shifted left to
+    ``F = max(frac, f)``, clamped to ``round(lo · 2**f) · 2**(F - f)`` and
+    ``round(hi · 2**f) · 2**(F - f)`` with ``out``'s rounding, then the cast's requantize.  A
+    bound on the input's grid is that bound at the input's binary point; one off it (a clamp
+    at 0.3 on a 2**-8 grid) is the value the cast would round it to."""
+    name = ops.op_of(lw.gm, node).name
+    bounds = nonlinear.clip_bounds(lw.gm, node, name)
+    if bounds is None:
+        raise ExportError(f"node {node.name!r} ({name}): only constant bounds lower; a tensor bound needs "
+                          "a max/min of two activations, which does not lower yet")
+    x = _operand(node, x)
+    casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u) and ir.EDGE.of(u).consumer == "*"]
+    out = lw.gm.get_submodule(casts[0].target).edge.forward if casts else None
+    if out is None:
+        raise ExportError(f"node {node.name!r} ({name}): its output needs a fixed-point cast, whose rounding "
+                          "defines where an off-grid bound lands")
+    frac = max(x.frac, out.frac)
+    shift = frac - x.frac
+    if x.fmt is not None:
+        vlo, vhi = (x.fmt.code_min - x.fmt.zero_point) << shift, (x.fmt.code_max - x.fmt.zero_point) << shift
+    else:
+        vlo, vhi = -(1 << 62), (1 << 62)
+    lo, hi = ((None if b is None else min(max(_round_bound(b * 2.0 ** out.frac, out.rounding) << (frac - out.frac),
+                                                vlo), vhi)) for b in bounds)
+    lo, hi = (None if lo is not None and lo <= vlo else lo), (None if hi is not None and hi >= vhi else hi)
+    if shift == 0 and lo is None and hi is None:
+        return x
+    return lw.emit(node, "clip", [x], frac, x.fmt if shift == 0 else None, shift=shift, lo=lo, hi=hi)
+
+
+def rule_lookup(lw, node, x, name, params, in_spec, out_spec):
+    """The table of :func:`fxcompile.core.nonlinear.table` for ``name`` from ``in_spec`` to
+    ``out_spec``; the casts around the node must still have those formats."""
+    x = _operand(node, x)
+    current = lookup_arguments(lw.gm, node)
+    if isinstance(current, str) or list(current[2]) != list(in_spec) or list(current[3]) != list(out_spec):
+        raise ExportError(f"node {node.name!r} (lookup {name}): its table was built for other formats than its "
+                          "casts now have; run fxcompile.passes.lookup_tables.lookup_tables(qmodel) after changing "
+                          "a cast's format" + (f" ({current})" if isinstance(current, str) else ""))
+    if x.frac != in_spec[0]:
+        raise ExportError(f"node {node.name!r} (lookup {name}): its input arrives at binary point {x.frac}, "
+                          f"its table is indexed at {in_spec[0]}")
+    (cast,) = node.users
+    fmt = lw.gm.get_submodule(cast.target).edge.forward
+    codes = nonlinear.table(name, tuple(params), tuple(in_spec), tuple(out_spec))
+    return lw.emit(node, "lookup", [x], fmt.frac, fmt, table=codes, offset=in_spec[1] - in_spec[3], function=name)
+
+
 RULES: dict[str, Callable] = {
     "cast": rule_cast,
     "conv2d": rule_conv2d,
@@ -350,6 +414,8 @@ RULES: dict[str, Callable] = {
     "add": rule_add,
     "identity": rule_identity,
     "dropout": rule_identity,  # deployment is inference: dropout is the identity
+    "relu6": rule_clip, "hardtanh": rule_clip, "clamp": rule_clip,
+    "lookup": rule_lookup,
 }
 
 # Registered ops without a rule, and what lowering them would take.
@@ -366,6 +432,8 @@ UNSUPPORTED: dict[str, str] = {
     "cat": "a rule aligning the operands' binary points before the concatenation",
     "stack": "a rule aligning the operands' binary points before stacking",
     "batch_norm": "folding into the conv/linear before it (fold_bn); a stand-alone per-channel affine rule",
+    **{name: "the lookup table compile() makes of it (passes.lookup_tables): an input cast of <= 16 bits and an "
+             "output cast of its own" for name in ops.LOOKUP_OPS},
 }
 
 
@@ -387,6 +455,8 @@ def _unsupported(gm: fx.GraphModule) -> list[str]:
         if node.op in ("call_module", "call_function", "call_method") and op_key(gm, node) not in RULES:
             hint = " (batch norm folds only into a conv/linear whose output feeds nothing else)" \
                 if op_key(gm, node) == "batch_norm" else ""
+            if op_key(gm, node) in ops.LOOKUP_OPS:
+                hint = f": {lookup_refusal(gm, node) or 'not made a lookup table: recompile'}"
             bad.append(f"{node.name!r} ({_label(gm, node)}){hint}")
     return bad
 
@@ -401,7 +471,7 @@ def lower(gm: fx.GraphModule, example_inputs) -> IntegerGraph:
     if bad:
         raise ExportError(f"cannot lower {len(bad)} node(s) to integer arithmetic: {', '.join(bad)}. "
                           f"Ops that lower: {', '.join(sorted(RULES))}; replace the others in the model "
-                          "(e.g. ReLU for sigmoid/GELU) before exporting")
+                          "before exporting")
     was_training = gm.training
     gm.eval()
     try:

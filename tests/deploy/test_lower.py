@@ -53,7 +53,8 @@ class Single(nn.Module):
 
 def test_rule_table_has_one_entry_per_op():
     assert set(RULES) == {"cast", "conv2d", "linear", "relu", "max_pool2d", "avg_pool2d", "flatten", "add",
-                          "identity", "dropout", "adaptive_avg_pool2d", "mean", "fixed_point_average"}
+                          "identity", "dropout", "adaptive_avg_pool2d", "mean", "fixed_point_average",
+                          "relu6", "hardtanh", "clamp", "lookup"}
 
 
 # ---- rounding shift and saturation: Python integers as the oracle ----------------------------
@@ -210,10 +211,14 @@ def test_unsupported_ops_are_listed_at_once():
             self.fc, self.act = nn.Linear(4, 4), nn.GELU()
 
         def forward(self, x):
-            return torch.sigmoid(self.act(self.fc(x))) * 2
+            return torch.exp(self.act(self.fc(x))) * 2
 
-    q = fxc.compile(Model(), POLICY, example_inputs=(torch.randn(2, 4),))
+    # a 24-bit GELU input has no lookup table; exp and mul have no rule
+    policy = fxc.Policy(activation="16.8", weight="12.8", bias="16.10", gradient="16.10", loss="16.10",
+                        overrides=[{"pattern": "act", "activation_in": "24.12"}])
+    q = fxc.compile(Model(), policy, example_inputs=(torch.randn(2, 4),))
     with pytest.raises(fxc.ExportError) as err:
         lower(q, (torch.randn(2, 4),))
-    for text in ("'act' (GELU)", "'sigmoid' (sigmoid)", "'mul' (mul)", "3 node(s)"):
+    for text in ("'act' (GELU): input format 24.12 has 24 bits; lookup tables need <= 16", "'exp' (exp)",
+                 "'mul' (mul)", "3 node(s)"):
         assert text in str(err.value)

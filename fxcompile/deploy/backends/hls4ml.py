@@ -72,6 +72,11 @@ UNSUPPORTED: dict[str, str] = {
     "sum_pool2d": "hls4ml has AveragePooling2D, but this handoff does not yet map a window sum with a moved "
                   "binary point onto it",
     "add": "the handoff writes sequential models; a residual add needs hls4ml's Merge layer",
+    "clip": "this handoff does not yet map a clamp to constant bounds (ReLU6, Hardtanh, clamp) onto an hls4ml "
+            "layer whose output type rounds the bounds as the integer graph does",
+    "lookup": "hls4ml's own Activation tables (sigmoid, tanh, ...) have 1024 entries over [-8, 8) in their "
+              "table_t type, not one entry per input code rounded to the output format, so they differ from "
+              "this table; the handoff does not yet write the table as a layer of its own",
 }
 
 
@@ -257,7 +262,8 @@ def hls_plan(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> 
         elif op.op == "dequantize":
             continue
         else:
-            raise ExportError(f"node {op.source!r} ({op.op}) has no hls4ml layer in this handoff; it converts "
+            why = f" ({UNSUPPORTED[op.op]})" if op.op in UNSUPPORTED else ""
+            raise ExportError(f"node {op.source!r} ({op.op}) has no hls4ml layer in this handoff{why}; it converts "
                               f"sequential models of {', '.join(('conv2d', 'linear') + _PASSTHROUGH)}")
         layers.append(layer)
         produced_by[op.out] = layer

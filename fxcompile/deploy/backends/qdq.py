@@ -16,8 +16,8 @@ becomes the pattern toolchains such as ONNX Runtime's quantized-op fusion and Te
   QGemm, for 8-bit activations and weights) and TensorRT expects.  ``bias_scale="format"``
   keeps the bias format's own scale and type instead (ORT then fuses nothing);
 
-and the ops between them (Conv, Gemm, Relu, MaxPool, AveragePool, Reshape, Add) are the
-float ops of the model.  Node names are ``quantize/<cast>`` and ``dequantize/<cast>``, after
+and the ops between them (Conv, Gemm, Relu, MaxPool, AveragePool, Reshape, Add, Clip, and
+Sigmoid, Tanh, Gelu, HardSwish... for the lookup tables) are the float ops of the model.  Node names are ``quantize/<cast>`` and ``dequantize/<cast>``, after
 the cast node of the edge.  The float output is ``output`` (``output_<i>`` if several).
 
 This flavour is **not bit-exact** with the integer graph (:mod:`fxcompile.deploy.backends.integer`):
@@ -59,7 +59,7 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto, helper
 
-from ...core import ir, ops
+from ...core import ir, nonlinear, ops
 from ...errors import ExportError
 from ...core.formats import FixedPoint
 from ...passes.averages import average_arguments
@@ -265,10 +265,31 @@ def _identity(g, node, x, *args, **kwargs):
     return x
 
 
+def _clip(g, node, x, *args, **kwargs):
+    # the float clamp: the next QuantizeLinear rounds an off-grid bound as the integer graph does
+    bounds = nonlinear.clip_bounds(g.gm, node, ops.op_of(g.gm, node).name)  # constant: lower() checked
+    return g.node("Clip", [x] + ["" if b is None else g.const(b, np.float32) for b in bounds])
+
+
+def _lookup_float(g, node, x, name, params, *specs):
+    # the float function between the quantizers (opset 21 has them all), not the table: so the
+    # flavour is close to the integer graph's table, not equal to it
+    if name == "silu":
+        return g.node("Mul", [x, g.node("Sigmoid", [x])])
+    if name == "gelu":
+        return g.node("Gelu", [x], approximate=params[0])
+    if name == "hardsigmoid":
+        return g.node("HardSigmoid", [x], alpha=1.0 / 6.0, beta=0.5)
+    if name in ("leaky_relu", "elu"):
+        return g.node({"leaky_relu": "LeakyRelu", "elu": "Elu"}[name], [x], alpha=float(params[0]))
+    return g.node({"sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish", "mish": "Mish"}[name], [x])
+
+
 FLOAT_OPS: dict[str, Callable] = {
     "conv2d": _conv2d, "linear": _linear, "relu": _relu, "max_pool2d": _max_pool2d,
     "avg_pool2d": _avg_pool2d, "adaptive_avg_pool2d": _average, "mean": _average, "fixed_point_average": _average,
     "flatten": _flatten, "add": _add, "identity": _identity, "dropout": _identity,
+    "relu6": _clip, "hardtanh": _clip, "clamp": _clip, "lookup": _lookup_float,
 }
 
 # Ops that build() writes itself rather than through FLOAT_OPS.
