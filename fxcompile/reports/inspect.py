@@ -169,8 +169,12 @@ def fixed_point_definitions(qmodel: fx.GraphModule) -> list[str]:
             tables.append(f"{ir.MODULE.get(node, node.name)} ({name} {fmt_in} -> {fmt_out})")
         elif known is not None and known.name in ops.CLIP_OPS:
             clips.append(f"{ir.MODULE.get(node, node.name)} ({ir.OP.get(node, known.name)})")
-    return ([f"lookup tables: {', '.join(tables)}"] if tables else []) + \
-        ([f"clips on codes: {', '.join(clips)}"] if clips else [])
+    return [f"{title}: {_some(names)}" for title, names in (("lookup tables", tables), ("clips on codes", clips))
+            if names]
+
+
+def _some(names: list[str], shown: int = 6) -> str:
+    return ", ".join(names) if len(names) <= shown else f"{', '.join(names[:shown])}, ... ({len(names)} in all)"
 
 
 def _spec_format(qmodel: fx.GraphModule, cast: fx.Node) -> str:
