@@ -17,7 +17,8 @@ becomes the pattern toolchains such as ONNX Runtime's quantized-op fusion and Te
   keeps the bias format's own scale and type instead (ORT then fuses nothing);
 
 and the ops between them (Conv, Gemm, Relu, MaxPool, AveragePool, Reshape, Add, Clip, and
-Sigmoid, Tanh, Gelu, HardSwish... for the lookup tables) are the float ops of the model.  Node names are ``quantize/<cast>`` and ``dequantize/<cast>``, after
+for the lookup tables the float functions: Sigmoid, Tanh, Erf, HardSigmoid, Softplus...) are
+the float ops of the model.  Node names are ``quantize/<cast>`` and ``dequantize/<cast>``, after
 the cast node of the edge.  The float output is ``output`` (``output_<i>`` if several).
 
 This flavour is **not bit-exact** with the integer graph (:mod:`fxcompile.deploy.backends.integer`):
@@ -272,17 +273,27 @@ def _clip(g, node, x, *args, **kwargs):
 
 
 def _lookup_float(g, node, x, name, params, *specs):
-    # the float function between the quantizers (opset 21 has them all), not the table: so the
-    # flavour is close to the integer graph's table, not equal to it
+    # the float function between the quantizers, not the table: so the flavour is close to the
+    # integer graph's table, not equal to it.  Written with ops of opset 9 (QONNX reads opset 11)
+    half, one = g.const(0.5, np.float32), g.const(1.0, np.float32)
     if name == "silu":
         return g.node("Mul", [x, g.node("Sigmoid", [x])])
-    if name == "gelu":
-        return g.node("Gelu", [x], approximate=params[0])
-    if name == "hardsigmoid":
-        return g.node("HardSigmoid", [x], alpha=1.0 / 6.0, beta=0.5)
+    if name == "gelu" and params[0] == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3)))
+        cube = g.node("Mul", [g.node("Mul", [x, x]), x])
+        inner = g.node("Add", [x, g.node("Mul", [cube, g.const(0.044715, np.float32)])])
+        t = g.node("Tanh", [g.node("Mul", [inner, g.const(np.sqrt(2 / np.pi), np.float32)])])
+        return g.node("Mul", [g.node("Mul", [x, half]), g.node("Add", [t, one])])
+    if name == "gelu":  # 0.5 x (1 + erf(x / sqrt(2)))
+        e = g.node("Erf", [g.node("Mul", [x, g.const(1 / np.sqrt(2), np.float32)])])
+        return g.node("Mul", [g.node("Mul", [x, half]), g.node("Add", [e, one])])
+    if name in ("hardsigmoid", "hardswish"):
+        h = g.node("HardSigmoid", [x], alpha=1.0 / 6.0, beta=0.5)
+        return h if name == "hardsigmoid" else g.node("Mul", [x, h])
+    if name == "mish":
+        return g.node("Mul", [x, g.node("Tanh", [g.node("Softplus", [x])])])
     if name in ("leaky_relu", "elu"):
         return g.node({"leaky_relu": "LeakyRelu", "elu": "Elu"}[name], [x], alpha=float(params[0]))
-    return g.node({"sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish", "mish": "Mish"}[name], [x])
+    return g.node({"sigmoid": "Sigmoid", "tanh": "Tanh"}[name], [x])
 
 
 FLOAT_OPS: dict[str, Callable] = {
