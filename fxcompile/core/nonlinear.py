@@ -114,23 +114,33 @@ def table(name: str, params: tuple, in_spec: tuple, out_spec: tuple) -> torch.Te
     return torch.round(out * 2.0 ** out_spec[0]).to(torch.int64)
 
 
-def _indices(x: torch.Tensor, in_spec) -> torch.Tensor:
-    """Table indices of ``x``: its codes in ``in_spec`` (values of the input cast lie on its
-    grid; anything else is rounded to nearest), clamped into the table."""
+@functools.lru_cache(maxsize=256)
+def _values(name: str, params: tuple, in_spec: tuple, out_spec: tuple, dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """The table's output values (codes times ``2**-frac``) as a tensor of ``dtype`` on ``device``."""
+    return (table(name, params, in_spec, out_spec).double() * 2.0 ** -out_spec[0]).to(dtype=dtype, device=device)
+
+
+def _read(x: torch.Tensor, values: torch.Tensor, in_spec) -> torch.Tensor:
+    """``values`` at ``x``'s codes in ``in_spec`` (values of the input cast lie on its grid;
+    anything else is rounded to nearest), clamped into the table; NaN stays NaN."""
     frac, code_min, code_max, zp = in_spec[:4]
-    codes = torch.round(torch.nan_to_num(x.double(), nan=0.0) * 2.0 ** frac)
-    return (codes.clamp(code_min - zp, code_max - zp) - (code_min - zp)).long()
+    # in place after one copy, exact in float32 (codes of at most 16 bits, a power-of-two scale)
+    t = torch.mul(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, 2.0 ** frac)
+    t = t.sub_(code_min - zp).round_().clamp_(0, code_max - code_min)
+    nan = bool(torch.isnan(t.sum()))  # one reduction, not a mask, in the usual NaN-free case
+    index = (t.nan_to_num(0.0) if nan else t).int().reshape(-1)
+    y = values.index_select(0, index).reshape(x.shape)  # int32 indices: the fast gather
+    return torch.where(torch.isnan(x), x, y) if nan else y
 
 
 class _Lookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, name, params, in_spec, out_spec):
-        codes = table(name, tuple(params), tuple(in_spec), tuple(out_spec)).to(x.device)
-        y = codes[_indices(x, in_spec)].double() * 2.0 ** -out_spec[0]
-        y = torch.where(torch.isnan(x), x.double(), y)  # NaN stays visible, as through a cast
+        values = _values(name, tuple(params), tuple(in_spec), tuple(out_spec), x.dtype, x.device)
         ctx.save_for_backward(x)
         ctx.fn = float_function(name, tuple(params))
-        return y.to(x.dtype)
+        return _read(x, values, in_spec)
 
     @staticmethod
     def backward(ctx, grad):
