@@ -74,9 +74,10 @@ UNSUPPORTED: dict[str, str] = {
     "add": "the handoff writes sequential models; a residual add needs hls4ml's Merge layer",
     "clip": "this handoff does not yet map a clamp to constant bounds (ReLU6, Hardtanh, clamp) onto an hls4ml "
             "layer whose output type rounds the bounds as the integer graph does",
-    "lookup": "hls4ml's own Activation tables (sigmoid, tanh, ...) have 1024 entries over [-8, 8) in their "
-              "table_t type, not one entry per input code rounded to the output format, so they differ from "
-              "this table; the handoff does not yet write the table as a layer of its own",
+    "lookup": "hls4ml's own Activation tables (sigmoid, tanh, ...) have 1024 entries over [-8, 8) (tanh: "
+              "[-4, 4)) computed in float, not one entry per input code rounded to the output format, so they "
+              "differ from this table (benchmarks/hls4ml_tables.py counts by how much); the handoff does not yet "
+              "write the table as a layer of its own",
 }
 
 
