@@ -206,6 +206,9 @@ def check(zoo: str, name: str) -> dict:
     except Exception as exc:  # noqa: BLE001
         return dict(rec, status="compile_failed", error=_first_line(exc), seconds=round(time.perf_counter() - t0, 1))
     rec["frontend"] = q.meta.get("fxc_frontend")
+    rec["casts"] = len(list(q.casts.children()))
+    if args and hasattr(args[0], "shape"):
+        rec["size"] = args[0].shape[-1]
     try:
         opt = fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=1e-3), q)
         out = q(*args, **kwargs)
@@ -236,8 +239,9 @@ def _done(path: str) -> dict:
     return records
 
 
-def _worker(zoo: str, models: list[str], out: str) -> None:
-    """Check ``models`` in turn; a ``started`` line before each lets the parent name a crash."""
+def _worker(zoo: str, models: list[str], out: str, check=check) -> None:
+    """Check ``models`` in turn with ``check(zoo, name)``; a ``started`` line before each lets
+    the parent name a crash."""
     done = _done(out)
     for name in models:
         if (zoo, name) in done and done[(zoo, name)]["status"] != "started":
@@ -251,8 +255,8 @@ def _worker(zoo: str, models: list[str], out: str) -> None:
               f"{rec.get('seconds', '')!s:>6}  {(rec.get('error') or '')[:160]}", flush=True)
 
 
-def run(zoo: str, models: list[str], out: str, timeout: float) -> list[dict]:
-    """Run ``models`` of ``zoo`` in worker processes until each has a record."""
+def run(zoo: str, models: list[str], out: str, timeout: float, script: str = __file__, extra=()) -> list[dict]:
+    """Run ``models`` of ``zoo`` in worker processes (``script --worker ZOO *extra``) until each has a record."""
     while True:
         done = _done(out)
         started = [m for m in models if done.get((zoo, m), {}).get("status") == "started"]
@@ -264,7 +268,7 @@ def run(zoo: str, models: list[str], out: str, timeout: float) -> list[dict]:
         todo = [m for m in models if (zoo, m) not in done]
         if not todo:
             return [done[(zoo, m)] for m in models]
-        cmd = [sys.executable, __file__, "--worker", zoo, "--out", out, "--models", *todo]
+        cmd = [sys.executable, script, "--worker", zoo, *extra, "--out", out, "--models", *todo]
         try:
             subprocess.run(cmd, timeout=timeout * len(todo))
         except subprocess.TimeoutExpired:

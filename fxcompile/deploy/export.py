@@ -148,7 +148,8 @@ def verify(qmodel: fx.GraphModule, model: onnx.ModelProto | str | os.PathLike, x
     float fixed-point simulation, eval mode) on ``x`` and compare them.
 
     Returns ``mismatches`` (output codes where ORT differs from the integer reference),
-    ``outputs`` (number of output codes), ``top1_agreement`` (fraction of rows whose argmax
+    ``simulation_mismatches`` (output codes where the simulation differs from the integer
+    reference), ``outputs`` (number of output codes), ``top1_agreement`` (fraction of rows whose argmax
     agrees between the integer graph and the simulation), ``max_code_difference`` (largest
     |integer − simulation| in output codes), and with labels ``y`` the accuracy of each.
     """
@@ -159,7 +160,7 @@ def verify(qmodel: fx.GraphModule, model: onnx.ModelProto | str | os.PathLike, x
     from .backends.integer import run_integer
     was_training = qmodel.training
     qmodel.eval()
-    stats = {"mismatches": 0, "outputs": 0, "agree": 0, "max_code_difference": 0, "correct": [0, 0, 0]}
+    stats = {"mismatches": 0, "simulation_mismatches": 0, "outputs": 0, "agree": 0, "max_code_difference": 0, "correct": [0, 0, 0]}
     try:
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size]
@@ -170,6 +171,7 @@ def verify(qmodel: fx.GraphModule, model: onnx.ModelProto | str | os.PathLike, x
             sim_codes = torch.round(sim.double() * 2.0 ** out_op.frac).to(torch.int64)
             ort_codes = torch.from_numpy(ort_codes)
             stats["mismatches"] += int((ort_codes != ref_codes).sum())
+            stats["simulation_mismatches"] += int((sim_codes != ref_codes).sum())
             stats["outputs"] += ref_codes.numel()
             stats["agree"] += int((ref_codes.argmax(1) == sim.argmax(1)).sum())
             stats["max_code_difference"] = max(stats["max_code_difference"], int((ref_codes - sim_codes).abs().max()))
@@ -179,7 +181,8 @@ def verify(qmodel: fx.GraphModule, model: onnx.ModelProto | str | os.PathLike, x
                     stats["correct"][k] += int((pred.argmax(1) == yb).sum())
     finally:
         qmodel.train(was_training)
-    result = {"images": len(x), "mismatches": stats["mismatches"], "outputs": stats["outputs"],
+    result = {"images": len(x), "mismatches": stats["mismatches"],
+              "simulation_mismatches": stats["simulation_mismatches"], "outputs": stats["outputs"],
               "top1_agreement": stats["agree"] / len(x), "max_code_difference": stats["max_code_difference"]}
     if y is not None:
         for k, name in enumerate(("ort_accuracy", "integer_accuracy", "simulation_accuracy")):

@@ -449,16 +449,19 @@ def _label(gm, node: fx.Node) -> str:
     return ir.OP.get(node) or getattr(node.target, "__name__", str(node.target))
 
 
-def _unsupported(gm: fx.GraphModule) -> list[str]:
-    bad = []
+def _unsupported(gm: fx.GraphModule) -> tuple[list[str], dict[str, str]]:
+    """The nodes without an integer rule (``'name' (Op)``), and what each of their ops would take."""
+    bad, needs = [], {}
     for node in gm.graph.nodes:
         if node.op in ("call_module", "call_function", "call_method") and op_key(gm, node) not in RULES:
+            key, label = op_key(gm, node), _label(gm, node)
             hint = " (batch norm folds only into a conv/linear whose output feeds nothing else)" \
-                if op_key(gm, node) == "batch_norm" else ""
-            if op_key(gm, node) in ops.LOOKUP_OPS:
+                if key == "batch_norm" else ""
+            if key in ops.LOOKUP_OPS:
                 hint = f": {lookup_refusal(gm, node) or 'not made a lookup table: recompile'}"
-            bad.append(f"{node.name!r} ({_label(gm, node)}){hint}")
-    return bad
+            bad.append(f"{node.name!r} ({label}){hint}")
+            needs.setdefault(label, UNSUPPORTED.get(key) or "an op registry entry (fxcompile.core.ops) and a rule")
+    return bad, needs
 
 
 def lower(gm: fx.GraphModule, example_inputs) -> IntegerGraph:
@@ -467,9 +470,10 @@ def lower(gm: fx.GraphModule, example_inputs) -> IntegerGraph:
     ``example_inputs`` fix every shape except the batch size.  Raises :class:`ExportError`
     listing every node whose op has no integer rule.
     """
-    bad = _unsupported(gm)
+    bad, needs = _unsupported(gm)
     if bad:
         raise ExportError(f"cannot lower {len(bad)} node(s) to integer arithmetic: {', '.join(bad)}. "
+                          f"What each op would take: {'; '.join(f'{op}: {need}' for op, need in needs.items())}. "
                           f"Ops that lower: {', '.join(sorted(RULES))}; replace the others in the model "
                           "before exporting")
     was_training = gm.training

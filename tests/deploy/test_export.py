@@ -122,3 +122,18 @@ def test_run_onnx_reports_non_finite_inputs(tmp_path, capsys, monkeypatch):
     assert "input 'x': 1 NaN, 1 +Inf, 1 -Inf values in 2 sample(s)" in out
     assert "maps NaN to 0 and ±Inf to its format's bounds" in out
     assert "on 20 test images" in out
+
+
+def test_verify_counts_simulation_and_ort_differences_separately(tmp_path):
+    torch.manual_seed(0)
+    q = fxc.compile(SeedCNN(), fxc.baseline(), example_inputs=(torch.randn(1, 1, 28, 28),))
+    x = torch.randn(6, 1, 28, 28)
+    path = tmp_path / "m.onnx"
+    export_onnx(q, path, (x[:2],))
+    r = fxc.deploy.export.verify(q, path, x)
+    assert (r["mismatches"], r["simulation_mismatches"], r["outputs"]) == (0, 0, 60)
+    # a simulation one output code off shows up as simulation differences only
+    forward = q.forward
+    q.forward = lambda x: forward(x) + 2.0 ** -8
+    r = fxc.deploy.export.verify(q, path, x)
+    assert r["mismatches"] == 0 and r["simulation_mismatches"] > 0

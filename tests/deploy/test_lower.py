@@ -17,7 +17,7 @@ from torch import nn
 import fxcompile as fxc
 from fxcompile.deploy.backends.integer import quantize_input, run_integer
 from fxcompile.runtime.cast import quantize_reference
-from fxcompile.deploy.lower import RULES, lower, round_shift, saturate
+from fxcompile.deploy.lower import RULES, UNSUPPORTED, lower, round_shift, saturate
 
 POLICY = fxc.Policy(activation="16.8", weight="12.8", bias="16.10", gradient="16.10", loss="16.10")
 
@@ -204,21 +204,22 @@ def test_rule_identity():
     assert torch.equal(y, expected)
 
 
-def test_unsupported_ops_are_listed_at_once():
+def test_unsupported_ops_are_listed_at_once_with_what_each_would_take():
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc, self.act = nn.Linear(4, 4), nn.GELU()
+            self.conv, self.pool = nn.Conv1d(2, 2, 3, padding=1), nn.MaxPool1d(2)
 
         def forward(self, x):
-            return torch.exp(self.act(self.fc(x))) * 2
+            return torch.cumsum(self.pool(self.conv(x)), -1) + self.pool(x)
 
-    # a 24-bit GELU input has no lookup table; exp and mul have no rule
-    policy = fxc.Policy(activation="16.8", weight="12.8", bias="16.10", gradient="16.10", loss="16.10",
-                        overrides=[{"pattern": "act", "activation_in": "24.12"}])
-    q = fxc.compile(Model(), policy, example_inputs=(torch.randn(2, 4),))
+    x = torch.randn(2, 2, 10)
+    q = fxc.compile(Model(), POLICY, example_inputs=(x,))
     with pytest.raises(fxc.ExportError) as err:
-        lower(q, (torch.randn(2, 4),))
-    for text in ("'act' (GELU): input format 24.12 has 24 bits; lookup tables need <= 16", "'exp' (exp)",
-                 "'mul' (mul)", "3 node(s)"):
-        assert text in str(err.value)
+        lower(q, (x,))
+    message = str(err.value)
+    for text in ("4 node(s)", "'conv' (Conv1d)", "'pool' (MaxPool1d)", "'pool_1' (MaxPool1d)", "'cumsum' (cumsum)",
+                 f"Conv1d: {UNSUPPORTED['conv1d']}", f"MaxPool1d: {UNSUPPORTED['max_pool1d']}",
+                 "cumsum: an op registry entry"):
+        assert text in message
+    assert message.count("MaxPool1d:") == 1  # what an op needs is said once

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import operator
 import os
 from typing import Sequence
 
@@ -64,6 +65,7 @@ HLS_LAYERS: dict[str, str] = {
     "relu": "Activation relu",
     "max_pool2d": "MaxPooling2D",
     "reshape": "Flatten (to batch, features only)",
+    "add": "Merge add (exact in ap_fixed arithmetic; the cast after it is the Merge layer's result type)",
     "dequantize": "the output (no layer)",
 }
 UNSUPPORTED: dict[str, str] = {
@@ -71,7 +73,6 @@ UNSUPPORTED: dict[str, str] = {
              "the window sum times a fixed-point reciprocal onto a layer that rounds the same way",
     "sum_pool2d": "hls4ml has AveragePooling2D, but this handoff does not yet map a window sum with a moved "
                   "binary point onto it",
-    "add": "the handoff writes sequential models; a residual add needs hls4ml's Merge layer",
     "clip": "this handoff does not yet map a clamp to constant bounds (ReLU6, Hardtanh, clamp) onto an hls4ml "
             "layer whose output type rounds the bounds as the integer graph does",
     "lookup": "hls4ml's own Activation tables (sigmoid, tanh, ...) have 1024 entries over [-8, 8) (tanh: "
@@ -133,6 +134,7 @@ class HlsLayer:
     precision: dict[str, str]
     edges: dict[str, str] = dataclasses.field(default_factory=dict)  # precision key → fxcompile edge name
     shape: tuple | None = None  # the input layer's shape without the batch dimension
+    inputs: list[str] = dataclasses.field(default_factory=list)  # the layers it reads
 
 
 def _cast_edges(gm: fx.GraphModule) -> dict[str, object]:
@@ -181,8 +183,9 @@ def _torch_layer(op: IntOp, x_frac: int, in_channels: int) -> nn.Module:
 def hls_plan(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> tuple[IntegerGraph, list[HlsLayer]]:
     """The integer graph of ``qmodel`` and the hls4ml layers (with precisions) that compute it.
 
-    Raises :class:`ExportError` for a graph hls4ml's sequential layers cannot express (more
-    than one input or output, residual adds, average pooling, a cast not right after a layer)
+    The layers form a graph: each names the layers it reads (``inputs``), so residual adds
+    become hls4ml ``Merge`` layers.  Raises :class:`ExportError` for what hls4ml's layers cannot
+    express (more than one input or output, average pooling, a cast not right after a layer)
     and for formats without an ``ap_fixed`` equivalent (naming the edge and the format).
     """
     if not isinstance(qmodel, fx.GraphModule):
@@ -235,7 +238,7 @@ def hls_plan(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> 
                 precision["bias"] = hls_precision(b_fmt, f"edge {b_edge.name!r}", parameter=True)
                 names["bias"] = b_edge.name
             module = _torch_layer(op, x_frac, channels[x])
-            layer = HlsLayer(op.source, op.op, module, precision, names)
+            layer = HlsLayer(op.source, op.op, module, precision, names, inputs=[produced_by[x].name])
             fmts[op.out], types[op.out] = None, accum
             channels[op.out] = op.attrs["weight"].shape[0]
         elif op.op in _PASSTHROUGH:
@@ -256,23 +259,58 @@ def hls_plan(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> 
                     produced_by[op.out] = produced_by[x]
                     continue
                 module = nn.Flatten()
-            layer = HlsLayer(op.source, op.op, module, {"result": types[x]})
+            layer = HlsLayer(op.source, op.op, module, {"result": types[x]}, inputs=[produced_by[x].name])
             if op.op == "max_pool2d":
                 layer.precision["accum"] = types[x]
             fmts[op.out], types[op.out], channels[op.out] = fmts[x], types[x], channels[x]
+        elif op.op == "add":
+            a, b = op.inputs
+            width = _sum_width(op, (fmts[a], fmts[b]), f"node {op.source!r} (add)")
+            layer = HlsLayer(op.source, "add", None, {"result": _accumulator(width, op.frac)},
+                             inputs=[produced_by[a].name, produced_by[b].name])
+            fmts[op.out], types[op.out], channels[op.out] = None, layer.precision["result"], channels[a]
         elif op.op == "dequantize":
             continue
         else:
             why = f" ({UNSUPPORTED[op.op]})" if op.op in UNSUPPORTED else ""
             raise ExportError(f"node {op.source!r} ({op.op}) has no hls4ml layer in this handoff{why}; it converts "
-                              f"sequential models of {', '.join(('conv2d', 'linear') + _PASSTHROUGH)}")
+                              f"graphs of {', '.join(('conv2d', 'linear', 'add') + _PASSTHROUGH)}")
         layers.append(layer)
         produced_by[op.out] = layer
     return graph, layers
 
 
-def _sequential(layers: list[HlsLayer]) -> nn.Sequential:
-    return nn.Sequential(collections.OrderedDict((l.name, l.module) for l in layers if l.module is not None))
+def _sum_width(op: IntOp, operands, where: str) -> int:
+    """Bits (with sign) of the exact sum of ``operands`` (formats) at the binary point ``op.frac``."""
+    if any(f is None for f in operands):
+        raise ExportError(f"{where}: an operand has no fixed-point format of its own (an unrounded sum); "
+                          "put a cast before it")
+    largest = sum(max(abs(f.code_min - f.zero_point), abs(f.code_max - f.zero_point)) << (op.frac - f.frac)
+                  for f in operands)
+    return largest.bit_length() + 1
+
+
+_MERGES = {"add": operator.add}
+
+
+def _torch_graph(layers: list[HlsLayer]) -> fx.GraphModule:
+    """The layers as a PyTorch graph for hls4ml's front-end; a merge layer's name becomes its
+    fx node's name (which is how hls4ml names it)."""
+    root, graph, env = nn.Module(), fx.Graph(), {}
+    for layer in layers:
+        if layer.kind == "input":
+            env[layer.name] = graph.placeholder("x")
+        elif layer.module is not None:
+            root.add_module(layer.name, layer.module)
+            env[layer.name] = graph.call_module(layer.name, tuple(env[i] for i in layer.inputs))
+        else:
+            node = graph.call_function(_MERGES[layer.kind], tuple(env[i] for i in layer.inputs))
+            old, layer.name = layer.name, node.name
+            env[layer.name] = node
+            for later in layers:  # the layers after it read it under its new name
+                later.inputs = [layer.name if i == old else i for i in later.inputs]
+    graph.output(env[layers[-1].name])
+    return fx.GraphModule(root, graph)
 
 
 def to_hls4ml(qmodel: fx.GraphModule, output_dir: str | os.PathLike, example_inputs: Sequence[torch.Tensor],
@@ -288,7 +326,7 @@ def to_hls4ml(qmodel: fx.GraphModule, output_dir: str | os.PathLike, example_inp
     """
     hls4ml = require_hls4ml()
     graph, layers = hls_plan(qmodel, example_inputs)
-    model = _sequential(layers)
+    model = _torch_graph(layers)
     input_shape = layers[0].shape
     config = hls4ml.utils.config_from_pytorch_model(
         model, input_shape, granularity="name", backend=backend, default_precision=layers[0].precision["result"],

@@ -126,18 +126,44 @@ def test_batch_norm_is_folded_into_the_convolution():
 
 
 def test_unsupported_op_is_named():
-    class Residual(nn.Module):
+    class Averaging(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc = nn.Linear(8, 8)
+            self.conv, self.pool = nn.Conv2d(2, 2, 3), nn.AvgPool2d(2)
 
         def forward(self, x):
-            return self.fc(x) + x
+            return self.pool(self.conv(x))
 
-    x = torch.randn(2, 8)
-    q = on_grid(fxc.compile(Residual(), fxc.baseline(), example_inputs=(x,)))
-    with pytest.raises(ExportError, match=r"'add'.*\(add\) has no hls4ml layer"):
+    x = torch.randn(2, 2, 6, 6)
+    q = on_grid(fxc.compile(Averaging(), fxc.baseline(), example_inputs=(x,)))
+    with pytest.raises(ExportError, match=r"'pool' \(sum_pool2d\) has no hls4ml layer"):
         hls_plan(q, (x[:1],))
+
+
+class Residual(nn.Module):
+    """conv → relu → conv → relu → conv, added to the first relu's output, then a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(x + self.conv3(torch.relu(self.conv2(x))))
+        return self.fc(torch.flatten(nn.functional.max_pool2d(x, 2), 1))
+
+
+def test_residual_add_is_a_merge_layer_reading_both_branches():
+    x = torch.randn(2, 2, 8, 8)
+    q = on_grid(fxc.compile(Residual(), fxc.Policy(activation="10.5", weight="12.8", bias="10.6", name="p"),
+                            example_inputs=(x,)))
+    _, layers = hls_plan(q, (x[:1],))
+    (add,) = [layer for layer in layers if layer.kind == "add"]
+    assert add.inputs == ["relu", "conv3"]
+    assert add.precision["result"] == "ap_fixed<10,5,AP_RND_CONV,AP_SAT>"  # the cast after the add
 
 
 # ---- C simulation against the integer reference ------------------------------------------
@@ -151,7 +177,8 @@ def _needs_hls4ml():
 @pytest.mark.parametrize("model, policy, scale", [
     (TinyCNN, fxc.Policy(activation="8.4,floor,wrap", weight="8.6", bias="8.4", name="floor_wrap"), 4.0),
     (TinyMLP, fxc.Policy(activation="10.5", weight="12.8,stochastic", bias="10.6,stochastic", name="nearest_sat"), 3.0),
-], ids=["conv_floor_wrap", "dense_nearest_saturate"])
+    (Residual, fxc.Policy(activation="10.5", weight="12.8", bias="10.6", name="residual"), 3.0),
+], ids=["conv_floor_wrap", "dense_nearest_saturate", "residual_add_saturate"])
 def test_c_simulation_equals_integer_reference(tmp_path, model, policy, scale):
     """Narrow formats and large inputs so that saturation (dense) and wrap (conv) occur, and
     exact ties at the dense model's input binary point (5 bits)."""
