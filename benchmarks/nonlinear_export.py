@@ -27,7 +27,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 

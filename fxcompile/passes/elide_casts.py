@@ -1,9 +1,10 @@
 """Pass: turn casts whose forward provably changes nothing into forward identities.
 
 A cast right after a *format-preserving* op — ReLU, a clip whose bounds lie on the grid
-(ReLU6, Hardtanh, clamp), a max-pool whose windows do not overlap, flatten/view/reshape — whose only input is a cast with the same forward and
-backward formats receives values that are already in its forward format (the op only
-selects, reorders or zeroes values of that format), and its saturation clip is implied
+(ReLU6, Hardtanh, clamp), a max-pool whose windows do not overlap, flatten/view/reshape —
+whose only input is a cast with the same forward and backward formats receives values that
+are already in its forward format (the op only selects, reorders, zeroes or clamps values
+of that format, to values of that format), and its saturation clip is implied
 by the input cast's (the op maps a bound only to itself).  Such a cast keeps its backward
 rounding, so the gradient on its edge is still fixed point, but its forward becomes the
 identity: no rounded copy, no saturation mask saved.  Gradients are unchanged bit for bit
@@ -28,10 +29,9 @@ Python call.
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 from torch import nn
-
-import torch
 
 from ..core import ir, nonlinear, ops
 from .casts import Cast

@@ -4,7 +4,6 @@ fixed-point definition (a lookup table, or a clip on codes), so they agree bit f
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompile as fxc
-from fxcompile.core import ir, nonlinear, ops
+from fxcompile.core import ir, ops
 from fxcompile.core.formats import as_format
 from fxcompile.deploy.backends.hls4ml import hls_plan
 from fxcompile.deploy.backends.integer import run_integer
@@ -61,7 +60,7 @@ def _count(q, target):
     return sum(1 for n in q.graph.nodes if n.op == "call_function" and n.target is target)
 
 
-def _every_code(fmt, extra: int = 0):
+def _every_code(fmt):
     codes = torch.arange(fmt.code_min, fmt.code_max + 1, dtype=torch.float64) - fmt.zero_point
     return (codes * fmt.scale).float().reshape(1, -1)
 
