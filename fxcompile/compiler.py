@@ -20,6 +20,7 @@ from .frontend.trace import CONTRACT as TRACE_CONTRACT
 from .frontend.trace import trace
 from .passes import assign, averages, calibrate as calibration, casts, choose_formats as cost_model, elide_casts as elision
 from .passes import batch_norms, definitions, products
+from .passes import lookup_tables as tables
 from .passes.assign import assign_formats
 from .passes.averages import fixed_point_averages
 from .passes.batch_norms import fixed_point_batch_norms
@@ -29,6 +30,7 @@ from .passes.choose_formats import choose_formats
 from .passes.definitions import fixed_point_definitions
 from .passes.elide_casts import elide_identity_casts
 from .passes.products import fixed_point_products
+from .passes.lookup_tables import lookup_tables
 
 __all__ = ["compile", "LossGraph", "NamedLoss"]
 
@@ -135,6 +137,7 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
         if elide_casts:
             _checked(elide_identity_casts, elision.CONTRACT, check)(g)
         _checked(fixed_point_averages, averages.CONTRACT, check)(g)
+        _checked(lookup_tables, tables.CONTRACT, check)(g)
         _checked(fixed_point_definitions, definitions.CONTRACT, check)(g)
         _checked(fixed_point_products, products.CONTRACT, check)(g)
         _checked(fixed_point_batch_norms, batch_norms.CONTRACT, check)(g)

@@ -25,6 +25,8 @@ The module also holds the functions the IR's nodes call that are fxcompile's own
 :func:`fixed_point_batch_norm` (``passes.batch_norms``), whose affine map is
 :func:`batch_norm_affine`.  Module classes of optional packages (timm's ``DropPath``) are
 named by their qualified class name (``module_names``), so the registry imports none of them.
+:func:`lookup` is written by ``passes.lookup_tables``; it is defined with the clips' bounds
+in :mod:`fxcompile.core.nonlinear`.
 """
 
 from __future__ import annotations
@@ -40,13 +42,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import intmath, ir
+from .nonlinear import lookup
 from .quantizer import ROUNDINGS, quantize_reference
 
 __all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "module_op", "ops_in", "batch_norm", "call_with_parameters",
            "fixed_point_average", "reciprocal", "average_windows", "RECIPROCAL_BITS",
            "fixed_point_mul", "fixed_point_batch_norm", "batch_norm_affine", "SCALE_BITS",
            "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "matmul_equation", "matmul_product",
-           "code_bits"]
+           "code_bits",
+           "lookup", "CLIP_OPS", "LOOKUP_OPS"]
 
 GROUPS = {
     "cast": "the fixed-point cast on an edge",
@@ -438,7 +442,24 @@ _DECLARED = [
     Op("drop_path", "elementwise", module_names=("timm.layers.drop.DropPath", "timm.models.layers.drop.DropPath")),
     Op("interpolate", "resample", (nn.Upsample, nn.UpsamplingNearest2d), (F.interpolate,), (),
        ("upsample_nearest2d",)),
+    # elementwise nonlinearities (fxcompile.core.nonlinear): clips on codes, tables for the rest
+    Op("relu6", "format_preserving", (nn.ReLU6,), (F.relu6,), (), ("relu6",)),
+    Op("hardtanh", "format_preserving", (nn.Hardtanh,), (F.hardtanh,), (), ("hardtanh",)),
+    Op("clamp", "format_preserving", (), (torch.clamp, torch.clip), ("clamp", "clip"), ("clamp", "clip")),
+    Op("sigmoid", "elementwise", (nn.Sigmoid,), (torch.sigmoid, F.sigmoid), ("sigmoid",), ("sigmoid",)),
+    Op("tanh", "elementwise", (nn.Tanh,), (torch.tanh, F.tanh), ("tanh",), ("tanh",)),
+    Op("silu", "elementwise", (nn.SiLU,), (F.silu,), (), ("silu",)),
+    Op("gelu", "elementwise", (nn.GELU,), (F.gelu,), (), ("gelu",)),
+    Op("hardswish", "elementwise", (nn.Hardswish,), (F.hardswish,), (), ("hardswish",)),
+    Op("hardsigmoid", "elementwise", (nn.Hardsigmoid,), (F.hardsigmoid,), (), ("hardsigmoid",)),
+    Op("leaky_relu", "elementwise", (nn.LeakyReLU,), (F.leaky_relu,), (), ("leaky_relu",)),
+    Op("elu", "elementwise", (nn.ELU,), (F.elu,), (), ("elu",)),
+    Op("mish", "elementwise", (nn.Mish,), (F.mish,), (), ("mish",)),
+    Op("lookup", "elementwise", (), (lookup,)),  # written by passes.lookup_tables
 ]
+
+CLIP_OPS = ("relu6", "hardtanh", "clamp")  # exact on codes: a clamp to the bounds
+LOOKUP_OPS = ("sigmoid", "tanh", "silu", "gelu", "hardswish", "hardsigmoid", "leaky_relu", "elu", "mish")
 
 OPS: dict[str, Op] = {op.name: op for op in _DECLARED}
 _BY_MODULE = {m: op for op in _DECLARED for m in op.modules}
@@ -453,6 +474,8 @@ INTEGER_OPS = {
     "conv2d": "int64 sums of products of input and weight codes, plus aligned bias codes",
     "linear": "int64 sums of products of input and weight codes, plus aligned bias codes",
     "relu": "max(codes, 0)",
+    "clip": "codes shifted left (exactly) to a finer binary point, then clamped to constant bounds",
+    "lookup": "a table of output codes indexed by input code minus the smallest input code",
     "max_pool2d": "window maxima of codes",
     "sum_pool2d": "window sums of codes (a power-of-two average with the binary point moved)",
     "scale": "codes times an integer constant (an average's fixed-point reciprocal), binary point moved",

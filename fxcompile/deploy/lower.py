@@ -29,6 +29,11 @@ arithmetic:
   cast rounds it once (``passes.products`` makes training run that definition),
 * ``affine``: a stand-alone batch norm, codes × per-channel ``s`` + per-channel ``t`` (see
   :func:`fxcompile.core.ops.batch_norm_affine`; ``passes.batch_norms``),
+* ``clip``: ReLU6, Hardtanh and clamp/clip with constant bounds: the codes shifted left
+  (exactly) to the output cast's binary point if that is finer, then clamped to the bounds
+  rounded by the output cast's rounding onto its grid (see :func:`rule_clip`),
+* ``lookup``: sigmoid, tanh, SiLU, GELU, Hardswish, Hardsigmoid, LeakyReLU, ELU, Mish: a table
+  of output codes indexed by input code (``passes.lookup_tables`` made training run it),
 * ``dequantize`` codes → float32 at the outputs.
 
 Grouped and depthwise convs lower as the dense conv whose weight is zero off each group's
@@ -58,12 +63,13 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..core import intmath, ir, ops
+from ..core import intmath, ir, nonlinear, ops
 from ..core.quantizer import ROUNDINGS
 from ..errors import ExportError
 from ..core.formats import FixedPoint
 from ..passes.averages import average_arguments
 from ..passes.casts import Cast
+from ..passes.lookup_tables import lookup_arguments, lookup_refusal
 
 __all__ = ["CONTRACT", "IntOp", "IntegerGraph", "Value", "lower", "RULES", "UNSUPPORTED", "op_key", "op_arguments", "pair",
            "MAX_SHIFT", "evaluate", "permutation", "index_slices", "split_sizes", "FLOAT32_EXACT"]
@@ -716,6 +722,64 @@ def rule_dropout(lw, node, x, *args, **kwargs):
     return x
 
 
+def _round_bound(v: float, rounding: str) -> int:
+    """``v`` (exact in float64) rounded to an integer by a format's rounding (ties to even)."""
+    return {"floor": math.floor, "toward_zero": math.trunc}.get(rounding, round)(v)
+
+
+def rule_clip(lw, node, x, *args, **kwargs):
+    """ReLU6, Hardtanh, clamp/clip with constant bounds ``lo``, ``hi``, followed by their cast
+    to ``out`` (binary point ``f``).
+
+    The definition, bit for bit the float clamp followed by the cast (rounding and saturation
+    are non-decreasing, so they commute with a clamp): the input codes shifted left to
+    ``F = max(frac, f)``, clamped to ``round(lo · 2**f) · 2**(F - f)`` and
+    ``round(hi · 2**f) · 2**(F - f)`` with ``out``'s rounding, then the cast's requantize.  A
+    bound on the input's grid is that bound at the input's binary point; one off it (a clamp
+    at 0.3 on a 2**-8 grid) is the value the cast would round it to."""
+    name = ops.op_of(lw.gm, node).name
+    bounds = nonlinear.clip_bounds(lw.gm, node, name)
+    if bounds is None:
+        raise ExportError(f"node {node.name!r} ({name}): only constant bounds lower; a tensor bound needs "
+                          "a max/min of two activations, which does not lower yet")
+    x = _operand(node, x)
+    casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u) and ir.EDGE.of(u).consumer == "*"]
+    out = lw.gm.get_submodule(casts[0].target).edge.forward if casts else None
+    if out is None:
+        raise ExportError(f"node {node.name!r} ({name}): its output needs a fixed-point cast, whose rounding "
+                          "defines where an off-grid bound lands")
+    frac = max(x.frac, out.frac)
+    shift = frac - x.frac
+    if x.fmt is not None:
+        vlo, vhi = (x.fmt.code_min - x.fmt.zero_point) << shift, (x.fmt.code_max - x.fmt.zero_point) << shift
+    else:
+        vlo, vhi = -(1 << 62), (1 << 62)
+    lo, hi = ((None if b is None else min(max(_round_bound(b * 2.0 ** out.frac, out.rounding) << (frac - out.frac),
+                                                vlo), vhi)) for b in bounds)
+    lo, hi = (None if lo is not None and lo <= vlo else lo), (None if hi is not None and hi >= vhi else hi)
+    if shift == 0 and lo is None and hi is None:
+        return x
+    return lw.emit(node, "clip", [x], frac, x.fmt if shift == 0 else None, shift=shift, lo=lo, hi=hi)
+
+
+def rule_lookup(lw, node, x, name, params, in_spec, out_spec):
+    """The table of :func:`fxcompile.core.nonlinear.table` for ``name`` from ``in_spec`` to
+    ``out_spec``; the casts around the node must still have those formats."""
+    x = _operand(node, x)
+    current = lookup_arguments(lw.gm, node)
+    if isinstance(current, str) or list(current[2]) != list(in_spec) or list(current[3]) != list(out_spec):
+        raise ExportError(f"node {node.name!r} (lookup {name}): its table was built for other formats than its "
+                          "casts now have; run fxcompile.passes.lookup_tables.lookup_tables(qmodel) after changing "
+                          "a cast's format" + (f" ({current})" if isinstance(current, str) else ""))
+    if x.frac != in_spec[0]:
+        raise ExportError(f"node {node.name!r} (lookup {name}): its input arrives at binary point {x.frac}, "
+                          f"its table is indexed at {in_spec[0]}")
+    (cast,) = node.users
+    fmt = lw.gm.get_submodule(cast.target).edge.forward
+    codes = nonlinear.table(name, tuple(params), tuple(in_spec), tuple(out_spec))
+    return lw.emit(node, "lookup", [x], fmt.frac, fmt, table=codes, offset=in_spec[1] - in_spec[3], function=name)
+
+
 RULES: dict[str, Callable] = {
     "cast": rule_cast,
     "conv2d": rule_conv2d,
@@ -740,6 +804,8 @@ RULES: dict[str, Callable] = {
     "size": rule_size, "cat": rule_cat, "stack": rule_cat, "mul": rule_mul, "fixed_point_mul": rule_fixed_point_mul,
     "sub": rule_sub, "fixed_point_batch_norm": rule_fixed_point_batch_norm, "pad": rule_pad,
     "interpolate": rule_interpolate,
+    "relu6": rule_clip, "hardtanh": rule_clip, "clamp": rule_clip,
+    "lookup": rule_lookup,
 }
 
 # Registered ops without a rule, and what lowering them would take.
@@ -751,6 +817,8 @@ UNSUPPORTED: dict[str, str] = {
     "max_pool1d": "a 1-d window maximum rule",
     "max_pool3d": "a 3-d window maximum rule",
     "batch_norm": "folding into the conv/linear before it (fold_bn); a stand-alone per-channel affine rule",
+    **{name: "the lookup table compile() makes of it (passes.lookup_tables): an input cast of <= 16 bits and an "
+             "output cast of its own" for name in ops.LOOKUP_OPS},
 }
 
 
@@ -775,6 +843,8 @@ def _unsupported(gm: fx.GraphModule) -> tuple[list[str], dict[str, str]]:
             hint = " (a batch norm lowers folded into a conv/linear whose output feeds nothing else, or stand-alone " \
                 "with running statistics (track_running_stats=True) and a fixed-point output format)" \
                 if key == "batch_norm" else ""
+            if key in ops.LOOKUP_OPS:
+                hint = f": {lookup_refusal(gm, node) or 'not made a lookup table: recompile'}"
             bad.append(f"{node.name!r} ({label}){hint}")
             needs.setdefault(label, UNSUPPORTED.get(key) or "an op registry entry (fxcompile.core.ops) and a rule")
     return bad, needs

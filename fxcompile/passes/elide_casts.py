@@ -1,9 +1,10 @@
 """Pass: turn casts whose forward provably changes nothing into forward identities.
 
-A cast right after a *format-preserving* op — ReLU, a max-pool whose windows do not
-overlap, flatten/view/reshape — whose only input is a cast with the same forward and
-backward formats receives values that are already in its forward format (the op only
-selects, reorders or zeroes values of that format), and its saturation clip is implied
+A cast right after a *format-preserving* op — ReLU, a clip whose bounds lie on the grid
+(ReLU6, Hardtanh, clamp), a max-pool whose windows do not overlap, flatten/view/reshape —
+whose only input is a cast with the same forward and backward formats receives values that
+are already in its forward format (the op only selects, reorders, zeroes or clamps values
+of that format, to values of that format), and its saturation clip is implied
 by the input cast's (the op maps a bound only to itself).  Such a cast keeps its backward
 rounding, so the gradient on its edge is still fixed point, but its forward becomes the
 identity: no rounded copy, no saturation mask saved.  Gradients are unchanged bit for bit
@@ -28,10 +29,11 @@ Python call.
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from ..core import ir, ops
+from ..core import ir, nonlinear, ops
 from .casts import Cast
 
 __all__ = ["CONTRACT", "elide_identity_casts", "elided_casts", "backward_elided_casts", "format_preserving"]
@@ -53,11 +55,26 @@ def _non_overlapping_pool(pool: nn.Module, n: int) -> bool:
             and not pool.return_indices)
 
 
-def format_preserving(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Does ``node`` map values of any fixed-point format to values of that format, bounds to bounds?"""
+def _within(bounds, fmt) -> bool:
+    """Whether a clamp to ``bounds`` keeps the values of ``fmt`` values of ``fmt``: each bound a
+    value of it, or beyond its range on the bound's own side (a clamp that changes nothing)."""
+    lo, hi = bounds
+    on_grid = lambda b: bool(fmt.representable(torch.tensor([b], dtype=torch.float64))[0])  # noqa: E731
+    return (lo is None or lo <= fmt.min_value or on_grid(lo)) and (hi is None or hi >= fmt.max_value or on_grid(hi))
+
+
+def format_preserving(gm: fx.GraphModule, node: fx.Node, fmt=None) -> bool:
+    """Does ``node`` map values of any fixed-point format to values of that format, bounds to bounds?
+
+    A clip (relu6, hardtanh, clamp) does so for its input format ``fmt`` only when its bounds
+    are values of ``fmt`` (a clamp to 0.3 yields 0.3, off a 2**-8 grid); without ``fmt`` the
+    question is whether it routes gradients, which a clip with constant bounds does."""
     op = ops.op_of(gm, node)
     if op is None or op.group not in ("format_preserving", "shape"):
         return False
+    if op.name in ops.CLIP_OPS:
+        bounds = nonlinear.clip_bounds(gm, node, op.name)
+        return bounds is not None and (fmt is None or _within(bounds, fmt))
     if op.name in _POOLS:  # the module form says whether the windows overlap
         return node.op == "call_module" and _non_overlapping_pool(gm.get_submodule(node.target), _POOLS[op.name])
     return True
@@ -77,9 +94,11 @@ def _elide(gm: fx.GraphModule) -> int:
         if cast is None or cast.forward_identity or cast.edge.forward is None or not node.args:
             continue
         op = node.args[0]
-        if not isinstance(op, fx.Node) or len(op.users) != 1 or not format_preserving(gm, op) or not op.args:
+        if not isinstance(op, fx.Node) or len(op.users) != 1 or not op.args:
             continue
         source = _cast_module(gm, op.args[0])
+        if not format_preserving(gm, op, cast.edge.forward):
+            continue
         extra_tensors = [a for a in list(op.args[1:]) + list(op.kwargs.values()) if isinstance(a, fx.Node)
                          and ir.EDGE.has(a)]
         if source is None or extra_tensors:

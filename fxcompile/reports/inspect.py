@@ -8,10 +8,11 @@ import html
 import torch
 import torch.fx as fx
 
-from ..core import ir
+from ..core import ir, ops
 from ..core.assignment import Assignment, Edge
 
-__all__ = ["assignment", "inspect", "compact_table", "to_dot", "to_svg", "format_colours", "boundary_ops"]
+__all__ = ["assignment", "inspect", "compact_table", "to_dot", "to_svg", "format_colours", "boundary_ops",
+           "fixed_point_definitions"]
 
 
 def _prefixed(edge: Edge, prefix: str) -> Edge:
@@ -107,6 +108,7 @@ def inspect(qmodel: fx.GraphModule, edges: bool = False) -> str:
     reason = ir.FRONTEND_REASON.get(qmodel)
     lines = [f"graph captured by: {ir.FRONTEND.get(qmodel, '?')}" + (f" ({reason})" if reason else ""),
              *boundary_ops(qmodel),
+             *fixed_point_definitions(qmodel),
              f"policy: {getattr(policy, 'name', None) or repr(policy)}",
              f"edges: {len(a)}  casts: {sum(len(list(gm.casts.children())) for _, gm in ir.graphs(qmodel) if hasattr(gm, 'casts'))}"
              f"  distinct formats: {len(fmts)} ({', '.join(f'{b}.{f}' for b, f in fmts)})",
@@ -146,10 +148,41 @@ def boundary_ops(qmodel: fx.GraphModule) -> list[str]:
     names = []
     for node in qmodel.graph.nodes:
         op = str(ir.OP.get(node, ""))
-        leaf = node.op == "call_module" and not str(node.target).startswith("casts.")
-        if leaf or any(k.lower() in op.lower() for k in _FLOAT_INSIDE):
+        known = ops.op_of(qmodel, node)
+        # a smooth function left as it is (no lookup table) runs in float between its casts
+        leaf = node.op == "call_module" and not str(node.target).startswith("casts.") and known is None
+        if leaf or (known is not None and known.name in ops.LOOKUP_OPS) \
+                or any(k.lower() in op.lower() for k in _FLOAT_INSIDE):
             names.append(f"{ir.MODULE.get(node, node.target if leaf else node.name)} ({op})")
     return [f"quantized at their boundary only (float inside): {', '.join(dict.fromkeys(names))}"] if names else []
+
+
+def fixed_point_definitions(qmodel: fx.GraphModule) -> list[str]:
+    """Lines naming the nonlinearities that run as a lookup table (with its input and output
+    formats) or as a clip on codes, if any."""
+    tables, clips = [], []
+    for node in qmodel.graph.nodes:
+        known = ops.op_of(qmodel, node)
+        if known is not None and known.name == "lookup":
+            name, _, in_spec, out_spec = node.args[1:5]
+            fmt_in, fmt_out = _spec_format(qmodel, node.args[0]), _spec_format(qmodel, next(iter(node.users)))
+            tables.append(f"{ir.MODULE.get(node, node.name)} ({name} {fmt_in} -> {fmt_out})")
+        elif known is not None and known.name in ops.CLIP_OPS:
+            clips.append(f"{ir.MODULE.get(node, node.name)} ({ir.OP.get(node, known.name)})")
+    return [f"{title}: {_some(names)}" for title, names in (("lookup tables", tables), ("clips on codes", clips))
+            if names]
+
+
+def _some(names: list[str], shown: int = 6) -> str:
+    return ", ".join(names) if len(names) <= shown else f"{', '.join(names[:shown])}, ... ({len(names)} in all)"
+
+
+def _spec_format(qmodel: fx.GraphModule, cast: fx.Node) -> str:
+    # the format of the cast a lookup reads from or writes to (its spec is the node's argument)
+    while ir.EDGE.has(cast) and ir.EDGE.of(cast).forward is None and isinstance(cast.args[0], fx.Node):
+        cast = cast.args[0]
+    edge = ir.EDGE.get(cast)
+    return str(edge.forward) if edge is not None and edge.forward is not None else "?"
 
 
 def _dot_label(node: fx.Node) -> str:

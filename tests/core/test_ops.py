@@ -101,12 +101,14 @@ def test_optional_package_modules_map_by_class_name():
 
 
 def test_unknown_nodes_and_aten_ops():
-    gm, node = _single_node_graph("function", torch.sigmoid)
+    gm, node = _single_node_graph("function", torch.exp)
     assert ops.op_of(gm, node) is None
     gm, node = _single_node_graph("function", torch.ops.aten.conv2d.default)
     assert ops.op_of(gm, node).name == "conv2d"
-    gm, node = _single_node_graph("method", "sigmoid")
+    gm, node = _single_node_graph("method", "exp")
     assert ops.op_of(gm, node) is None
+    gm, node = _single_node_graph("function", torch.ops.aten.sigmoid.default)
+    assert ops.op_of(gm, node).name == "sigmoid"
 
 
 def test_groups_are_what_the_passes_reason_with():

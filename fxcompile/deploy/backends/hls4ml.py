@@ -89,6 +89,12 @@ UNSUPPORTED: dict[str, str] = {
               "fixed-point scale and offset onto it",
     "pad": "hls4ml has ZeroPadding2D, but this handoff does not yet map it",
     "upsample": "hls4ml has UpSampling2D (nearest), but this handoff does not yet map it",
+    "clip": "this handoff does not yet map a clamp to constant bounds (ReLU6, Hardtanh, clamp) onto an hls4ml "
+            "layer whose output type rounds the bounds as the integer graph does",
+    "lookup": "hls4ml's own Activation tables (sigmoid, tanh, ...) have 1024 entries over [-8, 8) (tanh: "
+              "[-4, 4)) computed in float, not one entry per input code rounded to the output format, so they "
+              "differ from this table (benchmarks/hls4ml_tables.py counts by how much); the handoff does not yet "
+              "write the table as a layer of its own",
 }
 
 
@@ -282,7 +288,8 @@ def hls_plan(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> 
         elif op.op == "dequantize":
             continue
         else:
-            raise ExportError(f"node {op.source!r} ({op.op}) has no hls4ml layer in this handoff; it converts "
+            why = f" ({UNSUPPORTED[op.op]})" if op.op in UNSUPPORTED else ""
+            raise ExportError(f"node {op.source!r} ({op.op}) has no hls4ml layer in this handoff{why}; it converts "
                               f"graphs of {', '.join(('conv2d', 'linear', 'add') + _PASSTHROUGH)}")
         layers.append(layer)
         produced_by[op.out] = layer

@@ -98,6 +98,16 @@ def _upsample(op: IntOp, x):
     return x.repeat_interleave(fh, -2).repeat_interleave(fw, -1)
 
 
+def _clip(op: IntOp, x):
+    return (x << op.attrs["shift"]).clamp(op.attrs["lo"], op.attrs["hi"])
+
+
+def _lookup(op: IntOp, x):
+    # the simulation clamps indices into the table too (fxcompile.core.nonlinear): both index alike
+    table = op.attrs["table"]
+    return table[(x - op.attrs["offset"]).clamp(0, len(table) - 1)]
+
+
 KERNELS: dict[str, Callable] = {
     "quantize": lambda op, x: quantize_input(x, op.attrs["fmt"]),
     "requantize": _requantize,
@@ -110,6 +120,8 @@ KERNELS: dict[str, Callable] = {
     "scale": lambda op, x: x * op.attrs["factor"],
     "add": _add,
     "reshape": _reshape,
+    "clip": _clip,
+    "lookup": _lookup,
     "dequantize": lambda op, x: (x.double() * 2.0 ** -op.frac).float(),
     "matmul": lambda op, a, b: ops.matmul_product(a, b, op.attrs["perms"]),
     "softmax": lambda op, x: intmath.softmax_codes(x, op.attrs["table"], op.frac, op.attrs["rounding"]),

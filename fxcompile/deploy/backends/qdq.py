@@ -16,8 +16,9 @@ becomes the pattern toolchains such as ONNX Runtime's quantized-op fusion and Te
   QGemm, for 8-bit activations and weights) and TensorRT expects.  ``bias_scale="format"``
   keeps the bias format's own scale and type instead (ORT then fuses nothing);
 
-and the ops between them (Conv, Gemm, Relu, MaxPool, AveragePool, Reshape, Add) are the
-float ops of the model.  Node names are ``quantize/<cast>`` and ``dequantize/<cast>``, after
+and the ops between them (Conv, Gemm, Relu, MaxPool, AveragePool, Reshape, Add, Clip, and
+for the lookup tables the float functions: Sigmoid, Tanh, Erf, HardSigmoid, Softplus...) are
+the float ops of the model.  Node names are ``quantize/<cast>`` and ``dequantize/<cast>``, after
 the cast node of the edge.  The float output is ``output`` (``output_<i>`` if several).
 
 This flavour is **not bit-exact** with the integer graph (:mod:`fxcompile.deploy.backends.integer`):
@@ -59,7 +60,7 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto, helper
 
-from ...core import ir, ops
+from ...core import ir, nonlinear, ops
 from ...errors import ExportError
 from ...core.formats import FixedPoint
 from ...passes.averages import average_arguments
@@ -388,6 +389,36 @@ def _interpolate(g, node, x, *args, **kwargs):
     return g.node("Resize", [x, "", g.const(scales, np.float32)], mode="nearest")
 
 
+def _clip(g, node, x, *args, **kwargs):
+    # the float clamp: the next QuantizeLinear rounds an off-grid bound as the integer graph does
+    bounds = nonlinear.clip_bounds(g.gm, node, ops.op_of(g.gm, node).name)  # constant: lower() checked
+    return g.node("Clip", [x] + ["" if b is None else g.const(b, np.float32) for b in bounds])
+
+
+def _lookup_float(g, node, x, name, params, *specs):
+    # the float function between the quantizers, not the table: so the flavour is close to the
+    # integer graph's table, not equal to it.  Written with ops of opset 9 (QONNX reads opset 11)
+    half, one = g.const(0.5, np.float32), g.const(1.0, np.float32)
+    if name == "silu":
+        return g.node("Mul", [x, g.node("Sigmoid", [x])])
+    if name == "gelu" and params[0] == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3)))
+        cube = g.node("Mul", [g.node("Mul", [x, x]), x])
+        inner = g.node("Add", [x, g.node("Mul", [cube, g.const(0.044715, np.float32)])])
+        t = g.node("Tanh", [g.node("Mul", [inner, g.const(np.sqrt(2 / np.pi), np.float32)])])
+        return g.node("Mul", [g.node("Mul", [x, half]), g.node("Add", [t, one])])
+    if name == "gelu":  # 0.5 x (1 + erf(x / sqrt(2)))
+        e = g.node("Erf", [g.node("Mul", [x, g.const(1 / np.sqrt(2), np.float32)])])
+        return g.node("Mul", [g.node("Mul", [x, half]), g.node("Add", [e, one])])
+    if name in ("hardsigmoid", "hardswish"):
+        h = g.node("HardSigmoid", [x], alpha=1.0 / 6.0, beta=0.5)
+        return h if name == "hardsigmoid" else g.node("Mul", [x, h])
+    if name == "mish":
+        return g.node("Mul", [x, g.node("Tanh", [g.node("Softplus", [x])])])
+    if name in ("leaky_relu", "elu"):
+        return g.node({"leaky_relu": "LeakyRelu", "elu": "Elu"}[name], [x], alpha=float(params[0]))
+    return g.node({"sigmoid": "Sigmoid", "tanh": "Tanh"}[name], [x])
+
+
 FLOAT_OPS: dict[str, Callable] = {
     "conv2d": _conv2d, "linear": _linear, "relu": _relu, "max_pool2d": _max_pool2d,
     "avg_pool2d": _avg_pool2d, "adaptive_avg_pool2d": _average, "mean": _average, "fixed_point_average": _average,
@@ -399,6 +430,7 @@ FLOAT_OPS: dict[str, Callable] = {
     "interpolate": _interpolate,
     "fixed_point_matmul": _matmul, "fixed_point_softmax": _softmax, "fixed_point_layer_norm": _layer_norm,
     "unflatten": _flatten,  # a Reshape to the node's shape, as flatten
+    "relu6": _clip, "hardtanh": _clip, "clamp": _clip, "lookup": _lookup_float,
 }
 
 # Ops that build() writes itself rather than through FLOAT_OPS.

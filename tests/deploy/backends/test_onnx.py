@@ -91,11 +91,13 @@ def test_unsupported_op_raises_and_writes_no_file(tmp_path):
             self.fc, self.act = nn.Linear(8, 8), nn.GELU()
 
         def forward(self, x):
-            return torch.sigmoid(self.act(self.fc(x)))
+            return torch.exp(self.act(self.fc(x)))
 
     x = torch.randn(2, 8)
-    q = fxc.compile(Gated(), fxc.baseline(), example_inputs=(x,))
-    with pytest.raises(fxc.ExportError, match=r"'act' \(GELU\).*'sigmoid' \(sigmoid\)"):
+    # no lookup table for a 24-bit input; no rule for exp
+    policy = fxc.Policy(overrides=[{"pattern": "act", "activation_in": "24.12"}], **fxc.baseline().formats)
+    q = fxc.compile(Gated(), policy, example_inputs=(x,))
+    with pytest.raises(fxc.ExportError, match=r"'act' \(GELU\): input format 24.12.*'exp' \(exp\)"):
         export_onnx(q, tmp_path / "gated.onnx", (x,))
     assert list(tmp_path.iterdir()) == []
 

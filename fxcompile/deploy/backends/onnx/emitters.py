@@ -1,5 +1,6 @@
 """The emitters of the other integer ops (quantize, requantize, dequantize, pools, add, ReLU,
-reshape, products of two activations, softmax, LayerNorm) and :data:`EMITTERS`, the table from integer op to emitter."""
+reshape, products of two activations, softmax, LayerNorm, clip,
+lookup) and :data:`EMITTERS`, the table from integer op to emitter."""
 
 from __future__ import annotations
 
@@ -357,6 +358,34 @@ def emit_upsample(b: _Builder, op: IntOp, x: str) -> str:
     return b.value(b.node("Reshape", [t, b.const([-1, c, h * fh, w * fw])]), *b.ranges[x])
 
 
+def emit_clip(b: _Builder, op: IntOp, x: str) -> str:
+    """An exact left shift (``Mul`` by ``2**shift``), then ``Clip`` to the constant bounds."""
+    s, (lo, hi) = op.attrs["shift"], b.ranges[x]
+    lo, hi = lo << s, hi << s
+    if s:
+        layout, x = x, b.cast(x, _int_type(lo, hi))
+        x = b.value(b.node("Mul", [x, b.const(1 << s, b.dtype(x))]), lo, hi, like=layout)
+    clo = lo if op.attrs["lo"] is None else op.attrs["lo"]
+    chi = hi if op.attrs["hi"] is None else op.attrs["hi"]
+    return _clip(b, x, clo, chi)
+
+
+def emit_lookup(b: _Builder, op: IntOp, x: str) -> str:
+    """``Gather`` from the table (an initializer of the narrowest type holding its codes) at
+    ``code − offset``: int32 indices, clipped into the table as the reference clamps them."""
+    table, offset = op.attrs["table"], op.attrs["offset"]
+    lo, hi = b.ranges[x]
+    layout = x
+    x = b.cast(x, _int_type(lo - offset, hi - offset))
+    index = b.value(b.node("Sub", [x, b.const(offset, b.dtype(x))]), lo - offset, hi - offset, like=layout)
+    index = b.cast(_clip(b, index, 0, len(table) - 1), np.int32)
+    tlo, thi = int(table.min()), int(table.max())
+    data = b.const(table.numpy(), _int_type(tlo, thi), name=f"{op.out}.table")
+    out = b.node("Gather", [data, index], axis=0)
+    b.types[out] = _int_type(tlo, thi)
+    return b.value(out, tlo, thi, like=layout)
+
+
 EMITTERS: dict[str, Callable] = {
     "quantize": emit_quantize,
     "requantize": emit_requantize,
@@ -375,5 +404,7 @@ EMITTERS: dict[str, Callable] = {
     # structural ops
     "transpose": emit_transpose, "slice": emit_slice, "concat": emit_concat, "mul": emit_mul,
     "affine": emit_affine, "pad": emit_pad, "upsample": emit_upsample,
+    "clip": emit_clip,
+    "lookup": emit_lookup,
 }
 _WEIGHTED = {"conv2d", "linear"}
