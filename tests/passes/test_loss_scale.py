@@ -62,6 +62,7 @@ def test_the_loss_value_and_the_gradient_entering_the_backward():
     out = q(x).detach().requires_grad_()
     loss = q.loss(out, y)
     assert torch.equal(loss, ref.loss(out, y)) and ir.LOSS_SCALE.of(q) == 8.0
+    assert "policy: baseline  loss scale: 8\n" in fxc.inspect(q) and "loss scale" not in fxc.inspect(ref)
     loss.backward()
     expected = torch.autograd.grad(F.cross_entropy(out, y) * 8, out)[0]
     assert (out.grad - expected).abs().max() <= 2 ** -10  # one 16.10 step: the cast's rounding
@@ -115,3 +116,12 @@ def test_scale_without_a_loss_or_with_auto_is_refused():
     with pytest.raises(fxc.PolicyError, match="auto"):
         fxc.compile(_model(), fxc.auto(max_formats=2), loss_fn=nn.CrossEntropyLoss(), example_inputs=(x[:2],),
                     calibration_data=[(x, y)], loss_scale=4)
+
+
+def test_cli_train_loss_scale(capsys):
+    from fxcompile import cli
+    argv = ["train", "--model", "mlp", "--dataset", "synthetic", "--policy", "baseline", "--epochs", "1"]
+    with pytest.raises(SystemExit, match="fxcompile: loss_scale must be a power of two.*got 3.0"):
+        cli.main(argv + ["--loss-scale", "3"])
+    cli.main(argv + ["--loss-scale", "16"])
+    assert "test accuracy" in capsys.readouterr().out
