@@ -142,6 +142,9 @@ def add_train(sub):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--weight-rounding", choices=["nearest", "stochastic", "floor", "toward_zero"], default=None)
+    p.add_argument("--loss-scale", type=float, default=1, metavar="2**S", help="multiply the loss's gradient by "
+                   "this power of two before the backward casts round it, and divide the weights' gradients by it "
+                   "before each step (default 1: off; fixed-point policies only)")
     p.add_argument("--out", default=None, help="write metrics to this .json or .csv file")
     p.add_argument("--save", default=None, metavar="FILE", help="save the trained weights with what export and "
                    "run-onnx need (model, policy, data set); one file per seed when several: FILE-seed<N>.pt")
@@ -201,7 +204,7 @@ def run_train(args):
             raise SystemExit(f"fxcompile: {e}") from None
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         cfg = TrainConfig(model=model, policy=policy, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, seed=seed, weight_rounding=args.weight_rounding,
+                          lr=args.lr, seed=seed, weight_rounding=args.weight_rounding, loss_scale=args.loss_scale,
                           checkpoint_every=args.checkpoint_every, telemetry=args.telemetry,
                           tensorboard=f"{args.tensorboard}/seed-{seed}" if args.tensorboard else None,
                           tensorboard_every=args.tensorboard_every)

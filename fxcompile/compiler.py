@@ -21,6 +21,7 @@ from .frontend.trace import trace
 from .passes import assign, averages, calibrate as calibration, casts, choose_formats as cost_model, elide_casts as elision
 from .passes import batch_norms, definitions, products
 from .passes import lookup_tables as tables
+from .passes import loss_scale as loss_scaling
 from .passes.assign import assign_formats
 from .passes.averages import fixed_point_averages
 from .passes.batch_norms import fixed_point_batch_norms
@@ -31,6 +32,8 @@ from .passes.definitions import fixed_point_definitions
 from .passes.elide_casts import elide_identity_casts
 from .passes.products import fixed_point_products
 from .passes.lookup_tables import lookup_tables
+from .passes.loss_scale import scale_loss_gradient
+from .runtime.loss_scale import scale_gradient
 
 __all__ = ["compile", "LossGraph", "NamedLoss"]
 
@@ -62,12 +65,12 @@ def _checked(fn: Callable, contract: ir.Contract, enabled: bool) -> Callable:
 class NamedLoss(torch.nn.Module):
     """``qmodel.loss(output)`` for a model that computes its own loss: its output named ``name``."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, scale: float = 1.0):
         super().__init__()
-        self.name = name
+        self.name, self.scale = name, scale
 
     def forward(self, prediction, target=None):
-        return prediction[self.name]
+        return scale_gradient(prediction[self.name], self.scale)
 
 
 def _front(model, *, loss_graph=False, leaf_modules=(), frontend="auto", example_inputs=None, loss_output=None,
@@ -86,7 +89,7 @@ def _front(model, *, loss_graph=False, leaf_modules=(), frontend="auto", example
 def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *,
             loss_fn: Callable | str | None = None, example_inputs: Sequence | dict | None = None,
             leaf_modules: Iterable = (), frontend: str = "auto",
-            calibration_data: Iterable | None = None, elide_casts: bool = True,
+            calibration_data: Iterable | None = None, elide_casts: bool = True, loss_scale: float = 1,
             check_contracts: bool = False) -> fx.GraphModule:
     """Return a trainable fixed-point GraphModule of ``model`` under ``policy``.
 
@@ -104,7 +107,10 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
     (needs ``example_inputs``: a tuple, or a dict of keyword inputs such as ``input_ids`` and
     ``attention_mask``), else fx with the modules it cannot trace as leaves.  A model that
     computes its own loss names that output: ``loss_fn="loss"`` makes it the loss edge and
-    ``qmodel.loss(output)`` returns it.  ``elide_casts`` turns
+    ``qmodel.loss(output)`` returns it.  ``loss_scale`` (a power of two, default 1) multiplies
+    the loss's gradient before the backward casts round it, so small gradients are not flushed
+    to zero; ``fxc.fixed_point_optimizer`` divides the parameters' gradients by it before each
+    step (:mod:`fxcompile.passes.loss_scale`).  ``elide_casts`` turns
     casts whose forward provably changes nothing (after ReLU, max-pool, flatten) into forward
     identities; their gradients are still rounded.  ``check_contracts`` (for pass authors)
     checks between passes that each finds the node.meta facts it requires and writes those
@@ -118,6 +124,10 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
                 check=check)
     loss = _front(LossGraph(loss_fn), loss_graph=True, frontend="fx", check=check) if callable(loss_fn) else None
     graphs = [g for g in (gm, loss) if g is not None]
+    if loss_scale != 1 and (auto or loss_fn is None):
+        raise PolicyError("loss_scale needs a loss (loss_fn=...) and a policy with fixed gradient formats; fxc.auto "
+                          "already chooses each gradient's fractional bits from its calibrated values"
+                          if auto else "loss_scale scales the loss's gradient: pass loss_fn=... to compile the loss")
     if auto:
         if calibration_data is None:
             raise PolicyError("fxc.auto(...) chooses formats from calibration: pass calibration_data=[(x, y), ...] "
@@ -141,9 +151,10 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
         _checked(fixed_point_definitions, definitions.CONTRACT, check)(g)
         _checked(fixed_point_products, products.CONTRACT, check)(g)
         _checked(fixed_point_batch_norms, batch_norms.CONTRACT, check)(g)
+    gm = _checked(scale_loss_gradient, loss_scaling.CONTRACT, check)(gm, loss_scale, loss_graph=loss)
     ir.POLICY.set(gm, policy)
     if loss is not None or named:
         if hasattr(gm, "loss"):
             raise ValueError("the model already has an attribute 'loss'; compile's loss graph needs that name")
-        gm.add_module("loss", loss if loss is not None else NamedLoss(named))
+        gm.add_module("loss", loss if loss is not None else NamedLoss(named, ir.LOSS_SCALE.of(gm)))
     return gm

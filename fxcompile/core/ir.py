@@ -29,7 +29,7 @@ from .formats import FixedPoint
 
 __all__ = ["Key", "Contract", "check_contract", "OP", "MODULE", "FRONTEND_REASON", "LEAVES", "ROLE", "VALUE", "USES", "EDGE", "STATS", "NOISE",
            "ELIDED", "BACKWARD_ELIDED", "FRONTEND", "POLICY", "SOLUTION", "OVERRIDE_MATCHES", "CLIP_GRADIENT",
-           "CALIBRATION_BATCHES", "KEYS", "NODE_KEYS", "GRAPH_KEYS", "PARAMETER_ROLES", "graphs", "fetch", "stored_format"]
+           "CALIBRATION_BATCHES", "LOSS_SCALE", "KEYS", "NODE_KEYS", "GRAPH_KEYS", "PARAMETER_ROLES", "graphs", "fetch", "stored_format"]
 
 T = TypeVar("T")
 
@@ -89,9 +89,11 @@ ELIDED: Key[bool] = Key("fxc_elided", "the cast's forward is provably the identi
 BACKWARD_ELIDED: Key[bool] = Key("fxc_backward_elided", "the cast's gradient arrives on its grid",
                                  "passes.elide_casts.elide_identity_casts")
 POLICY: Key[Any] = Key("fxc_policy", "the Policy or Auto the model was compiled under", "compiler.compile", "graph")
+LOSS_SCALE: Key[float] = Key("fxc_loss_scale", "the power of two the loss's gradient is multiplied by",
+                             "passes.loss_scale.scale_loss_gradient", "graph")
 
 KEYS = (FRONTEND, FRONTEND_REASON, LEAVES, MODULE, OP, ROLE, CALIBRATION_BATCHES, STATS, VALUE, USES, OVERRIDE_MATCHES, NOISE, SOLUTION,
-        CLIP_GRADIENT, EDGE, ELIDED, BACKWARD_ELIDED, POLICY)
+        CLIP_GRADIENT, EDGE, ELIDED, BACKWARD_ELIDED, POLICY, LOSS_SCALE)
 NODE_KEYS = tuple(k for k in KEYS if k.scope == "node")
 GRAPH_KEYS = tuple(k for k in KEYS if k.scope == "graph")
 

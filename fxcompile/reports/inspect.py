@@ -109,7 +109,8 @@ def inspect(qmodel: fx.GraphModule, edges: bool = False) -> str:
     lines = [f"graph captured by: {ir.FRONTEND.get(qmodel, '?')}" + (f" ({reason})" if reason else ""),
              *boundary_ops(qmodel),
              *fixed_point_definitions(qmodel),
-             f"policy: {getattr(policy, 'name', None) or repr(policy)}",
+             f"policy: {getattr(policy, 'name', None) or repr(policy)}"
+             + (f"  loss scale: {ir.LOSS_SCALE.of(qmodel):g}" if ir.LOSS_SCALE.get(qmodel, 1) != 1 else ""),
              f"edges: {len(a)}  casts: {sum(len(list(gm.casts.children())) for _, gm in ir.graphs(qmodel) if hasattr(gm, 'casts'))}"
              f"  distinct formats: {len(fmts)} ({', '.join(f'{b}.{f}' for b, f in fmts)})",
              "", a.table() if edges else compact_table(a)]

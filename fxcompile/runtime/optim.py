@@ -7,6 +7,7 @@ import torch.fx as fx
 
 from ..core import ir
 from . import kernels
+from .loss_scale import unscale_gradients
 from ..core.formats import FixedPoint
 
 __all__ = ["fixed_point_optimizer", "parameter_formats"]
@@ -35,7 +36,9 @@ def fixed_point_optimizer(optimizer: torch.optim.Optimizer, qmodel: fx.GraphModu
     through without reading them again; any in-place change made afterwards (``p.clamp_``,
     ``p.copy_``, ``load_state_dict``) is seen and checked, but writes through ``p.data`` or a
     NumPy view bypass the counter and are not: change parameters in place under
-    ``torch.no_grad()`` instead.  Returns ``optimizer``::
+    ``torch.no_grad()`` instead.  A model compiled with ``loss_scale`` has its parameters'
+    gradients divided by that scale before each step (once per ``step()``; clip or read them
+    after the step, or divide them yourself).  Returns ``optimizer``::
 
         opt = fxc.fixed_point_optimizer(torch.optim.Adam(qmodel.parameters(), 1e-3), qmodel)
     """
@@ -51,6 +54,9 @@ def fixed_point_optimizer(optimizer: torch.optim.Optimizer, qmodel: fx.GraphModu
             if spec:
                 inplace(p, spec, None)   # one pass over the parameter, no copy
 
+    scale = ir.LOSS_SCALE.get(qmodel, 1.0)
+    if scale != 1:
+        optimizer.register_step_pre_hook(lambda *_: unscale_gradients(optimizer, scale))
     store()
     optimizer.register_step_post_hook(store)
     optimizer.fxc_parameter_formats = params

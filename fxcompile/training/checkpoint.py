@@ -131,9 +131,12 @@ def _fingerprint(cfg, train_size: int) -> dict:
     elif policy is not None and not isinstance(policy, str):
         policy = repr(policy)
     model = cfg.model if isinstance(cfg.model, str) else type(cfg.model).__name__
-    return {"model": model, "policy": policy,
-            "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "weight_rounding": cfg.weight_rounding, "train_size": train_size}
+    found = {"model": model, "policy": policy,
+             "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
+             "weight_rounding": cfg.weight_rounding, "train_size": train_size}
+    if getattr(cfg, "loss_scale", 1) != 1:   # absent when 1, so checkpoints written before it resume
+        found["loss_scale"] = float(cfg.loss_scale)
+    return found
 
 
 class TrainingCheckpointer:
@@ -160,7 +163,8 @@ class TrainingCheckpointer:
         state = load_latest(self.directory) if self.resume else None
         if state is None:
             return 0, 0, [], []
-        for key, value in self.fingerprint.items():
+        for key in {**state["fingerprint"], **self.fingerprint}:
+            value = self.fingerprint.get(key)
             if state["fingerprint"].get(key) != value:
                 raise CheckpointError(f"{self.directory}: the checkpoint was written by a different run "
                                       f"({key}: {state['fingerprint'].get(key)!r} there, {value!r} now); "

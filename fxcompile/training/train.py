@@ -31,6 +31,7 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     weight_rounding: str | None = None   # override the update rounding of parameter storage
+    loss_scale: float = 1         # power of two multiplying the loss's gradient (fixed-point policies only)
     progress: bool = True
     checkpoint_every: int = 100   # steps between checkpoints (with a checkpoint_dir; epoch ends always)
     telemetry: int = 0            # N > 0: count overflow/underflow/NaN on every cast, one step in N
@@ -73,9 +74,11 @@ def _build(cfg: TrainConfig, example: torch.Tensor, train_data=None):
         return model, (lambda out, y: criterion(out, y)), opt
     if isinstance(cfg.policy, Auto):
         batches = calibration_batches(cfg, train_data, cfg.policy.calibration_batches)
-        qmodel = compile(model, cfg.policy, loss_fn=criterion, example_inputs=(example,), calibration_data=batches)
+        qmodel = compile(model, cfg.policy, loss_fn=criterion, example_inputs=(example,), calibration_data=batches,
+                         loss_scale=cfg.loss_scale)
     else:
-        qmodel = compile(model, Policy.coerce(cfg.policy), loss_fn=criterion, example_inputs=(example,))
+        qmodel = compile(model, Policy.coerce(cfg.policy), loss_fn=criterion, example_inputs=(example,),
+                         loss_scale=cfg.loss_scale)
     opt = fixed_point_optimizer(torch.optim.Adam(qmodel.parameters(), lr=cfg.lr), qmodel, cfg.weight_rounding)
     return qmodel, qmodel.loss, opt
 

@@ -92,6 +92,20 @@ def test_resume_refuses_other_settings_and_fresh_run_refuses_old_checkpoints(tmp
     assert len(train(_cfg(epochs=2), *data, checkpoint_dir=tmp_path, resume=True)["history"]) == 2
 
 
+def test_loss_scaled_run_resumes_bit_identically_and_only_with_its_scale(tmp_path):
+    data = synthetic(n_train=48, n_test=16)
+    ref = train(_cfg(loss_scale=8), *data)
+    train(_cfg(loss_scale=8, epochs=1), *data, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="loss_scale"):
+        train(_cfg(), *data, checkpoint_dir=tmp_path, resume=True)
+    resumed = train(_cfg(loss_scale=8), *data, checkpoint_dir=tmp_path, resume=True)
+    assert resumed["start_step"] == 3 and resumed["history"] == ref["history"]
+    a, b = ref["model_object"].state_dict(), resumed["model_object"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    unscaled = train(_cfg(), *data)["model_object"].state_dict()
+    assert not all(torch.equal(a[k], unscaled[k]) for k in a)
+
+
 def test_cli_train_checkpoint_flags(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_load_data", lambda args: synthetic(n_train=32, n_test=16))
     argv = ["train", "--model", "mlp", "--policy", "baseline", "--epochs", "1", "--batch-size", "16",
