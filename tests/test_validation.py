@@ -68,7 +68,7 @@ def test_policy_file_errors_name_file_key_and_line(tmp_path):
 
 def test_cli_rejects_bad_arguments(tmp_path, monkeypatch):
     from fxcompile.experiments.data import synthetic
-    monkeypatch.setattr(cli, "_load_data", lambda args: synthetic(n_train=16, n_test=8))
+    monkeypatch.setattr(cli, "_load_dataset", lambda args: (*synthetic(n_train=16, n_test=8), {"classes": [str(i) for i in range(10)], "channels": 1}))
     bad = tmp_path / "bad.toml"
     bad.write_text('[formats]\nweigth = "16.8"\n')
     with pytest.raises(SystemExit, match=r"bad\.toml.*weigth.*line 2"):

@@ -107,7 +107,7 @@ def test_loss_scaled_run_resumes_bit_identically_and_only_with_its_scale(tmp_pat
 
 
 def test_cli_train_checkpoint_flags(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_load_data", lambda args: synthetic(n_train=32, n_test=16))
+    monkeypatch.setattr(cli, "_load_dataset", lambda args: (*synthetic(n_train=32, n_test=16), {"classes": [str(i) for i in range(10)], "channels": 1}))
     argv = ["train", "--model", "mlp", "--policy", "baseline", "--epochs", "1", "--batch-size", "16",
             "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "1"]
     cli.main(argv)
