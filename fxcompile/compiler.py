@@ -90,7 +90,7 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
             loss_fn: Callable | str | None = None, example_inputs: Sequence | dict | None = None,
             leaf_modules: Iterable = (), frontend: str = "auto",
             calibration_data: Iterable | None = None, elide_casts: bool = True, loss_scale: float = 1,
-            check_contracts: bool = False) -> fx.GraphModule:
+            fold_batch_norm: bool = False, check_contracts: bool = False) -> fx.GraphModule:
     """Return a trainable fixed-point GraphModule of ``model`` under ``policy``.
 
     The result shares parameters with ``model``.  With ``loss_fn`` the loss is compiled too
@@ -110,7 +110,10 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
     ``qmodel.loss(output)`` returns it.  ``loss_scale`` (a power of two, default 1) multiplies
     the loss's gradient before the backward casts round it, so small gradients are not flushed
     to zero; ``fxc.fixed_point_optimizer`` divides the parameters' gradients by it before each
-    step (:mod:`fxcompile.passes.loss_scale`).  ``elide_casts`` turns
+    step (:mod:`fxcompile.passes.loss_scale`).  Every batch norm deploys as its own fixed-point
+    affine map, which the simulation's eval forward runs too (:mod:`fxcompile.passes.batch_norms`);
+    ``fold_batch_norm=True`` folds those right after a conv/linear into it at export instead
+    (one op fewer, but a few output codes may differ from the simulation).  ``elide_casts`` turns
     casts whose forward provably changes nothing (after ReLU, max-pool, flatten) into forward
     identities; their gradients are still rounded.  ``check_contracts`` (for pass authors)
     checks between passes that each finds the node.meta facts it requires and writes those
@@ -150,7 +153,7 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
         _checked(lookup_tables, tables.CONTRACT, check)(g)
         _checked(fixed_point_definitions, definitions.CONTRACT, check)(g)
         _checked(fixed_point_products, products.CONTRACT, check)(g)
-        _checked(fixed_point_batch_norms, batch_norms.CONTRACT, check)(g)
+        _checked(fixed_point_batch_norms, batch_norms.CONTRACT, check)(g, fold=fold_batch_norm)
     gm = _checked(scale_loss_gradient, loss_scaling.CONTRACT, check)(gm, loss_scale, loss_graph=loss)
     ir.POLICY.set(gm, policy)
     if loss is not None or named:

@@ -49,8 +49,8 @@ def compiled_with_loss(model=SeedCNN, policy=None):
                        example_inputs=(torch.randn(2, 1, 28, 28),))
 
 
-def compiled(model, policy, x):
-    """``model()`` with random batch-norm statistics, compiled for inference and on its grid."""
+def compiled(model, policy, x, **options):
+    """``model()`` with random batch-norm statistics, compiled (with ``options``) for inference and on its grid."""
     torch.manual_seed(0)
     model = model()
     g = torch.Generator().manual_seed(1)
@@ -58,7 +58,7 @@ def compiled(model, policy, x):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5, generator=g)
             m.running_var.uniform_(0.5, 2, generator=g)
-    return on_grid(fxc.compile(model, policy, example_inputs=(x[:2],)))
+    return on_grid(fxc.compile(model, policy, example_inputs=(x[:2],), **options))
 
 
 def run_ort(model, x):

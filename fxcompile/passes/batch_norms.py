@@ -1,9 +1,10 @@
-"""Pass: run stand-alone batch norms as their fixed-point definition.
+"""Pass: run batch norms as their fixed-point definition.
 
-A batch norm right after a conv/linear (whose output feeds nothing else) is folded into that
-layer at export (``deploy.fold_bn``).  Any other one — after a concatenation as in DenseNet,
-first in a block — stays a per-channel affine map ``y = x · s + t`` in the deployed graph,
-and in eval mode its float form (a division by ``sqrt(σ² + ε)``) is not exact on any grid.
+In the deployed graph a batch norm is a per-channel affine map ``y = x · s + t``, and in
+eval mode its float form (a division by ``sqrt(σ² + ε)``) is not exact on any grid.  Folding
+it into the conv/linear before it (``deploy.fold_bn``) rounds the folded weights again, so a
+folded graph differs from the simulation; by default every batch norm therefore keeps its
+own affine map, after a conv too (``fold=True`` keeps the old folding for the ones that fold).
 Its fixed-point definition (:func:`fxcompile.core.ops.batch_norm_affine`): ``s`` rounded to
 16 significant bits at one binary point for the tensor, ``t`` rounded to the binary point of
 the output's format, ``x · s + t`` computed exactly and rounded once by the output cast's
@@ -43,11 +44,18 @@ def folds(gm: fx.GraphModule, node: fx.Node) -> bool:
         and len(layer.users) == 1
 
 
-def fixed_point_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite the stand-alone batch norms of ``gm`` (after ``insert_casts``) in place; returns ``gm``."""
+def fixed_point_batch_norms(gm: fx.GraphModule, fold: bool = False) -> fx.GraphModule:
+    """Rewrite the batch norms of ``gm`` (after ``insert_casts``) in place; returns ``gm``.
+
+    By default every batch norm with a fixed-point output cast is rewritten, those right
+    after a conv/linear too: the deployed graph then runs the conv, its cast, and this affine
+    map, exactly what training's eval forward runs.  ``fold=True`` (``compile(...,
+    fold_batch_norm=True)``) leaves the ones that fold to ``deploy.fold_bn``: one layer fewer
+    at inference, but the folded weights are rounded again, so the deployed outputs can
+    differ from the simulation's by a few codes."""
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not ops.batch_norm or folds(gm, node):
+        if node.op != "call_function" or node.target is not ops.batch_norm or (fold and folds(gm, node)):
             continue
         module = ir.fetch(gm, node.args[1].target)
         cast = _output_cast(gm, node)

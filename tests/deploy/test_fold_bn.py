@@ -34,7 +34,7 @@ def test_folded_graph_matches_float_batch_norm():
     torch.manual_seed(0)
     model = _random_statistics(ResidualCNN())
     x = torch.randn(8, 1, 28, 28)
-    q = fxc.compile(model, WIDE, example_inputs=(x,))
+    q = fxc.compile(model, WIDE, example_inputs=(x,), fold_batch_norm=True)
     before = {k: v.clone() for k, v in q.state_dict().items()}
     folded = fold_bn(q).eval()
     assert len(_bn_nodes(q)) == 2 and not _bn_nodes(folded)
@@ -57,7 +57,7 @@ def test_folded_parameters_equal_the_documented_formula_exactly():
     # (24.12) and b' to the batch norm's bias format (16.8), nearest.  Recomputed here in NumPy.
     torch.manual_seed(0)
     model = _random_statistics(ResidualCNN())
-    q = fxc.compile(model, fxc.baseline(), example_inputs=(torch.randn(2, 1, 28, 28),))
+    q = fxc.compile(model, fxc.baseline(), example_inputs=(torch.randn(2, 1, 28, 28),), fold_batch_norm=True)
     folded = fold_bn(q)
     for name in ("conv1", "conv2"):
         bn = model.get_submodule(name.replace("conv", "bn"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +14,8 @@ from torch import nn
 import fxcompile as fxc
 from fxcompile.core import ops
 from fxcompile.core.formats import as_format
+from fxcompile.deploy.backends.integer import run_integer
+from fxcompile.deploy.export import integer_graph
 
 
 class Block(nn.Module):
@@ -34,10 +37,41 @@ def _randomised(bn: nn.BatchNorm2d, seed=0):
     return bn
 
 
-def test_only_batch_norms_that_do_not_fold_are_rewritten():
-    q = fxc.compile(Block(), fxc.baseline(), example_inputs=(torch.randn(2, 3, 6, 6),))
+@pytest.mark.parametrize("fold, bn1", [(False, ops.fixed_point_batch_norm), (True, ops.batch_norm)])
+def test_every_batch_norm_is_rewritten_unless_folding_is_asked_for(fold, bn1):
+    q = fxc.compile(Block(), fxc.baseline(), example_inputs=(torch.randn(2, 3, 6, 6),), fold_batch_norm=fold)
     targets = {n.name: n.target for n in q.graph.nodes if n.name in ("bn0", "bn1")}
-    assert targets == {"bn0": ops.fixed_point_batch_norm, "bn1": ops.batch_norm}
+    assert targets == {"bn0": ops.fixed_point_batch_norm, "bn1": bn1}
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(2, 6, 3), nn.BatchNorm2d(6), nn.Linear(6 * 6 * 6, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.relu(self.bn(self.conv(x))), 1))
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_a_trained_conv_and_batch_norm_deploys_exactly_unless_folded(fold):
+    torch.manual_seed(0)
+    x = torch.randn(256, 2, 8, 8) * 2
+    net = ConvBN()
+    _randomised(net.bn)
+    q = fxc.compile(net, fxc.baseline(), loss_fn=nn.CrossEntropyLoss(), example_inputs=(x[:2],), fold_batch_norm=fold)
+    opt = fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=0.1), q)
+    q.loss(q(x[:32]), torch.arange(32) % 4).backward()
+    opt.step()
+    q.eval()
+    graph = integer_graph(q, (x[:2],))
+    (reference,) = run_integer(graph, x)
+    with torch.no_grad():
+        differing = int((q(x) != reference).sum())
+    if fold:
+        assert differing > 0  # the folded weights are rounded again: a few codes differ
+    else:
+        assert differing == 0
 
 
 def test_affine_is_16_significant_bits_of_scale_and_the_offset_at_the_output_point():

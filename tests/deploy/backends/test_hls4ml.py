@@ -115,7 +115,7 @@ def test_batch_norm_is_folded_into_the_convolution():
         net.bn.running_var.uniform_(0.5, 2)
         net.bn.weight.uniform_(0.5, 2)
     x = torch.randn(2, 2, 8, 8)
-    q = on_grid(fxc.compile(net, fxc.baseline(), example_inputs=(x,)))
+    q = on_grid(fxc.compile(net, fxc.baseline(), example_inputs=(x,), fold_batch_norm=True))
     graph, layers = hls_plan(q, (x[:1],))
     assert [l.kind for l in layers] == ["input", "conv2d", "relu", "reshape", "linear"]
     conv = layers[1].module

@@ -45,7 +45,7 @@ def _initializer(model, name):
                                                bias="16.8")])
 def test_every_fixed_point_edge_has_its_pair_with_scale_zero_point_and_type(policy, bias_scale):
     x = torch.randn(2, 1, 28, 28)
-    q = compiled(ResidualCNN, policy, x)
+    q = compiled(ResidualCNN, policy, x, fold_batch_norm=True)  # the folded biases' pairs are checked too
     folded = fold_bn(q)
     model = to_qdq(folded, (x[:1],), bias_scale=bias_scale)
     nodes = {n.name: n for n in model.graph.node}
