@@ -438,8 +438,10 @@ _DECLARED = [
     Op("fixed_point_mul", "multiply_accumulate", (), (fixed_point_mul,)),  # written by passes.products
     Op("fixed_point_batch_norm", "normalization", (), (fixed_point_batch_norm,)),  # written by passes.batch_norms
     Op("pad", "resample", (nn.ZeroPad2d, nn.ConstantPad2d), (F.pad,), (), ("pad",)),
-    # timm's stochastic depth: random in training, the identity at eval time (traced as a leaf)
-    Op("drop_path", "elementwise", module_names=("timm.layers.drop.DropPath", "timm.models.layers.drop.DropPath")),
+    # stochastic depth (timm's DropPath, torchvision's StochasticDepth): random in training, the
+    # identity at eval time; traced as a leaf, so it follows the module's training flag at run time
+    Op("drop_path", "elementwise", module_names=("timm.layers.drop.DropPath", "timm.models.layers.drop.DropPath",
+                                                 "torchvision.ops.stochastic_depth.StochasticDepth")),
     Op("interpolate", "resample", (nn.Upsample, nn.UpsamplingNearest2d), (F.interpolate,), (),
        ("upsample_nearest2d",)),
     # elementwise nonlinearities (fxcompile.core.nonlinear): clips on codes, tables for the rest

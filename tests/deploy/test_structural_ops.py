@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import fxcompile as fxc
@@ -190,8 +191,6 @@ class DenseBlock(nn.Module):  # densenet: BN → ReLU → conv on the concatenat
         return F.relu(self.norm(torch.cat(features, 1)))
 
 
-# (a batch norm right after a conv folds into it at export, which rounds differently from
-# training by design: deploy.fold_bn; these blocks keep only stand-alone ones)
 class ShuffleBlock(nn.Module):  # shufflenet v2: split, branch, concatenate, shuffle
     def __init__(self):
         super().__init__()
@@ -284,6 +283,23 @@ def test_deploys_with_zero_differing_codes(make):
     assert (sim_vs_ref, ort_vs_ref) == (0, 0)
     with torch.no_grad():  # the deployed model computes what the float model computes, roughly
         assert q(test).shape == make().eval()(test).shape
+
+
+def test_torchvision_stochastic_depth_is_a_leaf_and_the_identity_when_deployed():
+    class Block(nn.Module):  # as in torchvision's convnext/efficientnet blocks
+        def __init__(self):
+            super().__init__()
+            self.a, self.sd = _conv(3, 4), torchvision.ops.StochasticDepth(0.5, "row")
+
+        def forward(self, x):
+            return x[:, :1] + self.sd(self.a(x))
+
+    # narrow formats: 8-bit codes times 8-bit weights over 27 terms stay exact in float32
+    policy = fxc.Policy(activation="8.4", gradient="16.10,stochastic", loss="16.10", weight="8.6", bias="8.4",
+                        name="narrow")
+    q, x = _trained(Block, policy)
+    assert [n.op for n in q.graph.nodes if n.name == "sd"] == ["call_module"]
+    assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
 
 
 def test_cat_aligns_operands_at_different_binary_points():
