@@ -102,7 +102,9 @@ def build(zoo: str, name: str):
     """``(model, x)``: the model with 10 classes, ``x`` a batch of 2 of the smallest size it takes."""
     if zoo == "torchvision":
         import torchvision
-        model = torchvision.models.get_model(name, weights=None, num_classes=10)
+        # deployment is inference: GoogLeNet / Inception without their training-only auxiliary heads
+        extra = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+        model = torchvision.models.get_model(name, weights=None, num_classes=10, **extra)
     else:
         import timm
         model = timm.create_model(name, pretrained=False, num_classes=10)

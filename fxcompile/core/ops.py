@@ -383,6 +383,7 @@ class Op:
     methods: tuple[str, ...] = ()
     aten: tuple[str, ...] = ()  # overload packet names in torch.export graphs
     module_names: tuple[str, ...] = ()  # module classes of optional packages, "package.module.Class"
+    function_names: tuple[str, ...] = ()  # functions of layers above core, "package.module.function"
 
     def __post_init__(self):
         if self.group not in GROUPS:
@@ -438,6 +439,8 @@ _DECLARED = [
     Op("fixed_point_mul", "multiply_accumulate", (), (fixed_point_mul,)),  # written by passes.products
     Op("fixed_point_batch_norm", "normalization", (), (fixed_point_batch_norm,)),  # written by passes.batch_norms
     Op("pad", "resample", (nn.ZeroPad2d, nn.ConstantPad2d), (F.pad,), (), ("pad",)),
+    # an in-place op on a view, written back into its base (frontend.functionalize)
+    Op("write_back", "shape", function_names=("fxcompile.frontend.functionalize.write_back",)),
     # stochastic depth (timm's DropPath, torchvision's StochasticDepth): random in training, the
     # identity at eval time; traced as a leaf, so it follows the module's training flag at run time
     Op("drop_path", "elementwise", module_names=("timm.layers.drop.DropPath", "timm.models.layers.drop.DropPath",
@@ -467,6 +470,7 @@ OPS: dict[str, Op] = {op.name: op for op in _DECLARED}
 _BY_MODULE = {m: op for op in _DECLARED for m in op.modules}
 _BY_MODULE_NAME = {m: op for op in _DECLARED for m in op.module_names}
 _BY_FUNCTION = {f: op for op in _DECLARED for f in op.functions}
+_BY_FUNCTION_NAME = {f: op for op in _DECLARED for f in op.function_names}
 _BY_METHOD = {m: op for op in _DECLARED for m in op.methods}
 _BY_ATEN = {a: op for op in _DECLARED for a in op.aten}
 
@@ -507,9 +511,11 @@ def op_of(gm: fx.GraphModule, node: fx.Node) -> Op | None:
         if isinstance(node.target, torch._ops.OpOverload):
             return _BY_ATEN.get(node.target.overloadpacket.__name__)
         try:
-            return _BY_FUNCTION.get(node.target)
+            op = _BY_FUNCTION.get(node.target)
         except TypeError:  # an unhashable target
             return None
+        return op or _BY_FUNCTION_NAME.get(f"{getattr(node.target, '__module__', '')}."
+                                           f"{getattr(node.target, '__qualname__', '')}")
     if node.op == "call_method":
         return _BY_METHOD.get(node.target)
     return None

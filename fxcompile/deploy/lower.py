@@ -686,6 +686,27 @@ def rule_fixed_point_batch_norm(lw, node, x, module, weight, bias, spec):
     return lw.emit(node, "affine", [x], out, scale=s << (out - x.frac - s_frac), offset=t << (out - frac))
 
 
+_RESHAPES = {"flatten", "view", "reshape", "unflatten", "squeeze", "unsqueeze", "contiguous"}
+
+
+def whole_view(steps) -> bool:
+    """Whether ``steps`` (a ``write_back``'s view) only reshape all of its base, so writing a
+    value back is reshaping it to the base's shape."""
+    names = [name.rsplit(".", 1)[-1] for _, name, _, _ in steps]
+    return all(n in _RESHAPES for n in names)
+
+
+def rule_write_back(lw, node, base, value, steps):
+    """An in-place op on a view of ``base`` (``frontend.functionalize``): the view's new value
+    becomes the base's.  Lowers where the view is all of the base, reshaped (a flatten before an
+    in-place dropout, as in efficientnet's classifier)."""
+    base, value = _operand(node, base), _operand(node, value)
+    if not whole_view(steps):
+        raise ExportError(f"node {node.name!r} (write_back): an in-place op on a part of a tensor "
+                          f"({', '.join(name for _, name, _, _ in steps)}) does not lower; write it out of place")
+    return lw.emit(node, "reshape", [value], value.frac, value.fmt, shape=(0, *base.shape[1:]))
+
+
 def rule_pad(lw, node, x, *args, **kwargs):
     if node.op == "call_module":
         mod = lw.gm.get_submodule(node.target)
@@ -803,7 +824,7 @@ RULES: dict[str, Callable] = {
     "permute": rule_permute, "transpose": rule_permute, "getitem": rule_getitem, "split": rule_split,
     "size": rule_size, "cat": rule_cat, "stack": rule_cat, "mul": rule_mul, "fixed_point_mul": rule_fixed_point_mul,
     "sub": rule_sub, "fixed_point_batch_norm": rule_fixed_point_batch_norm, "pad": rule_pad,
-    "interpolate": rule_interpolate,
+    "interpolate": rule_interpolate, "write_back": rule_write_back,
     "relu6": rule_clip, "hardtanh": rule_clip, "clamp": rule_clip,
     "lookup": rule_lookup,
 }

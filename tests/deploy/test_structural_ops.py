@@ -440,3 +440,33 @@ def test_functional_dropout_traced_in_eval_mode_is_the_identity():
     x = torch.randn(2, 3, 8, 8)
     q = fxc.compile(FunctionalDropout().eval(), fxc.baseline(), example_inputs=(x,))
     assert [op.op for op in integer_graph(q, (x,)).ops] == ["quantize", "dequantize"]
+
+
+class InPlaceHead(nn.Module):  # efficientnet's classifier: flatten, then an in-place dropout on that view
+    def __init__(self):
+        super().__init__()
+        self.a, self.drop, self.fc = _conv(3, 2), nn.Dropout(0.2, inplace=True), nn.Linear(2 * 8 * 8, 5)
+
+    def forward(self, x):
+        x = torch.flatten(F.relu(self.a(x)), 1)
+        return self.fc(self.drop(x))
+
+
+class InPlacePart(nn.Module):  # an in-place op on a slice: written back into part of the tensor
+    def __init__(self):
+        super().__init__()
+        self.a = _conv(3, 4)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        y[:, :2].mul_(2)
+        return y
+
+
+def test_an_in_place_op_on_a_whole_view_deploys_and_one_on_a_part_is_refused(tmp_path):
+    q, x = _trained(InPlaceHead)
+    assert any(ops.op_of(q, n) is ops.OPS["write_back"] for n in q.graph.nodes)
+    assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
+    q, x = _trained(InPlacePart)
+    with pytest.raises(fxc.ExportError, match=r"'write_back' \(write_back\): an in-place op on a part"):
+        integer_graph(q, (x[:2],))

@@ -66,7 +66,8 @@ from ...core.formats import FixedPoint
 from ...passes.averages import average_arguments
 from ...passes.casts import Cast
 from ..lower import UNSUPPORTED as UNSUPPORTED_LOWERING
-from ..lower import evaluate, index_slices, lower, op_arguments, op_key, pair, permutation, split_sizes
+from ..lower import (evaluate, index_slices, lower, op_arguments, op_key, pair, permutation, split_sizes,
+                     whole_view)
 from .onnx import add_constant
 
 __all__ = ["to_qdq", "FloatGraph", "FLOAT_OPS", "UNSUPPORTED", "STRUCTURAL", "OPSET", "container"]
@@ -383,6 +384,12 @@ def _pad(g, node, x, *args, **kwargs):
     return g.node("Pad", [x, g.const(begin + end, np.int64)])
 
 
+def _write_back(g, node, base, value, steps):
+    if not whole_view(steps):
+        raise ExportError(f"node {node.name!r} (write_back): an in-place op on a part of a tensor does not export")
+    return g.node("Reshape", [value, g.const([0, *_shape(node)[1:]], np.int64)])
+
+
 def _interpolate(g, node, x, *args, **kwargs):
     shape, before = _shape(node), list(node.args[0].meta["tensor_meta"].shape)
     scales = [1.0, 1.0] + [o / i for o, i in zip(shape[2:], before[2:])]
@@ -427,7 +434,7 @@ FLOAT_OPS: dict[str, Callable] = {
     "reshape": _reshape, "squeeze": _reshape, "contiguous": _identity, "drop_path": _identity, "permute": _permute,
     "transpose": _permute, "getitem": _getitem, "split": _split, "size": _size, "cat": _cat, "stack": _cat,
     "mul": _mul, "fixed_point_mul": _mul, "sub": _sub, "fixed_point_batch_norm": _batch_norm, "pad": _pad,
-    "interpolate": _interpolate,
+    "interpolate": _interpolate, "write_back": _write_back,
     "fixed_point_matmul": _matmul, "fixed_point_softmax": _softmax, "fixed_point_layer_norm": _layer_norm,
     "unflatten": _flatten,  # a Reshape to the node's shape, as flatten
     "relu6": _clip, "hardtanh": _clip, "clamp": _clip, "lookup": _lookup_float,
