@@ -224,13 +224,17 @@ def main(argv=None):
     p.add_argument("--one", help="ZOO:NAME, checked in this process; prints its record as JSON")
     p.add_argument("--out", default="deploy_zoo.jsonl", help="records, one JSON line each (resumable)")
     p.add_argument("--summary", metavar="FILE", help="print the summary of the records in FILE and stop")
+    p.add_argument("--results", metavar="JSON", help="also write the counts and the records to this results file")
     p.add_argument("--timeout", type=float, default=1800, help="seconds a model may take")
     p.add_argument("--worker", choices=ZOOS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(1)
     if args.summary:
-        print(summary([r for r in model_zoo._done(args.summary).values() if r["status"] != "started"]))
+        records = [r for r in model_zoo._done(args.summary).values() if r["status"] != "started"]
+        print(summary(records))
+        if args.results:
+            write_results(args.results, records, argv)
         return
     if args.one:
         zoo, name = args.one.split(":", 1)
@@ -248,6 +252,28 @@ def main(argv=None):
                                  extra=("--inputs", str(args.inputs)))
     print()
     print(summary(records))
+    if args.results:
+        write_results(args.results, records, argv)
+
+
+def write_results(path: str, records: list[dict], argv) -> None:
+    """Counts per zoo and flavour, and each model's record (errors cut to their first line)."""
+    import datetime
+    counts = {}
+    for zoo in ZOOS:
+        recs = [r for r in records if r["zoo"] == zoo and r["status"] != "skipped"]
+        if recs:
+            ran = [r for r in recs if "ort_vs_integer" in r]
+            counts[zoo] = {"models": len(recs), **{f"{f}_exports": sum(r.get("flavours", {}).get(f) == "ok" for r in recs)
+                                                   for f in FLAVOURS},
+                           "bit_exact": sum(r["ort_vs_integer"] == 0 and r["simulation_vs_integer"] == 0 for r in ran),
+                           "ran": len(ran)}
+    slim = [{k: ({f: (v if v == "ok" else v.splitlines()[0][:300]) for f, v in val.items()} if k == "flavours" else val)
+             for k, val in r.items()} for r in records]
+    with open(path, "w") as f:
+        json.dump({"command": "python benchmarks/deploy_zoo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   "date": datetime.date.today().isoformat(), "counts": counts, "records": slim}, f, indent=1)
+        f.write("\n")
 
 
 if __name__ == "__main__":
