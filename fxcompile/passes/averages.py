@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..core import ir, ops
-from .casts import Cast
+from .casts import call_instead, output_cast
 
 __all__ = ["CONTRACT", "fixed_point_averages", "average_arguments"]
 
@@ -62,30 +62,15 @@ def average_arguments(gm: fx.GraphModule, node: fx.Node) -> tuple[object, bool] 
     return None
 
 
-def _output_cast(gm: fx.GraphModule, node: fx.Node) -> Cast | None:
-    if len(node.users) != 1:
-        return None
-    (user,) = node.users
-    if user.op != "call_module" or not ir.EDGE.has(user) or ir.EDGE.of(user).consumer != "*":
-        return None
-    cast = gm.get_submodule(user.target)
-    return cast if isinstance(cast, Cast) and not cast.forward_identity and cast.edge.forward is not None else None
-
-
 def fixed_point_averages(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite the averages of ``gm`` (after ``insert_casts``) in place; returns ``gm``."""
     changed = False
     for node in list(gm.graph.nodes):
         arguments = average_arguments(gm, node)
-        cast = None if arguments is None else _output_cast(gm, node)
+        cast = None if arguments is None else output_cast(gm, node)
         if cast is None:
             continue
-        module = node.target if node.op == "call_module" else None
-        # the node keeps its name and meta (roles, edges): only what it calls changes
-        node.op, node.target = "call_function", ops.fixed_point_average
-        node.args, node.kwargs = (node.args[0], *arguments, cast.edge.forward.spec()), {}
-        if module is not None and not any(n.op == "call_module" and n.target == module for n in gm.graph.nodes):
-            gm.delete_submodule(module)
+        call_instead(gm, node, ops.fixed_point_average, (node.args[0], *arguments, cast.edge.forward.spec()))
         changed = True
     if changed:
         gm.recompile()

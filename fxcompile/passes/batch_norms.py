@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..core import ir, ops
-from .averages import _output_cast
+from .casts import output_cast
 
 __all__ = ["CONTRACT", "fixed_point_batch_norms", "folds"]
 
@@ -58,7 +58,7 @@ def fixed_point_batch_norms(gm: fx.GraphModule, fold: bool = False) -> fx.GraphM
         if node.op != "call_function" or node.target is not ops.batch_norm or (fold and folds(gm, node)):
             continue
         module = ir.fetch(gm, node.args[1].target)
-        cast = _output_cast(gm, node)
+        cast = output_cast(gm, node)
         if cast is None or module.running_mean is None:
             continue
         node.target = ops.fixed_point_batch_norm

@@ -19,7 +19,7 @@ from ..core import ir
 from ..core.assignment import Edge
 from ..runtime.cast import cast, spec_of
 
-__all__ = ["CONTRACT", "Cast", "insert_casts", "cast_nodes"]
+__all__ = ["CONTRACT", "Cast", "insert_casts", "cast_nodes", "output_cast", "call_instead"]
 
 CONTRACT = ir.Contract(requires=(ir.VALUE, ir.USES), provides=(ir.EDGE,))
 
@@ -94,3 +94,25 @@ def insert_casts(gm: fx.GraphModule) -> fx.GraphModule:
 
 def cast_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if ir.EDGE.has(n)]
+
+
+def output_cast(gm: fx.GraphModule, node: fx.Node) -> Cast | None:
+    """The cast right after ``node`` that rounds its value (``node``'s only user, a value cast
+    with a forward format that is not an identity), or ``None``.  The rewrites that give an op
+    its fixed-point definition round to this cast's format."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    if user.op != "call_module" or not ir.EDGE.has(user) or ir.EDGE.of(user).consumer != "*":
+        return None
+    cast = gm.get_submodule(user.target)
+    return cast if isinstance(cast, Cast) and not cast.forward_identity and cast.edge.forward is not None else None
+
+
+def call_instead(gm: fx.GraphModule, node: fx.Node, target, args: tuple) -> None:
+    """Make ``node`` call ``target(*args)``; it keeps its name and meta (roles, edges), and a
+    module it called that no other node calls is deleted.  (The caller recompiles ``gm``.)"""
+    module = node.target if node.op == "call_module" else None
+    node.op, node.target, node.args, node.kwargs = "call_function", target, tuple(args), {}
+    if module is not None and not any(n.op == "call_module" and n.target == module for n in gm.graph.nodes):
+        gm.delete_submodule(module)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..core import ir, ops
 from ..core.formats import FixedPoint
-from .casts import Cast
+from .casts import call_instead, output_cast
 
 __all__ = ["CONTRACT", "fixed_point_definitions", "input_format", "output_format"]
 
@@ -50,13 +50,8 @@ def input_format(arg) -> FixedPoint | None:
 
 def output_format(gm: fx.GraphModule, node: fx.Node) -> FixedPoint | None:
     """The forward format of the one cast ``node`` feeds (its value's cast), or ``None``."""
-    if len(node.users) != 1:
-        return None
-    (user,) = node.users
-    if user.op != "call_module" or not ir.EDGE.has(user) or ir.EDGE.of(user).consumer != "*":
-        return None
-    cast = gm.get_submodule(user.target)
-    return cast.edge.forward if isinstance(cast, Cast) and not cast.forward_identity else None
+    cast = output_cast(gm, node)
+    return None if cast is None else cast.edge.forward
 
 
 def _matmul(gm, node, name):
@@ -131,12 +126,7 @@ def fixed_point_definitions(gm: fx.GraphModule) -> fx.GraphModule:
         found = rewrite(gm, node, op.name) if out is not None else None
         if found is None:
             continue
-        module = node.target if node.op == "call_module" else None
-        # the node keeps its name and meta (roles, edges): only what it calls changes
-        node.op, node.target = "call_function", found[0]
-        node.args, node.kwargs = (*found[1], out.spec()), {}
-        if module is not None and not any(n.op == "call_module" and n.target == module for n in gm.graph.nodes):
-            gm.delete_submodule(module)
+        call_instead(gm, node, found[0], (*found[1], out.spec()))
         changed = True
     if changed:
         gm.recompile()

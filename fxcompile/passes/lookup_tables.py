@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from ..core import ir, nonlinear, ops
 from ..core.formats import FixedPoint
-from .casts import Cast
+from .casts import Cast, call_instead, output_cast
 
 __all__ = ["CONTRACT", "MAX_LOOKUP_BITS", "lookup_tables", "lookup_arguments", "lookup_refusal", "input_format",
            "output_cast"]
@@ -56,17 +56,6 @@ def input_format(gm: fx.GraphModule, node: fx.Node) -> FixedPoint | None:
         source = source.args[0]
         cast = _cast(gm, source)
     return None if cast is None else cast.edge.forward
-
-
-def output_cast(gm: fx.GraphModule, node: fx.Node) -> Cast | None:
-    """The cast right after ``node`` that rounds its value (its only user), or ``None``."""
-    if len(node.users) != 1:
-        return None
-    (user,) = node.users
-    cast = _cast(gm, user)
-    if cast is None or cast.edge.consumer != "*" or cast.forward_identity or cast.edge.forward is None:
-        return None
-    return cast
 
 
 def lookup_arguments(gm: fx.GraphModule, node: fx.Node) -> tuple[str, tuple, list, list] | str:
@@ -112,14 +101,10 @@ def lookup_tables(gm: fx.GraphModule) -> fx.GraphModule:
         found = lookup_arguments(gm, node)
         if isinstance(found, str):
             continue  # lower() refuses it with this reason
-        module = node.target if node.op == "call_module" else None
         args = (node.args[0], *found)
         if (node.op, node.target, node.args) == ("call_function", ops.lookup, args):
             continue
-        # the node keeps its name and meta (roles, edges): only what it calls changes
-        node.op, node.target, node.args, node.kwargs = "call_function", ops.lookup, args, {}
-        if module is not None and not any(n.op == "call_module" and n.target == module for n in gm.graph.nodes):
-            gm.delete_submodule(module)
+        call_instead(gm, node, ops.lookup, args)
         changed = True
     if changed:
         gm.recompile()

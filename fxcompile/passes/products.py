@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..core import ir, ops
-from .averages import _output_cast
+from .casts import output_cast
 
 __all__ = ["CONTRACT", "fixed_point_products"]
 
@@ -39,7 +39,7 @@ def fixed_point_products(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         if not all(isinstance(a, fx.Node) and ir.EDGE.has(a) for a in node.args):
             continue  # a product with a constant, or of sizes
-        cast = _output_cast(gm, node)
+        cast = output_cast(gm, node)
         if cast is None:
             continue
         # the node keeps its name and meta (roles, edges): only what it calls changes
