@@ -131,6 +131,15 @@ def test_cast_edge_cases():
         torch.ops.fxcompile.quantize(x.detach(), [4, -127, 127])
 
 
+@pytest.mark.parametrize("spec, message", [([4, -127, 127], "got 3 ints"),
+                                           ([4, -127, 127, 0, 9, 0], "unknown rounding or overflow")])
+def test_the_pure_pytorch_kernels_check_a_spec_like_the_cpp_kernel(spec, message):
+    x = torch.randn(5)
+    for impl in (fallback.quantize, fallback.quantize_mask, torch.ops.fxcompile.quantize):
+        with pytest.raises(RuntimeError, match=message):
+            impl(x, spec)
+
+
 def test_stochastic_rounding_is_reproducible_from_the_global_seed_and_unbiased():
     spec = fixed(16, 4, rounding="stochastic").spec()
     x = torch.full((200_000,), 0.3)

@@ -28,6 +28,15 @@ def unpack_mask(words: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.view(-1)[:numel].bool()
 
 
+def _check(spec, what: str) -> None:
+    """The C++ kernel's spec check, with its message."""
+    if len(spec) != 6:
+        raise RuntimeError(f"fxcompile: {what} spec must be [frac, code_min, code_max, zero_point, rounding, "
+                           f"overflow] (6 ints), got {len(spec)} ints")
+    if not (0 <= spec[4] <= 3 and 0 <= spec[5] <= 1):
+        raise RuntimeError(f"fxcompile: {what} spec has an unknown rounding or overflow index: {list(spec)}")
+
+
 def _seed(spec, seed):
     if spec[4] != STOCHASTIC:
         return None
@@ -37,6 +46,7 @@ def _seed(spec, seed):
 def quantize(x, spec, seed=None):
     if not spec:
         return x.clone()
+    _check(spec, "quantize")
     s = _seed(spec, seed)
     return quantize_reference(x, spec) if s is None else quantize_reference(x, spec, seed=s)
 
