@@ -46,6 +46,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import platform
 import subprocess
@@ -65,10 +66,10 @@ __all__ = ["SweepError", "Point", "Sweep", "load_sweep", "run_point", "run_sweep
 
 DATASETS = ("fashion_mnist", "digits", "synthetic")
 HYPER = {"dataset": str, "train_subset": int, "data_seed": int, "model": str, "epochs": int, "batch_size": int,
-         "lr": float, "weight_rounding": str, "synthetic_train": int, "synthetic_test": int}
+         "lr": float, "weight_rounding": str, "synthetic_train": int, "synthetic_test": int, "loss_scale": float}
 DEFAULTS = {"dataset": "fashion_mnist", "train_subset": None, "data_seed": 0, "model": "seed_cnn",
             "policy": "baseline", "epochs": 5, "batch_size": 32, "lr": 1e-3, "weight_rounding": None,
-            "synthetic_train": 512, "synthetic_test": 256}
+            "synthetic_train": 512, "synthetic_test": 256, "loss_scale": 1.0}
 ROLE_FIELDS = ("format", "bits", "frac", "frac_share", "rounding")
 FORMAT_ROLES = ("activation", "gradient", "loss", "weight", "bias")   # the study's five, one CSV column each
 COLUMNS = ("sweep", "point", "seed", "label", "dataset", "model", "policy", *FORMAT_ROLES, "epochs", "batch_size",
@@ -182,6 +183,13 @@ def resolve(settings: dict, where: str, folder: Path = Path(".")) -> dict:
     config["policy"] = policy.to_dict() if policy is not None else None
     if config["dataset"] != "synthetic":
         del config["synthetic_train"], config["synthetic_test"]
+    scale = config.pop("loss_scale")   # kept only when not 1, so points without it keep their ids
+    if scale != 1:
+        if policy is None:
+            raise SweepError(f"{where}: loss_scale scales a fixed-point gradient; the fp32 policy has none")
+        if scale <= 0 or math.frexp(scale)[0] != 0.5:
+            raise SweepError(f"{where}: loss_scale must be a power of two (1, 2, 4, ..., 16, ...), got {scale!r}")
+        config["loss_scale"] = scale
     return config
 
 
@@ -326,7 +334,7 @@ def run_point(config: dict, seed: int, root: str | None = None, tensorboard: str
         policy = None if config["policy"] is None else Policy.from_dict(config["policy"])
         cfg = TrainConfig(model=model, policy=policy, epochs=config["epochs"], batch_size=config["batch_size"],
                           lr=config["lr"], seed=seed, weight_rounding=config["weight_rounding"], progress=False,
-                          tensorboard=tensorboard)
+                          tensorboard=tensorboard, loss_scale=config.get("loss_scale", 1))
         m = train(cfg, train_data, test_data)
         return {"accuracy": m["accuracy"], "history": [h["accuracy"] for h in m["history"]],
                 "final_loss": m["history"][-1]["train_loss"] if m["history"] else None,

@@ -202,6 +202,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="global batch, split over the ranks")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss-scale", type=float, default=1,
+                   help="power of two multiplying the loss's gradient (fixed-point policies; default 1)")
     p.add_argument("--float-comm", action="store_true", help="all-reduce in floating point (DDP's default)")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -212,7 +214,7 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         cfg = TrainConfig(model=build_model(args.model), policy=None if args.policy == "fp32" else args.policy,
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          progress=False)
+                          progress=False, loss_scale=args.loss_scale)
         m = train_ddp(cfg, train_data, test_data, fixed_point_comm=not args.float_comm)
         if dist.get_rank() == 0:
             per_epoch = ", ".join(f"{100 * h['accuracy']:.2f}" for h in m["history"])

@@ -90,6 +90,18 @@ def test_frac_share_rounds_to_whole_bits_and_rounding_applies():
     assert fmts["activation"] == "12.6"
 
 
+def test_loss_scale_is_a_sweep_key_that_reaches_training(tmp_path):
+    plain = resolve({"policy": "baseline"}, "t")
+    assert "loss_scale" not in plain and resolve({"policy": "baseline", "loss_scale": 1}, "t") == plain
+    scaled = resolve({"policy": "baseline", "loss_scale": 16}, "t")
+    assert scaled == {**plain, "loss_scale": 16.0}
+    # the scale changes what training does (the synthetic MLP's losses differ), so it is in the point's id
+    small = {"dataset": "synthetic", "synthetic_train": 64, "synthetic_test": 32, "model": "mlp", "epochs": 1,
+             "batch_size": 16, "policy": "baseline", "gradient.format": "16.14"}
+    runs = [run_point(resolve({**small, "loss_scale": s}, "t"), 0) for s in (1, 16)]
+    assert runs[0]["final_loss"] != runs[1]["final_loss"]
+
+
 @pytest.mark.parametrize("text, words", [
     ("[defaults]\nbatch = 3\n", ["batch", "keys are"]),
     ("[defaults]\nweight.frac = 3\nweight.frac_share = 0.5\n", ["weight.frac", "not both"]),
@@ -99,6 +111,8 @@ def test_frac_share_rounds_to_whole_bits_and_rounding_applies():
     ("[defaults]\ndataset = 'cifar'\n", ["dataset", "fashion_mnist"]),
     ("[[grid]]\nepochs = 3\n", ["grid[0]", "list"]),
     ("seeds = 0\n", ["seeds"]),
+    ("[defaults]\nloss_scale = 3\n", ["loss_scale", "power of two"]),
+    ("[defaults]\npolicy = 'fp32'\nloss_scale = 16\n", ["loss_scale", "fp32"]),
 ])
 def test_sweep_file_errors_name_the_file_and_key(tmp_path, text, words):
     path = _write(tmp_path, text)

@@ -139,10 +139,10 @@ def _exact_policy():
 DDP_STEPS, DDP_BATCH = 4, 16
 
 
-def _ddp_config():
+def _ddp_config(loss_scale=1):
     from fxcompile.training.train import TrainConfig
     return TrainConfig(model="mlp", policy=_exact_policy(), epochs=1, batch_size=DDP_BATCH, lr=0.01, seed=0,
-                       progress=False)
+                       progress=False, loss_scale=loss_scale)
 
 
 def _ddp_data():
@@ -171,28 +171,29 @@ def _recording_steps(monkeypatch_target):
     return steps
 
 
-def _ddp_worker(rank, port, out_dir):
+def _ddp_worker(rank, port, out_dir, loss_scale):
     from fxcompile.training.distributed import train_ddp
     _init(rank, port)
     ok = False
     try:
         steps = _recording_steps(setattr)
-        train_ddp(_ddp_config(), *_ddp_data())
+        train_ddp(_ddp_config(loss_scale), *_ddp_data())
         torch.save(steps, os.path.join(out_dir, f"ddp_{rank}.pt"))
         ok = True
     finally:
         close_process_group(synchronize=ok)
 
 
-def test_two_ranks_give_the_single_process_parameters_bit_for_bit_after_every_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss_scale", [1, 16])
+def test_two_ranks_give_the_single_process_parameters_bit_for_bit_after_every_step(tmp_path, monkeypatch, loss_scale):
     from fxcompile.training.train import train
-    _spawn(_ddp_worker, str(tmp_path))
+    _spawn(_ddp_worker, str(tmp_path), loss_scale)
     ranks = [torch.load(tmp_path / f"ddp_{r}.pt", weights_only=True) for r in range(WORLD)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         single = _recording_steps(monkeypatch.setattr)
-        train(_ddp_config(), *_ddp_data())
+        train(_ddp_config(loss_scale), *_ddp_data())
     finally:
         torch.set_num_threads(threads)
     assert len(single) == DDP_STEPS and all(len(r) == DDP_STEPS for r in ranks)
