@@ -253,7 +253,8 @@ def _weighted(lw: _Lowering, node: fx.Node, x: Value, w: Value, b: Value | None,
     return lw.emit(node, op, [x], frac, weight=weight, bias=bias, **attrs)
 
 
-def rule_conv2d(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+def rule_conv2d(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1, spec=None):
+    # spec: the output cast's format of ops.fixed_point_conv2d, which the requantize after it rounds to
     if isinstance(padding, str):
         raise ExportError(f"node {node.name!r} (conv2d): only numeric padding lowers to integer MatMul "
                           f"(got padding={padding!r})")
@@ -270,7 +271,7 @@ def rule_conv2d(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=
                      dilation=pair(dilation))
 
 
-def rule_linear(lw, node, x, w, b=None):
+def rule_linear(lw, node, x, w, b=None, spec=None):  # spec: as rule_conv2d's
     return _weighted(lw, node, x, w, b, "linear")
 
 
