@@ -29,8 +29,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import ir, ops
+from ..core import ir
 from ..errors import ExportError
+from ..passes.accumulators import FLOAT_LAYERS
 from ..passes.casts import Cast, output_cast
 from ..core.ops import batch_norm
 
@@ -38,10 +39,7 @@ __all__ = ["CONTRACT", "fold_bn", "FOLDABLE"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
-# the float ops, and their exact definitions at inference (passes.accumulators) -> the float op
-FLOAT_LAYERS = {ops.fixed_point_conv1d: F.conv1d, ops.fixed_point_conv2d: F.conv2d,
-                ops.fixed_point_conv3d: F.conv3d, ops.fixed_point_linear: F.linear}
-FOLDABLE = (F.conv1d, F.conv2d, F.conv3d, F.linear, *FLOAT_LAYERS)
+FOLDABLE = (F.conv1d, F.conv2d, F.conv3d, F.linear, *FLOAT_LAYERS)  # and their exact definitions
 
 
 def _is_cast(gm: fx.GraphModule, node) -> bool:

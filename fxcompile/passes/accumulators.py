@@ -37,7 +37,10 @@ fan-ins) is left as the float32 op: float64 could not hold its sum either, and i
 outputs may differ from the simulation's by a code.  Layers of a graph whose formats keep the
 sum within 24 bits are left as they are (float32 is exact there).  ``lower`` and the QDQ
 backend deploy the rewritten calls as the ``conv2d``/``linear`` they are (the op registry
-maps them to those ops), and ``deploy.fold_bn`` folds batch norms into them::
+maps them to those ops), and ``deploy.fold_bn`` folds batch norms into them.  The output
+format is a node argument, as in :mod:`fxcompile.passes.lookup_tables`: when a cast's format
+changes after compile, running this pass again makes the layers follow, and ``lower``
+refuses a layer whose format no longer matches its cast::
 
     >>> gm = exact_accumulators(insert_casts(assign_formats(annotate_roles(trace(model)), baseline())))
     >>> [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"]
@@ -50,13 +53,14 @@ import math
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ..core import ir, ops
 from .casts import call_instead, output_cast
 from .definitions import input_format
 
-__all__ = ["CONTRACT", "exact_accumulators", "accumulator_bits", "FIXED_POINT_LAYERS", "FLOAT32_BITS",
-           "FLOAT64_BITS"]
+__all__ = ["CONTRACT", "exact_accumulators", "accumulator_bits", "FIXED_POINT_LAYERS", "FLOAT_LAYERS",
+           "FLOAT32_BITS", "FLOAT64_BITS"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
@@ -71,7 +75,9 @@ FIXED_POINT_LAYERS = {
 _CONV_ARGS = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
               ("groups", 1))
 _LINEAR_ARGS = (("input", None), ("weight", None), ("bias", None))
-_DEFINITIONS = set(FIXED_POINT_LAYERS.values())
+# each definition -> the float op it computes
+FLOAT_LAYERS = {ops.fixed_point_conv1d: F.conv1d, ops.fixed_point_conv2d: F.conv2d,
+                ops.fixed_point_conv3d: F.conv3d, ops.fixed_point_linear: F.linear}
 
 
 def _arguments(node: fx.Node, names: tuple) -> list | None:
@@ -120,8 +126,7 @@ def accumulator_bits(x_spec, w_spec, fan_in: int, b_spec=None) -> int:
     return largest.bit_length()
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str):
-    arguments = _arguments(node, _LINEAR_ARGS if name == "linear" else _CONV_ARGS)
+def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, arguments: list | None):
     cast = output_cast(gm, node) if arguments is not None else None
     if cast is None:
         return None
@@ -139,16 +144,25 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str):
 
 
 def exact_accumulators(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite the convs and linear layers of ``gm`` (after ``insert_casts``) in place; returns ``gm``."""
+    """Rewrite the convs and linear layers of ``gm`` (after ``insert_casts``) in place; returns ``gm``.
+
+    A node rewritten before is rewritten again with its output cast's current format (or is
+    the float op again if it no longer qualifies): after a cast's format changes after compile
+    (``Cast.set_edge``), running this pass again makes every layer follow; ``lower`` refuses a
+    layer whose format no longer matches its cast."""
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target in _DEFINITIONS:
+        if node.op != "call_function":
             continue
         op = ops.op_of(gm, node)
         if op is None or op.name not in FIXED_POINT_LAYERS:
             continue
-        found = _rewrite(gm, node, op.name)
-        if found is None:
+        if node.target in FLOAT_LAYERS:  # rewritten before: its arguments are positional, then the format
+            arguments = list(node.args[:-1])
+            found = _rewrite(gm, node, op.name, arguments) or (FLOAT_LAYERS[node.target], arguments)
+        else:
+            found = _rewrite(gm, node, op.name, _arguments(node, _LINEAR_ARGS if op.name == "linear" else _CONV_ARGS))
+        if found is None or (found[0] is node.target and list(found[1]) == list(node.args)):
             continue
         call_instead(gm, node, *found)
         changed = True

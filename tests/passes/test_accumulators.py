@@ -4,6 +4,7 @@ is; the integer graph, the simulation and ONNX Runtime then agree code for code.
 
 from __future__ import annotations
 
+import dataclasses
 from fractions import Fraction
 
 import pytest
@@ -14,12 +15,13 @@ from torch import nn
 import fxcompile as fxc
 import fxcompile.compiler as compiler
 from fxcompile.core import ops
+from fxcompile.core.formats import as_format
 from fxcompile.core.quantizer import quantize_reference
 from fxcompile.deploy.backends.integer import run_integer
 from fxcompile.deploy.export import export_onnx, integer_graph, verify
 from fxcompile.deploy.fold_bn import fold_bn
 from fxcompile.experiments.models import SeedCNN
-from fxcompile.passes.accumulators import FIXED_POINT_LAYERS, accumulator_bits
+from fxcompile.passes.accumulators import FIXED_POINT_LAYERS, accumulator_bits, exact_accumulators
 from fxcompile.passes.casts import output_cast
 
 from ..helpers import on_grid
@@ -207,3 +209,25 @@ def test_folded_batch_norm_rounds_the_layer_to_its_own_output_format():
     assert layer.args[-1] == output_cast(folded, layer).edge.forward.spec() != conv.args[-1]
     with torch.no_grad():
         folded(x)  # runs
+
+
+def test_a_layer_follows_a_format_change_when_the_pass_runs_again():
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 28, 28) * 2
+    q = on_grid(fxc.compile(SeedCNN(), fxc.baseline(), example_inputs=(x[:2],)))
+    cast = q.casts.fc2
+    cast.set_edge(dataclasses.replace(cast.edge, forward=as_format("16.6,floor")))
+    with pytest.raises(fxc.ExportError, match=r"node 'fc2' \(linear\): its exact sum rounds to the format of the "
+                                              r"one cast after it, which changed after compile"):
+        integer_graph(q, (x[:2],))
+    exact_accumulators(q)
+    (fc2,) = [n for n in q.graph.nodes if n.name == "fc2"]
+    assert fc2.target is ops.fixed_point_linear and fc2.args[-1] == as_format("16.6,floor").spec()
+    (ref,) = run_integer(integer_graph(q, (x[:2],)), x, codes=True)
+    with torch.no_grad():
+        sim = torch.round(q(x).double() * 64).long()
+    assert torch.equal(sim, ref)
+    # an output without a fixed-point format: the layer is the float op again
+    cast.set_edge(dataclasses.replace(cast.edge, forward=None))
+    exact_accumulators(q)
+    assert fc2.target is F.linear and len(fc2.args) == 3
