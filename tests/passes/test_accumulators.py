@@ -231,3 +231,15 @@ def test_a_layer_follows_a_format_change_when_the_pass_runs_again():
     cast.set_edge(dataclasses.replace(cast.edge, forward=None))
     exact_accumulators(q)
     assert fc2.target is F.linear and len(fc2.args) == 3
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_seed_cnn_deploys_with_no_differing_code_from_either_frontend(frontend, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 28, 28) * 2
+    q = on_grid(fxc.compile(SeedCNN(), fxc.baseline(), example_inputs=(x[:2],), frontend=frontend))
+    layers = [ops.op_of(q, n).name for n in q.graph.nodes if n.op == "call_function" and n.target in DEFINITIONS]
+    assert layers == ["conv2d", "conv2d", "linear", "linear"]
+    export_onnx(q, tmp_path / "m.onnx", (x[:2],))
+    report = verify(q, tmp_path / "m.onnx", x)
+    assert report["outputs"] == 320 and report["mismatches"] == 0 and report["simulation_mismatches"] == 0
