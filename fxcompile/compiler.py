@@ -19,10 +19,11 @@ from .frontend.shapes import propagate_shapes
 from .frontend.trace import CONTRACT as TRACE_CONTRACT
 from .frontend.trace import trace
 from .passes import assign, averages, calibrate as calibration, casts, choose_formats as cost_model, elide_casts as elision
-from .passes import batch_norms, definitions, products
+from .passes import accumulators, batch_norms, definitions, products
 from .passes import lookup_tables as tables
 from .passes import loss_scale as loss_scaling
 from .passes.assign import assign_formats
+from .passes.accumulators import exact_accumulators
 from .passes.averages import fixed_point_averages
 from .passes.batch_norms import fixed_point_batch_norms
 from .passes.calibrate import calibrate
@@ -113,7 +114,10 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
     step (:mod:`fxcompile.passes.loss_scale`).  Every batch norm deploys as its own fixed-point
     affine map, which the simulation's eval forward runs too (:mod:`fxcompile.passes.batch_norms`);
     ``fold_batch_norm=True`` folds those right after a conv/linear into it at export instead
-    (one op fewer, but a few output codes may differ from the simulation).  ``elide_casts`` turns
+    (one op fewer, but a few output codes may differ from the simulation).  Convs and linear
+layers whose sums float32 cannot hold run their exact sum in float64 whenever no gradient is
+needed (inference, export verification) and the float32 op when one is (training's forward,
+as fast as before): :mod:`fxcompile.passes.accumulators`.  ``elide_casts`` turns
     casts whose forward provably changes nothing (after ReLU, max-pool, flatten) into forward
     identities; their gradients are still rounded.  ``check_contracts`` (for pass authors)
     checks between passes that each finds the node.meta facts it requires and writes those
@@ -154,6 +158,7 @@ def compile(model: torch.nn.Module, policy: Policy | Auto | str | None = None, *
         _checked(fixed_point_definitions, definitions.CONTRACT, check)(g)
         _checked(fixed_point_products, products.CONTRACT, check)(g)
         _checked(fixed_point_batch_norms, batch_norms.CONTRACT, check)(g, fold=fold_batch_norm)
+        _checked(exact_accumulators, accumulators.CONTRACT, check)(g)
     gm = _checked(scale_loss_gradient, loss_scaling.CONTRACT, check)(gm, loss_scale, loss_graph=loss)
     ir.POLICY.set(gm, policy)
     if loss is not None or named:

@@ -23,7 +23,9 @@ The module also holds the functions the IR's nodes call that are fxcompile's own
 ``passes.definitions``; their integer algorithms are :mod:`fxcompile.core.intmath`),
 :func:`fixed_point_mul` (``passes.products``) and
 :func:`fixed_point_batch_norm` (``passes.batch_norms``), whose affine map is
-:func:`batch_norm_affine`.  Module classes of optional packages (timm's ``DropPath``) are
+:func:`batch_norm_affine`.  :func:`fixed_point_conv2d` (and ``1d``, ``3d``) and
+:func:`fixed_point_linear` (``passes.accumulators``) are the conv/linear ops themselves
+(registered as ``conv2d``, ``linear``...), computed exactly at inference.  Module classes of optional packages (timm's ``DropPath``) are
 named by their qualified class name (``module_names``), so the registry imports none of them.
 :func:`lookup` is written by ``passes.lookup_tables``; it is defined with the clips' bounds
 in :mod:`fxcompile.core.nonlinear`.
@@ -49,7 +51,7 @@ __all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "module_op", "ops_in",
            "fixed_point_average", "reciprocal", "average_windows", "RECIPROCAL_BITS",
            "fixed_point_mul", "fixed_point_batch_norm", "batch_norm_affine", "SCALE_BITS",
            "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "matmul_equation", "matmul_product",
-           "code_bits",
+           "code_bits", "fixed_point_conv1d", "fixed_point_conv2d", "fixed_point_conv3d", "fixed_point_linear",
            "lookup", "CLIP_OPS", "LOOKUP_OPS"]
 
 GROUPS = {
@@ -324,6 +326,45 @@ def fixed_point_mul(a: torch.Tensor, b: torch.Tensor, spec: list) -> torch.Tenso
     return _FixedPointMul.apply(a, b, list(spec))
 
 
+# ---- convolutions and linear layers: the exact accumulator at inference (passes.accumulators) ----
+
+def _fixed_point_layer(float_op: Callable, x, weight, bias, args: tuple, spec) -> torch.Tensor:
+    """``float_op(x, weight, bias, *args)`` rounded to ``spec`` as deployed, when no gradient is
+    needed: the sum of products in float64 (exact while the accumulator's bound stays within
+    53 bits, which ``passes.accumulators`` checks), rounded once.  When a gradient is needed it
+    is ``float_op`` itself in the tensors' dtype (float32), the op training always ran."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return float_op(x, weight, bias, *args)
+    y = float_op(x.double(), weight.double(), None if bias is None else bias.double(), *args)
+    return quantize_reference(y, spec).to(x.dtype)
+
+
+def fixed_point_conv1d(x, weight, bias, stride, padding, dilation, groups, spec) -> torch.Tensor:
+    """``F.conv1d`` as deployed at inference (see :func:`fixed_point_conv2d`)."""
+    return _fixed_point_layer(F.conv1d, x, weight, bias, (stride, padding, dilation, groups), spec)
+
+
+def fixed_point_conv2d(x, weight, bias, stride, padding, dilation, groups, spec) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` as deployed: without a
+    gradient (``torch.no_grad()``, or no input requiring one) the exact sum of products of the
+    fixed-point codes plus the bias, taken in float64 and rounded once to the format ``spec`` of
+    the cast after it, as the integer graph's int64 accumulator and requantize do; with one, the
+    float32 ``F.conv2d`` (training's forward and its speed are unchanged; the cast after it
+    rounds).  Written by ``passes.accumulators``; ``lower`` deploys it as ``conv2d``."""
+    return _fixed_point_layer(F.conv2d, x, weight, bias, (stride, padding, dilation, groups), spec)
+
+
+def fixed_point_conv3d(x, weight, bias, stride, padding, dilation, groups, spec) -> torch.Tensor:
+    """``F.conv3d`` as deployed at inference (see :func:`fixed_point_conv2d`)."""
+    return _fixed_point_layer(F.conv3d, x, weight, bias, (stride, padding, dilation, groups), spec)
+
+
+def fixed_point_linear(x, weight, bias, spec) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` as deployed at inference (see :func:`fixed_point_conv2d`)."""
+    return _fixed_point_layer(F.linear, x, weight, bias, (), spec)
+
+
 SCALE_BITS = 16  # significant bits of a stand-alone batch norm's per-channel scale
 
 
@@ -392,10 +433,10 @@ class Op:
 
 _DECLARED = [
     Op("cast", "cast"),  # a call of a Cast module: recognised by the edge it carries (ir.EDGE)
-    Op("conv1d", "multiply_accumulate", (nn.Conv1d,), (F.conv1d, torch.conv1d), (), ("conv1d",)),
-    Op("conv2d", "multiply_accumulate", (nn.Conv2d,), (F.conv2d, torch.conv2d), (), ("conv2d",)),
-    Op("conv3d", "multiply_accumulate", (nn.Conv3d,), (F.conv3d, torch.conv3d), (), ("conv3d",)),
-    Op("linear", "multiply_accumulate", (nn.Linear,), (F.linear,), (), ("linear",)),
+    Op("conv1d", "multiply_accumulate", (nn.Conv1d,), (F.conv1d, torch.conv1d, fixed_point_conv1d), (), ("conv1d",)),
+    Op("conv2d", "multiply_accumulate", (nn.Conv2d,), (F.conv2d, torch.conv2d, fixed_point_conv2d), (), ("conv2d",)),
+    Op("conv3d", "multiply_accumulate", (nn.Conv3d,), (F.conv3d, torch.conv3d, fixed_point_conv3d), (), ("conv3d",)),
+    Op("linear", "multiply_accumulate", (nn.Linear,), (F.linear, fixed_point_linear), (), ("linear",)),
     Op("matmul", "multiply_accumulate", (), (torch.matmul, operator.matmul), ("matmul",), ("matmul",)),
     Op("mm", "multiply_accumulate", (), (torch.mm,), ("mm",), ("mm",)),
     Op("bmm", "multiply_accumulate", (), (torch.bmm,), ("bmm",), ("bmm",)),

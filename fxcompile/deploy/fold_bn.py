@@ -31,14 +31,15 @@ from torch import nn
 
 from ..core import ir
 from ..errors import ExportError
-from ..passes.casts import Cast
+from ..passes.accumulators import FLOAT_LAYERS
+from ..passes.casts import Cast, output_cast
 from ..core.ops import batch_norm
 
 __all__ = ["CONTRACT", "fold_bn", "FOLDABLE"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
-FOLDABLE = (F.conv1d, F.conv2d, F.conv3d, F.linear)
+FOLDABLE = (F.conv1d, F.conv2d, F.conv3d, F.linear, *FLOAT_LAYERS)  # and their exact definitions
 
 
 def _is_cast(gm: fx.GraphModule, node) -> bool:
@@ -114,7 +115,20 @@ def _fold_one(gm: fx.GraphModule, bn: fx.Node) -> bool:
             gm.graph.erase_node(node)
             if isinstance(source, fx.Node) and source.op == "get_attr" and not source.users:
                 gm.graph.erase_node(source)
+    _round_to_output(gm, layer)
     return True
+
+
+def _round_to_output(gm: fx.GraphModule, layer: fx.Node) -> None:
+    """A folded layer with an exact definition (``passes.accumulators``) now feeds the batch
+    norm's output cast: it rounds to that cast's format (or, without one, is the float op)."""
+    if layer.target not in FLOAT_LAYERS:
+        return
+    cast = output_cast(gm, layer)
+    if cast is None:
+        layer.target, layer.args = FLOAT_LAYERS[layer.target], layer.args[:-1]
+    else:
+        layer.args = (*layer.args[:-1], cast.edge.forward.spec())
 
 
 def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:

@@ -68,7 +68,7 @@ from ..core.quantizer import ROUNDINGS
 from ..errors import ExportError
 from ..core.formats import FixedPoint
 from ..passes.averages import average_arguments
-from ..passes.casts import Cast
+from ..passes.casts import Cast, output_cast
 from ..passes.lookup_tables import lookup_arguments, lookup_refusal
 
 __all__ = ["CONTRACT", "IntOp", "IntegerGraph", "Value", "lower", "RULES", "UNSUPPORTED", "op_key", "op_arguments", "pair",
@@ -253,7 +253,18 @@ def _weighted(lw: _Lowering, node: fx.Node, x: Value, w: Value, b: Value | None,
     return lw.emit(node, op, [x], frac, weight=weight, bias=bias, **attrs)
 
 
-def rule_conv2d(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+def _rounds_to_output(lw, node: fx.Node, op: str, spec) -> None:
+    """A conv/linear given its exact definition (``spec``: passes.accumulators) rounds to the
+    format of the one cast after it, which the ``requantize`` after it runs; refuse a stale one."""
+    cast = output_cast(lw.gm, node) if spec is not None else None
+    if spec is not None and (cast is None or cast.edge.forward.spec() != list(spec)):
+        raise ExportError(f"node {node.name!r} ({op}): its exact sum rounds to the format of the one cast after "
+                          "it, which changed after compile(); run fxcompile.passes.accumulators.exact_accumulators "
+                          "on the model again, or recompile")
+
+
+def rule_conv2d(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1, spec=None):
+    _rounds_to_output(lw, node, "conv2d", spec)
     if isinstance(padding, str):
         raise ExportError(f"node {node.name!r} (conv2d): only numeric padding lowers to integer MatMul "
                           f"(got padding={padding!r})")
@@ -270,7 +281,8 @@ def rule_conv2d(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=
                      dilation=pair(dilation))
 
 
-def rule_linear(lw, node, x, w, b=None):
+def rule_linear(lw, node, x, w, b=None, spec=None):
+    _rounds_to_output(lw, node, "linear", spec)
     return _weighted(lw, node, x, w, b, "linear")
 
 

@@ -30,7 +30,8 @@ __all__ = ["CONTRACT", "fixed_point_batch_norms", "folds"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
-_FOLDABLE = (F.conv1d, F.conv2d, F.conv3d, F.linear)
+_FOLDABLE = (F.conv1d, F.conv2d, F.conv3d, F.linear,
+             ops.fixed_point_conv1d, ops.fixed_point_conv2d, ops.fixed_point_conv3d, ops.fixed_point_linear)
 
 
 def folds(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -209,14 +209,14 @@ def parameter_codes(value: torch.Tensor, fmt: FixedPoint) -> torch.Tensor:
 
 # ---- the float ops: fx node → ONNX, one rule per op (the ops that lower) -------------------
 
-def _conv2d(g: FloatGraph, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+def _conv2d(g: FloatGraph, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1, spec=None):
     (ph, pw), inputs = pair(padding), [x, w] + ([g.bias(x, w, b)] if b is not None else [])
     kernel = list(node.args[1].meta["tensor_meta"].shape[2:])  # optional in ONNX; FINN/hls4ml read it
     return g.node("Conv", inputs, kernel_shape=kernel, strides=list(pair(stride)), pads=[ph, pw, ph, pw],
                   dilations=list(pair(dilation)), group=groups)
 
 
-def _linear(g: FloatGraph, node, x, w, b=None):
+def _linear(g: FloatGraph, node, x, w, b=None, spec=None):  # spec: ops.fixed_point_linear's output format
     b = None if b is None else g.bias(x, w, b)
     if len(node.meta["tensor_meta"].shape) == 2:
         return g.node("Gemm", [x, w] + ([b] if b is not None else []), transB=1)
