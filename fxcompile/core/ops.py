@@ -477,7 +477,7 @@ _BY_ATEN = {a: op for op in _DECLARED for a in op.aten}
 INTEGER_OPS = {
     "quantize": "float input -> codes of the input edge's format",
     "requantize": "codes at one binary point -> codes of a format: rounding shift, then saturate or wrap",
-    "conv2d": "int64 sums of products of input and weight codes, plus aligned bias codes",
+    "conv2d": "int64 sums of products of input and weight codes (over each group's channels), plus aligned bias codes",
     "linear": "int64 sums of products of input and weight codes, plus aligned bias codes",
     "relu": "max(codes, 0)",
     "clip": "codes shifted left (exactly) to a finer binary point, then clamped to constant bounds",

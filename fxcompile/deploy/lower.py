@@ -36,8 +36,8 @@ arithmetic:
   of output codes indexed by input code (``passes.lookup_tables`` made training run it),
 * ``dequantize`` codes → float32 at the outputs.
 
-Grouped and depthwise convs lower as the dense conv whose weight is zero off each group's
-block.
+Grouped and depthwise convs keep their grouped weight (``conv2d`` with ``groups``): each output
+channel sums over its group's input channels.
 
 Codes are stored *centred*: for an asymmetric format ``v = code − zero_point``, so zero
 points only appear inside ``quantize``/``requantize``.  The rounding of casts is that of the
@@ -257,17 +257,12 @@ def rule_conv2d(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=
     if isinstance(padding, str):
         raise ExportError(f"node {node.name!r} (conv2d): only numeric padding lowers to integer MatMul "
                           f"(got padding={padding!r})")
-    if groups != 1 and isinstance(w, Value) and w.const is not None:
-        # a grouped (or depthwise) conv is the dense conv whose weight is zero off each group's
-        # block: exact, and every backend's conv runs it (at groups times the multiplies)
-        o, cg = w.const.shape[:2]
-        dense = w.const.new_zeros(o, cg * groups, *w.const.shape[2:])
-        for g in range(groups):
-            rows = slice(g * (o // groups), (g + 1) * (o // groups))
-            dense[rows, g * cg:(g + 1) * cg] = w.const[rows]
-        w = dataclasses.replace(w, const=dense, shape=tuple(dense.shape))
+    # a grouped (or depthwise) conv keeps its (O, C / groups, kh, kw) weight: each output channel
+    # sums over its group's input channels only (not the dense conv with zeros off the blocks,
+    # whose weight, and work, grow with the square of the channels)
+    attrs = {"groups": groups} if groups != 1 else {}
     return _weighted(lw, node, x, w, b, "conv2d", stride=pair(stride), padding=pair(padding),
-                     dilation=pair(dilation))
+                     dilation=pair(dilation), **attrs)
 
 
 def rule_linear(lw, node, x, w, b=None):

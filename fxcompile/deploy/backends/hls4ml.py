@@ -182,6 +182,14 @@ def _accumulator_width(op: IntOp, x_fmt: FixedPoint, where: str) -> int:
 
 def _torch_layer(op: IntOp, x_frac: int, in_channels: int) -> nn.Module:
     weight = op.attrs["weight"].double() * 2.0 ** -(op.frac - x_frac)
+    groups = op.attrs.get("groups", 1)
+    if groups != 1:  # hls4ml gets the dense conv whose weight is zero off each group's block
+        o, cg = weight.shape[:2]
+        dense = weight.new_zeros(o, cg * groups, *weight.shape[2:])
+        for g in range(groups):
+            dense[g * (o // groups):(g + 1) * (o // groups), g * cg:(g + 1) * cg] = \
+                weight[g * (o // groups):(g + 1) * (o // groups)]
+        weight = dense
     bias = None if op.attrs["bias"] is None else op.attrs["bias"].double() * 2.0 ** -op.frac
     if op.op == "linear":
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)

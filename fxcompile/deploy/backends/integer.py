@@ -112,7 +112,7 @@ KERNELS: dict[str, Callable] = {
     "quantize": lambda op, x: quantize_input(x, op.attrs["fmt"]),
     "requantize": _requantize,
     "conv2d": lambda op, x: F.conv2d(x, op.attrs["weight"], op.attrs["bias"], op.attrs["stride"],
-                                     op.attrs["padding"], op.attrs["dilation"]),
+                                     op.attrs["padding"], op.attrs["dilation"], op.attrs.get("groups", 1)),
     "linear": lambda op, x: F.linear(x, op.attrs["weight"], op.attrs["bias"]),
     "relu": lambda op, x: x.clamp_min(0),
     "max_pool2d": _max_pool2d,
