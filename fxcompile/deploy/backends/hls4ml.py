@@ -71,6 +71,8 @@ HLS_LAYERS: dict[str, str] = {
 UNSUPPORTED: dict[str, str] = {
     "scale": "hls4ml's AveragePooling2D divides in its own fixed-point types; this handoff does not yet map "
              "the window sum times a fixed-point reciprocal onto a layer that rounds the same way",
+    "adaptive_sum_pool2d": "hls4ml's pooling layers have one window size and stride; an adaptive pool's uneven "
+                           "or overlapping windows have no hls4ml layer",
     "sum_pool2d": "hls4ml has AveragePooling2D, but this handoff does not yet map a window sum with a moved "
                   "binary point onto it",
     "matmul": "this handoff does not yet map a product of two activations' codes (two layer inputs, an int64 "
