@@ -9,9 +9,9 @@ token-mixing module.  Each model is built with random weights and 10 classes, co
 defaults), then in eval mode exported in the integer, QDQ and QONNX flavours and run on
 ``--inputs`` random inputs (64 by default) of the smallest size it takes among 64, 96, 128
 and 224.  A record per model says, per flavour, whether it exported (else the
-``ExportError``'s text), and for the integer flavour the output codes where ONNX Runtime
-differs from the integer reference, where the fixed-point simulation differs from it, and the
-top-1 agreement of simulation and integer graph.  Records go to ``--out`` one JSON line each;
+``ExportError``'s text) and the size of its ONNX file, and for the integer flavour the output
+codes where ONNX Runtime differs from the integer reference, where the fixed-point simulation
+differs from it, and the top-1 agreement of simulation and integer graph.  Records go to ``--out`` one JSON line each;
 the same command resumes a run, and a crash costs only the model it happened on::
 
     pip install -e ".[zoo]"
@@ -153,6 +153,7 @@ def check(zoo: str, name: str, inputs: int = 64) -> dict:
                     warnings.simplefilter("ignore")
                     export_onnx(q, path, (x[:2],), flavour=flavour)
                 rec["flavours"][flavour] = "ok"
+                rec.setdefault("onnx_bytes", {})[flavour] = os.path.getsize(path)
             except Exception as exc:  # noqa: BLE001
                 rec["flavours"][flavour] = _export_error(exc)
                 continue
@@ -191,6 +192,10 @@ def summary(records: list[dict]) -> str:
         lines.append(f"  bit-exact (0 differing codes ORT vs integer and simulation vs integer): "
                      f"{len(exact)} of {len(ran)} run; top-1 agreement min "
                      f"{min((r['top1_agreement'] for r in ran), default=float('nan')):.3f}")
+        sizes = [(r["onnx_bytes"]["integer"], r["model"]) for r in recs if "integer" in r.get("onnx_bytes", {})]
+        if sizes:
+            size, model = max(sizes)
+            lines.append(f"  largest integer ONNX file: {size / 2 ** 20:.1f} MiB ({model})")
         for r in ran:
             if r not in exact:
                 lines.append(f"  NOT EXACT {r['model']}: ORT vs integer {r['ort_vs_integer']}, "
@@ -268,6 +273,10 @@ def write_results(path: str, records: list[dict], argv) -> None:
                                                    for f in FLAVOURS},
                            "bit_exact": sum(r["ort_vs_integer"] == 0 and r["simulation_vs_integer"] == 0 for r in ran),
                            "ran": len(ran)}
+            sizes = [(r["onnx_bytes"]["integer"], r["model"]) for r in recs if "integer" in r.get("onnx_bytes", {})]
+            if sizes:
+                size, model = max(sizes)
+                counts[zoo]["largest_integer_onnx"] = {"model": model, "MiB": round(size / 2 ** 20, 1)}
     slim = [{k: ({f: (v if v == "ok" else v.splitlines()[0][:300]) for f, v in val.items()} if k == "flavours" else val)
              for k, val in r.items()} for r in records]
     with open(path, "w") as f:

@@ -17,8 +17,8 @@ one entry here, its function in each backend, and their tests::
 
 The module also holds the functions the IR's nodes call that are fxcompile's own:
 :func:`batch_norm` and :func:`call_with_parameters` (written by ``expose_params``),
-:func:`fixed_point_average` (written by ``passes.averages``), whose reciprocal is
-:func:`reciprocal`, and :func:`fixed_point_matmul`, :func:`fixed_point_softmax`,
+:func:`fixed_point_average` and :func:`fixed_point_avg_pool2d` (written by ``passes.averages``),
+whose reciprocal is :func:`reciprocal`, and :func:`fixed_point_matmul`, :func:`fixed_point_softmax`,
 :func:`fixed_point_layer_norm` (written by
 ``passes.definitions``; their integer algorithms are :mod:`fxcompile.core.intmath`),
 :func:`fixed_point_mul` (``passes.products``) and
@@ -49,6 +49,7 @@ from .quantizer import ROUNDINGS, quantize_reference
 
 __all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "module_op", "ops_in", "batch_norm", "call_with_parameters",
            "fixed_point_average", "reciprocal", "average_windows", "RECIPROCAL_BITS",
+           "fixed_point_avg_pool2d", "adaptive_windows", "avg_pool_divisors", "average_factors",
            "fixed_point_mul", "fixed_point_batch_norm", "batch_norm_affine", "SCALE_BITS",
            "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "matmul_equation", "matmul_product",
            "code_bits", "fixed_point_conv1d", "fixed_point_conv2d", "fixed_point_conv3d", "fixed_point_linear",
@@ -138,6 +139,96 @@ class _FixedPointAverage(torch.autograd.Function):
         return up, None, None, None
 
 
+def adaptive_windows(size: int, out: int) -> list[tuple[int, int]]:
+    """The windows ``[start, end)`` of an adaptive pool from ``size`` to ``out`` along one dim,
+    by PyTorch's rule ``start = ⌊i · size / out⌋``, ``end = ⌈(i + 1) · size / out⌉`` (uneven
+    or overlapping where ``out`` does not divide ``size``; an ``out`` above ``size`` repeats
+    values)::
+
+        >>> adaptive_windows(5, 3), adaptive_windows(1, 3)
+        ([(0, 2), (1, 4), (3, 5)], [(0, 1), (0, 1), (0, 1)])
+    """
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+def avg_pool_divisors(size: tuple, out: tuple, kernel, stride, padding, count_include_pad: bool,
+                      divisor_override) -> list[list[int]]:
+    """The divisor of each output position of ``F.avg_pool2d`` from an input of spatial ``size``
+    to ``out`` (both (H, W)), by PyTorch's rule: the window clipped to the padded input
+    (``count_include_pad``) or to the input, or ``divisor_override``::
+
+        >>> avg_pool_divisors((3, 3), (3, 3), (3, 3), (1, 1), (1, 1), False, None)
+        [[4, 6, 4], [6, 9, 6], [4, 6, 4]]
+    """
+    if divisor_override:
+        return [[int(divisor_override)] * out[1] for _ in range(out[0])]
+    dims = []
+    for n, o, k, s, p in zip(size, out, kernel, stride, padding):
+        counts = []
+        for i in range(o):
+            start, end = i * s - p, min(i * s - p + k, n + p)
+            counts.append(end - start if count_include_pad else max(min(end, n) - max(start, 0), 1))
+        dims.append(counts)
+    return [[a * b for b in dims[1]] for a in dims[0]]
+
+
+def average_factors(divisors: list[list[int]]) -> tuple[torch.Tensor, int]:
+    """Per output position, the :func:`reciprocal` ``c · 2**-r`` of its divisor at one binary
+    point ``r`` (the largest): ``(factors, r)`` with ``factors`` int64 ``c · 2**(r − r_p)``, the
+    same values, exactly."""
+    recips = [[reciprocal(n) for n in row] for row in divisors]
+    r = max(rp for row in recips for _, rp in row)
+    return torch.tensor([[c << (r - rp) for c, rp in row] for row in recips], dtype=torch.int64), r
+
+
+def _rounded_average(sums: torch.Tensor, divisors: list[list[int]], spec: list) -> torch.Tensor:
+    """Window sums (float64, exact) times each position's reciprocal, rounded once with ``spec``."""
+    factors, r = average_factors(divisors)
+    return quantize_reference(sums * (factors.double() * 2.0 ** -r).to(sums.device), spec)
+
+
+def _adaptive_sums(x: torch.Tensor, output_size) -> tuple[torch.Tensor, list[list[int]]]:
+    """Window sums of an adaptive pool (float64: exact) and each position's divisor."""
+    (h, w), (oh, ow) = x.shape[-2:], _output_size(x.shape, output_size)
+    rows, cols = adaptive_windows(h, oh), adaptive_windows(w, ow)
+    a = torch.zeros(oh, h, dtype=torch.float64, device=x.device)
+    b = torch.zeros(w, ow, dtype=torch.float64, device=x.device)
+    for i, (s, e) in enumerate(rows):
+        a[i, s:e] = 1
+    for j, (s, e) in enumerate(cols):
+        b[s:e, j] = 1
+    return a @ x.double() @ b, [[(re - rs) * (ce - cs) for cs, ce in cols] for rs, re in rows]
+
+
+def _output_size(shape, output_size) -> tuple[int, int]:
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    return (shape[-2] if oh is None else oh), (shape[-1] if ow is None else ow)
+
+
+def fixed_point_avg_pool2d(x: torch.Tensor, kernel, stride, padding, ceil_mode: bool, count_include_pad: bool,
+                           divisor_override, spec: list) -> torch.Tensor:
+    """``F.avg_pool2d`` as deployed: each window's sum (zero padding adds nothing) times the
+    :func:`reciprocal` of that position's divisor (:func:`avg_pool_divisors`: 9 everywhere for a
+    3x3 window with ``count_include_pad``, 4 and 6 at the borders without), computed exactly
+    and rounded once with the format ``spec`` of the cast after it.  The backward is the float
+    pool's derivative."""
+    if x.dim() != 4:
+        raise ValueError(f"fixed_point_avg_pool2d: expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    kernel, stride, padding = _pair(kernel), _pair(stride or kernel), _pair(padding)
+
+    def exact(x):
+        sums = F.avg_pool2d(x.double(), kernel, stride, padding, ceil_mode, True, 1)
+        divisors = avg_pool_divisors(x.shape[-2:], sums.shape[-2:], kernel, stride, padding, count_include_pad,
+                                     divisor_override)
+        return _rounded_average(sums, divisors, spec).to(x.dtype)
+    return _Definition.apply(exact, lambda x: F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad,
+                                                           divisor_override), x)
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 def fixed_point_average(x: torch.Tensor, output_size, squeeze: bool, spec: list) -> torch.Tensor:
     """The average over windows of the last two dims of ``x`` as deployed: an adaptive average
     pool to ``output_size`` (a global average is ``(1, 1)``; ``squeeze`` drops those dims, as
@@ -147,14 +238,18 @@ def fixed_point_average(x: torch.Tensor, output_size, squeeze: bool, spec: list)
     The fixed-point definition, shared with the integer graph: each window's sum of input
     values times the :func:`reciprocal` ``c · 2**-r`` of its size, computed exactly, then
     rounded once with ``spec``'s rounding and overflow.  Uneven windows (an output size
-    not dividing the input) have no such definition: they average in float, and export
-    refuses them.  The backward is the float average's derivative.
+    not dividing the input: PyTorch's :func:`adaptive_windows`, overlapping or repeating
+    values) do the same with each position's own divisor (:func:`average_factors`).  The
+    backward is the float average's derivative.
     """
     if x.dim() != 4:
         raise ValueError(f"fixed_point_average: expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     windows = average_windows(x.shape, output_size)
     if windows is None:
-        y = F.adaptive_avg_pool2d(x, output_size)
+        def exact(x):
+            sums, divisors = _adaptive_sums(x, output_size)
+            return _rounded_average(sums, divisors, spec).to(x.dtype)
+        y = _Definition.apply(exact, lambda x: F.adaptive_avg_pool2d(x, output_size), x)
     else:
         y = _FixedPointAverage.apply(x, *windows, list(spec))
     return y[..., 0, 0] if squeeze else y
@@ -456,6 +551,7 @@ _DECLARED = [
        ("adaptive_avg_pool2d", "_adaptive_avg_pool2d")),
     Op("mean", "reduction", (), (torch.mean,), ("mean",), ("mean",)),
     Op("fixed_point_average", "reduction", (), (fixed_point_average,)),  # written by passes.averages
+    Op("fixed_point_avg_pool2d", "reduction", (), (fixed_point_avg_pool2d,)),  # written by passes.averages
     Op("dropout", "elementwise", (nn.Dropout,), (F.dropout,), (), ("dropout",)),  # the identity at eval time
     Op("batch_norm", "normalization", (), (batch_norm,)),
     # products of two activations, softmax, LayerNorm: their fixed-point definitions are written by passes.definitions
@@ -518,14 +614,16 @@ _BY_ATEN = {a: op for op in _DECLARED for a in op.aten}
 INTEGER_OPS = {
     "quantize": "float input -> codes of the input edge's format",
     "requantize": "codes at one binary point -> codes of a format: rounding shift, then saturate or wrap",
-    "conv2d": "int64 sums of products of input and weight codes, plus aligned bias codes",
+    "conv2d": "int64 sums of products of input and weight codes (over each group's channels), plus aligned bias codes",
     "linear": "int64 sums of products of input and weight codes, plus aligned bias codes",
     "relu": "max(codes, 0)",
     "clip": "codes shifted left (exactly) to a finer binary point, then clamped to constant bounds",
     "lookup": "a table of output codes indexed by input code minus the smallest input code",
     "max_pool2d": "window maxima of codes",
     "sum_pool2d": "window sums of codes (a power-of-two average with the binary point moved)",
-    "scale": "codes times an integer constant (an average's fixed-point reciprocal), binary point moved",
+    "scale": "codes times an integer constant (an average's fixed-point reciprocal), binary point moved; "
+             "per output position where the divisors differ",
+    "adaptive_sum_pool2d": "window sums of codes over an adaptive pool's uneven or overlapping windows",
     "add": "operands shifted to the larger binary point, then added",
     "reshape": "the same codes in another shape",
     "dequantize": "codes -> float32 at an output",

@@ -17,7 +17,10 @@ arithmetic:
 * ``scale``: an adaptive/global average or spatial mean over ``n`` values, ``n`` not a power
   of two, is ``sum_pool2d`` then codes × ``c`` with the binary point moved left by ``r``
   (``c · 2**-r`` the reciprocal of :func:`fxcompile.core.ops.reciprocal`); the next cast
-  rounds the exact product once — the definition training ran (``passes.averages``),
+  rounds the exact product once — the definition training ran (``passes.averages``).  Where
+  the divisors differ by position (``avg_pool2d`` with padding or ``ceil_mode``, adaptive
+  pools with uneven windows) ``c`` is a per-position constant at one binary point,
+* ``adaptive_sum_pool2d``: window sums over an adaptive pool's uneven or overlapping windows,
 * ``add``: both operands shifted left to the larger binary point, then added (``subtract``: b
   subtracted),
 * ``reshape``, ``transpose``, ``slice``, ``pad`` (zeros), ``upsample`` (nearest, integer
@@ -36,8 +39,8 @@ arithmetic:
   of output codes indexed by input code (``passes.lookup_tables`` made training run it),
 * ``dequantize`` codes → float32 at the outputs.
 
-Grouped and depthwise convs lower as the dense conv whose weight is zero off each group's
-block.
+Grouped and depthwise convs keep their grouped weight (``conv2d`` with ``groups``): each output
+channel sums over its group's input channels.
 
 Codes are stored *centred*: for an asymmetric format ``v = code − zero_point``, so zero
 points only appear inside ``quantize``/``requantize``.  The rounding of casts is that of the
@@ -67,7 +70,7 @@ from ..core import intmath, ir, nonlinear, ops
 from ..core.quantizer import ROUNDINGS
 from ..errors import ExportError
 from ..core.formats import FixedPoint
-from ..passes.averages import average_arguments
+from ..passes.averages import average_arguments, avg_pool_arguments
 from ..passes.casts import Cast, output_cast
 from ..passes.lookup_tables import lookup_arguments, lookup_refusal
 
@@ -268,17 +271,12 @@ def rule_conv2d(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=
     if isinstance(padding, str):
         raise ExportError(f"node {node.name!r} (conv2d): only numeric padding lowers to integer MatMul "
                           f"(got padding={padding!r})")
-    if groups != 1 and isinstance(w, Value) and w.const is not None:
-        # a grouped (or depthwise) conv is the dense conv whose weight is zero off each group's
-        # block: exact, and every backend's conv runs it (at groups times the multiplies)
-        o, cg = w.const.shape[:2]
-        dense = w.const.new_zeros(o, cg * groups, *w.const.shape[2:])
-        for g in range(groups):
-            rows = slice(g * (o // groups), (g + 1) * (o // groups))
-            dense[rows, g * cg:(g + 1) * cg] = w.const[rows]
-        w = dataclasses.replace(w, const=dense, shape=tuple(dense.shape))
+    # a grouped (or depthwise) conv keeps its (O, C / groups, kh, kw) weight: each output channel
+    # sums over its group's input channels only (not the dense conv with zeros off the blocks,
+    # whose weight, and work, grow with the square of the channels)
+    attrs = {"groups": groups} if groups != 1 else {}
     return _weighted(lw, node, x, w, b, "conv2d", stride=pair(stride), padding=pair(padding),
-                     dilation=pair(dilation))
+                     dilation=pair(dilation), **attrs)
 
 
 def rule_linear(lw, node, x, w, b=None, spec=None):
@@ -317,47 +315,81 @@ def rule_max_pool2d(lw, node, x, *args, **kwargs):
 
 
 def rule_avg_pool2d(lw, node, x, *args, **kwargs):
-    p = op_arguments(lw.gm, node, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                                 "divisor_override"),
-                   {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
-                    "divisor_override": None})
+    arguments = avg_pool_arguments(lw.gm, node)
+    if arguments is None:
+        raise ExportError(f"node {node.name!r} (avg_pool2d): its kernel size and options must be constants")
+    return _pool_average(lw, node, x, *arguments)
+
+
+def rule_fixed_point_avg_pool2d(lw, node, x, kernel, stride, padding, ceil_mode, count_include_pad,
+                                divisor_override, spec):
+    return _pool_average(lw, node, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override,
+                         spec)
+
+
+def _pool_average(lw: _Lowering, node: fx.Node, x: Value, kernel, stride, padding, ceil_mode, count_include_pad,
+                  divisor_override, spec=None) -> Value:
+    """``avg_pool2d``: zero padding (the padding, and the rows and columns ``ceil_mode``'s last
+    windows reach past the input), ``sum_pool2d``, then :func:`_scale` by each position's reciprocal."""
     x = _operand(node, x)
-    k = pair(p["kernel_size"])
-    divisor = p["divisor_override"] or k[0] * k[1]
-    stride = pair(p["stride"] or k)
-    # ceil_mode adds partial windows only where the kernel does not tile the input (timm's
-    # resnet-d downsampling pools even sizes: none)
-    partial = p["ceil_mode"] and any((n - kk) % s for n, kk, s in zip(x.shape[2:], k, stride))
-    if pair(p["padding"]) != (0, 0) or partial or divisor & (divisor - 1):
-        raise ExportError(f"node {node.name!r} (avg_pool2d): lowers only without padding or partial (ceil_mode) "
-                          f"windows and with a "
-                          f"power-of-two divisor (got kernel {k}, divisor {divisor}, padding {p['padding']})")
-    return lw.emit(node, "sum_pool2d", [x], x.frac + int(math.log2(divisor)), kernel=k,
-                   stride=pair(p["stride"] or k))
+    k, stride, padding = pair(kernel), pair(stride or kernel), pair(padding)
+    out = _shape(node)
+    divisors = ops.avg_pool_divisors(x.shape[2:], out[2:], k, stride, padding, count_include_pad, divisor_override)
+    factors, r = _factors(lw, node, divisors, spec)
+    extra = [max((o - 1) * st + kk - (n + 2 * p), 0)
+             for o, st, kk, n, p in zip(out[2:], stride, k, x.shape[2:], padding)]
+    if any(padding) or any(extra):
+        shape = (*x.shape[:2], x.shape[2] + 2 * padding[0] + extra[0], x.shape[3] + 2 * padding[1] + extra[1])
+        x = lw.emit(node, "pad", [x], x.frac, suffix="_pad", out_shape=shape,
+                    pads=(padding[1], padding[1] + extra[1], padding[0], padding[0] + extra[0]))
+    uniform = factors is None
+    v = lw.emit(node, "sum_pool2d", [x], x.frac + (r if uniform else 0), suffix="" if uniform else "_sum",
+                kernel=k, stride=stride)
+    return v if uniform else _scale(lw, node, v, factors, r)
+
+
+def _factors(lw: _Lowering, node: fx.Node, divisors: list[list[int]], spec) -> tuple[object, int]:
+    """``(factors, r)`` of :func:`fxcompile.core.ops.average_factors`: ``factors`` ``None`` when
+    every divisor is the same power of two (a moved binary point), an int when all are equal,
+    else the per-position int64 tensor.  Anything but a moved binary point needs the
+    definition ``compile()`` made (``spec``: its rounding is the output cast's)."""
+    factors, r = ops.average_factors(divisors)
+    if bool((factors == 1).all()):
+        return None, r
+    name = ops.op_of(lw.gm, node).name
+    casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u)]
+    fmt = lw.gm.get_submodule(casts[0].target).edge.forward if len(node.users) == 1 == len(casts) else None
+    if spec is None or fmt is None or fmt.spec() != list(spec):
+        sizes = sorted({n for row in divisors for n in row})
+        raise ExportError(f"node {node.name!r} ({name}): an average over {', '.join(map(str, sizes))} values (not one "
+                          "power of two) deploys only as the fixed-point average compile() makes of it, rounded by "
+                          "the format of the one cast after it; give its output a single consumer and a "
+                          "fixed-point format, and recompile after changing that format")
+    return (int(factors[0, 0]) if bool((factors == factors[0, 0]).all()) else factors), r
+
+
+def _scale(lw: _Lowering, node: fx.Node, v: Value, factors, r: int) -> Value:
+    return lw.emit(node, "scale", [v], v.frac + r, suffix="_scaled", factor=factors)
 
 
 def _average(lw: _Lowering, node: fx.Node, x: Value, output_size, squeeze: bool, spec=None) -> Value:
     x = _operand(node, x)
-    name = ops.op_of(lw.gm, node).name
     windows = ops.average_windows(x.shape, output_size)
-    if windows is None:
-        raise ExportError(f"node {node.name!r} ({name}): averaging {tuple(x.shape[-2:])} to {output_size} has "
-                          "uneven windows, which have no single fixed-point divisor; use an output size that "
-                          "divides the input size")
-    kernel, n = windows
-    c, r = ops.reciprocal(n)
-    if c != 1:
-        casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u)]
-        fmt = lw.gm.get_submodule(casts[0].target).edge.forward if len(node.users) == 1 == len(casts) else None
-        if spec is None or fmt is None or fmt.spec() != list(spec):
-            raise ExportError(f"node {node.name!r} ({name}): an average over {n} values (not a power of two) "
-                              "deploys only as the fixed-point average compile() makes of it, rounded by the "
-                              "format of the one cast after it; give its output a single consumer and a "
-                              "fixed-point format, and recompile after changing that format")
-    shape = x.shape[:2] + (x.shape[2] // kernel[0], x.shape[3] // kernel[1])
-    v = lw.emit(node, "sum_pool2d", [x], x.frac + (r if c == 1 else 0), suffix="_sum", kernel=kernel, stride=kernel)
-    if c != 1:
-        v = lw.emit(node, "scale", [v], x.frac + r, suffix="_scaled", factor=c)
+    oh, ow = ops._output_size(x.shape, output_size)
+    shape = x.shape[:2] + (oh, ow)
+    if windows is None:  # uneven or overlapping windows: PyTorch's adaptive rule, each its own divisor
+        rows, cols = ops.adaptive_windows(x.shape[2], oh), ops.adaptive_windows(x.shape[3], ow)
+        divisors = [[(re - rs) * (ce - cs) for cs, ce in cols] for rs, re in rows]
+        factors, r = _factors(lw, node, divisors, spec)
+        v = lw.emit(node, "adaptive_sum_pool2d", [x], x.frac + (r if factors is None else 0), suffix="_sum",
+                    out_shape=shape, rows=tuple(rows), cols=tuple(cols))
+    else:
+        kernel, n = windows
+        factors, r = _factors(lw, node, [[n]], spec)
+        v = lw.emit(node, "sum_pool2d", [x], x.frac + (r if factors is None else 0), suffix="_sum", out_shape=shape,
+                    kernel=kernel, stride=kernel)
+    if factors is not None:
+        v = _scale(lw, node, v, factors, r)
     lw.shapes[v.name] = shape
     v = dataclasses.replace(v, shape=shape)
     if squeeze:
@@ -823,6 +855,7 @@ RULES: dict[str, Callable] = {
     "adaptive_avg_pool2d": rule_unrewritten_average,
     "mean": rule_unrewritten_average,
     "fixed_point_average": rule_fixed_point_average,
+    "fixed_point_avg_pool2d": rule_fixed_point_avg_pool2d,
     "flatten": rule_flatten,
     "add": rule_add,
     "identity": rule_identity,

@@ -7,8 +7,10 @@ bits) and rounds the product once, with the rounding and overflow of the cast th
 the average.  So that training sees what deployment runs, this pass rewrites each
 ``AdaptiveAvgPool2d`` / ``F.adaptive_avg_pool2d`` node, and each ``mean`` over the last two
 dims of an (N, C, H, W) tensor (``dim=(2, 3)`` or ``(-2, -1)``, ``keepdim`` either way), into
-a call of :func:`fxcompile.core.ops.fixed_point_average`, given the forward format of its
-output cast.  That function computes the same exact product in float64 and rounds it to the
+a call of :func:`fxcompile.core.ops.fixed_point_average`, and each ``AvgPool2d`` /
+``F.avg_pool2d`` node into one of :func:`fxcompile.core.ops.fixed_point_avg_pool2d` (padding,
+``count_include_pad`` either way, ``ceil_mode``: each output position's own divisor), given
+the forward format of its output cast.  That function computes the same exact product in float64 and rounds it to the
 cast's format, so the cast after it is the identity on its forward and still rounds (and
 clips) the gradient; its backward is the float average's derivative.
 
@@ -33,7 +35,7 @@ import torch.fx as fx
 from ..core import ir, ops
 from .casts import call_instead, output_cast
 
-__all__ = ["CONTRACT", "fixed_point_averages", "average_arguments"]
+__all__ = ["CONTRACT", "fixed_point_averages", "average_arguments", "avg_pool_arguments"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
@@ -62,15 +64,44 @@ def average_arguments(gm: fx.GraphModule, node: fx.Node) -> tuple[object, bool] 
     return None
 
 
+_AVG_POOL = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_AVG_POOL_DEFAULTS = (None, None, 0, False, True, None)
+
+
+def avg_pool_arguments(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
+    """``(kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)`` of an
+    ``avg_pool2d`` node (``nn.AvgPool2d``, ``F.avg_pool2d``, ATen's), or ``None`` if it is none."""
+    op = ops.op_of(gm, node)
+    if op is None or op.name != "avg_pool2d":
+        return None
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        values = [getattr(mod, name, default) for name, default in zip(_AVG_POOL, _AVG_POOL_DEFAULTS)]
+    else:
+        values = list(_AVG_POOL_DEFAULTS)
+        for i, v in enumerate(node.args[1:len(_AVG_POOL) + 1]):
+            values[i] = v
+        for i, name in enumerate(_AVG_POOL):
+            values[i] = node.kwargs.get(name, values[i])
+    if any(isinstance(v, fx.Node) for v in values) or values[0] is None:
+        return None
+    values[1] = values[1] or values[0]  # ATen's stride [] is the kernel
+    return tuple(values)
+
+
 def fixed_point_averages(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite the averages of ``gm`` (after ``insert_casts``) in place; returns ``gm``."""
     changed = False
     for node in list(gm.graph.nodes):
         arguments = average_arguments(gm, node)
-        cast = None if arguments is None else output_cast(gm, node)
+        pool = None if arguments is not None else avg_pool_arguments(gm, node)
+        cast = None if arguments is None and pool is None else output_cast(gm, node)
         if cast is None:
             continue
-        call_instead(gm, node, ops.fixed_point_average, (node.args[0], *arguments, cast.edge.forward.spec()))
+        if pool is not None:
+            call_instead(gm, node, ops.fixed_point_avg_pool2d, (node.args[0], *pool, cast.edge.forward.spec()))
+        else:
+            call_instead(gm, node, ops.fixed_point_average, (node.args[0], *arguments, cast.edge.forward.spec()))
         changed = True
     if changed:
         gm.recompile()

@@ -54,6 +54,7 @@ class Single(nn.Module):
 def test_rule_table_has_one_entry_per_op():
     assert set(RULES) == {"cast", "conv2d", "linear", "relu", "max_pool2d", "avg_pool2d", "flatten", "add",
                           "identity", "dropout", "adaptive_avg_pool2d", "mean", "fixed_point_average",
+                          "fixed_point_avg_pool2d",
                           "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "unflatten",
                           # structural ops
                           "reshape", "squeeze", "contiguous", "drop_path", "permute", "transpose", "getitem",
@@ -176,19 +177,25 @@ def test_rule_avg_pool2d_power_of_two():
     assert torch.equal(y, expected)
 
 
-def test_rule_avg_pool2d_with_ceil_mode_lowers_where_it_adds_no_partial_window():
+def test_rule_avg_pool2d_with_ceil_mode():
     pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)  # timm's resnet-d downsampling
     graph, y, expected = _exact_oracle(Single(lambda s, x: s.mods[0](x), pool), POLICY, torch.randn(2, 3, 8, 8))
-    assert "sum_pool2d" in _ops(graph) and torch.equal(y, expected)
-    q = fxc.compile(Single(lambda s, x: s.mods[0](x), pool), POLICY, example_inputs=(torch.randn(1, 1, 7, 7),))
-    with pytest.raises(fxc.ExportError, match="partial"):
-        lower(q, (torch.randn(1, 1, 7, 7),))
+    assert _ops(graph) == ["quantize", "sum_pool2d", "requantize", "dequantize"] and torch.equal(y, expected)
+    # partial windows at the bottom and right: zeros padded there, each position's own divisor (4, 2, 1)
+    graph, y, expected = _exact_oracle(Single(lambda s, x: s.mods[0](x), pool), POLICY, torch.randn(2, 3, 7, 7))
+    assert _ops(graph) == ["quantize", "pad", "sum_pool2d", "scale", "requantize", "dequantize"]
+    assert torch.equal(y, expected)
 
 
-def test_rule_avg_pool2d_refuses_other_divisors():
+def test_rule_avg_pool2d_refuses_an_unrewritten_average_by_other_divisors():
     q = fxc.compile(Single(lambda s, x: s.mods[0](x), nn.AvgPool2d(3)), POLICY,
                     example_inputs=(torch.randn(1, 1, 6, 6),))
-    with pytest.raises(fxc.ExportError, match="power-of-two"):
+    lower(q, (torch.randn(1, 1, 6, 6),))  # compile made it the fixed-point average
+    node = next(n for n in q.graph.nodes if n.target is fxc.core.ops.fixed_point_avg_pool2d)
+    q.add_submodule("float_pool", nn.AvgPool2d(3))  # the float pool again
+    node.op, node.target, node.args = "call_module", "float_pool", node.args[:1]
+    q.recompile()
+    with pytest.raises(fxc.ExportError, match=r"\(avg_pool2d\): an average over 9 values"):
         lower(q, (torch.randn(1, 1, 6, 6),))
 
 

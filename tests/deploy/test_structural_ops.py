@@ -329,13 +329,13 @@ def test_the_qdq_flavour_writes_the_structural_ops():
     assert qdq.shape == out.shape and np.abs(qdq - out).max() < 0.05
 
 
-def test_grouped_convs_lower_as_the_dense_block_diagonal_conv():
+def test_grouped_convs_keep_their_grouped_weight():
     q, x = _trained(Grouped)
     graph = integer_graph(q, (x[:2],))
-    dw = graph.op_of("dw")
-    assert tuple(dw.attrs["weight"].shape) == (6, 3, 3, 3)
-    assert not dw.attrs["weight"][:2, 1:].any() and not dw.attrs["weight"][2:4, ::2].any()
-    assert graph.op_of("d").attrs["dilation"] == (3, 3)
+    dw, g = graph.op_of("dw"), graph.op_of("g")
+    assert tuple(dw.attrs["weight"].shape) == (6, 1, 3, 3) and dw.attrs["groups"] == 3
+    assert tuple(g.attrs["weight"].shape) == (4, 3, 3, 3) and g.attrs["groups"] == 2
+    assert graph.op_of("d").attrs["dilation"] == (3, 3) and "groups" not in graph.op_of("d").attrs
 
 
 def test_size_bookkeeping_is_evaluated_and_dropped():

@@ -144,12 +144,15 @@ def test_backward_is_the_float_average_derivative():
     assert torch.allclose(grad, expected, rtol=0, atol=1e-7)
 
 
-def test_uneven_windows_train_in_float_and_refuse_to_export():
+def test_uneven_windows_run_their_fixed_point_definition_and_export():
+    # every code through every backend: tests/deploy/test_average_pools.py
     x = torch.randn(4, 2, 7, 7)
-    q = fxc.compile(AdaptivePool(2), fxc.baseline(), example_inputs=(x[:2],))
-    assert torch.equal(q(x), cast(F.adaptive_avg_pool2d(q.casts.x(x), 2), q.casts.pool.edge.forward))
-    with pytest.raises(fxc.ExportError, match=r"node 'pool' \(fixed_point_average\).*uneven windows"):
-        integer_graph(q, (x[:2],))
+    q = fxc.compile(AdaptivePool(2), fxc.baseline(), example_inputs=(x[:2],)).eval()
+    with torch.no_grad():
+        sim = q(x)
+    graph = integer_graph(q, (x[:2],))
+    assert "adaptive_sum_pool2d" in [op.op for op in graph.ops]
+    assert torch.equal(sim, run_integer(graph, x)[0])
 
 
 def test_an_average_whose_output_format_changed_after_compile_refuses_to_export():

@@ -71,6 +71,8 @@ HLS_LAYERS: dict[str, str] = {
 UNSUPPORTED: dict[str, str] = {
     "scale": "hls4ml's AveragePooling2D divides in its own fixed-point types; this handoff does not yet map "
              "the window sum times a fixed-point reciprocal onto a layer that rounds the same way",
+    "adaptive_sum_pool2d": "hls4ml's pooling layers have one window size and stride; an adaptive pool's uneven "
+                           "or overlapping windows have no hls4ml layer",
     "sum_pool2d": "hls4ml has AveragePooling2D, but this handoff does not yet map a window sum with a moved "
                   "binary point onto it",
     "matmul": "this handoff does not yet map a product of two activations' codes (two layer inputs, an int64 "
@@ -182,6 +184,14 @@ def _accumulator_width(op: IntOp, x_fmt: FixedPoint, where: str) -> int:
 
 def _torch_layer(op: IntOp, x_frac: int, in_channels: int) -> nn.Module:
     weight = op.attrs["weight"].double() * 2.0 ** -(op.frac - x_frac)
+    groups = op.attrs.get("groups", 1)
+    if groups != 1:  # hls4ml gets the dense conv whose weight is zero off each group's block
+        o, cg = weight.shape[:2]
+        dense = weight.new_zeros(o, cg * groups, *weight.shape[2:])
+        for g in range(groups):
+            dense[g * (o // groups):(g + 1) * (o // groups), g * cg:(g + 1) * cg] = \
+                weight[g * (o // groups):(g + 1) * (o // groups)]
+        weight = dense
     bias = None if op.attrs["bias"] is None else op.attrs["bias"].double() * 2.0 ** -op.frac
     if op.op == "linear":
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)

@@ -66,6 +66,16 @@ def _sum_pool2d(op: IntOp, x):
     return sum(_windows(x, op.attrs["kernel"], op.attrs["stride"]))
 
 
+def _adaptive_sum_pool2d(op: IntOp, x):
+    """``rows · x · colsᵀ`` with 0/1 matrices marking each window (int64: exact)."""
+    rows = torch.zeros(len(op.attrs["rows"]), x.shape[-2], dtype=torch.int64)
+    cols = torch.zeros(len(op.attrs["cols"]), x.shape[-1], dtype=torch.int64)
+    for m, windows in ((rows, op.attrs["rows"]), (cols, op.attrs["cols"])):
+        for i, (s, e) in enumerate(windows):
+            m[i, s:e] = 1
+    return rows @ x @ cols.T
+
+
 def _requantize(op: IntOp, x):
     out = saturate(round_shift(x, op.attrs["shift"], op.attrs["fmt"].rounding), op.attrs["fmt"])
     return out.clamp_min(0) if op.attrs.get("relu") else out  # a ReLU folded in (fxcompile.deploy.optimize)
@@ -112,11 +122,12 @@ KERNELS: dict[str, Callable] = {
     "quantize": lambda op, x: quantize_input(x, op.attrs["fmt"]),
     "requantize": _requantize,
     "conv2d": lambda op, x: F.conv2d(x, op.attrs["weight"], op.attrs["bias"], op.attrs["stride"],
-                                     op.attrs["padding"], op.attrs["dilation"]),
+                                     op.attrs["padding"], op.attrs["dilation"], op.attrs.get("groups", 1)),
     "linear": lambda op, x: F.linear(x, op.attrs["weight"], op.attrs["bias"]),
     "relu": lambda op, x: x.clamp_min(0),
     "max_pool2d": _max_pool2d,
     "sum_pool2d": _sum_pool2d,
+    "adaptive_sum_pool2d": _adaptive_sum_pool2d,
     "scale": lambda op, x: x * op.attrs["factor"],
     "add": _add,
     "reshape": _reshape,

@@ -63,7 +63,7 @@ from onnx import TensorProto, helper
 from ...core import ir, nonlinear, ops
 from ...errors import ExportError
 from ...core.formats import FixedPoint
-from ...passes.averages import average_arguments
+from ...passes.averages import average_arguments, avg_pool_arguments
 from ...passes.casts import Cast
 from ..lower import UNSUPPORTED as UNSUPPORTED_LOWERING
 from ..lower import (evaluate, index_slices, lower, op_arguments, op_key, pair, permutation, split_sizes,
@@ -238,9 +238,16 @@ def _max_pool2d(g, node, x, *args, **kwargs):
 
 
 def _avg_pool2d(g, node, x, *args, **kwargs):
-    p = op_arguments(g.gm, node, ("kernel_size", "stride"), {"stride": None})
-    k = pair(p["kernel_size"])  # lower() admits no padding, no ceil_mode, a power-of-two divisor
-    return g.node("AveragePool", [x], kernel_shape=list(k), strides=list(pair(p["stride"] or k)))
+    if ops.op_of(g.gm, node).name == "fixed_point_avg_pool2d":
+        kernel, stride, padding, ceil_mode, count_include_pad, divisor_override = node.args[1:7]
+    else:
+        kernel, stride, padding, ceil_mode, count_include_pad, divisor_override = avg_pool_arguments(g.gm, node)
+    k, (ph, pw) = pair(kernel), pair(padding)
+    y = g.node("AveragePool", [x], kernel_shape=list(k), strides=list(pair(stride or k)), pads=[ph, pw, ph, pw],
+               ceil_mode=int(bool(ceil_mode)), count_include_pad=int(bool(count_include_pad)))
+    if divisor_override:  # ONNX has no divisor override: the full window's average rescaled
+        y = g.node("Mul", [y, g.const(k[0] * k[1] / divisor_override, np.float32)])
+    return y
 
 
 def _average(g, node, x, *args, **kwargs):
@@ -250,8 +257,20 @@ def _average(g, node, x, *args, **kwargs):
         output_size, squeeze = node.args[1:3]
     else:
         output_size, squeeze = average_arguments(g.gm, node)
-    (kernel, _) = ops.average_windows(tuple(node.args[0].meta["tensor_meta"].shape), output_size)
-    y = g.node("AveragePool", [x], kernel_shape=list(kernel), strides=list(kernel))
+    shape = tuple(node.args[0].meta["tensor_meta"].shape)
+    windows = ops.average_windows(shape, output_size)
+    if windows is None:  # uneven windows: sums by 0/1 matrices, then each position's 1/n
+        oh, ow = ops._output_size(shape, output_size)
+        rows, cols = ops.adaptive_windows(shape[2], oh), ops.adaptive_windows(shape[3], ow)
+        a, c = np.zeros((oh, shape[2]), np.float32), np.zeros((shape[3], ow), np.float32)
+        for i, (s, e) in enumerate(rows):
+            a[i, s:e] = 1
+        for j, (s, e) in enumerate(cols):
+            c[s:e, j] = 1
+        y = g.node("MatMul", [g.node("MatMul", [g.const(a, np.float32), x]), g.const(c, np.float32)])
+        y = g.node("Mul", [y, g.const(1 / (a.sum(1)[:, None] * c.sum(0)[None, :]), np.float32)])
+    else:
+        y = g.node("AveragePool", [x], kernel_shape=list(windows[0]), strides=list(windows[0]))
     return g.node("Reshape", [y, g.const([0, -1], np.int64)]) if squeeze else y
 
 
@@ -428,7 +447,7 @@ def _lookup_float(g, node, x, name, params, *specs):
 
 FLOAT_OPS: dict[str, Callable] = {
     "conv2d": _conv2d, "linear": _linear, "relu": _relu, "max_pool2d": _max_pool2d,
-    "avg_pool2d": _avg_pool2d, "adaptive_avg_pool2d": _average, "mean": _average, "fixed_point_average": _average,
+    "avg_pool2d": _avg_pool2d, "fixed_point_avg_pool2d": _avg_pool2d, "adaptive_avg_pool2d": _average, "mean": _average, "fixed_point_average": _average,
     "flatten": _flatten, "add": _add_or_size, "identity": _identity, "dropout": _identity,
     # structural ops
     "reshape": _reshape, "squeeze": _reshape, "contiguous": _identity, "drop_path": _identity, "permute": _permute,

@@ -8,6 +8,7 @@ import math
 from typing import Callable
 
 import numpy as np
+import torch
 from onnx import TensorProto
 
 from ....core import intmath
@@ -157,11 +158,38 @@ def _sum_of_parts(b: _Builder, x: str, k: int) -> str:
 
 
 def emit_scale(b: _Builder, op: IntOp, x: str) -> str:
-    """Codes times the integer ``attrs["factor"]``, in the narrowest integer type that holds the product."""
+    """Codes times the integer ``attrs["factor"]``, in the narrowest integer type that holds the
+    product; a per-position factor (oh, ow) multiplies the NCHW value."""
+    if isinstance(op.attrs["factor"], torch.Tensor):
+        factors, (lo, hi) = op.attrs["factor"].numpy(), b.ranges[x]
+        cmin, cmax = int(factors.min()), int(factors.max())  # positive
+        lo, hi = min(lo * cmax, lo * cmin), max(hi * cmax, hi * cmin)
+        x = b.cast(b.nchw(x), _int_type(lo, hi))
+        return b.value(b.node("Mul", [x, b.const(factors, b.dtype(x), name=f"{op.out}.factors")]), lo, hi)
     c, (lo, hi) = op.attrs["factor"], b.ranges[x]
     lo, hi = min(lo * c, hi * c), max(lo * c, hi * c)
     layout, x = x, b.cast(x, _int_type(lo, hi))
     return b.value(b.node("Mul", [x, b.const(c, b.dtype(x))]), lo, hi, like=layout)
+
+
+def emit_adaptive_sum_pool2d(b: _Builder, op: IntOp, x: str) -> str:
+    """Window sums over uneven or overlapping windows: ``MatMul`` by constant 0/1 matrices
+    marking each window, rows then columns (int32 when the largest window's sums fit)."""
+    rows, cols = op.attrs["rows"], op.attrs["cols"]
+    _, _, h, w = b.shapes[op.inputs[0]]
+    a, c = np.zeros((len(rows), h), np.int64), np.zeros((w, len(cols)), np.int64)
+    for i, (s, e) in enumerate(rows):
+        a[i, s:e] = 1
+    for j, (s, e) in enumerate(cols):
+        c[s:e, j] = 1
+    k = max(e - s for s, e in rows) * max(e - s for s, e in cols)
+    lo, hi = b.ranges[x]
+    lo, hi = min(lo, k * lo), max(hi, k * hi)
+    x = b.cast(b.nchw(x), _int_type(lo, hi))
+    dt = b.dtype(x)
+    t = b.node("MatMul", [b.const(a, dt), x])
+    b.types[t] = dt  # the first operand is a constant: the type does not follow it
+    return b.value(b.node("MatMul", [t, b.const(c, dt)]), lo, hi)
 
 
 def emit_add(b: _Builder, op: IntOp, x: str, y: str) -> str:
@@ -395,6 +423,7 @@ EMITTERS: dict[str, Callable] = {
     "relu": emit_relu,
     "max_pool2d": emit_max_pool2d,
     "sum_pool2d": emit_sum_pool2d,
+    "adaptive_sum_pool2d": emit_adaptive_sum_pool2d,
     "scale": emit_scale,
     "add": emit_add,
     "reshape": emit_reshape,

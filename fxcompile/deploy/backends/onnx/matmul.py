@@ -161,16 +161,19 @@ def _limbs(b: _Builder, x: str, plan: _Plan) -> list[str]:
     return limbs
 
 
-def _products(b: _Builder, cols: list[str], plan: _Plan, name: str, width: int | None = None) -> str:
+def _products(b: _Builder, cols: list[str], plan: _Plan, name: str, width: int | None = None,
+              arrange=None, bias: bool = True) -> str:
     """``Σ scale · (limb · digits) + bias`` over the plan's terms: one MatMulInteger each, a
     limb's products one after the other (its columns are still in the cache; separate tensors:
     stacking them costs a copy of each), each added to the sum of its scale as it comes, then
     the sums combined by Horner's rule, largest scale first, in int32 when the plan's bound
-    allows (else int64)."""
+    allows (else int64).  ``arrange`` maps a (K, O) digit matrix to the right operand (a
+    grouped conv's (G, K, O / G)); ``bias=False`` leaves the bias to the caller."""
     dt = np.int32 if plan.int32 else np.int64
     sums = {}
     for k in sorted(range(len(plan.terms)), key=lambda k: plan.terms[k][0]):
         i, digits, scale = plan.terms[k]
+        digits = arrange(digits) if arrange else digits
         y = b.node("MatMulInteger", [cols[i], b.const(digits.astype(np.int8), np.int8, name=f"{name}.weight_digit{k}")])
         y = y if dt == np.int32 else b.node("Cast", [y], to=TensorProto.INT64)
         sums[scale] = b.node("Add", [sums[scale], y]) if scale in sums else y
@@ -178,12 +181,14 @@ def _products(b: _Builder, cols: list[str], plan: _Plan, name: str, width: int |
     for scale in sorted(sums, reverse=True):
         acc = sums[scale] if acc is None else b.node("Add", [b.node("Mul", [acc, b.const(previous // scale, dt)]), sums[scale]])
         previous = scale
-    if np.any(plan.bias):
+    if bias and np.any(plan.bias):
         acc = b.node("Add", [acc, b.const(_per_channel(plan.bias, width), dt, name=f"{name}.bias")])
     return acc
 
 
 def emit_conv2d(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
+    if op.attrs.get("groups", 1) != 1:
+        return emit_grouped_conv2d(b, op, x, eight_bit)
     weight = op.attrs["weight"].numpy()
     bias = op.attrs["bias"].numpy() if op.attrs["bias"] is not None else np.zeros(weight.shape[0], np.int64)
     o, c, kh, kw = weight.shape
@@ -249,4 +254,70 @@ def emit_linear(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
         acc = b.node("MatMul", [b.cast(x, dt), b.const(flat, dt, name=f"{op.out}.weight")])
         if np.any(bias):
             acc = b.node("Add", [acc, b.const(bias, dt, name=f"{op.out}.bias")])
+    return b.value(acc, min(lo), max(hi))
+
+
+def emit_grouped_conv2d(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
+    """A grouped conv (weight (O, C / G, kh, kw)), channels-last, with work and constants
+    linear in the channels (never the dense conv with zeros off each group's block).
+
+    Depthwise (one input channel per group, one output channel per input channel): the sum
+    over kernel offsets of the offset's strided slice times a per-channel weight constant, in
+    int32 when every channel's bound ``Σ|w| · max|x| + |b|`` fits it (each partial sum lies
+    within it), else int64.  Otherwise each group is one batch of a batched product: the
+    groups move from the channels into the batch axis, ``(N · G, H, W, C / G)``, whose im2col
+    columns ``(N, G, Ho · Wo, K)`` multiply the weights ``(G, K, O / G)`` — uint8 limbs times
+    int8 digits on ``MatMulInteger`` where exact (the plan of a dense conv whose columns are
+    each output channel's own K taps), else one int32/int64 ``MatMul`` — and the product
+    returns to ``(N, Ho, Wo, O)``."""
+    weight = op.attrs["weight"].numpy()
+    groups = op.attrs["groups"]
+    bias = op.attrs["bias"].numpy() if op.attrs["bias"] is not None else np.zeros(weight.shape[0], np.int64)
+    o, cg, kh, kw = weight.shape
+    og = o // groups
+    n, c, h, w = b.shapes[op.inputs[0]]
+    (ph, pw), stride, dil = op.attrs["padding"], op.attrs["stride"], op.attrs["dilation"]
+    ho, wo = _out_size(h + 2 * ph, kh, stride[0], dil[0]), _out_size(w + 2 * pw, kw, stride[1], dil[1])
+    flat = weight.transpose(2, 3, 1, 0).reshape(kh * kw * cg, o)  # column o: its own group's taps (kh, kw, j)
+    lo, hi = _interval(flat, bias, *b.ranges[x])
+    x = b.nhwc(x)
+    if cg == 1 and og == 1:
+        xlo, xhi = b.ranges[x]
+        bound = int(np.abs(flat).sum(axis=0).max(initial=0)) * max(-xlo, xhi) + int(np.abs(bias).max(initial=0))
+        dt = np.int32 if bound <= INT32[1] else np.int64
+        taps = _slices(b, _pad(b, b.cast(x, dt), (ph, pw)), (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
+        acc = None
+        for k, tap in enumerate(taps):
+            if acc is not None and not flat[k].any():
+                continue
+            t = b.node("Mul", [tap, b.const(_per_channel(flat[k], wo), dt, name=f"{op.out}.weight{k}")])
+            acc = t if acc is None else b.node("Add", [acc, t])
+    else:
+        def arrange(m):  # (K, O) → (G, K, O / G)
+            return m.reshape(m.shape[0], groups, og).transpose(1, 0, 2)
+
+        plan = _plan(b, flat, bias, x) if eight_bit else None
+        dt = np.int64
+        if eight_bit and _direct_int32(b, plan, flat, bias, x, ho * wo):
+            plan, dt = None, np.int32
+
+        def columns(v: str, pad_value: int = 0) -> str:  # (N, H, W, C) → (N, G, Ho · Wo, K)
+            t = b.node("Reshape", [v, b.const([-1, h, w, groups, cg])])
+            t = b.node("Transpose", [t], perm=[0, 3, 1, 2, 4])
+            v = b.value(b.node("Reshape", [t, b.const([-1, h, w, cg])]), *b.ranges[v], like=v)
+            v = _im2col(b, _pad(b, v, (ph, pw), pad_value), (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dil)
+            return b.node("Reshape", [v, b.const([-1, groups, ho * wo, kh * kw * cg])])
+        if plan is not None:  # as for a dense conv: each limb pads with its digit of −offset
+            cols = [columns(limb, (-plan.offset >> (8 * i)) & 255)
+                    for i, limb in enumerate(_limbs(b, x, plan))]
+            acc = _products(b, cols, plan, op.out, arrange=arrange, bias=False)
+            bias = plan.bias
+        else:
+            acc = b.node("MatMul", [columns(b.cast(x, dt)), b.const(arrange(flat), dt, name=f"{op.out}.weight")])
+        dt = b.dtype(acc)
+        acc = b.node("Transpose", [acc], perm=[0, 2, 1, 3])  # (N, Ho · Wo, G, O / G)
+        acc = b.node("Reshape", [acc, b.const([-1, ho, wo, o])])
+    if np.any(bias):
+        acc = b.node("Add", [acc, b.const(_per_channel(bias, wo), b.dtype(acc), name=f"{op.out}.bias")])
+    b.channels_last.add(acc)
     return b.value(acc, min(lo), max(hi))
