@@ -1,0 +1,116 @@
+"""The ops timm's CNNs write in their own way deploy bit-exactly: batch norms called as
+functions with a module's buffers (timm's ``BatchNormAct2d``), in fx and torch.export graphs.
+After training steps under the baseline policy, the simulation's eval forward, the integer
+reference and ONNX Runtime agree on every output code, and the QDQ and QONNX flavours export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompile as fxc
+from fxcompile.core import ops
+from fxcompile.deploy.backends.integer import run_integer
+from fxcompile.deploy.backends.onnx import to_onnx
+from fxcompile.deploy.backends.qdq import to_qdq
+from fxcompile.deploy.backends.qonnx import to_qonnx
+from fxcompile.deploy.export import integer_graph, onnx_session
+from fxcompile.deploy.fold_bn import fold_bn
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d``: ``F.batch_norm`` with its own buffers, then an activation."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(x)
+
+
+class FunctionalBN(nn.Module):
+    def __init__(self, norm=BatchNormAct):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(3, 4, 3, padding=1), norm(4), nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(self.bn(self.a(x)))
+
+
+class ModuleBN(FunctionalBN):
+    def __init__(self):
+        super().__init__(lambda c: nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()))
+
+
+def _trained(model, frontend="auto", steps=2):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    q = fxc.compile(model, fxc.baseline(), loss_fn=lambda out, y: F.cross_entropy(out.flatten(1), y),
+                    example_inputs=(x[:2],), frontend=frontend)
+    opt = fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=0.5), q)
+    for step in range(steps):
+        opt.zero_grad()
+        q.loss(q(x * (step + 1)), torch.randint(0, 128, (8,))).backward()
+        opt.step()
+    return q.eval(), x
+
+
+def _differing_codes(q, x, test):
+    graph = integer_graph(q, (x[:2],))
+    with torch.no_grad():
+        sim = q(test)
+    (ref,) = run_integer(graph, test)
+    out, _ = onnx_session(to_onnx(graph)).run(None, {"x": test.numpy()})
+    return int((sim != ref).sum()), int((torch.from_numpy(out) != ref).sum())
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_functional_batch_norm_is_the_module_form(frontend):
+    torch.manual_seed(0)
+    functional, module = FunctionalBN(), ModuleBN()
+    module.load_state_dict({k.replace("bn.", "bn.0."): v for k, v in functional.state_dict().items()})
+    qf, x = _trained(functional, frontend)
+    qm, _ = _trained(module, frontend)
+    # the same fixed-point definition, following the mode at run time, with the same statistics
+    assert [n.target for n in qf.graph.nodes if n.target is ops.fixed_point_batch_norm] == [ops.fixed_point_batch_norm]
+    bn = qf.get_submodule("bn")
+    assert isinstance(bn, nn.modules.batchnorm._BatchNorm) and int(bn.num_batches_tracked) == 2
+    assert torch.equal(bn.running_var, qm.get_submodule("bn.0").running_var)
+    assert not torch.equal(bn.running_var, torch.ones(4))
+    test = torch.randn(64, 3, 8, 8) * 2
+    with torch.no_grad():
+        assert torch.equal(qf(test), qm(test))
+        assert not torch.equal(qf(test), qf.train()(test))  # training mode: batch statistics
+    assert _differing_codes(qf.eval(), x, test) == (0, 0)
+
+
+def test_a_functional_batch_norm_exports_in_every_flavour():
+    q, x = _trained(FunctionalBN())
+    test = torch.randn(16, 3, 8, 8)
+    out, _ = onnx_session(to_onnx(integer_graph(q, (x[:2],)))).run(None, {"x": test.numpy()})
+    for to in (to_qdq, to_qonnx):
+        model = to(fold_bn(q), (x[:2],))
+        assert any(node.op_type in ("Mul", "Add") for node in model.graph.node)
+    (qdq,) = onnx_session(to_qdq(fold_bn(q), (x[:2],))).run(None, {"x": test.numpy()})[:1]
+    assert qdq.shape == out.shape and abs(qdq - out).max() < 0.05
+
+
+def test_a_functional_batch_norm_without_running_statistics_stays_as_it_is():
+    class NoStats(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return F.batch_norm(self.a(x), None, None, training=True)
+
+    q = fxc.compile(NoStats(), fxc.baseline(), example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert [n.target for n in q.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)] \
+        == [F.batch_norm]
