@@ -735,8 +735,8 @@ def rule_interpolate(lw, node, x, *args, **kwargs):
 
 
 def rule_dropout(lw, node, x, *args, **kwargs):
-    if node.op == "call_function":
-        p = op_arguments(lw.gm, node, ("p", "training"), {"p": 0.5, "training": True})
+    if node.op == "call_function":  # the lowered arguments: a training flag read from the model is its value
+        p = {"p": 0.5, "training": True, **dict(zip(("p", "training"), args)), **kwargs}
         if p["training"] and p["p"] > 0:
             raise ExportError(f"node {node.name!r} (dropout): F.dropout was traced with training=True, so the "
                               "graph drops in eval mode too; trace the model in eval mode, or use nn.Dropout")

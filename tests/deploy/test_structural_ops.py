@@ -424,7 +424,6 @@ class FunctionalDropout(nn.Module):  # fx records self.training as the constant 
 
 
 @pytest.mark.parametrize("make, message", [
-    (FunctionalDropout, r"node 'dropout' \(dropout\): F.dropout was traced with training=True"),
     (BatchReshape, r"node 'reshape' \(reshape\): reshapes \(2, 3, 8, 8\) to \(4, 3, 8, 4\)"),
     (BatchCat, r"node 'cat' \(cat\): along the batch dimension does not lower"),
     (Bilinear, r"node 'interpolate' \(interpolate\): only nearest upsampling"),

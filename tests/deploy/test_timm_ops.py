@@ -114,3 +114,22 @@ def test_a_functional_batch_norm_without_running_statistics_stays_as_it_is():
     q = fxc.compile(NoStats(), fxc.baseline(), example_inputs=(torch.randn(2, 3, 8, 8),))
     assert [n.target for n in q.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)] \
         == [F.batch_norm]
+
+
+class Head(nn.Module):  # timm's classifier heads: F.dropout(x, p, training=self.training)
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(F.dropout(torch.flatten(self.a(x), 1), p=0.5, training=self.training))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_functional_dropout_traced_in_training_mode_follows_the_mode(frontend):
+    x = torch.randn(8, 3, 8, 8)
+    q = fxc.compile(Head(), fxc.baseline(), example_inputs=(x[:2],), frontend=frontend)
+    with torch.no_grad():
+        assert not torch.equal(q.train()(x), q(x))  # dropout draws anew each call
+        assert torch.equal(q.eval()(x), q(x))
+    assert [op.op for op in integer_graph(q, (x[:2],)).ops if op.op in ("linear", "conv2d")] == ["conv2d", "linear"]
