@@ -133,3 +133,23 @@ def test_a_functional_dropout_traced_in_training_mode_follows_the_mode(frontend)
         assert not torch.equal(q.train()(x), q(x))  # dropout draws anew each call
         assert torch.equal(q.eval()(x), q(x))
     assert [op.op for op in integer_graph(q, (x[:2],)).ops if op.op in ("linear", "conv2d")] == ["conv2d", "linear"]
+
+
+class GhostShortcut(nn.Module):  # ghostnet: a slice of a concatenation, then += the shortcut on it
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        out = torch.cat([y, self.b(y)], 1)
+        out = out[:, :5]
+        out += torch.cat([x, x[:, :2]], 1)
+        return out
+
+
+def test_an_in_place_op_on_a_slice_read_only_through_that_slice_deploys():
+    from fxcompile.frontend.functionalize import write_back
+    q, x = _trained(GhostShortcut(), steps=1)
+    assert not any(n.target is write_back for n in q.graph.nodes)
+    assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2) == (0, 0)
