@@ -228,8 +228,9 @@ def rule_cast(lw: _Lowering, node: fx.Node, x: Value) -> Value:
     if fmt is None:
         raise ExportError(f"edge {mod.edge.name!r} ({mod.edge.role}) has no fixed-point format (float); "
                           "export needs every forward edge in fixed point: give the role a format in the policy")
-    if x.const is not None:
-        return Value(None, fmt.frac, fmt, tuple(x.const.shape), _const_codes(x.const, fmt))
+    if x.const is not None:  # a parameter (float), or one already cast (codes: their exact value)
+        value = x.const if x.frac is None else x.const.double() * 2.0 ** -x.frac
+        return Value(None, fmt.frac, fmt, tuple(x.const.shape), _const_codes(value, fmt))
     check_deployable(fmt, f"edge {mod.edge.name!r} ({mod.edge.role})")
     if x.is_float:
         return lw.emit(node, "quantize", [x], fmt.frac, fmt, fmt=fmt)
@@ -489,6 +490,9 @@ def _batch_kept(lw, node: fx.Node, x: Value, shape) -> None:
 
 
 def rule_reshape(lw, node, x, *args, **kwargs):
+    if isinstance(x, Value) and x.const is not None:  # a parameter reshaped (layer scale's (C,) to (1, C, 1, 1))
+        shape = _shape(node)
+        return dataclasses.replace(x, const=x.const.reshape(shape), shape=shape)
     x, shape = _operand(node, x), _shape(node)
     _batch_kept(lw, node, x, shape)
     if shape == x.shape:
@@ -627,9 +631,25 @@ def _largest_code(v: Value) -> int | None:
     return None if v.fmt is None else max(abs(v.fmt.code_min - v.fmt.zero_point), abs(v.fmt.code_max - v.fmt.zero_point))
 
 
+def _channel_scale(node: fx.Node, x: Value, k: Value) -> torch.Tensor:
+    """The per-channel (axis 1) codes of the constant ``k`` that ``x`` is multiplied by: ``k``
+    is a scalar or has one value per channel of ``x`` (layer scale, ``gamma.reshape(1, -1, 1, 1)``)."""
+    const, rank = k.const, len(x.shape)
+    dims = (1,) * (rank - const.dim()) + tuple(const.shape)
+    if const.dim() > rank or any(d != 1 for i, d in enumerate(dims) if i != 1) or dims[1] not in (1, x.shape[1]):
+        raise ExportError(f"node {node.name!r} (mul): a product with a constant of shape {tuple(const.shape)} "
+                          f"lowers only when it is a scalar or one value per channel (axis 1) of the "
+                          f"{tuple(x.shape)} operand")
+    return const.reshape(-1).expand(x.shape[1]).clone()
+
+
 def _product(lw, node, a: Value, b: Value, spec=None) -> Value:
     a, b = _operand(node, a), _operand(node, b)
     name = ops.op_of(lw.gm, node).name
+    if a.const is not None or b.const is not None:
+        (x, k) = (b, a) if a.const is not None else (a, b)
+        if x.const is not None:
+            raise ExportError(f"node {node.name!r} ({name}): a product of two constants does not lower")
     if spec is None:
         la, lb = _largest_code(a), _largest_code(b)
         if la is None or lb is None or la * lb > FLOAT32_EXACT:
@@ -643,6 +663,9 @@ def _product(lw, node, a: Value, b: Value, spec=None) -> Value:
         if fmt is None or fmt.spec() != list(spec):
             raise ExportError(f"node {node.name!r} ({name}): the fixed-point product rounds to the format of the "
                               "one cast after it, which changed after compile(); recompile")
+    if a.const is not None or b.const is not None:  # times a parameter's codes: the exact per-channel product
+        scale = _channel_scale(node, x, k)
+        return lw.emit(node, "affine", [x], x.frac + k.frac, scale=scale, offset=torch.zeros_like(scale))
     return lw.emit(node, "mul", [a, b], a.frac + b.frac)
 
 

@@ -153,3 +153,44 @@ def test_an_in_place_op_on_a_slice_read_only_through_that_slice_deploys():
     q, x = _trained(GhostShortcut(), steps=1)
     assert not any(n.target is write_back for n in q.graph.nodes)
     assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2) == (0, 0)
+
+
+
+class LayerScale(nn.Module):  # convnext: x.mul(gamma.reshape(1, -1, 1, 1)), and a scalar parameter
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(4) + 0.1)
+        self.scale = nn.Parameter(torch.tensor(0.75))
+
+    def forward(self, x):
+        return x[:, :1] + self.a(x).mul(self.gamma.reshape(1, -1, 1, 1)) * self.scale
+
+
+MODELS = [FunctionalBN, GhostShortcut, LayerScale]
+
+
+@pytest.mark.parametrize("make", MODELS, ids=[m.__name__ for m in MODELS])
+def test_deploys_with_zero_differing_codes_in_every_flavour(make):
+    q, x = _trained(make())
+    test = torch.randn(64, 3, 8, 8) * 2
+    assert _differing_codes(q, x, test) == (0, 0)
+    out, _ = onnx_session(to_onnx(integer_graph(q, (x[:2],)))).run(None, {"x": test.numpy()})
+    (qdq,) = onnx_session(to_qdq(fold_bn(q), (x[:2],))).run(None, {"x": test.numpy()})[:1]
+    assert qdq.shape == out.shape and abs(qdq - out).max() <= 2 ** -6
+    assert to_qonnx(fold_bn(q), (x[:2],)).graph.node
+
+
+def test_a_product_with_a_constant_that_is_not_per_channel_is_refused_naming_the_node():
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.w = nn.Conv2d(3, 4, 3, padding=1), nn.Parameter(torch.rand(8))
+
+        def forward(self, x):
+            return self.a(x) * self.w
+
+    x = torch.randn(2, 3, 8, 8)
+    q = fxc.compile(Rows(), fxc.baseline(), example_inputs=(x,)).eval()
+    with pytest.raises(fxc.ExportError, match=r"node 'mul' \(mul\): a product with a constant of shape \(8,\)"):
+        integer_graph(q, (x,))

@@ -307,8 +307,23 @@ def _size(g, node, *args, **kwargs):
     return node.target(*args, **kwargs)
 
 
+def _parameter_only(node: fx.Node) -> bool:
+    """Whether ``node`` is computed from parameters only (no graph input upstream)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n.op == "placeholder":
+            return False
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return True
+
+
 def _reshape(g, node, x, *args, **kwargs):
-    return g.node("Reshape", [x, g.const([0, *_shape(node)[1:]], np.int64)])
+    # a parameter reshaped (layer scale's (C,) to (1, C, 1, 1)) has no batch axis to keep
+    shape = list(_shape(node)) if _parameter_only(node) else [0, *_shape(node)[1:]]
+    return g.node("Reshape", [x, g.const(shape, np.int64)])
 
 
 def _permute(g, node, x, *dims, **kwargs):
