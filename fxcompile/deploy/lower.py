@@ -305,6 +305,57 @@ def rule_max_pool2d(lw, node, x, *args, **kwargs):
                    dilation=dilation)
 
 
+def _rounded_by_output_cast(lw, node: fx.Node, spec, name: str, what: str) -> None:
+    """Refuse a fixed-point definition whose rounding ``spec`` is not its one output cast's format."""
+    casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u)]
+    fmt = lw.gm.get_submodule(casts[0].target).edge.forward if len(node.users) == 1 == len(casts) else None
+    if spec is None or fmt is None or fmt.spec() != list(spec):
+        raise ExportError(f"node {node.name!r} ({name}): {what} deploys only as the fixed-point definition "
+                          "compile() makes of it, rounded by the format of the one cast after it; give its "
+                          "output a single consumer and a fixed-point format, and recompile after changing that "
+                          "format")
+
+
+def rule_fixed_point_avg_pool2d(lw, node, x, kernel, stride, padding, spec):
+    """A window sum (zeros padded) times the reciprocal of ``kh · kw``: ``passes.averages``."""
+    x = _operand(node, x)
+    n = kernel[0] * kernel[1]
+    c, r = ops.reciprocal(n)
+    if c != 1:
+        _rounded_by_output_cast(lw, node, spec, "avg_pool2d", f"an average pool over {n} values (not a power of two)")
+    if tuple(padding) != (0, 0):
+        shape = (*x.shape[:2], x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1])
+        x = lw.emit(node, "pad", [x], x.frac, x.fmt, suffix="_pad", out_shape=shape,
+                    pads=(padding[1], padding[1], padding[0], padding[0]))
+    v = lw.emit(node, "sum_pool2d", [x], x.frac + (r if c == 1 else 0), suffix="_sum" if c != 1 else "",
+                kernel=tuple(kernel), stride=tuple(stride))
+    return v if c == 1 else lw.emit(node, "scale", [v], x.frac + r, factor=c)
+
+
+def rule_truediv(lw, node, a, b, *args, **kwargs):
+    """``x / d`` by a constant: a positive power of two moves the binary point (exact, as in
+    float); another divisor lowers as its fixed-point definition (``fixed_point_divide``)."""
+    if not _tensors(a, b):
+        return rule_size(lw, node, a, b)  # arithmetic on sizes
+    if args or kwargs.get("rounding_mode") is not None or isinstance(b, Value) or not isinstance(a, Value):
+        raise ExportError(f"node {node.name!r} (truediv): only a tensor divided by a constant lowers "
+                          "(no rounding_mode, no tensor divisor)")
+    x = _operand(node, a)
+    c, r = ops.divisor_reciprocal(b)
+    if c != 1:
+        _rounded_by_output_cast(lw, node, None, "truediv", f"a division by {b!r} (not a positive power of two)")
+    return Value(x.name, x.frac + r, None, x.shape)  # the same codes, read at another binary point
+
+
+def rule_fixed_point_divide(lw, node, x, divisor, spec):
+    x = _operand(node, x)
+    c, r = ops.divisor_reciprocal(divisor)
+    _rounded_by_output_cast(lw, node, spec, "truediv", f"a division by {divisor!r}")
+    if c == 1:
+        return Value(x.name, x.frac + r, None, x.shape)
+    return lw.emit(node, "scale", [x], x.frac + r, factor=c)
+
+
 def rule_avg_pool2d(lw, node, x, *args, **kwargs):
     p = op_arguments(lw.gm, node, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
                                  "divisor_override"),
@@ -317,7 +368,11 @@ def rule_avg_pool2d(lw, node, x, *args, **kwargs):
     # ceil_mode adds partial windows only where the kernel does not tile the input (timm's
     # resnet-d downsampling pools even sizes: none)
     partial = p["ceil_mode"] and any((n - kk) % s for n, kk, s in zip(x.shape[2:], k, stride))
-    if pair(p["padding"]) != (0, 0) or partial or divisor & (divisor - 1):
+    padding = pair(p["padding"])
+    if padding != (0, 0) and p["count_include_pad"] and not p["divisor_override"] and not partial \
+            and not divisor & (divisor - 1):  # zeros padded, then the window sum
+        return rule_fixed_point_avg_pool2d(lw, node, x, k, stride, padding, None)
+    if padding != (0, 0) or partial or divisor & (divisor - 1):
         raise ExportError(f"node {node.name!r} (avg_pool2d): lowers only without padding or partial (ceil_mode) "
                           f"windows and with a "
                           f"power-of-two divisor (got kernel {k}, divisor {divisor}, padding {p['padding']})")
@@ -834,6 +889,8 @@ RULES: dict[str, Callable] = {
     "adaptive_avg_pool2d": rule_unrewritten_average,
     "mean": rule_unrewritten_average,
     "fixed_point_average": rule_fixed_point_average,
+    "fixed_point_avg_pool2d": rule_fixed_point_avg_pool2d,
+    "truediv": rule_truediv, "fixed_point_divide": rule_fixed_point_divide,
     "flatten": rule_flatten,
     "add": rule_add,
     "identity": rule_identity,

@@ -21,6 +21,13 @@ average followed by the cast, as before.  A node is left as it is when its outpu
 fixed-point cast of its own (several consumers, or a float format); ``lower`` then refuses
 it when its divisor is not a power of two::
 
+The same holds for average pools with a divisor that is not a power of two (res2net's 3x3
+pools with zero padding counted: :func:`fxcompile.core.ops.fixed_point_avg_pool2d`) and for a
+division by a constant that is not a power of two (``x / 3``:
+:func:`fxcompile.core.ops.fixed_point_divide`, ``x`` times the constant's 16-bit reciprocal
+:func:`fxcompile.core.ops.divisor_reciprocal`, rounded once by the cast after it; a power of
+two moves the binary point and needs no rewrite)::
+
     >>> gm = fixed_point_averages(insert_casts(assign_formats(annotate_roles(trace(model)), baseline())))
     >>> [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"]
     ['fixed_point_average', ...]
@@ -28,12 +35,14 @@ it when its divisor is not a power of two::
 
 from __future__ import annotations
 
+import math
+
 import torch.fx as fx
 
 from ..core import ir, ops
 from .casts import call_instead, output_cast
 
-__all__ = ["CONTRACT", "fixed_point_averages", "average_arguments"]
+__all__ = ["CONTRACT", "fixed_point_averages", "average_arguments", "avg_pool_arguments", "constant_divisor"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
@@ -62,15 +71,63 @@ def average_arguments(gm: fx.GraphModule, node: fx.Node) -> tuple[object, bool] 
     return None
 
 
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def avg_pool_arguments(gm: fx.GraphModule, node: fx.Node) -> tuple[tuple, tuple, tuple] | None:
+    """``(kernel, stride, padding)`` of an average pool node whose every window divides by
+    ``kh · kw`` (no ``divisor_override``, no ``ceil_mode``, zero padding counted), else ``None``."""
+    op = ops.op_of(gm, node)
+    if op is None or op.name != "avg_pool2d":
+        return None
+    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    p = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None}
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        p.update({n: getattr(mod, n) for n in names})
+    else:
+        p.update(zip(names, node.args[1:]))
+        p.update({k: v for k, v in node.kwargs.items() if k in names})
+    k, padding = _pair(p["kernel_size"]), _pair(p["padding"])
+    if p["ceil_mode"] or p["divisor_override"] is not None or (padding != (0, 0) and not p["count_include_pad"]):
+        return None
+    return k, _pair(p["stride"] or k), padding
+
+
+def constant_divisor(gm: fx.GraphModule, node: fx.Node):
+    """The constant ``d`` of a ``truediv`` node ``x / d`` (``x`` a tensor, ``d`` an int or float,
+    no ``rounding_mode``), else ``None``."""
+    op = ops.op_of(gm, node)
+    if op is None or op.name != "truediv" or len(node.args) != 2 or node.kwargs.get("rounding_mode") is not None:
+        return None
+    x, d = node.args
+    if not isinstance(x, fx.Node) or isinstance(d, bool) or not isinstance(d, (int, float)):
+        return None
+    return d if math.isfinite(d) and d != 0 else None
+
+
 def fixed_point_averages(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite the averages of ``gm`` (after ``insert_casts``) in place; returns ``gm``."""
     changed = False
     for node in list(gm.graph.nodes):
         arguments = average_arguments(gm, node)
-        cast = None if arguments is None else output_cast(gm, node)
+        pool = None if arguments is not None else avg_pool_arguments(gm, node)
+        divisor = None if arguments is not None or pool is not None else constant_divisor(gm, node)
+        if pool is not None and ops.reciprocal(pool[0][0] * pool[0][1])[0] == 1:
+            pool = None  # a power-of-two divisor: the float average is exact
+        if divisor is not None and abs(ops.divisor_reciprocal(divisor)[0]) == 1:
+            divisor = None  # a power of two: the float quotient is exact
+        cast = None if arguments is None and pool is None and divisor is None else output_cast(gm, node)
         if cast is None:
             continue
-        call_instead(gm, node, ops.fixed_point_average, (node.args[0], *arguments, cast.edge.forward.spec()))
+        spec = cast.edge.forward.spec()
+        if arguments is not None:
+            call_instead(gm, node, ops.fixed_point_average, (node.args[0], *arguments, spec))
+        elif pool is not None:
+            call_instead(gm, node, ops.fixed_point_avg_pool2d, (node.args[0], *pool, spec))
+        else:
+            call_instead(gm, node, ops.fixed_point_divide, (node.args[0], divisor, spec))
         changed = True
     if changed:
         gm.recompile()

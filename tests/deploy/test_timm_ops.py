@@ -167,7 +167,18 @@ class LayerScale(nn.Module):  # convnext: x.mul(gamma.reshape(1, -1, 1, 1)), and
         return x[:, :1] + self.a(x).mul(self.gamma.reshape(1, -1, 1, 1)) * self.scale
 
 
-MODELS = [FunctionalBN, GhostShortcut, LayerScale]
+class Divisions(nn.Module):  # repvit's (head + head_dist) / 2, a division by 3, res2net's padded 3x3 pool
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.pool, self.pool2 = nn.AvgPool2d(3, 1, padding=1), nn.AvgPool2d(2, 1, padding=1)
+
+    def forward(self, x):
+        y = (self.a(x) + self.b(x)) / 2
+        return torch.cat([self.pool(y / 3), self.pool2(y)[..., :8, :8] / 0.75], 1)
+
+
+MODELS = [FunctionalBN, GhostShortcut, LayerScale, Divisions]
 
 
 @pytest.mark.parametrize("make", MODELS, ids=[m.__name__ for m in MODELS])
@@ -194,3 +205,27 @@ def test_a_product_with_a_constant_that_is_not_per_channel_is_refused_naming_the
     q = fxc.compile(Rows(), fxc.baseline(), example_inputs=(x,)).eval()
     with pytest.raises(fxc.ExportError, match=r"node 'mul' \(mul\): a product with a constant of shape \(8,\)"):
         integer_graph(q, (x,))
+
+
+def test_a_division_by_a_constant_is_a_moved_binary_point_or_times_a_16_bit_reciprocal():
+    assert ops.divisor_reciprocal(8) == (1, 3) and ops.divisor_reciprocal(0.25) == (1, -2)
+    assert ops.divisor_reciprocal(3) == (43691, 17) and ops.divisor_reciprocal(49) == ops.reciprocal(49)
+    c, r = ops.divisor_reciprocal(-1.4142135623730951)
+    assert 2 ** 15 <= -c < 2 ** 16 and abs(c * 2.0 ** -r + 1 / 1.4142135623730951) <= 2.0 ** -(r + 1)
+    q, x = _trained(Divisions())
+    targets = [n.target for n in q.graph.nodes if n.op == "call_function"]
+    assert targets.count(ops.fixed_point_divide) == 2 and targets.count(ops.fixed_point_avg_pool2d) == 1
+    assert ops.op_of(q, next(n for n in q.graph.nodes if n.name == "truediv")).name == "truediv"  # / 2 stays
+    codes = [op.op for op in integer_graph(q, (x[:2],)).ops]
+    assert codes.count("scale") == 3 and codes.count("pad") == 2
+    with pytest.raises(ValueError, match="finite non-zero constant divisor"):
+        ops.divisor_reciprocal(0.0)
+
+
+def test_a_division_whose_output_format_changed_after_compile_is_refused_naming_the_node():
+    from fxcompile.core.formats import as_format
+    q, x = _trained(Divisions())
+    cast = q.casts.truediv_1
+    cast.set_edge(cast.edge.__class__(**{**cast.edge.__dict__, "forward": as_format("8.3")}))
+    with pytest.raises(fxc.ExportError, match=r"node 'truediv_1' \(truediv\): a division by 3 deploys only as"):
+        integer_graph(q, (x[:2],))

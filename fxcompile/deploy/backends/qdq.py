@@ -238,9 +238,27 @@ def _max_pool2d(g, node, x, *args, **kwargs):
 
 
 def _avg_pool2d(g, node, x, *args, **kwargs):
-    p = op_arguments(g.gm, node, ("kernel_size", "stride"), {"stride": None})
-    k = pair(p["kernel_size"])  # lower() admits no padding, no ceil_mode, a power-of-two divisor
-    return g.node("AveragePool", [x], kernel_shape=list(k), strides=list(pair(p["stride"] or k)))
+    p = op_arguments(g.gm, node, ("kernel_size", "stride", "padding"), {"stride": None, "padding": 0})
+    k, pad = pair(p["kernel_size"]), pair(p["padding"])  # lower() admits zero padding counted, no ceil_mode,
+    return g.node("AveragePool", [x], kernel_shape=list(k), strides=list(pair(p["stride"] or k)),  # a 2**k divisor
+                  pads=[pad[0], pad[1], pad[0], pad[1]], count_include_pad=1)
+
+
+def _fixed_point_avg_pool2d(g, node, x, kernel, stride, padding, spec):
+    return g.node("AveragePool", [x], kernel_shape=list(kernel), strides=list(stride),
+                  pads=[padding[0], padding[1], padding[0], padding[1]], count_include_pad=1)
+
+
+def _truediv(g, node, a, b, *args, **kwargs):
+    # the float quotient between quantizers; the integer graph's moved binary point or reciprocal
+    if not isinstance(a, str):
+        return _size(g, node, a, b)
+    return g.node("Div", [a, g.const(np.array(b, np.float32), np.float32)])
+
+
+def _fixed_point_divide(g, node, x, divisor, spec):
+    c, r = ops.divisor_reciprocal(divisor)
+    return g.node("Mul", [x, g.const(np.array(c * 2.0 ** -r, np.float32), np.float32)])
 
 
 def _average(g, node, x, *args, **kwargs):
@@ -444,6 +462,7 @@ def _lookup_float(g, node, x, name, params, *specs):
 FLOAT_OPS: dict[str, Callable] = {
     "conv2d": _conv2d, "linear": _linear, "relu": _relu, "max_pool2d": _max_pool2d,
     "avg_pool2d": _avg_pool2d, "adaptive_avg_pool2d": _average, "mean": _average, "fixed_point_average": _average,
+    "fixed_point_avg_pool2d": _fixed_point_avg_pool2d, "truediv": _truediv, "fixed_point_divide": _fixed_point_divide,
     "flatten": _flatten, "add": _add_or_size, "identity": _identity, "dropout": _identity,
     # structural ops
     "reshape": _reshape, "squeeze": _reshape, "contiguous": _identity, "drop_path": _identity, "permute": _permute,
