@@ -438,6 +438,9 @@ def rule_add(lw, node, a, b, *args, **kwargs):
         return rule_size(lw, node, a, b)  # arithmetic on sizes
     if args or kwargs.get("alpha", 1) != 1:
         raise ExportError(f"node {node.name!r} (add): only a + b lowers (no alpha)")
+    for x, zero in ((a, b), (b, a)):  # a sum started at 0 (focalnet's ctx_all = 0; ctx_all + ...)
+        if isinstance(zero, (int, float)) and not isinstance(zero, bool) and zero == 0 and isinstance(x, Value):
+            return _operand(node, x)
     a, b = _operand(node, a), _operand(node, b)
     frac = max(a.frac, b.frac)
     return lw.emit(node, "add", [a, b], frac, shifts=(frac - a.frac, frac - b.frac))

@@ -229,3 +229,23 @@ def test_a_division_whose_output_format_changed_after_compile_is_refused_naming_
     cast.set_edge(cast.edge.__class__(**{**cast.edge.__dict__, "forward": as_format("8.3")}))
     with pytest.raises(fxc.ExportError, match=r"node 'truediv_1' \(truediv\): a division by 3 deploys only as"):
         integer_graph(q, (x[:2],))
+
+
+class ZeroStart(nn.Module):  # focalnet: ctx_all = 0, then ctx_all = ctx_all + ctx * gate
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        total = 0
+        for conv in (self.a, self.b):
+            total = total + conv(x)
+        return total
+
+
+def test_a_sum_started_at_zero_deploys():
+    q, x = _trained(ZeroStart())
+    assert [op.op for op in integer_graph(q, (x[:2],)).ops].count("add") == 1
+    assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2) == (0, 0)
+    (out,) = onnx_session(to_qdq(fold_bn(q), (x[:2],))).run(None, {"x": x.numpy()})[:1]
+    assert out.shape == (8, 4, 8, 8)

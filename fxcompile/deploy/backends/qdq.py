@@ -390,6 +390,8 @@ def _sub(g, node, a, b, *args, **kwargs):
 
 
 def _add_or_size(g, node, a, b, *args, **kwargs):
+    if isinstance(a, str) != isinstance(b, str) and (b if isinstance(a, str) else a) == 0:
+        return a if isinstance(a, str) else b  # a sum started at 0
     return _add(g, node, a, b) if isinstance(a, str) else _size(g, node, a, b)
 
 
