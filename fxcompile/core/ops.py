@@ -17,7 +17,8 @@ one entry here, its function in each backend, and their tests::
 
 The module also holds the functions the IR's nodes call that are fxcompile's own:
 :func:`batch_norm` and :func:`call_with_parameters` (written by ``expose_params``),
-:func:`fixed_point_average`, :func:`fixed_point_avg_pool2d` and :func:`fixed_point_divide`
+:func:`fixed_point_average`, :func:`fixed_point_avg_pool2d`, :func:`fixed_point_mean` and
+:func:`fixed_point_divide`
 (written by ``passes.averages``), whose reciprocals are :func:`reciprocal` and
 :func:`divisor_reciprocal`, and :func:`fixed_point_matmul`, :func:`fixed_point_softmax`,
 :func:`fixed_point_layer_norm` (written by
@@ -48,7 +49,7 @@ from .quantizer import ROUNDINGS, quantize_reference
 
 __all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "module_op", "ops_in", "batch_norm", "call_with_parameters",
            "fixed_point_average", "reciprocal", "average_windows", "RECIPROCAL_BITS",
-           "divisor_reciprocal", "fixed_point_divide", "fixed_point_avg_pool2d",
+           "divisor_reciprocal", "fixed_point_divide", "fixed_point_avg_pool2d", "fixed_point_mean",
            "fixed_point_mul", "fixed_point_batch_norm", "batch_norm_affine", "SCALE_BITS",
            "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "matmul_equation", "matmul_product",
            "code_bits",
@@ -219,6 +220,21 @@ def fixed_point_avg_pool2d(x: torch.Tensor, kernel, stride, padding, spec: list)
         total = F.avg_pool2d(x.double(), kernel, stride, padding, divisor_override=1)
         return quantize_reference(total * c * 2.0 ** -r, spec).to(x.dtype)
     return _Definition.apply(exact, lambda x: F.avg_pool2d(x, kernel, stride, padding, divisor_override=n), x)
+
+
+def fixed_point_mean(x: torch.Tensor, dims: tuple, keepdim: bool, spec: list) -> torch.Tensor:
+    """``x.mean(dims, keepdim)`` over non-batch ``dims`` (mambaout's ``mean((1, 2))`` of an NHWC
+    tensor) as deployed: the sum over ``dims`` times the :func:`reciprocal` ``c · 2**-r`` of the
+    number of values ``n``, computed exactly (float64: codes of up to 24 bits summed over up to
+    2**13 values, times a 16-bit ``c``), rounded once to the format ``spec`` of the cast after
+    it.  The backward is the float mean's."""
+    dims = tuple(d % x.dim() for d in dims)
+    n = math.prod(x.shape[d] for d in dims)
+    c, r = reciprocal(n)
+
+    def exact(x):
+        return quantize_reference(x.double().sum(dims, keepdim=keepdim) * c * 2.0 ** -r, spec).to(x.dtype)
+    return _Definition.apply(exact, lambda x: x.mean(dims, keepdim=keepdim), x)
 
 
 # ---- products of two activations, softmax, LayerNorm: fixed-point definitions (passes.definitions) ----
@@ -479,6 +495,7 @@ _DECLARED = [
     Op("mean", "reduction", (), (torch.mean,), ("mean",), ("mean",)),
     Op("fixed_point_average", "reduction", (), (fixed_point_average,)),  # written by passes.averages
     Op("fixed_point_avg_pool2d", "reduction", (), (fixed_point_avg_pool2d,)),  # written by passes.averages
+    Op("fixed_point_mean", "reduction", (), (fixed_point_mean,)),  # written by passes.averages
     # division by a constant: a power of two moves the binary point; another constant's
     # fixed-point definition (passes.averages) multiplies by its reciprocal
     Op("truediv", "elementwise", (), (operator.truediv, torch.div, torch.true_divide), ("div", "true_divide"),

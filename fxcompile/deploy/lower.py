@@ -332,6 +332,30 @@ def rule_fixed_point_avg_pool2d(lw, node, x, kernel, stride, padding, spec):
     return v if c == 1 else lw.emit(node, "scale", [v], x.frac + r, factor=c)
 
 
+def rule_fixed_point_mean(lw, node, x, dims, keepdim, spec):
+    """The kept axes first, the reduced ones last as one axis, a window sum over it, times the
+    reciprocal of the count (``passes.averages``), reshaped to the mean's shape."""
+    x = _operand(node, x)
+    rank = len(x.shape)
+    dims = sorted(d % rank for d in dims)
+    n = math.prod(x.shape[d] for d in dims)
+    c, r = ops.reciprocal(n)
+    _rounded_by_output_cast(lw, node, spec, "mean", f"a mean over {n} values")
+    kept = [d for d in range(1, rank) if d not in dims]
+    perm = (0, *kept, *dims)
+    k = math.prod(x.shape[d] for d in kept)
+    if perm != tuple(range(rank)):
+        x = lw.emit(node, "transpose", [x], x.frac, x.fmt, suffix="_moved", perm=perm,
+                    out_shape=tuple(x.shape[d] for d in perm))
+    x = lw.emit(node, "reshape", [x], x.frac, x.fmt, suffix="_rows", out_shape=(x.shape[0], k, 1, n),
+                shape=(0, k, 1, n))
+    v = lw.emit(node, "sum_pool2d", [x], x.frac + (r if c == 1 else 0), suffix="_sum", out_shape=(x.shape[0], k, 1, 1),
+                kernel=(1, n), stride=(1, n))
+    if c != 1:
+        v = lw.emit(node, "scale", [v], x.frac + r, suffix="_scaled", out_shape=v.shape, factor=c)
+    return lw.emit(node, "reshape", [v], v.frac, shape=(0, *_shape(node)[1:]))
+
+
 def rule_truediv(lw, node, a, b, *args, **kwargs):
     """``x / d`` by a constant: a positive power of two moves the binary point (exact, as in
     float); another divisor lowers as its fixed-point definition (``fixed_point_divide``)."""
@@ -894,6 +918,7 @@ RULES: dict[str, Callable] = {
     "fixed_point_average": rule_fixed_point_average,
     "fixed_point_avg_pool2d": rule_fixed_point_avg_pool2d,
     "truediv": rule_truediv, "fixed_point_divide": rule_fixed_point_divide,
+    "fixed_point_mean": rule_fixed_point_mean,
     "flatten": rule_flatten,
     "add": rule_add,
     "identity": rule_identity,

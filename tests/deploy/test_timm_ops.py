@@ -57,7 +57,7 @@ def _trained(model, frontend="auto", steps=2):
     opt = fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=0.5), q)
     for step in range(steps):
         opt.zero_grad()
-        q.loss(q(x * (step + 1)), torch.randint(0, 128, (8,))).backward()
+        q.loss(q(x * (step + 1)), torch.randint(0, 4, (8,))).backward()
         opt.step()
     return q.eval(), x
 
@@ -178,7 +178,17 @@ class Divisions(nn.Module):  # repvit's (head + head_dist) / 2, a division by 3,
         return torch.cat([self.pool(y / 3), self.pool2(y)[..., :8, :8] / 0.75], 1)
 
 
-MODELS = [FunctionalBN, GhostShortcut, LayerScale, Divisions]
+class ChannelsLastMean(nn.Module):  # mambaout's head: mean((1, 2)) of an NHWC tensor; a channel mean
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return torch.cat([y.permute(0, 2, 3, 1).mean((1, 2)), y.mean(1, keepdim=True).flatten(1)], 1)
+
+
+MODELS = [FunctionalBN, GhostShortcut, LayerScale, Divisions, ChannelsLastMean]
 
 
 @pytest.mark.parametrize("make", MODELS, ids=[m.__name__ for m in MODELS])
@@ -249,3 +259,10 @@ def test_a_sum_started_at_zero_deploys():
     assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2) == (0, 0)
     (out,) = onnx_session(to_qdq(fold_bn(q), (x[:2],))).run(None, {"x": x.numpy()})[:1]
     assert out.shape == (8, 4, 8, 8)
+
+
+def test_a_mean_over_other_dims_is_a_window_sum_times_a_reciprocal():
+    q, x = _trained(ChannelsLastMean())
+    assert [n.target for n in q.graph.nodes].count(ops.fixed_point_mean) == 2
+    codes = [op.op for op in integer_graph(q, (x[:2],)).ops]
+    assert codes.count("sum_pool2d") == 2 and codes.count("scale") == 1  # 64 values: c = 1; 6 channels: c != 1

@@ -52,6 +52,7 @@ raises :class:`~fxcompile.errors.ExportError` naming the edge and format: an act
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -247,6 +248,19 @@ def _avg_pool2d(g, node, x, *args, **kwargs):
 def _fixed_point_avg_pool2d(g, node, x, kernel, stride, padding, spec):
     return g.node("AveragePool", [x], kernel_shape=list(kernel), strides=list(stride),
                   pads=[padding[0], padding[1], padding[0], padding[1]], count_include_pad=1)
+
+
+def _fixed_point_mean(g, node, x, dims, keepdim, spec):
+    # the float mean as an average pool over the reduced axes moved last (opset-agnostic ops)
+    shape = tuple(node.args[0].meta["tensor_meta"].shape)
+    rank = len(shape)
+    dims = sorted(d % rank for d in dims)
+    kept = [d for d in range(1, rank) if d not in dims]
+    n, k = math.prod(shape[d] for d in dims), math.prod(shape[d] for d in kept)
+    t = g.node("Transpose", [x], perm=[0, *kept, *dims])
+    t = g.node("Reshape", [t, g.const([0, k, 1, n], np.int64)])
+    t = g.node("AveragePool", [t], kernel_shape=[1, n], strides=[1, n])
+    return g.node("Reshape", [t, g.const([0, *_shape(node)[1:]], np.int64)])
 
 
 def _truediv(g, node, a, b, *args, **kwargs):
@@ -465,6 +479,7 @@ FLOAT_OPS: dict[str, Callable] = {
     "conv2d": _conv2d, "linear": _linear, "relu": _relu, "max_pool2d": _max_pool2d,
     "avg_pool2d": _avg_pool2d, "adaptive_avg_pool2d": _average, "mean": _average, "fixed_point_average": _average,
     "fixed_point_avg_pool2d": _fixed_point_avg_pool2d, "truediv": _truediv, "fixed_point_divide": _fixed_point_divide,
+    "fixed_point_mean": _fixed_point_mean,
     "flatten": _flatten, "add": _add_or_size, "identity": _identity, "dropout": _identity,
     # structural ops
     "reshape": _reshape, "squeeze": _reshape, "contiguous": _identity, "drop_path": _identity, "permute": _permute,
