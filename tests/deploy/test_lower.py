@@ -59,7 +59,9 @@ def test_rule_table_has_one_entry_per_op():
                           "reshape", "squeeze", "contiguous", "drop_path", "permute", "transpose", "getitem",
                           "split", "size", "cat", "stack", "mul", "fixed_point_mul", "sub",
                           "fixed_point_batch_norm", "pad", "interpolate", "write_back",
-                          "relu6", "hardtanh", "clamp", "lookup"}
+                          "relu6", "hardtanh", "clamp", "lookup",
+                          # divisions by constants, average pools and means: their fixed-point definitions
+                          "truediv", "fixed_point_divide", "fixed_point_avg_pool2d", "fixed_point_mean"}
 
 
 # ---- rounding shift and saturation: Python integers as the oracle ----------------------------
@@ -186,7 +188,12 @@ def test_rule_avg_pool2d_with_ceil_mode_lowers_where_it_adds_no_partial_window()
 
 
 def test_rule_avg_pool2d_refuses_other_divisors():
+    # a 3x3 pool divides by 9: compile() gives it its fixed-point definition, which lowers
     q = fxc.compile(Single(lambda s, x: s.mods[0](x), nn.AvgPool2d(3)), POLICY,
+                    example_inputs=(torch.randn(1, 1, 6, 6),))
+    assert [op.op for op in lower(q, (torch.randn(1, 1, 6, 6),)).ops].count("scale") == 1
+    # padding not counted: the border windows divide by 4 or 6, no single divisor
+    q = fxc.compile(Single(lambda s, x: s.mods[0](x), nn.AvgPool2d(3, padding=1, count_include_pad=False)), POLICY,
                     example_inputs=(torch.randn(1, 1, 6, 6),))
     with pytest.raises(fxc.ExportError, match="power-of-two"):
         lower(q, (torch.randn(1, 1, 6, 6),))
