@@ -266,3 +266,20 @@ def test_a_mean_over_other_dims_is_a_window_sum_times_a_reciprocal():
     assert [n.target for n in q.graph.nodes].count(ops.fixed_point_mean) == 2
     codes = [op.op for op in integer_graph(q, (x[:2],)).ops]
     assert codes.count("sum_pool2d") == 2 and codes.count("scale") == 1  # 64 values: c = 1; 6 channels: c != 1
+
+
+def test_nearest_upsampling_writes_valid_qonnx():  # hrnet's and ghostnetv3's Upsample at QONNX's opset 11
+    import onnx
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return F.interpolate(self.a(x), scale_factor=2, mode="nearest")
+
+    q, x = _trained(Up())
+    onnx.checker.check_model(to_qonnx(fold_bn(q), (x[:2],)), full_check=True)
+    (qdq,) = onnx_session(to_qdq(fold_bn(q), (x[:2],))).run(None, {"x": x.numpy()})[:1]
+    assert qdq.shape == (8, 4, 16, 16)

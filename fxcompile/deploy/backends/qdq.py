@@ -442,7 +442,9 @@ def _write_back(g, node, base, value, steps):
 def _interpolate(g, node, x, *args, **kwargs):
     shape, before = _shape(node), list(node.args[0].meta["tensor_meta"].shape)
     scales = [1.0, 1.0] + [o / i for o, i in zip(shape[2:], before[2:])]
-    return g.node("Resize", [x, "", g.const(scales, np.float32)], mode="nearest")
+    # an empty roi, not a missing one: QONNX's opset 11 requires the input
+    return g.node("Resize", [x, g.const(np.zeros(0, np.float32), np.float32), g.const(scales, np.float32)],
+                  mode="nearest")
 
 
 def _clip(g, node, x, *args, **kwargs):
