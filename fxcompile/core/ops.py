@@ -17,8 +17,10 @@ one entry here, its function in each backend, and their tests::
 
 The module also holds the functions the IR's nodes call that are fxcompile's own:
 :func:`batch_norm` and :func:`call_with_parameters` (written by ``expose_params``),
-:func:`fixed_point_average` and :func:`fixed_point_avg_pool2d` (written by ``passes.averages``),
-whose reciprocal is :func:`reciprocal`, and :func:`fixed_point_matmul`, :func:`fixed_point_softmax`,
+:func:`fixed_point_average`, :func:`fixed_point_avg_pool2d`, :func:`fixed_point_mean` and
+:func:`fixed_point_divide`
+(written by ``passes.averages``), whose reciprocals are :func:`reciprocal` and
+:func:`divisor_reciprocal`, and :func:`fixed_point_matmul`, :func:`fixed_point_softmax`,
 :func:`fixed_point_layer_norm` (written by
 ``passes.definitions``; their integer algorithms are :mod:`fxcompile.core.intmath`),
 :func:`fixed_point_mul` (``passes.products``) and
@@ -50,6 +52,7 @@ from .quantizer import ROUNDINGS, quantize_reference
 __all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "module_op", "ops_in", "batch_norm", "call_with_parameters",
            "fixed_point_average", "reciprocal", "average_windows", "RECIPROCAL_BITS",
            "fixed_point_avg_pool2d", "adaptive_windows", "avg_pool_divisors", "average_factors",
+           "divisor_reciprocal", "fixed_point_divide", "fixed_point_mean",
            "fixed_point_mul", "fixed_point_batch_norm", "batch_norm_affine", "SCALE_BITS",
            "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "matmul_equation", "matmul_product",
            "code_bits", "fixed_point_conv1d", "fixed_point_conv2d", "fixed_point_conv3d", "fixed_point_linear",
@@ -253,6 +256,66 @@ def fixed_point_average(x: torch.Tensor, output_size, squeeze: bool, spec: list)
     else:
         y = _FixedPointAverage.apply(x, *windows, list(spec))
     return y[..., 0, 0] if squeeze else y
+
+
+def divisor_reciprocal(divisor) -> tuple[int, int]:
+    """``1/divisor`` for any finite non-zero float ``divisor``: ``(c, r)`` with ``c · 2**-r`` the
+    reciprocal.  A power of two is exact (``c = ±1``, ``r`` may be negative); otherwise ``|c|``
+    has :data:`RECIPROCAL_BITS` significant bits, ``c = round(2**r / divisor)`` to nearest, ties
+    to even, with ``2**(e-1) <= |divisor| < 2**e`` and ``r = 15 + e`` (an integer divisor gets
+    :func:`reciprocal`'s ``(c, r)``)::
+
+        >>> divisor_reciprocal(3), divisor_reciprocal(0.5), divisor_reciprocal(-1.5)
+        ((43691, 17), (1, -1), (-43691, 16))
+    """
+    from fractions import Fraction
+    if not (isinstance(divisor, (int, float)) and math.isfinite(divisor)) or divisor == 0:
+        raise ValueError(f"a division needs a finite non-zero constant divisor, got {divisor!r}")
+    f = Fraction(divisor)
+    sign, f = (-1 if f < 0 else 1), abs(f)
+    num, den = f.numerator, f.denominator
+    if num & (num - 1) == 0 and den & (den - 1) == 0:
+        return sign, num.bit_length() - den.bit_length()
+    e = num.bit_length() - den.bit_length()
+    while Fraction(2) ** e <= f:
+        e += 1
+    while Fraction(2) ** (e - 1) > f:
+        e -= 1
+    r = RECIPROCAL_BITS - 1 + e
+    return sign * round(Fraction(2) ** r / f), r
+
+
+def fixed_point_divide(x: torch.Tensor, divisor: float, spec: list) -> torch.Tensor:
+    """``x / divisor`` (a constant) as deployed: ``x`` times the :func:`divisor_reciprocal`
+    ``c · 2**-r`` of the divisor, computed exactly (float64: codes of up to 24 bits times a
+    16-bit ``c``), then rounded once to the format ``spec`` of the cast after it.  A power of two
+    is exact, as in float; any other divisor differs from the float quotient by the reciprocal's
+    rounding (relative error below 2**-16) before the cast rounds.  The backward is the float
+    quotient's (``grad / divisor``)::
+
+        >>> fixed_point_divide(torch.tensor([1.0]), 3, fixed(16, 8).spec())   # 256 · 43691 / 2**17 → 85/256
+        tensor([0.3320])
+    """
+    c, r = divisor_reciprocal(divisor)
+
+    def exact(x):
+        return quantize_reference(x.double() * c * 2.0 ** -r, spec).to(x.dtype)
+    return _Definition.apply(exact, lambda x: x / divisor, x)
+
+
+def fixed_point_mean(x: torch.Tensor, dims: tuple, keepdim: bool, spec: list) -> torch.Tensor:
+    """``x.mean(dims, keepdim)`` over non-batch ``dims`` (mambaout's ``mean((1, 2))`` of an NHWC
+    tensor) as deployed: the sum over ``dims`` times the :func:`reciprocal` ``c · 2**-r`` of the
+    number of values ``n``, computed exactly (float64: codes of up to 24 bits summed over up to
+    2**13 values, times a 16-bit ``c``), rounded once to the format ``spec`` of the cast after
+    it.  The backward is the float mean's."""
+    dims = tuple(d % x.dim() for d in dims)
+    n = math.prod(x.shape[d] for d in dims)
+    c, r = reciprocal(n)
+
+    def exact(x):
+        return quantize_reference(x.double().sum(dims, keepdim=keepdim) * c * 2.0 ** -r, spec).to(x.dtype)
+    return _Definition.apply(exact, lambda x: x.mean(dims, keepdim=keepdim), x)
 
 
 # ---- products of two activations, softmax, LayerNorm: fixed-point definitions (passes.definitions) ----
@@ -552,6 +615,12 @@ _DECLARED = [
     Op("mean", "reduction", (), (torch.mean,), ("mean",), ("mean",)),
     Op("fixed_point_average", "reduction", (), (fixed_point_average,)),  # written by passes.averages
     Op("fixed_point_avg_pool2d", "reduction", (), (fixed_point_avg_pool2d,)),  # written by passes.averages
+    Op("fixed_point_mean", "reduction", (), (fixed_point_mean,)),  # written by passes.averages
+    # division by a constant: a power of two moves the binary point; another constant's
+    # fixed-point definition (passes.averages) multiplies by its reciprocal
+    Op("truediv", "elementwise", (), (operator.truediv, torch.div, torch.true_divide), ("div", "true_divide"),
+       ("div",)),
+    Op("fixed_point_divide", "elementwise", (), (fixed_point_divide,)),  # written by passes.averages
     Op("dropout", "elementwise", (nn.Dropout,), (F.dropout,), (), ("dropout",)),  # the identity at eval time
     Op("batch_norm", "normalization", (), (batch_norm,)),
     # products of two activations, softmax, LayerNorm: their fixed-point definitions are written by passes.definitions

@@ -231,8 +231,9 @@ def rule_cast(lw: _Lowering, node: fx.Node, x: Value) -> Value:
     if fmt is None:
         raise ExportError(f"edge {mod.edge.name!r} ({mod.edge.role}) has no fixed-point format (float); "
                           "export needs every forward edge in fixed point: give the role a format in the policy")
-    if x.const is not None:
-        return Value(None, fmt.frac, fmt, tuple(x.const.shape), _const_codes(x.const, fmt))
+    if x.const is not None:  # a parameter (float), or one already cast (codes: their exact value)
+        value = x.const if x.frac is None else x.const.double() * 2.0 ** -x.frac
+        return Value(None, fmt.frac, fmt, tuple(x.const.shape), _const_codes(value, fmt))
     check_deployable(fmt, f"edge {mod.edge.name!r} ({mod.edge.role})")
     if x.is_float:
         return lw.emit(node, "quantize", [x], fmt.frac, fmt, fmt=fmt)
@@ -312,6 +313,65 @@ def rule_max_pool2d(lw, node, x, *args, **kwargs):
                         pads=(0, max(extra[1], 0), 0, max(extra[0], 0)), value=x.fmt.code_min - x.fmt.zero_point)
     return lw.emit(node, "max_pool2d", [x], x.frac, x.fmt, kernel=k, stride=stride, padding=padding,
                    dilation=dilation)
+
+
+def _rounded_by_output_cast(lw, node: fx.Node, spec, name: str, what: str) -> None:
+    """Refuse a fixed-point definition whose rounding ``spec`` is not its one output cast's format."""
+    casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u)]
+    fmt = lw.gm.get_submodule(casts[0].target).edge.forward if len(node.users) == 1 == len(casts) else None
+    if spec is None or fmt is None or fmt.spec() != list(spec):
+        raise ExportError(f"node {node.name!r} ({name}): {what} deploys only as the fixed-point definition "
+                          "compile() makes of it, rounded by the format of the one cast after it; give its "
+                          "output a single consumer and a fixed-point format, and recompile after changing that "
+                          "format")
+
+
+def rule_fixed_point_mean(lw, node, x, dims, keepdim, spec):
+    """The kept axes first, the reduced ones last as one axis, a window sum over it, times the
+    reciprocal of the count (``passes.averages``), reshaped to the mean's shape."""
+    x = _operand(node, x)
+    rank = len(x.shape)
+    dims = sorted(d % rank for d in dims)
+    n = math.prod(x.shape[d] for d in dims)
+    c, r = ops.reciprocal(n)
+    _rounded_by_output_cast(lw, node, spec, "mean", f"a mean over {n} values")
+    kept = [d for d in range(1, rank) if d not in dims]
+    perm = (0, *kept, *dims)
+    k = math.prod(x.shape[d] for d in kept)
+    if perm != tuple(range(rank)):
+        x = lw.emit(node, "transpose", [x], x.frac, x.fmt, suffix="_moved", perm=perm,
+                    out_shape=tuple(x.shape[d] for d in perm))
+    x = lw.emit(node, "reshape", [x], x.frac, x.fmt, suffix="_rows", out_shape=(x.shape[0], k, 1, n),
+                shape=(0, k, 1, n))
+    v = lw.emit(node, "sum_pool2d", [x], x.frac + (r if c == 1 else 0), suffix="_sum", out_shape=(x.shape[0], k, 1, 1),
+                kernel=(1, n), stride=(1, n))
+    if c != 1:
+        v = lw.emit(node, "scale", [v], x.frac + r, suffix="_scaled", out_shape=v.shape, factor=c)
+    return lw.emit(node, "reshape", [v], v.frac, shape=(0, *_shape(node)[1:]))
+
+
+def rule_truediv(lw, node, a, b, *args, **kwargs):
+    """``x / d`` by a constant: a positive power of two moves the binary point (exact, as in
+    float); another divisor lowers as its fixed-point definition (``fixed_point_divide``)."""
+    if not _tensors(a, b):
+        return rule_size(lw, node, a, b)  # arithmetic on sizes
+    if args or kwargs.get("rounding_mode") is not None or isinstance(b, Value) or not isinstance(a, Value):
+        raise ExportError(f"node {node.name!r} (truediv): only a tensor divided by a constant lowers "
+                          "(no rounding_mode, no tensor divisor)")
+    x = _operand(node, a)
+    c, r = ops.divisor_reciprocal(b)
+    if c != 1:
+        _rounded_by_output_cast(lw, node, None, "truediv", f"a division by {b!r} (not a positive power of two)")
+    return Value(x.name, x.frac + r, None, x.shape)  # the same codes, read at another binary point
+
+
+def rule_fixed_point_divide(lw, node, x, divisor, spec):
+    x = _operand(node, x)
+    c, r = ops.divisor_reciprocal(divisor)
+    _rounded_by_output_cast(lw, node, spec, "truediv", f"a division by {divisor!r}")
+    if c == 1:
+        return Value(x.name, x.frac + r, None, x.shape)
+    return lw.emit(node, "scale", [x], x.frac + r, factor=c)
 
 
 def rule_avg_pool2d(lw, node, x, *args, **kwargs):
@@ -426,6 +486,9 @@ def rule_add(lw, node, a, b, *args, **kwargs):
         return rule_size(lw, node, a, b)  # arithmetic on sizes
     if args or kwargs.get("alpha", 1) != 1:
         raise ExportError(f"node {node.name!r} (add): only a + b lowers (no alpha)")
+    for x, zero in ((a, b), (b, a)):  # a sum started at 0 (focalnet's ctx_all = 0; ctx_all + ...)
+        if isinstance(zero, (int, float)) and not isinstance(zero, bool) and zero == 0 and isinstance(x, Value):
+            return _operand(node, x)
     a, b = _operand(node, a), _operand(node, b)
     frac = max(a.frac, b.frac)
     return lw.emit(node, "add", [a, b], frac, shifts=(frac - a.frac, frac - b.frac))
@@ -533,6 +596,9 @@ def _batch_kept(lw, node: fx.Node, x: Value, shape) -> None:
 
 
 def rule_reshape(lw, node, x, *args, **kwargs):
+    if isinstance(x, Value) and x.const is not None:  # a parameter reshaped (layer scale's (C,) to (1, C, 1, 1))
+        shape = _shape(node)
+        return dataclasses.replace(x, const=x.const.reshape(shape), shape=shape)
     x, shape = _operand(node, x), _shape(node)
     _batch_kept(lw, node, x, shape)
     if shape == x.shape:
@@ -671,9 +737,25 @@ def _largest_code(v: Value) -> int | None:
     return None if v.fmt is None else max(abs(v.fmt.code_min - v.fmt.zero_point), abs(v.fmt.code_max - v.fmt.zero_point))
 
 
+def _channel_scale(node: fx.Node, x: Value, k: Value) -> torch.Tensor:
+    """The per-channel (axis 1) codes of the constant ``k`` that ``x`` is multiplied by: ``k``
+    is a scalar or has one value per channel of ``x`` (layer scale, ``gamma.reshape(1, -1, 1, 1)``)."""
+    const, rank = k.const, len(x.shape)
+    dims = (1,) * (rank - const.dim()) + tuple(const.shape)
+    if const.dim() > rank or any(d != 1 for i, d in enumerate(dims) if i != 1) or dims[1] not in (1, x.shape[1]):
+        raise ExportError(f"node {node.name!r} (mul): a product with a constant of shape {tuple(const.shape)} "
+                          f"lowers only when it is a scalar or one value per channel (axis 1) of the "
+                          f"{tuple(x.shape)} operand")
+    return const.reshape(-1).expand(x.shape[1]).clone()
+
+
 def _product(lw, node, a: Value, b: Value, spec=None) -> Value:
     a, b = _operand(node, a), _operand(node, b)
     name = ops.op_of(lw.gm, node).name
+    if a.const is not None or b.const is not None:
+        (x, k) = (b, a) if a.const is not None else (a, b)
+        if x.const is not None:
+            raise ExportError(f"node {node.name!r} ({name}): a product of two constants does not lower")
     if spec is None:
         la, lb = _largest_code(a), _largest_code(b)
         if la is None or lb is None or la * lb > FLOAT32_EXACT:
@@ -687,6 +769,9 @@ def _product(lw, node, a: Value, b: Value, spec=None) -> Value:
         if fmt is None or fmt.spec() != list(spec):
             raise ExportError(f"node {node.name!r} ({name}): the fixed-point product rounds to the format of the "
                               "one cast after it, which changed after compile(); recompile")
+    if a.const is not None or b.const is not None:  # times a parameter's codes: the exact per-channel product
+        scale = _channel_scale(node, x, k)
+        return lw.emit(node, "affine", [x], x.frac + k.frac, scale=scale, offset=torch.zeros_like(scale))
     return lw.emit(node, "mul", [a, b], a.frac + b.frac)
 
 
@@ -779,8 +864,8 @@ def rule_interpolate(lw, node, x, *args, **kwargs):
 
 
 def rule_dropout(lw, node, x, *args, **kwargs):
-    if node.op == "call_function":
-        p = op_arguments(lw.gm, node, ("p", "training"), {"p": 0.5, "training": True})
+    if node.op == "call_function":  # the lowered arguments: a training flag read from the model is its value
+        p = {"p": 0.5, "training": True, **dict(zip(("p", "training"), args)), **kwargs}
         if p["training"] and p["p"] > 0:
             raise ExportError(f"node {node.name!r} (dropout): F.dropout was traced with training=True, so the "
                               "graph drops in eval mode too; trace the model in eval mode, or use nn.Dropout")
@@ -856,6 +941,8 @@ RULES: dict[str, Callable] = {
     "mean": rule_unrewritten_average,
     "fixed_point_average": rule_fixed_point_average,
     "fixed_point_avg_pool2d": rule_fixed_point_avg_pool2d,
+    "truediv": rule_truediv, "fixed_point_divide": rule_fixed_point_divide,
+    "fixed_point_mean": rule_fixed_point_mean,
     "flatten": rule_flatten,
     "add": rule_add,
     "identity": rule_identity,

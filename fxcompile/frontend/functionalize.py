@@ -239,6 +239,7 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
             updated = new
             if chain:
                 updated = graph.call_function(write_back, (root, new, tuple(_step(v) for v in chain)))
+                inserted.append(updated)
             # views read after the write are taken again from the updated value, with the
             # views they were taken from (the chain, since the op returns the written view)
             needed = set(chain)
@@ -249,8 +250,10 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
             for alias in sorted(needed, key=order.get):
                 replayed[alias] = graph.node_copy(alias, lambda n: replayed.get(n, n))
                 inserted.append(replayed[alias])
-        # what the op returns is the written view: a view of the updated value
-        node.replace_all_uses_with(replayed[chain[-1]] if chain else new)
+            if chain:  # the written view, read again, holds what was written (also where it was a copy)
+                replayed[chain[-1]] = new
+        # what the op returns is the written view, which holds the op's result
+        node.replace_all_uses_with(new)
         for old, fresh in replayed.items():
             for user in list(old.users):
                 if order.get(user, -1) > here:
@@ -258,7 +261,7 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
         graph.erase_node(node)
         new.name = node.name
         changed = True
-    for node in reversed(inserted):  # views taken again but never read
+    for node in reversed(inserted):  # views taken again, and bases written into, but never read
         if not node.users:
             graph.erase_node(node)
     if changed:

@@ -125,7 +125,7 @@ def _trace_fx(model: torch.nn.Module, leaf_modules: Sequence, concrete_args=None
         err.module_path = path
         raise err from exc
     name = model.__class__.__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    gm = _follow_mode(fx.GraphModule(tracer.root, graph, name))
     ir.FRONTEND.set(gm, "fx")
     return gm
 
@@ -184,27 +184,43 @@ def _as_graph_module(exported: torch.nn.Module, name: str) -> fx.GraphModule:
 
 
 def _mode_args() -> dict:
-    aten = torch.ops.aten
-    # op -> position of its "training" argument
-    return {aten.dropout.default: 2, aten.feature_dropout.default: 2, aten.alpha_dropout.default: 2,
-            aten.feature_alpha_dropout.default: 2, aten.batch_norm.default: 5}
+    aten, F = torch.ops.aten, torch.nn.functional
+    # op -> position and keyword of its "training" argument
+    return {aten.dropout.default: (2, None), aten.feature_dropout.default: (2, None),
+            aten.alpha_dropout.default: (2, None), aten.feature_alpha_dropout.default: (2, None),
+            aten.batch_norm.default: (5, None),
+            # fx graphs: F.dropout(x, p, training=self.training) traced in training mode (timm's heads)
+            **{fn: (2, "training") for fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                                              F.feature_alpha_dropout)},
+            torch.dropout: (2, "train")}
 
 
 def _follow_mode(gm: fx.GraphModule) -> fx.GraphModule:
     """Dropout and batch norm captured in training mode read ``gm.training`` at run time, so
     that ``qmodel.eval()`` turns dropout off and batch norm to its running statistics, as the
-    model's own modules would (torch.export bakes the mode in as a constant)."""
+    model's own modules would (torch.export bakes the mode in as a constant, and so does fx
+    for ``F.dropout(x, p, training=self.training)``; fx records a flag left at its default,
+    True, as given, so every functional dropout of an fx graph follows the mode)."""
     mode, table = None, _mode_args()
     for node in list(gm.graph.nodes):
-        pos = table.get(node.target)
-        if pos is None or len(node.args) <= pos or node.args[pos] is not True:
+        try:
+            pos, keyword = table.get(node.target, (None, None))
+        except TypeError:  # an unhashable target
+            continue
+        if pos is None:
+            continue
+        by_keyword = keyword is not None and keyword in node.kwargs
+        if (node.kwargs[keyword] if by_keyword else node.args[pos] if len(node.args) > pos else None) is not True:
             continue
         if node.target is torch.ops.aten.batch_norm.default and node.args[3] is None:
             continue  # no running statistics: batch statistics in both modes
         if mode is None:
             with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op != "placeholder")):
                 mode = gm.graph.create_node("get_attr", "training")
-        node.update_arg(pos, mode)
+        if by_keyword:
+            node.update_kwarg(keyword, mode)
+        else:
+            node.update_arg(pos, mode)
     gm.recompile()
     return gm
 

@@ -21,7 +21,13 @@ The integer graph (``lower``) runs the same definition as ``sum_pool2d`` → ``s
 the cast's ``requantize``.  Power-of-two divisors give ``c = 1``: the result equals the float
 average followed by the cast, as before.  A node is left as it is when its output has no
 fixed-point cast of its own (several consumers, or a float format); ``lower`` then refuses
-it when its divisor is not a power of two::
+it when its divisor is not a power of two.
+
+The same holds for a division by a constant that is not a power of two (``x / 3``:
+:func:`fxcompile.core.ops.fixed_point_divide`, ``x`` times the constant's 16-bit reciprocal
+:func:`fxcompile.core.ops.divisor_reciprocal`, rounded once by the cast after it; a power of
+two moves the binary point and needs no rewrite), and for a mean over other non-batch dims
+(mambaout's ``mean((1, 2))`` of an NHWC tensor: :func:`fxcompile.core.ops.fixed_point_mean`)::
 
     >>> gm = fixed_point_averages(insert_casts(assign_formats(annotate_roles(trace(model)), baseline())))
     >>> [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"]
@@ -30,12 +36,15 @@ it when its divisor is not a power of two::
 
 from __future__ import annotations
 
+import math
+
 import torch.fx as fx
 
 from ..core import ir, ops
 from .casts import call_instead, output_cast
 
-__all__ = ["CONTRACT", "fixed_point_averages", "average_arguments", "avg_pool_arguments"]
+__all__ = ["CONTRACT", "fixed_point_averages", "average_arguments", "avg_pool_arguments", "mean_arguments",
+           "constant_divisor"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
@@ -89,19 +98,59 @@ def avg_pool_arguments(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     return tuple(values)
 
 
+def mean_arguments(gm: fx.GraphModule, node: fx.Node) -> tuple[tuple, bool] | None:
+    """``(dims, keepdim)`` of a ``mean`` node over non-batch dims other than the spatial mean of
+    :func:`average_arguments` (no ``dtype``), else ``None``."""
+    op = ops.op_of(gm, node)
+    if op is None or op.name != "mean" or average_arguments(gm, node) is not None or node.kwargs.get("dtype"):
+        return None
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    if rank is None or any(d % rank == 0 for d in dims) or not isinstance(keepdim, bool):
+        return None
+    return tuple(d % rank for d in dims), keepdim
+
+
+def constant_divisor(gm: fx.GraphModule, node: fx.Node):
+    """The constant ``d`` of a ``truediv`` node ``x / d`` (``x`` a tensor, ``d`` an int or float,
+    no ``rounding_mode``), else ``None``."""
+    op = ops.op_of(gm, node)
+    if op is None or op.name != "truediv" or len(node.args) != 2 or node.kwargs.get("rounding_mode") is not None:
+        return None
+    x, d = node.args
+    if not isinstance(x, fx.Node) or isinstance(d, bool) or not isinstance(d, (int, float)):
+        return None
+    return d if math.isfinite(d) and d != 0 else None
+
+
 def fixed_point_averages(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite the averages of ``gm`` (after ``insert_casts``) in place; returns ``gm``."""
     changed = False
     for node in list(gm.graph.nodes):
         arguments = average_arguments(gm, node)
         pool = None if arguments is not None else avg_pool_arguments(gm, node)
-        cast = None if arguments is None and pool is None else output_cast(gm, node)
+        divisor = None if arguments is not None or pool is not None else constant_divisor(gm, node)
+        if divisor is not None and abs(ops.divisor_reciprocal(divisor)[0]) == 1:
+            divisor = None  # a power of two: the float quotient is exact
+        mean = None if arguments is not None or pool is not None or divisor is not None else mean_arguments(gm, node)
+        cast = None if arguments is None and pool is None and divisor is None and mean is None \
+            else output_cast(gm, node)
         if cast is None:
             continue
-        if pool is not None:
-            call_instead(gm, node, ops.fixed_point_avg_pool2d, (node.args[0], *pool, cast.edge.forward.spec()))
+        spec = cast.edge.forward.spec()
+        if mean is not None:
+            call_instead(gm, node, ops.fixed_point_mean, (node.args[0], *mean, spec))
+        elif arguments is not None:
+            call_instead(gm, node, ops.fixed_point_average, (node.args[0], *arguments, spec))
+        elif pool is not None:
+            call_instead(gm, node, ops.fixed_point_avg_pool2d, (node.args[0], *pool, spec))
         else:
-            call_instead(gm, node, ops.fixed_point_average, (node.args[0], *arguments, cast.edge.forward.spec()))
+            call_instead(gm, node, ops.fixed_point_divide, (node.args[0], divisor, spec))
         changed = True
     if changed:
         gm.recompile()

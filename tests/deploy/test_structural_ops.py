@@ -424,7 +424,6 @@ class FunctionalDropout(nn.Module):  # fx records self.training as the constant 
 
 
 @pytest.mark.parametrize("make, message", [
-    (FunctionalDropout, r"node 'dropout' \(dropout\): F.dropout was traced with training=True"),
     (BatchReshape, r"node 'reshape' \(reshape\): reshapes \(2, 3, 8, 8\) to \(4, 3, 8, 4\)"),
     (BatchCat, r"node 'cat' \(cat\): along the batch dimension does not lower"),
     (Bilinear, r"node 'interpolate' \(interpolate\): only nearest upsampling"),
@@ -465,7 +464,8 @@ class InPlacePart(nn.Module):  # an in-place op on a slice: written back into pa
 
 def test_an_in_place_op_on_a_whole_view_deploys_and_one_on_a_part_is_refused(tmp_path):
     q, x = _trained(InPlaceHead)
-    assert any(ops.op_of(q, n) is ops.OPS["write_back"] for n in q.graph.nodes)
+    # only the written view is read again: it is the op's result, and nothing is written back
+    assert not any(ops.op_of(q, n) is ops.OPS["write_back"] for n in q.graph.nodes)
     assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
     q, x = _trained(InPlacePart)
     with pytest.raises(fxc.ExportError, match=r"'write_back' \(write_back\): an in-place op on a part"):

@@ -52,6 +52,7 @@ raises :class:`~fxcompile.errors.ExportError` naming the edge and format: an act
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -250,6 +251,31 @@ def _avg_pool2d(g, node, x, *args, **kwargs):
     return y
 
 
+def _fixed_point_mean(g, node, x, dims, keepdim, spec):
+    # the float mean as an average pool over the reduced axes moved last (opset-agnostic ops)
+    shape = tuple(node.args[0].meta["tensor_meta"].shape)
+    rank = len(shape)
+    dims = sorted(d % rank for d in dims)
+    kept = [d for d in range(1, rank) if d not in dims]
+    n, k = math.prod(shape[d] for d in dims), math.prod(shape[d] for d in kept)
+    t = g.node("Transpose", [x], perm=[0, *kept, *dims])
+    t = g.node("Reshape", [t, g.const([0, k, 1, n], np.int64)])
+    t = g.node("AveragePool", [t], kernel_shape=[1, n], strides=[1, n])
+    return g.node("Reshape", [t, g.const([0, *_shape(node)[1:]], np.int64)])
+
+
+def _truediv(g, node, a, b, *args, **kwargs):
+    # the float quotient between quantizers; the integer graph's moved binary point or reciprocal
+    if not isinstance(a, str):
+        return _size(g, node, a, b)
+    return g.node("Div", [a, g.const(np.array(b, np.float32), np.float32)])
+
+
+def _fixed_point_divide(g, node, x, divisor, spec):
+    c, r = ops.divisor_reciprocal(divisor)
+    return g.node("Mul", [x, g.const(np.array(c * 2.0 ** -r, np.float32), np.float32)])
+
+
 def _average(g, node, x, *args, **kwargs):
     # the float average between the input's DequantizeLinear and the output's QuantizeLinear: the
     # nearest this flavour has to the integer graph's window sum times a fixed-point reciprocal
@@ -326,8 +352,23 @@ def _size(g, node, *args, **kwargs):
     return node.target(*args, **kwargs)
 
 
+def _parameter_only(node: fx.Node) -> bool:
+    """Whether ``node`` is computed from parameters only (no graph input upstream)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n.op == "placeholder":
+            return False
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return True
+
+
 def _reshape(g, node, x, *args, **kwargs):
-    return g.node("Reshape", [x, g.const([0, *_shape(node)[1:]], np.int64)])
+    # a parameter reshaped (layer scale's (C,) to (1, C, 1, 1)) has no batch axis to keep
+    shape = list(_shape(node)) if _parameter_only(node) else [0, *_shape(node)[1:]]
+    return g.node("Reshape", [x, g.const(shape, np.int64)])
 
 
 def _permute(g, node, x, *dims, **kwargs):
@@ -376,6 +417,8 @@ def _sub(g, node, a, b, *args, **kwargs):
 
 
 def _add_or_size(g, node, a, b, *args, **kwargs):
+    if isinstance(a, str) != isinstance(b, str) and (b if isinstance(a, str) else a) == 0:
+        return a if isinstance(a, str) else b  # a sum started at 0
     return _add(g, node, a, b) if isinstance(a, str) else _size(g, node, a, b)
 
 
@@ -412,7 +455,9 @@ def _write_back(g, node, base, value, steps):
 def _interpolate(g, node, x, *args, **kwargs):
     shape, before = _shape(node), list(node.args[0].meta["tensor_meta"].shape)
     scales = [1.0, 1.0] + [o / i for o, i in zip(shape[2:], before[2:])]
-    return g.node("Resize", [x, "", g.const(scales, np.float32)], mode="nearest")
+    # an empty roi, not a missing one: QONNX's opset 11 requires the input
+    return g.node("Resize", [x, g.const(np.zeros(0, np.float32), np.float32), g.const(scales, np.float32)],
+                  mode="nearest")
 
 
 def _clip(g, node, x, *args, **kwargs):
@@ -448,6 +493,7 @@ def _lookup_float(g, node, x, name, params, *specs):
 FLOAT_OPS: dict[str, Callable] = {
     "conv2d": _conv2d, "linear": _linear, "relu": _relu, "max_pool2d": _max_pool2d,
     "avg_pool2d": _avg_pool2d, "fixed_point_avg_pool2d": _avg_pool2d, "adaptive_avg_pool2d": _average, "mean": _average, "fixed_point_average": _average,
+    "truediv": _truediv, "fixed_point_divide": _fixed_point_divide, "fixed_point_mean": _fixed_point_mean,
     "flatten": _flatten, "add": _add_or_size, "identity": _identity, "dropout": _identity,
     # structural ops
     "reshape": _reshape, "squeeze": _reshape, "contiguous": _identity, "drop_path": _identity, "permute": _permute,
