@@ -47,7 +47,7 @@ from .quantizer import ROUNDINGS, quantize_reference
 
 __all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "module_op", "ops_in", "batch_norm", "call_with_parameters",
            "fixed_point_average", "reciprocal", "average_windows", "RECIPROCAL_BITS",
-           "fixed_point_mul", "fixed_point_batch_norm", "batch_norm_affine", "SCALE_BITS",
+           "fixed_point_mul", "scalar_codes", "fixed_point_batch_norm", "batch_norm_affine", "SCALE_BITS",
            "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "matmul_equation", "matmul_product",
            "code_bits",
            "lookup", "CLIP_OPS", "LOOKUP_OPS"]
@@ -320,8 +320,30 @@ def fixed_point_mul(a: torch.Tensor, b: torch.Tensor, spec: list) -> torch.Tenso
 
         >>> fixed_point_mul(torch.tensor([1.5]), torch.tensor([0.75]), fixed(16, 8).spec())
         tensor([1.1250])
+
+    ``b`` may be a Python number (attention's ``q * head_dim ** -0.5``): it is the float32
+    value nearest to it (24 significant bits, what a float32 product reads), times ``a``
+    exactly (codes of up to 29 bits), rounded once; see :func:`scalar_codes`.
     """
+    if not isinstance(b, torch.Tensor):
+        m, e = scalar_codes(b)
+        b = torch.tensor(m * 2.0 ** -e, dtype=torch.float64, device=a.device)
+        return _FixedPointMul.apply(a, b, list(spec)).to(a.dtype)
     return _FixedPointMul.apply(a, b, list(spec))
+
+
+def scalar_codes(k: float) -> tuple[int, int]:
+    """A Python number as the float32 nearest to it, ``m · 2**-e`` with integer ``m`` (at most 24
+    significant bits) and ``e`` (the fewest fractional bits)::
+
+        >>> scalar_codes(0.5), scalar_codes(32 ** -0.5)
+        ((1, 1), (11863283, 26))
+    """
+    v = float(torch.tensor(float(k), dtype=torch.float32))
+    if not math.isfinite(v):
+        raise ValueError(f"a product with the constant {k!r}: not a finite float32")
+    m, e = v.as_integer_ratio()
+    return m, e.bit_length() - 1
 
 
 SCALE_BITS = 16  # significant bits of a stand-alone batch norm's per-channel scale
@@ -433,11 +455,13 @@ _DECLARED = [
     Op("getitem", "shape", (), (operator.getitem,)),  # slices of tensors, elements of tuples and sizes
     Op("split", "shape", (), (torch.split, torch.chunk, torch.unbind), ("split", "chunk", "unbind"),
        ("split", "chunk", "unbind", "split_with_sizes")),
-    Op("size", "size", (), (getattr, operator.floordiv, operator.eq, operator.ne, operator.lt, operator.le,
+    Op("size", "size", (), (getattr, operator.floordiv, operator.mod, operator.eq, operator.ne, operator.lt, operator.le,
                               operator.gt, operator.ge, torch._assert), ("size", "dim"), ("sym_size",)),
     Op("mul", "multiply_accumulate", (), (operator.mul, operator.imul, torch.mul), ("mul", "mul_"), ("mul",)),
     Op("fixed_point_mul", "multiply_accumulate", (), (fixed_point_mul,)),  # written by passes.products
     Op("fixed_point_batch_norm", "normalization", (), (fixed_point_batch_norm,)),  # written by passes.batch_norms
+    # shifted windows (swin): codes moved cyclically along non-batch axes
+    Op("roll", "shape", (), (torch.roll,), ("roll",), ("roll",)),
     Op("pad", "resample", (nn.ZeroPad2d, nn.ConstantPad2d), (F.pad,), (), ("pad",)),
     # an in-place op on a view, written back into its base (frontend.functionalize)
     Op("write_back", "shape", function_names=("fxcompile.frontend.functionalize.write_back",)),
@@ -498,6 +522,7 @@ INTEGER_OPS = {
     "affine": "codes times a per-channel integer, plus a per-channel integer (at the product's binary point)",
     "pad": "codes with a constant (zero, or a max pool's smallest code) added around non-batch axes",
     "upsample": "codes repeated by integer factors along the spatial axes (nearest)",
+    "constant": "the codes of a parameter (after its cast, through shape ops) as an operand of an elementwise op",
 }
 
 

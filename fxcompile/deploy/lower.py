@@ -72,7 +72,7 @@ from ..passes.casts import Cast
 from ..passes.lookup_tables import lookup_arguments, lookup_refusal
 
 __all__ = ["CONTRACT", "IntOp", "IntegerGraph", "Value", "lower", "RULES", "UNSUPPORTED", "op_key", "op_arguments", "pair",
-           "MAX_SHIFT", "evaluate", "permutation", "index_slices", "split_sizes", "FLOAT32_EXACT"]
+           "MAX_SHIFT", "evaluate", "permutation", "reshape_target", "fold_constant", "index_slices", "split_sizes", "FLOAT32_EXACT"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
@@ -143,6 +143,9 @@ class _Lowering:
              **attrs) -> Value:
         out = node.name + suffix
         shape = out_shape if out_shape is not None else _shape(node)
+        rank = max((len(v.shape) for v in inputs if v.shape is not None), default=0)
+        inputs = [self.constant(node, v, f"{suffix}_const{i}", rank)
+                  if v.name is None and v.const is not None and v.frac is not None else v for i, v in enumerate(inputs)]
         for v in inputs:
             if v.name is None:
                 raise ExportError(f"node {node.name!r} ({op}): operand is a constant; only parameters of "
@@ -150,6 +153,15 @@ class _Lowering:
         self.ops.append(IntOp(op, out, tuple(v.name for v in inputs), frac, bounds, attrs, node.name))
         self.shapes[out] = shape
         return Value(out, frac, bounds, shape)
+
+    def constant(self, node: fx.Node, v: Value, suffix: str, rank: int) -> Value:
+        """The codes of a constant operand (a parameter after its cast) as a graph value, with
+        leading axes of size 1 up to ``rank`` so that it broadcasts against the batch."""
+        codes = v.const.reshape((1,) * (rank - v.const.dim()) + tuple(v.const.shape))
+        out = node.name + suffix
+        self.ops.append(IntOp("constant", out, (), v.frac, v.fmt, {"value": codes}, node.name))
+        self.shapes[out] = tuple(codes.shape)
+        return Value(out, v.frac, v.fmt, tuple(codes.shape))
 
 
 def _shape(node: fx.Node) -> tuple | None:
@@ -228,8 +240,12 @@ def rule_cast(lw: _Lowering, node: fx.Node, x: Value) -> Value:
     if fmt is None:
         raise ExportError(f"edge {mod.edge.name!r} ({mod.edge.role}) has no fixed-point format (float); "
                           "export needs every forward edge in fixed point: give the role a format in the policy")
-    if x.const is not None:
+    if x.const is not None and x.frac is None:
         return Value(None, fmt.frac, fmt, tuple(x.const.shape), _const_codes(x.const, fmt))
+    if x.const is not None:  # a parameter's codes moved by shape ops (a gathered bias table)
+        check_deployable(fmt, f"edge {mod.edge.name!r} ({mod.edge.role})")
+        codes = saturate(round_shift(x.const, x.frac - fmt.frac, fmt.rounding), fmt)
+        return Value(None, fmt.frac, fmt, tuple(codes.shape), codes)
     check_deployable(fmt, f"edge {mod.edge.name!r} ({mod.edge.role})")
     if x.is_float:
         return lw.emit(node, "quantize", [x], fmt.frac, fmt, fmt=fmt)
@@ -382,6 +398,9 @@ def rule_add(lw, node, a, b, *args, **kwargs):
         return rule_size(lw, node, a, b)  # arithmetic on sizes
     if args or kwargs.get("alpha", 1) != 1:
         raise ExportError(f"node {node.name!r} (add): only a + b lowers (no alpha)")
+    if isinstance(a, Value) and isinstance(b, Value) and (a.is_float and a.const is not None) != \
+            (b.is_float and b.const is not None):
+        a, b = (_on_grid(node, a, _operand(node, b)), b) if a.is_float else (a, _on_grid(node, b, _operand(node, a)))
     a, b = _operand(node, a), _operand(node, b)
     frac = max(a.frac, b.frac)
     return lw.emit(node, "add", [a, b], frac, shifts=(frac - a.frac, frac - b.frac))
@@ -488,12 +507,27 @@ def _batch_kept(lw, node: fx.Node, x: Value, shape) -> None:
                           f"{tuple(shape or ())}; only shapes that keep the batch dimension first and whole lower")
 
 
+def reshape_target(node: fx.Node, before: tuple, after: tuple, label: str = "reshape") -> tuple:
+    """The target shape of a reshape from ``before`` to ``after`` with the batch left free: ``0``
+    (the batch, as it is) first, or ``-1`` where the batch axis merges with whole axes after it or
+    splits off them (``(B, nH, nW, ws, ws, C)`` to ``(B·nH·nW, ws, ws, C)``: swin's windows), the
+    other axes keeping their sizes."""
+    if after and before and after[0] == before[0] and math.prod(after[1:]) == math.prod(before[1:]):
+        return (0, *after[1:])
+    rest_before, rest_after = math.prod(before[1:]), math.prod(after[1:])
+    if after and before and rest_before and rest_after and (rest_before % rest_after == 0 or rest_after % rest_before == 0):
+        # the batch axis holds whole multiples of the example's elements per sample: -1 infers it
+        return (-1, *after[1:])
+    raise ExportError(f"node {node.name!r} ({label}): reshapes {tuple(before)} to {tuple(after or ())}; only shapes "
+                      "that keep the batch dimension first (whole, or merged with whole axes after it) lower")
+
+
 def rule_reshape(lw, node, x, *args, **kwargs):
     x, shape = _operand(node, x), _shape(node)
-    _batch_kept(lw, node, x, shape)
     if shape == x.shape:
         return x
-    return lw.emit(node, "reshape", [x], x.frac, x.fmt, shape=(0, *shape[1:]))
+    target = reshape_target(node, tuple(x.shape), tuple(shape or ()), _label(lw.gm, node))
+    return lw.emit(node, "reshape", [x], x.frac, x.fmt, shape=target)
 
 
 def permutation(gm: fx.GraphModule, node: fx.Node, rank: int, dims: tuple, kwargs: dict) -> list[int]:
@@ -661,6 +695,13 @@ def rule_mul(lw, node, a, b):
 
 
 def rule_fixed_point_mul(lw, node, a, b, spec):
+    if not isinstance(b, Value):  # times a number: its float32 value m · 2**-e, exactly
+        a = _operand(node, a)
+        _definition_output(lw, node, spec, "mul")
+        m, e = ops.scalar_codes(b)
+        if _largest_code(a) is None or _largest_code(a).bit_length() + abs(m).bit_length() > 62:
+            raise ExportError(f"node {node.name!r} (mul): the product of its codes and {b!r} overflows int64")
+        return lw.emit(node, "scale", [a], a.frac + e, factor=m)
     return _product(lw, node, a, b, spec)
 
 
@@ -732,6 +773,70 @@ def rule_interpolate(lw, node, x, *args, **kwargs):
         raise ExportError(f"node {node.name!r} (interpolate): only nearest upsampling of (N, C, H, W) by integer "
                           f"factors lowers (got mode {mode!r}, {tuple(x.shape)} to {shape})")
     return lw.emit(node, "upsample", [x], x.frac, x.fmt, factors=factors)
+
+
+def fold_constant(gm: fx.GraphModule, node: fx.Node, args, kwargs):
+    """The value of a shape op (view, permute, getitem by an index tensor, ...) on constants
+    only — a parameter's codes after its cast, or a buffer — computed now, as a constant of the
+    first operand's binary point (swin's relative-position bias: a table gathered by a constant
+    index); ``None`` for any other node."""
+    op = ops.op_of(gm, node)
+    values = [v for v in _values((args, kwargs)) if isinstance(v, Value)]
+    if op is None or op.group != "shape" or node.op == "call_module" or not values or \
+            any(v.const is None for v in values):
+        return None
+    coded = next((v for v in values if v.frac is not None), values[0])
+    concrete = lambda v: v.const if isinstance(v, Value) else v  # noqa: E731
+    args, kwargs = fx.node.map_aggregate(args, concrete), fx.node.map_aggregate(kwargs, concrete)
+    result = getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method" else \
+        node.target(*args, **kwargs)
+    wrap = lambda t: Value(None, coded.frac, coded.fmt, tuple(t.shape), t)  # noqa: E731
+    return tuple(wrap(t) for t in result) if isinstance(result, (tuple, list)) else wrap(result)
+
+
+def _values(tree) -> list:
+    out = []
+    fx.node.map_aggregate(tree, lambda v: out.append(v) or v)
+    return out
+
+
+def rule_roll(lw, node, x, shifts, dims=None):
+    """``torch.roll`` along non-batch axes: per axis, the last ``s`` codes sliced off and put
+    first (a slice and a concat; exact)."""
+    x = _operand(node, x)
+    if dims is None:
+        raise ExportError(f"node {node.name!r} (roll): rolling the flattened tensor does not lower; give dims")
+    shifts, dims = (shifts, dims) if isinstance(dims, (tuple, list)) else ((shifts,), (dims,))
+    for i, (s, d) in enumerate(zip(shifts, dims)):
+        d = _axis(node, d, len(x.shape), "roll")
+        n = x.shape[d]
+        s %= n
+        if s == 0:
+            continue
+        head = tuple(x.shape[:d]) + (s,) + tuple(x.shape[d + 1:])
+        tail = tuple(x.shape[:d]) + (n - s,) + tuple(x.shape[d + 1:])
+        a = _slice(lw, node, x, [n - s], [n], [d], [1], suffix=f"_{i}_head", out_shape=head)
+        b = _slice(lw, node, x, [0], [n - s], [d], [1], suffix=f"_{i}_tail", out_shape=tail)
+        x = lw.emit(node, "concat", [a, b], x.frac, x.fmt, suffix=f"_{i}", out_shape=tuple(x.shape), axis=d,
+                    shifts=(0, 0))
+    return x
+
+
+FLOAT32_SIGNIFICAND = 24
+
+
+def _on_grid(node: fx.Node, c: Value, x: Value) -> Value:
+    """A float constant (a buffer, e.g. swin's attention mask) added to ``x``: its codes at
+    ``x``'s binary point, if it lies on that grid and the float32 sum the simulation forms is
+    exact (``|x| + |c|`` within float32's 24-bit significand)."""
+    codes = c.const.double() * 2.0 ** x.frac
+    largest = _largest_code(x)
+    if not torch.equal(codes, torch.round(codes)) or largest is None or \
+            largest + int(codes.abs().max()) > 1 << FLOAT32_SIGNIFICAND:
+        raise ExportError(f"node {node.name!r} (add): a constant operand lowers only on its other operand's grid "
+                          f"(2**-{x.frac}) and small enough for the simulation's float32 sum to be exact; give it "
+                          "a fixed-point cast of its own")
+    return Value(None, x.frac, None, tuple(c.const.shape), codes.to(torch.int64))
 
 
 def rule_dropout(lw, node, x, *args, **kwargs):
@@ -824,7 +929,7 @@ RULES: dict[str, Callable] = {
     "permute": rule_permute, "transpose": rule_permute, "getitem": rule_getitem, "split": rule_split,
     "size": rule_size, "cat": rule_cat, "stack": rule_cat, "mul": rule_mul, "fixed_point_mul": rule_fixed_point_mul,
     "sub": rule_sub, "fixed_point_batch_norm": rule_fixed_point_batch_norm, "pad": rule_pad,
-    "interpolate": rule_interpolate, "write_back": rule_write_back,
+    "interpolate": rule_interpolate, "write_back": rule_write_back, "roll": rule_roll,
     "relu6": rule_clip, "hardtanh": rule_clip, "clamp": rule_clip,
     "lookup": rule_lookup,
 }
@@ -910,5 +1015,6 @@ def lower(gm: fx.GraphModule, example_inputs) -> IntegerGraph:
         else:
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            env[node] = RULES[op_key(gm, node)](lw, node, *args, **kwargs)
+            folded = fold_constant(gm, node, args, kwargs)
+            env[node] = folded if folded is not None else RULES[op_key(gm, node)](lw, node, *args, **kwargs)
     return IntegerGraph(inputs, input_shapes, lw.ops, outputs, lw.shapes)

@@ -66,8 +66,8 @@ from ...core.formats import FixedPoint
 from ...passes.averages import average_arguments
 from ...passes.casts import Cast
 from ..lower import UNSUPPORTED as UNSUPPORTED_LOWERING
-from ..lower import (evaluate, index_slices, lower, op_arguments, op_key, pair, permutation, split_sizes,
-                     whole_view)
+from ..lower import (evaluate, index_slices, lower, op_arguments, op_key, pair, permutation, reshape_target,
+                     split_sizes, whole_view)
 from .onnx import add_constant
 
 __all__ = ["to_qdq", "FloatGraph", "FLOAT_OPS", "UNSUPPORTED", "STRUCTURAL", "OPSET", "container"]
@@ -287,7 +287,13 @@ def _layer_norm(g, node, x, normalized_shape, w, b, eps, *specs):
     n = normalized_shape[0]
     w = w if w is not None else g.const(np.ones(n, np.float32), np.float32)
     b = b if b is not None else g.const(np.zeros(n, np.float32), np.float32)
-    return g.node("LayerNormalization", [x, w, b], axis=-1, epsilon=eps)
+    if g.opset_imports[0].version >= 17:
+        return g.node("LayerNormalization", [x, w, b], axis=-1, epsilon=eps)
+    # before opset 17 (QONNX's 11): the same float computation in elementary ops
+    d = g.node("Sub", [x, g.node("ReduceMean", [x], axes=[-1], keepdims=1)])
+    var = g.node("ReduceMean", [g.node("Mul", [d, d])], axes=[-1], keepdims=1)
+    z = g.node("Div", [d, g.node("Sqrt", [g.node("Add", [var, g.const(eps, np.float32)])])])
+    return g.node("Add", [g.node("Mul", [z, w]), b])
 
 
 # ---- structural ops: shapes come from the example inputs' shape propagation ----------------
@@ -308,7 +314,9 @@ def _size(g, node, *args, **kwargs):
 
 
 def _reshape(g, node, x, *args, **kwargs):
-    return g.node("Reshape", [x, g.const([0, *_shape(node)[1:]], np.int64)])
+    before = tuple(node.args[0].meta["tensor_meta"].shape)
+    target = reshape_target(node, before, tuple(_shape(node)), ops.op_of(g.gm, node).name)
+    return g.node("Reshape", [x, g.const(list(target), np.int64)])
 
 
 def _permute(g, node, x, *dims, **kwargs):
@@ -324,7 +332,21 @@ def _getitem(g, node, x, index):
     if starts:
         x = g.node("Slice", [x, g.const(starts, np.int64), g.const(ends, np.int64), g.const(axes, np.int64),
                              g.const(steps, np.int64)])
-    return _reshape(g, node, x)
+    return g.node("Reshape", [x, g.const([0, *_shape(node)[1:]], np.int64)])
+
+
+def _roll(g, node, x, shifts, dims=None):
+    # per axis, the last s values sliced off and put first, as the integer graph does
+    shifts, dims = (shifts, dims) if isinstance(dims, (tuple, list)) else ((shifts,), (dims,))
+    shape = _shape(node)
+    for s, d in zip(shifts, dims):
+        n, d = shape[d], d % len(shape)
+        s %= n
+        if s:
+            head = g.node("Slice", [x, g.const([n - s], np.int64), g.const([n], np.int64), g.const([d], np.int64)])
+            tail = g.node("Slice", [x, g.const([0], np.int64), g.const([n - s], np.int64), g.const([d], np.int64)])
+            x = g.node("Concat", [head, tail], axis=d)
+    return x
 
 
 def _split(g, node, x, *args, **kwargs):
@@ -434,7 +456,7 @@ FLOAT_OPS: dict[str, Callable] = {
     "reshape": _reshape, "squeeze": _reshape, "contiguous": _identity, "drop_path": _identity, "permute": _permute,
     "transpose": _permute, "getitem": _getitem, "split": _split, "size": _size, "cat": _cat, "stack": _cat,
     "mul": _mul, "fixed_point_mul": _mul, "sub": _sub, "fixed_point_batch_norm": _batch_norm, "pad": _pad,
-    "interpolate": _interpolate, "write_back": _write_back,
+    "interpolate": _interpolate, "write_back": _write_back, "roll": _roll,
     "fixed_point_matmul": _matmul, "fixed_point_softmax": _softmax, "fixed_point_layer_norm": _layer_norm,
     "unflatten": _flatten,  # a Reshape to the node's shape, as flatten
     "relu6": _clip, "hardtanh": _clip, "clamp": _clip, "lookup": _lookup_float,

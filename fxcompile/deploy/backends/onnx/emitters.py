@@ -386,6 +386,16 @@ def emit_lookup(b: _Builder, op: IntOp, x: str) -> str:
     return b.value(out, tlo, thi, like=layout)
 
 
+def emit_constant(b: _Builder, op: IntOp) -> str:
+    """A constant's codes as an initializer of the narrowest integer type that holds them."""
+    value = op.attrs["value"]
+    lo, hi = (int(value.min()), int(value.max())) if value.numel() else (0, 0)
+    dt = _int_type(lo, hi)
+    name = b.const(value.numpy(), dt, name=f"{op.out}.value")
+    b.types[name] = dt
+    return b.value(name, lo, hi)
+
+
 EMITTERS: dict[str, Callable] = {
     "quantize": emit_quantize,
     "requantize": emit_requantize,
@@ -406,5 +416,6 @@ EMITTERS: dict[str, Callable] = {
     "affine": emit_affine, "pad": emit_pad, "upsample": emit_upsample,
     "clip": emit_clip,
     "lookup": emit_lookup,
+    "constant": emit_constant,
 }
 _WEIGHTED = {"conv2d", "linear"}
