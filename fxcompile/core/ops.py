@@ -435,7 +435,7 @@ _DECLARED = [
        ("split", "chunk", "unbind", "split_with_sizes")),
     Op("size", "size", (), (getattr, operator.floordiv, operator.eq, operator.ne, operator.lt, operator.le,
                               operator.gt, operator.ge, torch._assert, math.sqrt, math.floor, math.ceil),
-       ("size", "dim"), ("sym_size",)),
+       ("size", "dim"), ("sym_size",), function_names=("fxcompile.frontend.attention.inverse_sqrt",)),
     # a tensor divided by a constant (a moved binary point when a power of two), or sizes divided
     Op("div", "elementwise", (), (operator.truediv, torch.div), ("div",), ("div",)),
     # a constant (a class token) repeated over the batch, or a tensor broadcast to a larger shape
