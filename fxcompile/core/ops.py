@@ -456,7 +456,12 @@ _DECLARED = [
     Op("split", "shape", (), (torch.split, torch.chunk, torch.unbind), ("split", "chunk", "unbind"),
        ("split", "chunk", "unbind", "split_with_sizes")),
     Op("size", "size", (), (getattr, operator.floordiv, operator.mod, operator.eq, operator.ne, operator.lt, operator.le,
-                              operator.gt, operator.ge, torch._assert), ("size", "dim"), ("sym_size",)),
+                              operator.gt, operator.ge, torch._assert, math.sqrt, math.floor, math.ceil),
+       ("size", "dim"), ("sym_size",), function_names=("fxcompile.frontend.attention.inverse_sqrt",)),
+    # a tensor divided by a constant (a moved binary point when a power of two), or sizes divided
+    Op("div", "elementwise", (), (operator.truediv, torch.div), ("div",), ("div",)),
+    # a constant (a class token) repeated over the batch, or a tensor broadcast to a larger shape
+    Op("expand", "shape", (), (), ("expand",), ("expand",)),
     Op("mul", "multiply_accumulate", (), (operator.mul, operator.imul, torch.mul), ("mul", "mul_"), ("mul",)),
     Op("fixed_point_mul", "multiply_accumulate", (), (fixed_point_mul,)),  # written by passes.products
     Op("fixed_point_batch_norm", "normalization", (), (fixed_point_batch_norm,)),  # written by passes.batch_norms
@@ -522,7 +527,8 @@ INTEGER_OPS = {
     "affine": "codes times a per-channel integer, plus a per-channel integer (at the product's binary point)",
     "pad": "codes with a constant (zero, or a max pool's smallest code) added around non-batch axes",
     "upsample": "codes repeated by integer factors along the spatial axes (nearest)",
-    "constant": "the codes of a parameter (after its cast, through shape ops) as an operand of an elementwise op",
+    "constant": "constant codes (a parameter used as an operand: a class token, a position embedding)",
+    "expand": "codes broadcast to a larger shape, the batch dimension taken from the graph's first input",
 }
 
 

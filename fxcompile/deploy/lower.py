@@ -72,7 +72,8 @@ from ..passes.casts import Cast
 from ..passes.lookup_tables import lookup_arguments, lookup_refusal
 
 __all__ = ["CONTRACT", "IntOp", "IntegerGraph", "Value", "lower", "RULES", "UNSUPPORTED", "op_key", "op_arguments", "pair",
-           "MAX_SHIFT", "evaluate", "permutation", "reshape_target", "fold_constant", "index_slices", "split_sizes", "FLOAT32_EXACT"]
+           "MAX_SHIFT", "evaluate", "permutation", "reshape_target", "fold_constant", "index_slices", "split_sizes",
+           "FLOAT32_EXACT"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
@@ -144,21 +145,20 @@ class _Lowering:
         out = node.name + suffix
         shape = out_shape if out_shape is not None else _shape(node)
         rank = max((len(v.shape) for v in inputs if v.shape is not None), default=0)
-        inputs = [self.constant(node, v, f"{suffix}_const{i}", rank)
-                  if v.name is None and v.const is not None and v.frac is not None else v for i, v in enumerate(inputs)]
-        for v in inputs:
-            if v.name is None:
-                raise ExportError(f"node {node.name!r} ({op}): operand is a constant; only parameters of "
-                                  "conv/linear may be constants in the integer graph")
+        inputs = [self.constant(node, v, i, rank) if v.name is None else v for i, v in enumerate(inputs)]
         self.ops.append(IntOp(op, out, tuple(v.name for v in inputs), frac, bounds, attrs, node.name))
         self.shapes[out] = shape
         return Value(out, frac, bounds, shape)
 
-    def constant(self, node: fx.Node, v: Value, suffix: str, rank: int) -> Value:
-        """The codes of a constant operand (a parameter after its cast) as a graph value, with
-        leading axes of size 1 up to ``rank`` so that it broadcasts against the batch."""
-        codes = v.const.reshape((1,) * (rank - v.const.dim()) + tuple(v.const.shape))
-        out = node.name + suffix
+    def constant(self, node: fx.Node, v: Value, i: int = 0, rank: int = 0) -> Value:
+        """A parameter's codes (behind its cast) as an operand of an integer op: a ``constant`` op,
+        with leading axes of size 1 up to ``rank`` so that it broadcasts against the batch (and
+        an NHWC operand's layout change applies to it too)."""
+        if v.const is None or v.frac is None:
+            raise ExportError(f"node {node.name!r}: operand {i} is a constant without a fixed-point format; a "
+                              "parameter used as an operand needs its cast (a weight or bias role with a format)")
+        codes = v.const.reshape((1,) * max(rank - v.const.dim(), 0) + tuple(v.const.shape))
+        out = f"{node.name}_constant{i}"
         self.ops.append(IntOp("constant", out, (), v.frac, v.fmt, {"value": codes}, node.name))
         self.shapes[out] = tuple(codes.shape)
         return Value(out, v.frac, v.fmt, tuple(codes.shape))
@@ -224,6 +224,10 @@ def pair(v) -> tuple[int, int]:
 
 
 def _operand(node: fx.Node, v: Value) -> Value:
+    if isinstance(v, Permuted):
+        raise ExportError(f"node {node.name!r}: uses node {v.node!r}, which moves the batch dimension (permutation "
+                          f"{list(v.perm)}); such a permutation lowers only where it is split or indexed along its "
+                          "first axis (unbind(0), [i])")
     if not isinstance(v, Value) or v.is_float:
         raise ExportError(f"node {node.name!r}: operand is not a fixed-point value; every input of an integer "
                           "op must come through a cast (is its role's format 'float' in the policy?)")
@@ -541,12 +545,49 @@ def permutation(gm: fx.GraphModule, node: fx.Node, rank: int, dims: tuple, kwarg
     return [d % rank for d in dims]
 
 
+@dataclasses.dataclass(frozen=True)
+class Permuted:
+    """A permutation that moves the batch axis (``qkv.permute(2, 0, 3, 1, 4)``), not emitted:
+    it lowers only where it is split or indexed along its new first axis (``unbind(0)``,
+    ``[i]``), each part then a slice of ``x`` along ``perm[0]`` and a permutation that keeps the
+    batch first."""
+
+    x: Value
+    perm: tuple
+    node: str
+
+    def part(self, lw, node: fx.Node, start: int, size: int, squeeze: bool, suffix: str) -> Value:
+        axis = self.perm[0]
+        inner = tuple(size if a == axis else n for a, n in enumerate(self.x.shape))
+        v = _slice(lw, node, self.x, [start], [start + size], [axis], [1], suffix=f"{suffix}_slice", out_shape=inner)
+        rest = list(self.perm[1:]) if squeeze else list(self.perm)
+        if squeeze:  # drop the sliced axis: the remaining axes renumbered
+            shape = inner[:axis] + inner[axis + 1:]
+            v = lw.emit(node, "reshape", [v], v.frac, v.fmt, suffix=f"{suffix}_squeezed", out_shape=shape,
+                        shape=(0, *shape[1:]))
+            rest = [a - (a > axis) for a in rest]
+        if rest[0] != 0:
+            raise ExportError(f"node {node.name!r}: a part of the permutation {list(self.perm)} of node {self.node!r} "
+                              "still moves the batch dimension; only permutations of the other axes lower")
+        out = tuple(v.shape[a] for a in rest)
+        if rest == list(range(len(rest))):
+            return v
+        return lw.emit(node, "transpose", [v], v.frac, v.fmt, suffix=suffix, out_shape=out, perm=tuple(rest))
+
+
+def _not_permuted(lw, node: fx.Node, x):
+    if isinstance(x, Permuted):
+        raise ExportError(f"node {node.name!r} ({_label(lw.gm, node)}): uses node {x.node!r}, which moves the batch "
+                          f"dimension (permutation {list(x.perm)}); such a permutation lowers only where it is split "
+                          "or indexed along its first axis (unbind(0), [i])")
+    return x
+
+
 def rule_permute(lw, node, x, *dims, **kwargs):
-    x = _operand(node, x)
+    x = _operand(node, _not_permuted(lw, node, x))
     perm = permutation(lw.gm, node, len(x.shape), dims, kwargs)
     if perm[0] != 0:
-        raise ExportError(f"node {node.name!r} ({_label(lw.gm, node)}): moves the batch dimension (permutation "
-                          f"{perm}); only permutations of the other axes lower")
+        return Permuted(x, tuple(perm), node.name)
     if perm == list(range(len(x.shape))):
         return x
     return lw.emit(node, "transpose", [x], x.frac, x.fmt, perm=tuple(perm))
@@ -564,9 +605,10 @@ def _slice(lw, node, x: Value, starts, ends, axes, steps, suffix="", out_shape=N
                    ends=tuple(ends), axes=tuple(axes), steps=tuple(steps))
 
 
-def index_slices(node: fx.Node, shape: tuple, index) -> tuple[list, list, list, list]:
+def index_slices(node: fx.Node, shape: tuple, index, first_axis: bool = False) -> tuple[list, list, list, list]:
     """``(starts, ends, axes, steps)`` of ``x[index]`` for ``x`` of ``shape`` (ints become
-    one-element slices, dropped by a reshape after; ``None`` adds an axis there)."""
+    one-element slices, dropped by a reshape after; ``None`` adds an axis there).  ``first_axis``
+    admits indexing axis 0 (a tensor whose batch axis a permutation moved, see :class:`Permuted`)."""
     index = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, (Value, torch.Tensor, list, fx.Node)) for i in index) or sum(i is Ellipsis for i in index) > 1:
         raise ExportError(f"node {node.name!r} (getitem): only indexing by ints, slices, None and one ... lowers")
@@ -585,7 +627,8 @@ def index_slices(node: fx.Node, shape: tuple, index) -> tuple[list, list, list, 
         if step < 1:
             raise ExportError(f"node {node.name!r} (getitem): negative steps do not lower")
         if (start, end, step) != (0, size, 1):
-            _axis(node, axis, len(shape), "getitem")
+            if not first_axis:
+                _axis(node, axis, len(shape), "getitem")
             starts.append(start), ends.append(end), axes.append(axis), steps.append(step)
         axis += 1
     return starts, ends, axes, steps
@@ -594,6 +637,10 @@ def index_slices(node: fx.Node, shape: tuple, index) -> tuple[list, list, list, 
 def rule_getitem(lw, node, x, index):
     if isinstance(x, (tuple, list)):
         return x[index]  # one output of a split
+    if isinstance(x, Permuted) and isinstance(index, int):
+        size = x.x.shape[x.perm[0]]
+        return x.part(lw, node, index % size, 1, True, "")
+    x = _not_permuted(lw, node, x)
     if not isinstance(x, Value):
         return rule_size(lw, node, x, index)  # an element of a shape
     x, shape = _operand(node, x), _shape(node)
@@ -607,14 +654,16 @@ def rule_getitem(lw, node, x, index):
     return x if x.shape == shape else lw.emit(node, "reshape", [x], x.frac, x.fmt, shape=(0, *shape[1:]))
 
 
-def split_sizes(node: fx.Node, shape: tuple, args: tuple, kwargs: dict) -> tuple[int, list[int], bool]:
-    """``(axis, sizes, squeeze)`` of a ``split``/``chunk``/``unbind`` node of a tensor of ``shape``."""
+def split_sizes(node: fx.Node, shape: tuple, args: tuple, kwargs: dict, first_axis: bool = False
+                ) -> tuple[int, list[int], bool]:
+    """``(axis, sizes, squeeze)`` of a ``split``/``chunk``/``unbind`` node of a tensor of ``shape``
+    (``first_axis``: axis 0 admitted, as in :func:`index_slices`)."""
     target = node.target
     name = target if isinstance(target, str) else (
         target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else target.__name__)
     unbind = name == "unbind"
     dim = kwargs.get("dim", (args[0] if args else 0) if unbind else (args[1] if len(args) > 1 else 0))
-    dim = _axis(node, dim, len(shape), name)
+    dim = dim % len(shape) if first_axis else _axis(node, dim, len(shape), name)
     if unbind:
         return dim, [1] * shape[dim], True
     parts = getattr(torch.empty(shape, device="meta"), name)(*args, **kwargs)
@@ -622,7 +671,15 @@ def split_sizes(node: fx.Node, shape: tuple, args: tuple, kwargs: dict) -> tuple
 
 
 def rule_split(lw, node, x, *args, **kwargs):
-    x = _operand(node, x)
+    if isinstance(x, Permuted):
+        dim, sizes, squeeze = split_sizes(node, tuple(x.x.shape[a] for a in x.perm), args, kwargs, first_axis=True)
+        if dim == 0:
+            out, start = [], 0
+            for i, size in enumerate(sizes):
+                out.append(x.part(lw, node, start, size, squeeze, f"_{i}"))
+                start += size
+            return tuple(out)
+    x = _operand(node, _not_permuted(lw, node, x))
     dim, sizes, squeeze = split_sizes(node, x.shape, args, kwargs)
     out, start = [], 0
     for i, size in enumerate(sizes):
@@ -692,6 +749,42 @@ def rule_mul(lw, node, a, b):
         raise ExportError(f"node {node.name!r} (mul): a product with the constant {k!r} lowers only when it is a "
                           "positive power of two (a moved binary point)")
     return Value(x.name, x.frac - (e - 1), None, x.shape)  # the same codes, read at another binary point
+
+
+def rule_div(lw, node, a, b, *args, **kwargs):
+    """Sizes divided (evaluated for the example shape), or a tensor divided by a constant power
+    of two: the same codes read at a binary point moved right."""
+    if not _tensors(a, b):
+        return rule_size(lw, node, a, b, *args, **kwargs)
+    k = b if isinstance(a, Value) and not isinstance(b, Value) and not args and not kwargs else None
+    m, e = math.frexp(k) if isinstance(k, (int, float)) and k else (None, None)
+    if m != 0.5:
+        raise ExportError(f"node {node.name!r} (div): only a tensor divided by a positive power of two lowers "
+                          f"(a moved binary point); got {'a tensor divisor' if isinstance(b, Value) else repr(b)}")
+    x = _operand(node, a)
+    return Value(x.name, x.frac + (e - 1), None, x.shape, x.const)
+
+
+def rule_expand(lw, node, x, *sizes, **kwargs):
+    """``x.expand(...)`` to the node's shape: a constant (a class token ``(1, 1, d)``) repeated
+    over the batch, whose size the graph's first input gives at run time; or an activation
+    broadcast along its size-1 axes (its batch unchanged)."""
+    x = _operand(node, x)
+    shape = _shape(node)
+    lead = len(shape) - len(x.shape)
+    src = (1,) * lead + tuple(x.shape)
+    if any(s != o and s != 1 for s, o in zip(src, shape)):
+        raise ExportError(f"node {node.name!r} (expand): cannot expand {tuple(x.shape)} to {shape}")
+    if x.const is None and lead:
+        raise ExportError(f"node {node.name!r} (expand): adding leading axes to {tuple(x.shape)} moves the batch "
+                          "dimension; only an expansion that keeps it first lowers")
+    if x.const is not None and src[0] != 1:
+        raise ExportError(f"node {node.name!r} (expand): a constant of shape {tuple(x.shape)} expanded to {shape}: "
+                          "its first axis is not 1, so it cannot be repeated over the batch")
+    if shape == tuple(x.shape) and x.const is None:
+        return x
+    like = lw.batch_source if x.const is not None else x
+    return lw.emit(node, "expand", [x, like], x.frac, x.fmt, shape=(0, *shape[1:]))
 
 
 def rule_fixed_point_mul(lw, node, a, b, spec):
@@ -782,7 +875,7 @@ def fold_constant(gm: fx.GraphModule, node: fx.Node, args, kwargs):
     index); ``None`` for any other node."""
     op = ops.op_of(gm, node)
     values = [v for v in _values((args, kwargs)) if isinstance(v, Value)]
-    if op is None or op.group != "shape" or node.op == "call_module" or not values or \
+    if op is None or op.group != "shape" or op.name == "expand" or node.op == "call_module" or not values or \
             any(v.const is None for v in values):
         return None
     coded = next((v for v in values if v.frac is not None), values[0])
@@ -932,6 +1025,7 @@ RULES: dict[str, Callable] = {
     "interpolate": rule_interpolate, "write_back": rule_write_back, "roll": rule_roll,
     "relu6": rule_clip, "hardtanh": rule_clip, "clamp": rule_clip,
     "lookup": rule_lookup,
+    "div": rule_div, "expand": rule_expand,
 }
 
 # Registered ops without a rule, and what lowering them would take.
@@ -1000,6 +1094,8 @@ def lower(gm: fx.GraphModule, example_inputs) -> IntegerGraph:
         if node.op == "placeholder":
             shape = tuple(node.meta["tensor_meta"].shape)
             env[node] = Value(node.name, None, None, shape)
+            if not inputs:
+                lw.batch_source = env[node]  # a constant expanded over the batch takes its size
             inputs.append(node.name)
             input_shapes.append(shape)
         elif node.op == "get_attr":

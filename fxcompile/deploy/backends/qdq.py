@@ -282,14 +282,25 @@ def _softmax(g, node, x, *specs):
     return g.node("Softmax", [x], axis=-1)
 
 
+def _opset(g) -> int:
+    return next(o.version for o in g.opset_imports if o.domain == "")
+
+
+def _squeeze(g, op_type: str, x: str, dim: int) -> str:
+    # axes: an input from opset 13, an attribute before (QONNX writes opset 11)
+    if _opset(g) >= 13:
+        return g.node(op_type, [x, g.const([dim], np.int64)])
+    return g.node(op_type, [x], axes=[dim])
+
+
 def _layer_norm(g, node, x, normalized_shape, w, b, eps, *specs):
-    # the float LayerNormalization between the pairs (see the module docstring for the distance)
+    # the float LayerNormalization between the pairs (see the module docstring for the distance);
+    # before opset 17 (QONNX) written out: (x - mean) / sqrt(var + eps) · w + b
     n = normalized_shape[0]
     w = w if w is not None else g.const(np.ones(n, np.float32), np.float32)
     b = b if b is not None else g.const(np.zeros(n, np.float32), np.float32)
-    if g.opset_imports[0].version >= 17:
+    if _opset(g) >= 17:
         return g.node("LayerNormalization", [x, w, b], axis=-1, epsilon=eps)
-    # before opset 17 (QONNX's 11): the same float computation in elementary ops
     d = g.node("Sub", [x, g.node("ReduceMean", [x], axes=[-1], keepdims=1)])
     var = g.node("ReduceMean", [g.node("Mul", [d, d])], axes=[-1], keepdims=1)
     z = g.node("Div", [d, g.node("Sqrt", [g.node("Add", [var, g.const(eps, np.float32)])])])
@@ -328,7 +339,8 @@ def _getitem(g, node, x, index):
         return x[index]
     if not isinstance(x, str):
         return _size(g, node, x, index)
-    starts, ends, axes, steps = index_slices(node, tuple(node.args[0].meta["tensor_meta"].shape), index)
+    # lower() has checked the index (axis 0 only of a permutation that moved the batch axis)
+    starts, ends, axes, steps = index_slices(node, tuple(node.args[0].meta["tensor_meta"].shape), index, True)
     if starts:
         x = g.node("Slice", [x, g.const(starts, np.int64), g.const(ends, np.int64), g.const(axes, np.int64),
                              g.const(steps, np.int64)])
@@ -350,12 +362,12 @@ def _roll(g, node, x, shifts, dims=None):
 
 
 def _split(g, node, x, *args, **kwargs):
-    dim, sizes, squeeze = split_sizes(node, tuple(node.args[0].meta["tensor_meta"].shape), args, kwargs)
+    dim, sizes, squeeze = split_sizes(node, tuple(node.args[0].meta["tensor_meta"].shape), args, kwargs, True)
     out, start = [], 0
     for size in sizes:
         part = g.node("Slice", [x, g.const([start], np.int64), g.const([start + size], np.int64),
                                 g.const([dim], np.int64)])
-        out.append(g.node("Squeeze", [part, g.const([dim], np.int64)]) if squeeze else part)
+        out.append(_squeeze(g, "Squeeze", part, dim) if squeeze else part)
         start += size
     return out
 
@@ -363,7 +375,7 @@ def _split(g, node, x, *args, **kwargs):
 def _cat(g, node, tensors, dim=0, **kwargs):
     dim = kwargs.get("axis", dim)
     if ops.op_of(g.gm, node).name == "stack":
-        tensors = [g.node("Unsqueeze", [t, g.const([dim], np.int64)]) for t in tensors]
+        tensors = [_squeeze(g, "Unsqueeze", t, dim) for t in tensors]
     return g.node("Concat", list(tensors), axis=dim % len(_shape(node)))
 
 
@@ -448,6 +460,20 @@ def _lookup_float(g, node, x, name, params, *specs):
     return g.node({"sigmoid": "Sigmoid", "tanh": "Tanh"}[name], [x])
 
 
+def _div(g, node, a, b, *args, **kwargs):
+    if not isinstance(a, str):
+        return _size(g, node, a, b, *args, **kwargs)
+    return g.node("Mul", [a, g.const(1.0 / b, np.float32)])  # lower() admits only a power of two: exact
+
+
+def _expand(g, node, x, *sizes, **kwargs):
+    # to (N, *rest): N read from the first input, as the integer graph does
+    first = next(n.name for n in g.gm.graph.nodes if n.op == "placeholder")
+    batch = g.node("Slice", [g.node("Shape", [first]), g.const([0], np.int64), g.const([1], np.int64)])
+    shape = g.node("Concat", [batch, g.const(_shape(node)[1:], np.int64)], axis=0)
+    return g.node("Expand", [x, shape])
+
+
 FLOAT_OPS: dict[str, Callable] = {
     "conv2d": _conv2d, "linear": _linear, "relu": _relu, "max_pool2d": _max_pool2d,
     "avg_pool2d": _avg_pool2d, "adaptive_avg_pool2d": _average, "mean": _average, "fixed_point_average": _average,
@@ -460,6 +486,7 @@ FLOAT_OPS: dict[str, Callable] = {
     "fixed_point_matmul": _matmul, "fixed_point_softmax": _softmax, "fixed_point_layer_norm": _layer_norm,
     "unflatten": _flatten,  # a Reshape to the node's shape, as flatten
     "relu6": _clip, "hardtanh": _clip, "clamp": _clip, "lookup": _lookup_float,
+    "div": _div, "expand": _expand,
 }
 
 # Ops that build() writes itself rather than through FLOAT_OPS.

@@ -387,13 +387,21 @@ def emit_lookup(b: _Builder, op: IntOp, x: str) -> str:
 
 
 def emit_constant(b: _Builder, op: IntOp) -> str:
-    """A constant's codes as an initializer of the narrowest integer type that holds them."""
-    value = op.attrs["value"]
-    lo, hi = (int(value.min()), int(value.max())) if value.numel() else (0, 0)
-    dt = _int_type(lo, hi)
-    name = b.const(value.numpy(), dt, name=f"{op.out}.value")
+    """The codes as an initializer, int32 when they fit."""
+    codes = op.attrs["value"]
+    lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
+    dt = np.int32 if _fits32(lo, hi) else np.int64
+    name = b.const(codes.numpy(), dt)
     b.types[name] = dt
     return b.value(name, lo, hi)
+
+
+def emit_expand(b: _Builder, op: IntOp, x: str, like: str) -> str:
+    """``Expand`` to ``(N, *shape[1:])``, ``N`` read from ``like``'s ``Shape``."""
+    x = b.nchw(x)
+    batch = b.node("Slice", [b.node("Shape", [like]), b.const([0]), b.const([1])])
+    shape = b.node("Concat", [batch, b.const(list(op.attrs["shape"][1:]))], axis=0)
+    return b.value(b.node("Expand", [x, shape]), *b.ranges[x])
 
 
 EMITTERS: dict[str, Callable] = {
@@ -417,5 +425,6 @@ EMITTERS: dict[str, Callable] = {
     "clip": emit_clip,
     "lookup": emit_lookup,
     "constant": emit_constant,
+    "expand": emit_expand,
 }
 _WEIGHTED = {"conv2d", "linear"}
