@@ -144,7 +144,8 @@ class _Lowering:
              **attrs) -> Value:
         out = node.name + suffix
         shape = out_shape if out_shape is not None else _shape(node)
-        rank = max((len(v.shape) for v in inputs if v.shape is not None), default=0)
+        # a constant operand of an elementwise op gets the rank of the others (broadcasting)
+        rank = max((len(v.shape) for v in inputs if v.shape is not None), default=0) if op in ("add", "mul") else 0
         inputs = [self.constant(node, v, i, rank) if v.name is None else v for i, v in enumerate(inputs)]
         self.ops.append(IntOp(op, out, tuple(v.name for v in inputs), frac, bounds, attrs, node.name))
         self.shapes[out] = shape
@@ -373,7 +374,11 @@ def _average(lw: _Lowering, node: fx.Node, x: Value, output_size, squeeze: bool,
     return v
 
 
-def rule_fixed_point_average(lw, node, x, output_size, squeeze, spec):
+def rule_fixed_point_average(lw, node, x, output_size, squeeze, spec, channels_last=False):
+    if channels_last:  # (N, H, W, C): its channels moved first, then the average
+        x = _operand(node, x)
+        shape = (x.shape[0], x.shape[3], x.shape[1], x.shape[2])
+        x = lw.emit(node, "transpose", [x], x.frac, x.fmt, suffix="_nchw", out_shape=shape, perm=(0, 3, 1, 2))
     return _average(lw, node, x, output_size, squeeze, spec)
 
 

@@ -7,7 +7,8 @@ bits) and rounds the product once, with the rounding and overflow of the cast th
 the average.  So that training sees what deployment runs, this pass rewrites each
 ``AdaptiveAvgPool2d`` / ``F.adaptive_avg_pool2d`` node, and each ``mean`` over the last two
 dims of an (N, C, H, W) tensor (``dim=(2, 3)`` or ``(-2, -1)``, ``keepdim`` either way), into
-a call of :func:`fxcompile.core.ops.fixed_point_average`, given the forward format of its
+a call of :func:`fxcompile.core.ops.fixed_point_average` (and each ``mean`` over dims 1 and 2
+of an (N, H, W, C) tensor, squeezed, into one with ``channels_last``), given the forward format of its
 output cast.  That function computes the same exact product in float64 and rounds it to the
 cast's format, so the cast after it is the identity on its forward and still rounds (and
 clips) the gradient; its backward is the float average's derivative.
@@ -33,7 +34,7 @@ import torch.fx as fx
 from ..core import ir, ops
 from .casts import call_instead, output_cast
 
-__all__ = ["CONTRACT", "fixed_point_averages", "average_arguments"]
+__all__ = ["CONTRACT", "fixed_point_averages", "average_arguments", "channels_last_mean"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
@@ -62,15 +63,33 @@ def average_arguments(gm: fx.GraphModule, node: fx.Node) -> tuple[object, bool] 
     return None
 
 
+def channels_last_mean(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is a ``mean`` over dims 1 and 2 of an (N, H, W, C) tensor without
+    ``keepdim`` (the global average of timm's channels-last heads: swin, convnext-nhwc)."""
+    op = ops.op_of(gm, node)
+    if op is None or op.name != "mean" or node.kwargs.get("dtype") is not None:
+        return False
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    rank = len(meta.shape) if hasattr(meta, "shape") else None
+    return (not keepdim and isinstance(dims, (tuple, list)) and len(dims) == 2 and rank == 4
+            and {d % 4 for d in dims} == {1, 2})
+
+
 def fixed_point_averages(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite the averages of ``gm`` (after ``insert_casts``) in place; returns ``gm``."""
     changed = False
     for node in list(gm.graph.nodes):
         arguments = average_arguments(gm, node)
-        cast = None if arguments is None else output_cast(gm, node)
+        nhwc = arguments is None and channels_last_mean(gm, node)
+        cast = None if arguments is None and not nhwc else output_cast(gm, node)
         if cast is None:
             continue
-        call_instead(gm, node, ops.fixed_point_average, (node.args[0], *arguments, cast.edge.forward.spec()))
+        if nhwc:
+            call_instead(gm, node, ops.fixed_point_average, (node.args[0], (1, 1), True, cast.edge.forward.spec(), True))
+        else:
+            call_instead(gm, node, ops.fixed_point_average, (node.args[0], *arguments, cast.edge.forward.spec()))
         changed = True
     if changed:
         gm.recompile()

@@ -58,7 +58,7 @@ def test_rule_table_has_one_entry_per_op():
                           # structural ops
                           "reshape", "squeeze", "contiguous", "drop_path", "permute", "transpose", "getitem",
                           "split", "size", "cat", "stack", "mul", "fixed_point_mul", "sub",
-                          "fixed_point_batch_norm", "pad", "interpolate", "write_back",
+                          "fixed_point_batch_norm", "pad", "interpolate", "write_back", "roll", "div", "expand",
                           "relu6", "hardtanh", "clamp", "lookup"}
 
 

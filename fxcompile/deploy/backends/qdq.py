@@ -246,11 +246,14 @@ def _avg_pool2d(g, node, x, *args, **kwargs):
 def _average(g, node, x, *args, **kwargs):
     # the float average between the input's DequantizeLinear and the output's QuantizeLinear: the
     # nearest this flavour has to the integer graph's window sum times a fixed-point reciprocal
+    shape = tuple(node.args[0].meta["tensor_meta"].shape)
     if ops.op_of(g.gm, node).name == "fixed_point_average":
         output_size, squeeze = node.args[1:3]
+        if len(node.args) > 4 and node.args[4]:  # channels-last: channels moved first
+            x, shape = g.node("Transpose", [x], perm=[0, 3, 1, 2]), (shape[0], shape[3], shape[1], shape[2])
     else:
         output_size, squeeze = average_arguments(g.gm, node)
-    (kernel, _) = ops.average_windows(tuple(node.args[0].meta["tensor_meta"].shape), output_size)
+    (kernel, _) = ops.average_windows(shape, output_size)
     y = g.node("AveragePool", [x], kernel_shape=list(kernel), strides=list(kernel))
     return g.node("Reshape", [y, g.const([0, -1], np.int64)]) if squeeze else y
 
@@ -261,6 +264,8 @@ def _flatten(g, node, x, *args, **kwargs):
 
 
 def _add(g, node, a, b, *args, **kwargs):
+    # an uncast buffer operand (swin's attention mask) is a float constant
+    a, b = (g.const(v.value.detach().numpy(), np.float32) if isinstance(v, _Parameter) else v for v in (a, b))
     return g.node("Add", [a, b])
 
 
@@ -337,6 +342,8 @@ def _permute(g, node, x, *dims, **kwargs):
 def _getitem(g, node, x, index):
     if isinstance(x, (tuple, list)):
         return x[index]
+    if isinstance(x, str) and isinstance(index, _Parameter):  # a table gathered by a constant index
+        return g.node("Gather", [x, g.const(index.value.numpy(), np.int64)], axis=0)
     if not isinstance(x, str):
         return _size(g, node, x, index)
     # lower() has checked the index (axis 0 only of a permutation that moved the batch axis)
@@ -391,7 +398,7 @@ def _sub(g, node, a, b, *args, **kwargs):
 
 
 def _add_or_size(g, node, a, b, *args, **kwargs):
-    return _add(g, node, a, b) if isinstance(a, str) else _size(g, node, a, b)
+    return _add(g, node, a, b) if isinstance(a, (str, _Parameter)) else _size(g, node, a, b)
 
 
 def _batch_norm(g, node, x, module, weight, bias, spec):
@@ -504,6 +511,22 @@ class _Parameter:
         self.value = value
 
 
+def _fold_buffer(gm, node, args, kwargs) -> _Parameter | None:
+    """A shape op on uncast buffers only (swin's attention mask unsqueezed), computed now, as the
+    integer lowering folds it (:func:`fxcompile.deploy.lower.fold_constant`)."""
+    op = ops.op_of(gm, node)
+    leaves = []
+    fx.node.map_aggregate((args, kwargs), lambda v: leaves.append(v) or v)
+    if op is None or op.group != "shape" or op.name == "expand" or node.op == "call_module" or \
+            not any(isinstance(v, _Parameter) for v in leaves) or any(isinstance(v, str) for v in leaves):
+        return None
+    concrete = lambda v: v.value if isinstance(v, _Parameter) else v  # noqa: E731
+    args, kwargs = fx.node.map_aggregate(args, concrete), fx.node.map_aggregate(kwargs, concrete)
+    result = getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method" else \
+        node.target(*args, **kwargs)
+    return _Parameter(result) if isinstance(result, torch.Tensor) else None
+
+
 def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: list | None = None
           ) -> onnx.ModelProto:
     """Write the BN-folded ``gm`` as a float ONNX model through ``g``.
@@ -553,7 +576,8 @@ def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: l
         else:
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            env[node] = FLOAT_OPS[op_key(gm, node)](g, node, *args, **kwargs)
+            folded = _fold_buffer(gm, node, args, kwargs)
+            env[node] = folded if folded is not None else FLOAT_OPS[op_key(gm, node)](g, node, *args, **kwargs)
     used = {i for n in g.nodes for i in n.input}
     graph = helper.make_graph(g.nodes, name, inputs, outputs, [t for t in g.initializers if t.name in used])
     return helper.make_model(graph, opset_imports=g.opset_imports, producer_name="fxcompile")
