@@ -11,6 +11,9 @@ of the error::
 
     python benchmarks/transformer_cnn_exports.py --threads 1 --results benchmarks/results/swin_convnext_exports.json
     python benchmarks/transformer_cnn_exports.py --models convnext_atto swin_tiny
+
+``--results`` adds this run's models to the file (replacing their earlier figures), so each
+model can be measured in a run of its own.
 """
 
 from __future__ import annotations
@@ -77,11 +80,14 @@ def main(argv=None) -> None:
               f"ORT vs integer {r['differing_ort_vs_integer']}, simulation vs integer "
               f"{r['differing_simulation_vs_integer']}; QDQ {r['qdq_vs_integer']['differing_codes']} "
               f"(max {r['qdq_vs_integer']['max_code_difference']}){qo}; {r['seconds']} s", flush=True)
-    if args.results:
-        args.results.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "date":
-                                            datetime.date.today().isoformat(),
-                                            "load_average": [round(v, 1) for v in os.getloadavg()],
-                                            "models": results}, indent=1) + "\n")
+    if args.results:  # models measured before in this file are kept: one run per model fits a shared machine
+        old = json.loads(args.results.read_text()) if args.results.exists() else {}
+        runs = old.get("runs", []) + [{"command": "python " + " ".join(sys.argv), "date":
+                                       datetime.date.today().isoformat(),
+                                       "load_average": [round(v, 1) for v in os.getloadavg()],
+                                       "models": list(results)}]
+        args.results.write_text(json.dumps({"runs": runs, "models": {**old.get("models", {}), **results}},
+                                           indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -88,8 +88,6 @@ UNSUPPORTED: dict[str, str] = {
     "affine": "hls4ml's BatchNormalization scales in its own types; this handoff does not yet map the "
               "fixed-point scale and offset onto it",
     "pad": "hls4ml has ZeroPadding2D, but this handoff does not yet map it",
-    "constant": "a constant operand of an elementwise op (layer scale, a gathered attention bias) feeds a "
-                "Merge layer; the handoff writes sequential models",
     "upsample": "hls4ml has UpSampling2D (nearest), but this handoff does not yet map it",
     "clip": "this handoff does not yet map a clamp to constant bounds (ReLU6, Hardtanh, clamp) onto an hls4ml "
             "layer whose output type rounds the bounds as the integer graph does",
