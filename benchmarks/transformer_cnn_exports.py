@@ -86,8 +86,9 @@ def main(argv=None) -> None:
                                        datetime.date.today().isoformat(),
                                        "load_average": [round(v, 1) for v in os.getloadavg()],
                                        "models": list(results)}]
-        args.results.write_text(json.dumps({"runs": runs, "models": {**old.get("models", {}), **results}},
-                                           indent=1) + "\n")
+        args.results.write_text(json.dumps({"command": " && ".join(r["command"] for r in runs),
+                                            "date": runs[-1]["date"], "runs": runs,
+                                            "models": {**old.get("models", {}), **results}}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
