@@ -179,7 +179,7 @@ class Recurrent(nn.Module):
 
     def forward(self, ids):
         h = self.emb(ids)
-        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = h + self.attn(h, h, h)[0]  # need_weights=True: a leaf (self-attention without weights is written out)
         h, _ = self.gru(h)
         h, _ = self.lstm(h)
         return self.fc(h[:, -1])

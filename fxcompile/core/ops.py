@@ -53,7 +53,7 @@ __all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "module_op", "ops_in",
            "fixed_point_average", "reciprocal", "average_windows", "RECIPROCAL_BITS",
            "fixed_point_avg_pool2d", "adaptive_windows", "avg_pool_divisors", "average_factors",
            "divisor_reciprocal", "fixed_point_divide", "fixed_point_mean",
-           "fixed_point_mul", "fixed_point_batch_norm", "batch_norm_affine", "SCALE_BITS",
+           "fixed_point_mul", "scalar_codes", "fixed_point_batch_norm", "batch_norm_affine", "SCALE_BITS",
            "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "matmul_equation", "matmul_product",
            "code_bits", "fixed_point_conv1d", "fixed_point_conv2d", "fixed_point_conv3d", "fixed_point_linear",
            "lookup", "CLIP_OPS", "LOOKUP_OPS"]
@@ -232,7 +232,8 @@ def _pair(v) -> tuple[int, int]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def fixed_point_average(x: torch.Tensor, output_size, squeeze: bool, spec: list) -> torch.Tensor:
+def fixed_point_average(x: torch.Tensor, output_size, squeeze: bool, spec: list,
+                        channels_last: bool = False) -> torch.Tensor:
     """The average over windows of the last two dims of ``x`` as deployed: an adaptive average
     pool to ``output_size`` (a global average is ``(1, 1)``; ``squeeze`` drops those dims, as
     ``mean(dim=(2, 3))`` does; only with ``(1, 1)``), rounded to the format ``spec`` of the
@@ -247,6 +248,10 @@ def fixed_point_average(x: torch.Tensor, output_size, squeeze: bool, spec: list)
     """
     if x.dim() != 4:
         raise ValueError(f"fixed_point_average: expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if channels_last:  # an (N, H, W, C) tensor's spatial mean (timm's NHWC heads): squeezed only
+        if not squeeze or tuple(output_size) != (1, 1):
+            raise ValueError("fixed_point_average: a channels-last average is a global one, squeezed")
+        return fixed_point_average(x.permute(0, 3, 1, 2), output_size, squeeze, spec)
     windows = average_windows(x.shape, output_size)
     if windows is None:
         def exact(x):
@@ -480,7 +485,15 @@ def fixed_point_mul(a: torch.Tensor, b: torch.Tensor, spec: list) -> torch.Tenso
 
         >>> fixed_point_mul(torch.tensor([1.5]), torch.tensor([0.75]), fixed(16, 8).spec())
         tensor([1.1250])
+
+    ``b`` may be a Python number (attention's ``q * head_dim ** -0.5``): it is the float32
+    value nearest to it (24 significant bits, what a float32 product reads), times ``a``
+    exactly (codes of up to 29 bits), rounded once; see :func:`scalar_codes`.
     """
+    if not isinstance(b, torch.Tensor):
+        m, e = scalar_codes(b)
+        b = torch.tensor(m * 2.0 ** -e, dtype=torch.float64, device=a.device)
+        return _FixedPointMul.apply(a, b, list(spec)).to(a.dtype)
     return _FixedPointMul.apply(a, b, list(spec))
 
 
@@ -521,6 +534,20 @@ def fixed_point_conv3d(x, weight, bias, stride, padding, dilation, groups, spec)
 def fixed_point_linear(x, weight, bias, spec) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` as deployed at inference (see :func:`fixed_point_conv2d`)."""
     return _fixed_point_layer(F.linear, x, weight, bias, (), spec)
+
+
+def scalar_codes(k: float) -> tuple[int, int]:
+    """A Python number as the float32 nearest to it, ``m · 2**-e`` with integer ``m`` (at most 24
+    significant bits) and ``e`` (the fewest fractional bits)::
+
+        >>> scalar_codes(0.5), scalar_codes(32 ** -0.5)
+        ((1, 1), (11863283, 26))
+    """
+    v = float(torch.tensor(float(k), dtype=torch.float32))
+    if not math.isfinite(v):
+        raise ValueError(f"a product with the constant {k!r}: not a finite float32")
+    m, e = v.as_integer_ratio()
+    return m, e.bit_length() - 1
 
 
 SCALE_BITS = 16  # significant bits of a stand-alone batch norm's per-channel scale
@@ -639,11 +666,17 @@ _DECLARED = [
     Op("getitem", "shape", (), (operator.getitem,)),  # slices of tensors, elements of tuples and sizes
     Op("split", "shape", (), (torch.split, torch.chunk, torch.unbind), ("split", "chunk", "unbind"),
        ("split", "chunk", "unbind", "split_with_sizes")),
-    Op("size", "size", (), (getattr, operator.floordiv, operator.eq, operator.ne, operator.lt, operator.le,
-                              operator.gt, operator.ge, torch._assert), ("size", "dim"), ("sym_size",)),
+    Op("size", "size", (), (getattr, operator.floordiv, operator.mod, operator.eq, operator.ne, operator.lt, operator.le,
+                              operator.gt, operator.ge, torch._assert, math.sqrt, math.floor, math.ceil),
+       ("size", "dim"), ("sym_size",), function_names=("fxcompile.frontend.attention.inverse_sqrt",)),
+    # a tensor divided by a constant (a moved binary point when a power of two), or sizes divided
+    # a constant (a class token) repeated over the batch, or a tensor broadcast to a larger shape
+    Op("expand", "shape", (), (), ("expand",), ("expand",)),
     Op("mul", "multiply_accumulate", (), (operator.mul, operator.imul, torch.mul), ("mul", "mul_"), ("mul",)),
     Op("fixed_point_mul", "multiply_accumulate", (), (fixed_point_mul,)),  # written by passes.products
     Op("fixed_point_batch_norm", "normalization", (), (fixed_point_batch_norm,)),  # written by passes.batch_norms
+    # shifted windows (swin): codes moved cyclically along non-batch axes
+    Op("roll", "shape", (), (torch.roll,), ("roll",), ("roll",)),
     Op("pad", "resample", (nn.ZeroPad2d, nn.ConstantPad2d), (F.pad,), (), ("pad",)),
     # an in-place op on a view, written back into its base (frontend.functionalize)
     Op("write_back", "shape", function_names=("fxcompile.frontend.functionalize.write_back",)),
@@ -706,6 +739,8 @@ INTEGER_OPS = {
     "affine": "codes times a per-channel integer, plus a per-channel integer (at the product's binary point)",
     "pad": "codes with a constant (zero, or a max pool's smallest code) added around non-batch axes",
     "upsample": "codes repeated by integer factors along the spatial axes (nearest)",
+    "constant": "constant codes (a parameter used as an operand: a class token, a position embedding)",
+    "expand": "codes broadcast to a larger shape, the batch dimension taken from the graph's first input",
 }
 
 

@@ -75,7 +75,8 @@ from ..passes.casts import Cast, output_cast
 from ..passes.lookup_tables import lookup_arguments, lookup_refusal
 
 __all__ = ["CONTRACT", "IntOp", "IntegerGraph", "Value", "lower", "RULES", "UNSUPPORTED", "op_key", "op_arguments", "pair",
-           "MAX_SHIFT", "evaluate", "permutation", "index_slices", "split_sizes", "FLOAT32_EXACT"]
+           "MAX_SHIFT", "evaluate", "permutation", "reshape_target", "fold_constant", "index_slices", "split_sizes",
+           "FLOAT32_EXACT"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
@@ -146,13 +147,25 @@ class _Lowering:
              **attrs) -> Value:
         out = node.name + suffix
         shape = out_shape if out_shape is not None else _shape(node)
-        for v in inputs:
-            if v.name is None:
-                raise ExportError(f"node {node.name!r} ({op}): operand is a constant; only parameters of "
-                                  "conv/linear may be constants in the integer graph")
+        # a constant operand of an elementwise op gets the rank of the others (broadcasting)
+        rank = max((len(v.shape) for v in inputs if v.shape is not None), default=0) if op in ("add", "mul") else 0
+        inputs = [self.constant(node, v, i, rank) if v.name is None else v for i, v in enumerate(inputs)]
         self.ops.append(IntOp(op, out, tuple(v.name for v in inputs), frac, bounds, attrs, node.name))
         self.shapes[out] = shape
         return Value(out, frac, bounds, shape)
+
+    def constant(self, node: fx.Node, v: Value, i: int = 0, rank: int = 0) -> Value:
+        """A parameter's codes (behind its cast) as an operand of an integer op: a ``constant`` op,
+        with leading axes of size 1 up to ``rank`` so that it broadcasts against the batch (and
+        an NHWC operand's layout change applies to it too)."""
+        if v.const is None or v.frac is None:
+            raise ExportError(f"node {node.name!r}: operand {i} is a constant without a fixed-point format; a "
+                              "parameter used as an operand needs its cast (a weight or bias role with a format)")
+        codes = v.const.reshape((1,) * max(rank - v.const.dim(), 0) + tuple(v.const.shape))
+        out = f"{node.name}_constant{i}"
+        self.ops.append(IntOp("constant", out, (), v.frac, v.fmt, {"value": codes}, node.name))
+        self.shapes[out] = tuple(codes.shape)
+        return Value(out, v.frac, v.fmt, tuple(codes.shape))
 
 
 def _shape(node: fx.Node) -> tuple | None:
@@ -215,6 +228,10 @@ def pair(v) -> tuple[int, int]:
 
 
 def _operand(node: fx.Node, v: Value) -> Value:
+    if isinstance(v, Permuted):
+        raise ExportError(f"node {node.name!r}: uses node {v.node!r}, which moves the batch dimension (permutation "
+                          f"{list(v.perm)}); such a permutation lowers only where it is split or indexed along its "
+                          "first axis (unbind(0), [i])")
     if not isinstance(v, Value) or v.is_float:
         raise ExportError(f"node {node.name!r}: operand is not a fixed-point value; every input of an integer "
                           "op must come through a cast (is its role's format 'float' in the policy?)")
@@ -231,9 +248,12 @@ def rule_cast(lw: _Lowering, node: fx.Node, x: Value) -> Value:
     if fmt is None:
         raise ExportError(f"edge {mod.edge.name!r} ({mod.edge.role}) has no fixed-point format (float); "
                           "export needs every forward edge in fixed point: give the role a format in the policy")
-    if x.const is not None:  # a parameter (float), or one already cast (codes: their exact value)
-        value = x.const if x.frac is None else x.const.double() * 2.0 ** -x.frac
-        return Value(None, fmt.frac, fmt, tuple(x.const.shape), _const_codes(value, fmt))
+    if x.const is not None and x.frac is None:
+        return Value(None, fmt.frac, fmt, tuple(x.const.shape), _const_codes(x.const, fmt))
+    if x.const is not None:  # a parameter's codes moved by shape ops (a gathered bias table)
+        check_deployable(fmt, f"edge {mod.edge.name!r} ({mod.edge.role})")
+        codes = saturate(round_shift(x.const, x.frac - fmt.frac, fmt.rounding), fmt)
+        return Value(None, fmt.frac, fmt, tuple(codes.shape), codes)
     check_deployable(fmt, f"edge {mod.edge.name!r} ({mod.edge.role})")
     if x.is_float:
         return lw.emit(node, "quantize", [x], fmt.frac, fmt, fmt=fmt)
@@ -362,7 +382,7 @@ def rule_truediv(lw, node, a, b, *args, **kwargs):
     c, r = ops.divisor_reciprocal(b)
     if c != 1:
         _rounded_by_output_cast(lw, node, None, "truediv", f"a division by {b!r} (not a positive power of two)")
-    return Value(x.name, x.frac + r, None, x.shape)  # the same codes, read at another binary point
+    return Value(x.name, x.frac + r, None, x.shape, x.const)  # the same codes, read at another binary point
 
 
 def rule_fixed_point_divide(lw, node, x, divisor, spec):
@@ -457,7 +477,11 @@ def _average(lw: _Lowering, node: fx.Node, x: Value, output_size, squeeze: bool,
     return v
 
 
-def rule_fixed_point_average(lw, node, x, output_size, squeeze, spec):
+def rule_fixed_point_average(lw, node, x, output_size, squeeze, spec, channels_last=False):
+    if channels_last:  # (N, H, W, C): its channels moved first, then the average
+        x = _operand(node, x)
+        shape = (x.shape[0], x.shape[3], x.shape[1], x.shape[2])
+        x = lw.emit(node, "transpose", [x], x.frac, x.fmt, suffix="_nchw", out_shape=shape, perm=(0, 3, 1, 2))
     return _average(lw, node, x, output_size, squeeze, spec)
 
 
@@ -489,6 +513,9 @@ def rule_add(lw, node, a, b, *args, **kwargs):
     for x, zero in ((a, b), (b, a)):  # a sum started at 0 (focalnet's ctx_all = 0; ctx_all + ...)
         if isinstance(zero, (int, float)) and not isinstance(zero, bool) and zero == 0 and isinstance(x, Value):
             return _operand(node, x)
+    if isinstance(a, Value) and isinstance(b, Value) and (a.is_float and a.const is not None) != \
+            (b.is_float and b.const is not None):
+        a, b = (_on_grid(node, a, _operand(node, b)), b) if a.is_float else (a, _on_grid(node, b, _operand(node, a)))
     a, b = _operand(node, a), _operand(node, b)
     frac = max(a.frac, b.frac)
     return lw.emit(node, "add", [a, b], frac, shifts=(frac - a.frac, frac - b.frac))
@@ -595,15 +622,30 @@ def _batch_kept(lw, node: fx.Node, x: Value, shape) -> None:
                           f"{tuple(shape or ())}; only shapes that keep the batch dimension first and whole lower")
 
 
+def reshape_target(node: fx.Node, before: tuple, after: tuple, label: str = "reshape") -> tuple:
+    """The target shape of a reshape from ``before`` to ``after`` with the batch left free: ``0``
+    (the batch, as it is) first, or ``-1`` where the batch axis merges with whole axes after it or
+    splits off them (``(B, nH, nW, ws, ws, C)`` to ``(B·nH·nW, ws, ws, C)``: swin's windows), the
+    other axes keeping their sizes."""
+    if after and before and after[0] == before[0] and math.prod(after[1:]) == math.prod(before[1:]):
+        return (0, *after[1:])
+    rest_before, rest_after = math.prod(before[1:]), math.prod(after[1:])
+    if after and before and rest_before and rest_after and (rest_before % rest_after == 0 or rest_after % rest_before == 0):
+        # the batch axis holds whole multiples of the example's elements per sample: -1 infers it
+        return (-1, *after[1:])
+    raise ExportError(f"node {node.name!r} ({label}): reshapes {tuple(before)} to {tuple(after or ())}; only shapes "
+                      "that keep the batch dimension first (whole, or merged with whole axes after it) lower")
+
+
 def rule_reshape(lw, node, x, *args, **kwargs):
     if isinstance(x, Value) and x.const is not None:  # a parameter reshaped (layer scale's (C,) to (1, C, 1, 1))
         shape = _shape(node)
         return dataclasses.replace(x, const=x.const.reshape(shape), shape=shape)
     x, shape = _operand(node, x), _shape(node)
-    _batch_kept(lw, node, x, shape)
     if shape == x.shape:
         return x
-    return lw.emit(node, "reshape", [x], x.frac, x.fmt, shape=(0, *shape[1:]))
+    target = reshape_target(node, tuple(x.shape), tuple(shape or ()), _label(lw.gm, node))
+    return lw.emit(node, "reshape", [x], x.frac, x.fmt, shape=target)
 
 
 def permutation(gm: fx.GraphModule, node: fx.Node, rank: int, dims: tuple, kwargs: dict) -> list[int]:
@@ -617,12 +659,49 @@ def permutation(gm: fx.GraphModule, node: fx.Node, rank: int, dims: tuple, kwarg
     return [d % rank for d in dims]
 
 
+@dataclasses.dataclass(frozen=True)
+class Permuted:
+    """A permutation that moves the batch axis (``qkv.permute(2, 0, 3, 1, 4)``), not emitted:
+    it lowers only where it is split or indexed along its new first axis (``unbind(0)``,
+    ``[i]``), each part then a slice of ``x`` along ``perm[0]`` and a permutation that keeps the
+    batch first."""
+
+    x: Value
+    perm: tuple
+    node: str
+
+    def part(self, lw, node: fx.Node, start: int, size: int, squeeze: bool, suffix: str) -> Value:
+        axis = self.perm[0]
+        inner = tuple(size if a == axis else n for a, n in enumerate(self.x.shape))
+        v = _slice(lw, node, self.x, [start], [start + size], [axis], [1], suffix=f"{suffix}_slice", out_shape=inner)
+        rest = list(self.perm[1:]) if squeeze else list(self.perm)
+        if squeeze:  # drop the sliced axis: the remaining axes renumbered
+            shape = inner[:axis] + inner[axis + 1:]
+            v = lw.emit(node, "reshape", [v], v.frac, v.fmt, suffix=f"{suffix}_squeezed", out_shape=shape,
+                        shape=(0, *shape[1:]))
+            rest = [a - (a > axis) for a in rest]
+        if rest[0] != 0:
+            raise ExportError(f"node {node.name!r}: a part of the permutation {list(self.perm)} of node {self.node!r} "
+                              "still moves the batch dimension; only permutations of the other axes lower")
+        out = tuple(v.shape[a] for a in rest)
+        if rest == list(range(len(rest))):
+            return v
+        return lw.emit(node, "transpose", [v], v.frac, v.fmt, suffix=suffix, out_shape=out, perm=tuple(rest))
+
+
+def _not_permuted(lw, node: fx.Node, x):
+    if isinstance(x, Permuted):
+        raise ExportError(f"node {node.name!r} ({_label(lw.gm, node)}): uses node {x.node!r}, which moves the batch "
+                          f"dimension (permutation {list(x.perm)}); such a permutation lowers only where it is split "
+                          "or indexed along its first axis (unbind(0), [i])")
+    return x
+
+
 def rule_permute(lw, node, x, *dims, **kwargs):
-    x = _operand(node, x)
+    x = _operand(node, _not_permuted(lw, node, x))
     perm = permutation(lw.gm, node, len(x.shape), dims, kwargs)
     if perm[0] != 0:
-        raise ExportError(f"node {node.name!r} ({_label(lw.gm, node)}): moves the batch dimension (permutation "
-                          f"{perm}); only permutations of the other axes lower")
+        return Permuted(x, tuple(perm), node.name)
     if perm == list(range(len(x.shape))):
         return x
     return lw.emit(node, "transpose", [x], x.frac, x.fmt, perm=tuple(perm))
@@ -640,9 +719,10 @@ def _slice(lw, node, x: Value, starts, ends, axes, steps, suffix="", out_shape=N
                    ends=tuple(ends), axes=tuple(axes), steps=tuple(steps))
 
 
-def index_slices(node: fx.Node, shape: tuple, index) -> tuple[list, list, list, list]:
+def index_slices(node: fx.Node, shape: tuple, index, first_axis: bool = False) -> tuple[list, list, list, list]:
     """``(starts, ends, axes, steps)`` of ``x[index]`` for ``x`` of ``shape`` (ints become
-    one-element slices, dropped by a reshape after; ``None`` adds an axis there)."""
+    one-element slices, dropped by a reshape after; ``None`` adds an axis there).  ``first_axis``
+    admits indexing axis 0 (a tensor whose batch axis a permutation moved, see :class:`Permuted`)."""
     index = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, (Value, torch.Tensor, list, fx.Node)) for i in index) or sum(i is Ellipsis for i in index) > 1:
         raise ExportError(f"node {node.name!r} (getitem): only indexing by ints, slices, None and one ... lowers")
@@ -661,7 +741,8 @@ def index_slices(node: fx.Node, shape: tuple, index) -> tuple[list, list, list, 
         if step < 1:
             raise ExportError(f"node {node.name!r} (getitem): negative steps do not lower")
         if (start, end, step) != (0, size, 1):
-            _axis(node, axis, len(shape), "getitem")
+            if not first_axis:
+                _axis(node, axis, len(shape), "getitem")
             starts.append(start), ends.append(end), axes.append(axis), steps.append(step)
         axis += 1
     return starts, ends, axes, steps
@@ -670,6 +751,10 @@ def index_slices(node: fx.Node, shape: tuple, index) -> tuple[list, list, list, 
 def rule_getitem(lw, node, x, index):
     if isinstance(x, (tuple, list)):
         return x[index]  # one output of a split
+    if isinstance(x, Permuted) and isinstance(index, int):
+        size = x.x.shape[x.perm[0]]
+        return x.part(lw, node, index % size, 1, True, "")
+    x = _not_permuted(lw, node, x)
     if not isinstance(x, Value):
         return rule_size(lw, node, x, index)  # an element of a shape
     x, shape = _operand(node, x), _shape(node)
@@ -683,14 +768,16 @@ def rule_getitem(lw, node, x, index):
     return x if x.shape == shape else lw.emit(node, "reshape", [x], x.frac, x.fmt, shape=(0, *shape[1:]))
 
 
-def split_sizes(node: fx.Node, shape: tuple, args: tuple, kwargs: dict) -> tuple[int, list[int], bool]:
-    """``(axis, sizes, squeeze)`` of a ``split``/``chunk``/``unbind`` node of a tensor of ``shape``."""
+def split_sizes(node: fx.Node, shape: tuple, args: tuple, kwargs: dict, first_axis: bool = False
+                ) -> tuple[int, list[int], bool]:
+    """``(axis, sizes, squeeze)`` of a ``split``/``chunk``/``unbind`` node of a tensor of ``shape``
+    (``first_axis``: axis 0 admitted, as in :func:`index_slices`)."""
     target = node.target
     name = target if isinstance(target, str) else (
         target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else target.__name__)
     unbind = name == "unbind"
     dim = kwargs.get("dim", (args[0] if args else 0) if unbind else (args[1] if len(args) > 1 else 0))
-    dim = _axis(node, dim, len(shape), name)
+    dim = dim % len(shape) if first_axis else _axis(node, dim, len(shape), name)
     if unbind:
         return dim, [1] * shape[dim], True
     parts = getattr(torch.empty(shape, device="meta"), name)(*args, **kwargs)
@@ -698,7 +785,15 @@ def split_sizes(node: fx.Node, shape: tuple, args: tuple, kwargs: dict) -> tuple
 
 
 def rule_split(lw, node, x, *args, **kwargs):
-    x = _operand(node, x)
+    if isinstance(x, Permuted):
+        dim, sizes, squeeze = split_sizes(node, tuple(x.x.shape[a] for a in x.perm), args, kwargs, first_axis=True)
+        if dim == 0:
+            out, start = [], 0
+            for i, size in enumerate(sizes):
+                out.append(x.part(lw, node, start, size, squeeze, f"_{i}"))
+                start += size
+            return tuple(out)
+    x = _operand(node, _not_permuted(lw, node, x))
     dim, sizes, squeeze = split_sizes(node, x.shape, args, kwargs)
     out, start = [], 0
     for i, size in enumerate(sizes):
@@ -789,7 +884,36 @@ def rule_mul(lw, node, a, b):
     return Value(x.name, x.frac - (e - 1), None, x.shape)  # the same codes, read at another binary point
 
 
+def rule_expand(lw, node, x, *sizes, **kwargs):
+    """``x.expand(...)`` to the node's shape: a constant (a class token ``(1, 1, d)``) repeated
+    over the batch, whose size the graph's first input gives at run time; or an activation
+    broadcast along its size-1 axes (its batch unchanged)."""
+    x = _operand(node, x)
+    shape = _shape(node)
+    lead = len(shape) - len(x.shape)
+    src = (1,) * lead + tuple(x.shape)
+    if any(s != o and s != 1 for s, o in zip(src, shape)):
+        raise ExportError(f"node {node.name!r} (expand): cannot expand {tuple(x.shape)} to {shape}")
+    if x.const is None and lead:
+        raise ExportError(f"node {node.name!r} (expand): adding leading axes to {tuple(x.shape)} moves the batch "
+                          "dimension; only an expansion that keeps it first lowers")
+    if x.const is not None and src[0] != 1:
+        raise ExportError(f"node {node.name!r} (expand): a constant of shape {tuple(x.shape)} expanded to {shape}: "
+                          "its first axis is not 1, so it cannot be repeated over the batch")
+    if shape == tuple(x.shape) and x.const is None:
+        return x
+    like = lw.batch_source if x.const is not None else x
+    return lw.emit(node, "expand", [x, like], x.frac, x.fmt, shape=(0, *shape[1:]))
+
+
 def rule_fixed_point_mul(lw, node, a, b, spec):
+    if not isinstance(b, Value):  # times a number: its float32 value m · 2**-e, exactly
+        a = _operand(node, a)
+        _definition_output(lw, node, spec, "mul")
+        m, e = ops.scalar_codes(b)
+        if _largest_code(a) is None or _largest_code(a).bit_length() + abs(m).bit_length() > 62:
+            raise ExportError(f"node {node.name!r} (mul): the product of its codes and {b!r} overflows int64")
+        return lw.emit(node, "scale", [a], a.frac + e, factor=m)
     return _product(lw, node, a, b, spec)
 
 
@@ -861,6 +985,70 @@ def rule_interpolate(lw, node, x, *args, **kwargs):
         raise ExportError(f"node {node.name!r} (interpolate): only nearest upsampling of (N, C, H, W) by integer "
                           f"factors lowers (got mode {mode!r}, {tuple(x.shape)} to {shape})")
     return lw.emit(node, "upsample", [x], x.frac, x.fmt, factors=factors)
+
+
+def fold_constant(gm: fx.GraphModule, node: fx.Node, args, kwargs):
+    """The value of a shape op (view, permute, getitem by an index tensor, ...) on constants
+    only — a parameter's codes after its cast, or a buffer — computed now, as a constant of the
+    first operand's binary point (swin's relative-position bias: a table gathered by a constant
+    index); ``None`` for any other node."""
+    op = ops.op_of(gm, node)
+    values = [v for v in _values((args, kwargs)) if isinstance(v, Value)]
+    if op is None or op.group != "shape" or op.name == "expand" or node.op == "call_module" or not values or \
+            any(v.const is None for v in values):
+        return None
+    coded = next((v for v in values if v.frac is not None), values[0])
+    concrete = lambda v: v.const if isinstance(v, Value) else v  # noqa: E731
+    args, kwargs = fx.node.map_aggregate(args, concrete), fx.node.map_aggregate(kwargs, concrete)
+    result = getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method" else \
+        node.target(*args, **kwargs)
+    wrap = lambda t: Value(None, coded.frac, coded.fmt, tuple(t.shape), t)  # noqa: E731
+    return tuple(wrap(t) for t in result) if isinstance(result, (tuple, list)) else wrap(result)
+
+
+def _values(tree) -> list:
+    out = []
+    fx.node.map_aggregate(tree, lambda v: out.append(v) or v)
+    return out
+
+
+def rule_roll(lw, node, x, shifts, dims=None):
+    """``torch.roll`` along non-batch axes: per axis, the last ``s`` codes sliced off and put
+    first (a slice and a concat; exact)."""
+    x = _operand(node, x)
+    if dims is None:
+        raise ExportError(f"node {node.name!r} (roll): rolling the flattened tensor does not lower; give dims")
+    shifts, dims = (shifts, dims) if isinstance(dims, (tuple, list)) else ((shifts,), (dims,))
+    for i, (s, d) in enumerate(zip(shifts, dims)):
+        d = _axis(node, d, len(x.shape), "roll")
+        n = x.shape[d]
+        s %= n
+        if s == 0:
+            continue
+        head = tuple(x.shape[:d]) + (s,) + tuple(x.shape[d + 1:])
+        tail = tuple(x.shape[:d]) + (n - s,) + tuple(x.shape[d + 1:])
+        a = _slice(lw, node, x, [n - s], [n], [d], [1], suffix=f"_{i}_head", out_shape=head)
+        b = _slice(lw, node, x, [0], [n - s], [d], [1], suffix=f"_{i}_tail", out_shape=tail)
+        x = lw.emit(node, "concat", [a, b], x.frac, x.fmt, suffix=f"_{i}", out_shape=tuple(x.shape), axis=d,
+                    shifts=(0, 0))
+    return x
+
+
+FLOAT32_SIGNIFICAND = 24
+
+
+def _on_grid(node: fx.Node, c: Value, x: Value) -> Value:
+    """A float constant (a buffer, e.g. swin's attention mask) added to ``x``: its codes at
+    ``x``'s binary point, if it lies on that grid and the float32 sum the simulation forms is
+    exact (``|x| + |c|`` within float32's 24-bit significand)."""
+    codes = c.const.double() * 2.0 ** x.frac
+    largest = _largest_code(x)
+    if not torch.equal(codes, torch.round(codes)) or largest is None or \
+            largest + int(codes.abs().max()) > 1 << FLOAT32_SIGNIFICAND:
+        raise ExportError(f"node {node.name!r} (add): a constant operand lowers only on its other operand's grid "
+                          f"(2**-{x.frac}) and small enough for the simulation's float32 sum to be exact; give it "
+                          "a fixed-point cast of its own")
+    return Value(None, x.frac, None, tuple(c.const.shape), codes.to(torch.int64))
 
 
 def rule_dropout(lw, node, x, *args, **kwargs):
@@ -956,9 +1144,10 @@ RULES: dict[str, Callable] = {
     "permute": rule_permute, "transpose": rule_permute, "getitem": rule_getitem, "split": rule_split,
     "size": rule_size, "cat": rule_cat, "stack": rule_cat, "mul": rule_mul, "fixed_point_mul": rule_fixed_point_mul,
     "sub": rule_sub, "fixed_point_batch_norm": rule_fixed_point_batch_norm, "pad": rule_pad,
-    "interpolate": rule_interpolate, "write_back": rule_write_back,
+    "interpolate": rule_interpolate, "write_back": rule_write_back, "roll": rule_roll,
     "relu6": rule_clip, "hardtanh": rule_clip, "clamp": rule_clip,
     "lookup": rule_lookup,
+    "expand": rule_expand,
 }
 
 # Registered ops without a rule, and what lowering them would take.
@@ -1027,6 +1216,8 @@ def lower(gm: fx.GraphModule, example_inputs) -> IntegerGraph:
         if node.op == "placeholder":
             shape = tuple(node.meta["tensor_meta"].shape)
             env[node] = Value(node.name, None, None, shape)
+            if not inputs:
+                lw.batch_source = env[node]  # a constant expanded over the batch takes its size
             inputs.append(node.name)
             input_shapes.append(shape)
         elif node.op == "get_attr":
@@ -1042,5 +1233,6 @@ def lower(gm: fx.GraphModule, example_inputs) -> IntegerGraph:
         else:
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            env[node] = RULES[op_key(gm, node)](lw, node, *args, **kwargs)
+            folded = fold_constant(gm, node, args, kwargs)
+            env[node] = folded if folded is not None else RULES[op_key(gm, node)](lw, node, *args, **kwargs)
     return IntegerGraph(inputs, input_shapes, lw.ops, outputs, lw.shapes)

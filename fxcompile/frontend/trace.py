@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import operator
+import re
 import traceback
 import warnings
 from typing import Iterable, Sequence
@@ -27,6 +28,7 @@ import torch.utils._pytree as pytree
 
 from ..core import ir, ops
 from ..errors import TraceError
+from . import attention
 
 __all__ = ["CONTRACT", "trace", "FRONTENDS"]
 
@@ -59,8 +61,11 @@ class _Tracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
 
+    def user_leaf(self, m: torch.nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or any(fnmatch.fnmatchcase(qualname, p) for p in self.leaf_names)
+
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        if isinstance(m, self.leaf_types) or any(fnmatch.fnmatchcase(qualname, p) for p in self.leaf_names):
+        if self.user_leaf(m, qualname):
             return True
         op = ops.module_op(m)
         if op is not None and op.module_names:  # e.g. timm's DropPath: random in training, traced whole
@@ -71,6 +76,9 @@ class _Tracer(fx.Tracer):
         qualname = self.path_of_module(m)
         self.path.append((qualname, type(m).__name__))
         try:
+            if (isinstance(m, torch.nn.MultiheadAttention) and not self.user_leaf(m, qualname)
+                    and attention.decomposable(m, *args, **kwargs)):
+                return attention.multi_head_attention(m, *args, **kwargs)  # written out in registry ops
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed is None:
@@ -114,7 +122,10 @@ def _explain(exc: BaseException) -> str:
 def _trace_fx(model: torch.nn.Module, leaf_modules: Sequence, concrete_args=None) -> fx.GraphModule:
     tracer = _Tracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        with attention.decomposed_attention():
+            graph = tracer.trace(model, concrete_args=concrete_args)
+        if concrete_args:
+            _drop_fixed(graph, set(concrete_args))
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds; all become TraceError
         path, cls = tracer.failed or ("", type(model).__name__)
         where = f"module '{path}' ({cls})" if path else f"the top-level module ({cls})"
@@ -128,6 +139,42 @@ def _trace_fx(model: torch.nn.Module, leaf_modules: Sequence, concrete_args=None
     gm = _follow_mode(fx.GraphModule(tracer.root, graph, name))
     ir.FRONTEND.set(gm, "fx")
     return gm
+
+
+def fixed_defaults(model: torch.nn.Module, example_inputs) -> dict | None:
+    """The parameters of ``model.forward`` after the positional example inputs that default to
+    ``None`` or a bool (timm's ``attn_mask=None, is_causal=False``): traced as those constants,
+    so that ``if attn_mask is not None`` takes the branch the model takes when called with the
+    inputs alone, and the graph's inputs are the example's."""
+    if not isinstance(example_inputs, (tuple, list)):
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    fixed = {p.name: p.default for p in params[len(example_inputs):]
+             if p.kind in kinds and (p.default is None or isinstance(p.default, bool))}
+    return fixed or None
+
+
+_SPECIALISED = (torch.fx._symbolic_trace._assert_is_none, operator.eq, torch._assert)
+
+
+def _drop_fixed(graph: fx.Graph, names: set) -> None:
+    """Remove the inputs fx keeps for constant arguments, with the checks it adds on them."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for p in [n for n in graph.nodes if n.op == "placeholder" and re.sub(r"_\d+$", "", n.target) in names]:
+        doomed, stack = set(), [p]
+        while stack:
+            n = stack.pop()
+            if n not in doomed:
+                doomed.add(n)
+                stack.extend(n.users)
+        if any(n is not p and n.target not in _SPECIALISED for n in doomed):
+            continue  # the value is used: keep the input
+        for n in sorted(doomed, key=order.get, reverse=True):
+            graph.erase_node(n)
 
 
 def split_inputs(model: torch.nn.Module, example_inputs) -> tuple[tuple, dict]:
@@ -327,7 +374,7 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable = (), frontend: str = "
         ir.FRONTEND_REASON.set(gm, "frontend='export' was asked for")
         return gm
     try:
-        gm = _trace_fx(model, leaf_modules)
+        gm = _trace_fx(model, leaf_modules, fixed_defaults(model, example_inputs))
         ir.FRONTEND_REASON.set(gm, "torch.fx traced it" if frontend == "auto" else "frontend='fx' was asked for")
         return gm
     except TraceError as err:

@@ -9,7 +9,8 @@ the average.  So that training sees what deployment runs, this pass rewrites eac
 dims of an (N, C, H, W) tensor (``dim=(2, 3)`` or ``(-2, -1)``, ``keepdim`` either way), into
 a call of :func:`fxcompile.core.ops.fixed_point_average`, and each ``AvgPool2d`` /
 ``F.avg_pool2d`` node into one of :func:`fxcompile.core.ops.fixed_point_avg_pool2d` (padding,
-``count_include_pad`` either way, ``ceil_mode``: each output position's own divisor), given
+``count_include_pad`` either way, ``ceil_mode``: each output position's own divisor; a mean over
+dims 1 and 2 of an (N, H, W, C) tensor is a ``fixed_point_mean`` below), given
 the forward format of its output cast.  That function computes the same exact product in float64 and rounds it to the
 cast's format, so the cast after it is the identity on its forward and still rounds (and
 clips) the gradient; its backward is the float average's derivative.

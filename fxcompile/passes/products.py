@@ -9,7 +9,9 @@ runs, this pass rewrites each ``mul`` node of two tensors whose output has a fix
 of its own into a call of :func:`fxcompile.core.ops.fixed_point_mul`, given that cast's forward
 format: it forms the same product in float64 (exact for codes of up to 24 bits) and rounds
 it, so the cast after it is the identity on its forward and still rounds the gradient.  A
-product with a constant, or without a single fixed-point cast after it, is left alone;
+product with a constant tensor, or without a single fixed-point cast after it, is left alone;
+a product with a Python number that is not a power of two becomes ``fixed_point_mul`` too (the
+number read as float32, as the float product reads it: :func:`fxcompile.core.ops.scalar_codes`);
 ``lower`` deploys it only when the float32 product is exact (codes whose product stays within
 2**24), and refuses it otherwise::
 
@@ -19,6 +21,8 @@ product with a constant, or without a single fixed-point cast after it, is left 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch.fx as fx
 
@@ -30,6 +34,17 @@ __all__ = ["CONTRACT", "fixed_point_products"]
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
 
 
+def _scaled(node: fx.Node) -> bool:
+    """Whether ``node`` multiplies a fixed-point value by a Python number that is not a power of
+    two (whose float32 product rounds: ``q * head_dim ** -0.5`` in attention)."""
+    a, b = node.args
+    x, k = (a, b) if isinstance(a, fx.Node) else (b, a)
+    if not (isinstance(x, fx.Node) and ir.EDGE.has(x)) or isinstance(k, bool) or not isinstance(k, (int, float)):
+        return False
+    m, _ = math.frexp(k)
+    return k != 0 and abs(m) != 0.5
+
+
 def fixed_point_products(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite the products of two tensors in ``gm`` (after ``insert_casts``) in place; returns ``gm``."""
     changed = False
@@ -37,14 +52,16 @@ def fixed_point_products(gm: fx.GraphModule) -> fx.GraphModule:
         op = ops.op_of(gm, node)
         if op is None or op.name != "mul" or len(node.args) != 2 or node.kwargs:
             continue
-        if not all(isinstance(a, fx.Node) and ir.EDGE.has(a) for a in node.args):
-            continue  # a product with a constant, or of sizes
+        scaled = _scaled(node)  # an activation times a number that is no power of two
+        if not scaled and not all(isinstance(a, fx.Node) and ir.EDGE.has(a) for a in node.args):
+            continue  # a product with a constant tensor, or of sizes
         cast = output_cast(gm, node)
         if cast is None:
             continue
+        args = node.args if not scaled or isinstance(node.args[0], fx.Node) else node.args[::-1]
         # the node keeps its name and meta (roles, edges): only what it calls changes
         node.op, node.target = "call_function", ops.fixed_point_mul
-        node.args = (*node.args, cast.edge.forward.spec())
+        node.args = (*args, cast.edge.forward.spec())
         changed = True
     if changed:
         gm.recompile()

@@ -59,7 +59,7 @@ def test_rule_table_has_one_entry_per_op():
                           # structural ops
                           "reshape", "squeeze", "contiguous", "drop_path", "permute", "transpose", "getitem",
                           "split", "size", "cat", "stack", "mul", "fixed_point_mul", "sub",
-                          "fixed_point_batch_norm", "pad", "interpolate", "write_back",
+                          "fixed_point_batch_norm", "pad", "interpolate", "write_back", "roll", "expand",
                           "relu6", "hardtanh", "clamp", "lookup",
                           # divisions by constants, average pools and means: their fixed-point definitions
                           "truediv", "fixed_point_divide", "fixed_point_avg_pool2d", "fixed_point_mean"}

@@ -93,6 +93,10 @@ UNSUPPORTED: dict[str, str] = {
     "upsample": "hls4ml has UpSampling2D (nearest), but this handoff does not yet map it",
     "clip": "this handoff does not yet map a clamp to constant bounds (ReLU6, Hardtanh, clamp) onto an hls4ml "
             "layer whose output type rounds the bounds as the integer graph does",
+    "constant": "the handoff writes sequential models of layers; a constant operand (a class token, a position "
+                "embedding) needs a layer of its own",
+    "expand": "the handoff writes sequential models of layers; a constant repeated over the batch (a class "
+              "token) has no hls4ml layer",
     "lookup": "hls4ml's own Activation tables (sigmoid, tanh, ...) have 1024 entries over [-8, 8) (tanh: "
               "[-4, 4)) computed in float, not one entry per input code rounded to the output format, so they "
               "differ from this table (benchmarks/hls4ml_tables.py counts by how much); the handoff does not yet "

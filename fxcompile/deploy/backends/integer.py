@@ -144,6 +144,8 @@ KERNELS: dict[str, Callable] = {
     "affine": _affine,
     "pad": lambda op, x: F.pad(x, op.attrs["pads"], value=op.attrs.get("value", 0)),
     "upsample": _upsample,
+    "constant": lambda op: op.attrs["value"],
+    "expand": lambda op, x, like: x.expand(like.shape[0], *op.attrs["shape"][1:]),
 }
 
 

@@ -67,8 +67,8 @@ from ...core.formats import FixedPoint
 from ...passes.averages import average_arguments, avg_pool_arguments
 from ...passes.casts import Cast
 from ..lower import UNSUPPORTED as UNSUPPORTED_LOWERING
-from ..lower import (evaluate, index_slices, lower, op_arguments, op_key, pair, permutation, split_sizes,
-                     whole_view)
+from ..lower import (evaluate, index_slices, lower, op_arguments, op_key, pair, permutation, reshape_target,
+                     split_sizes, whole_view)
 from .onnx import add_constant
 
 __all__ = ["to_qdq", "FloatGraph", "FLOAT_OPS", "UNSUPPORTED", "STRUCTURAL", "OPSET", "container"]
@@ -279,11 +279,13 @@ def _fixed_point_divide(g, node, x, divisor, spec):
 def _average(g, node, x, *args, **kwargs):
     # the float average between the input's DequantizeLinear and the output's QuantizeLinear: the
     # nearest this flavour has to the integer graph's window sum times a fixed-point reciprocal
+    shape = tuple(node.args[0].meta["tensor_meta"].shape)
     if ops.op_of(g.gm, node).name == "fixed_point_average":
         output_size, squeeze = node.args[1:3]
+        if len(node.args) > 4 and node.args[4]:  # channels-last: channels moved first
+            x, shape = g.node("Transpose", [x], perm=[0, 3, 1, 2]), (shape[0], shape[3], shape[1], shape[2])
     else:
         output_size, squeeze = average_arguments(g.gm, node)
-    shape = tuple(node.args[0].meta["tensor_meta"].shape)
     windows = ops.average_windows(shape, output_size)
     if windows is None:  # uneven windows: sums by 0/1 matrices, then each position's 1/n
         oh, ow = ops._output_size(shape, output_size)
@@ -306,6 +308,8 @@ def _flatten(g, node, x, *args, **kwargs):
 
 
 def _add(g, node, a, b, *args, **kwargs):
+    # an uncast buffer operand (swin's attention mask) is a float constant
+    a, b = (g.const(v.value.detach().numpy(), np.float32) if isinstance(v, _Parameter) else v for v in (a, b))
     return g.node("Add", [a, b])
 
 
@@ -327,12 +331,29 @@ def _softmax(g, node, x, *specs):
     return g.node("Softmax", [x], axis=-1)
 
 
+def _opset(g) -> int:
+    return next(o.version for o in g.opset_imports if o.domain == "")
+
+
+def _squeeze(g, op_type: str, x: str, dim: int) -> str:
+    # axes: an input from opset 13, an attribute before (QONNX writes opset 11)
+    if _opset(g) >= 13:
+        return g.node(op_type, [x, g.const([dim], np.int64)])
+    return g.node(op_type, [x], axes=[dim])
+
+
 def _layer_norm(g, node, x, normalized_shape, w, b, eps, *specs):
-    # the float LayerNormalization between the pairs (see the module docstring for the distance)
+    # the float LayerNormalization between the pairs (see the module docstring for the distance);
+    # before opset 17 (QONNX) written out: (x - mean) / sqrt(var + eps) · w + b
     n = normalized_shape[0]
     w = w if w is not None else g.const(np.ones(n, np.float32), np.float32)
     b = b if b is not None else g.const(np.zeros(n, np.float32), np.float32)
-    return g.node("LayerNormalization", [x, w, b], axis=-1, epsilon=eps)
+    if _opset(g) >= 17:
+        return g.node("LayerNormalization", [x, w, b], axis=-1, epsilon=eps)
+    d = g.node("Sub", [x, g.node("ReduceMean", [x], axes=[-1], keepdims=1)])
+    var = g.node("ReduceMean", [g.node("Mul", [d, d])], axes=[-1], keepdims=1)
+    z = g.node("Div", [d, g.node("Sqrt", [g.node("Add", [var, g.const(eps, np.float32)])])])
+    return g.node("Add", [g.node("Mul", [z, w]), b])
 
 
 # ---- structural ops: shapes come from the example inputs' shape propagation ----------------
@@ -366,9 +387,11 @@ def _parameter_only(node: fx.Node) -> bool:
 
 
 def _reshape(g, node, x, *args, **kwargs):
-    # a parameter reshaped (layer scale's (C,) to (1, C, 1, 1)) has no batch axis to keep
-    shape = list(_shape(node)) if _parameter_only(node) else [0, *_shape(node)[1:]]
-    return g.node("Reshape", [x, g.const(shape, np.int64)])
+    if _parameter_only(node):  # a parameter reshaped (layer scale's (C,) to (1, C, 1, 1)) has no batch axis
+        return g.node("Reshape", [x, g.const(list(_shape(node)), np.int64)])
+    before = tuple(node.args[0].meta["tensor_meta"].shape)
+    target = reshape_target(node, before, tuple(_shape(node)), ops.op_of(g.gm, node).name)
+    return g.node("Reshape", [x, g.const(list(target), np.int64)])
 
 
 def _permute(g, node, x, *dims, **kwargs):
@@ -378,22 +401,39 @@ def _permute(g, node, x, *dims, **kwargs):
 def _getitem(g, node, x, index):
     if isinstance(x, (tuple, list)):
         return x[index]
+    if isinstance(x, str) and isinstance(index, _Parameter):  # a table gathered by a constant index
+        return g.node("Gather", [x, g.const(index.value.numpy(), np.int64)], axis=0)
     if not isinstance(x, str):
         return _size(g, node, x, index)
-    starts, ends, axes, steps = index_slices(node, tuple(node.args[0].meta["tensor_meta"].shape), index)
+    # lower() has checked the index (axis 0 only of a permutation that moved the batch axis)
+    starts, ends, axes, steps = index_slices(node, tuple(node.args[0].meta["tensor_meta"].shape), index, True)
     if starts:
         x = g.node("Slice", [x, g.const(starts, np.int64), g.const(ends, np.int64), g.const(axes, np.int64),
                              g.const(steps, np.int64)])
-    return _reshape(g, node, x)
+    return g.node("Reshape", [x, g.const([0, *_shape(node)[1:]], np.int64)])
+
+
+def _roll(g, node, x, shifts, dims=None):
+    # per axis, the last s values sliced off and put first, as the integer graph does
+    shifts, dims = (shifts, dims) if isinstance(dims, (tuple, list)) else ((shifts,), (dims,))
+    shape = _shape(node)
+    for s, d in zip(shifts, dims):
+        n, d = shape[d], d % len(shape)
+        s %= n
+        if s:
+            head = g.node("Slice", [x, g.const([n - s], np.int64), g.const([n], np.int64), g.const([d], np.int64)])
+            tail = g.node("Slice", [x, g.const([0], np.int64), g.const([n - s], np.int64), g.const([d], np.int64)])
+            x = g.node("Concat", [head, tail], axis=d)
+    return x
 
 
 def _split(g, node, x, *args, **kwargs):
-    dim, sizes, squeeze = split_sizes(node, tuple(node.args[0].meta["tensor_meta"].shape), args, kwargs)
+    dim, sizes, squeeze = split_sizes(node, tuple(node.args[0].meta["tensor_meta"].shape), args, kwargs, True)
     out, start = [], 0
     for size in sizes:
         part = g.node("Slice", [x, g.const([start], np.int64), g.const([start + size], np.int64),
                                 g.const([dim], np.int64)])
-        out.append(g.node("Squeeze", [part, g.const([dim], np.int64)]) if squeeze else part)
+        out.append(_squeeze(g, "Squeeze", part, dim) if squeeze else part)
         start += size
     return out
 
@@ -401,7 +441,7 @@ def _split(g, node, x, *args, **kwargs):
 def _cat(g, node, tensors, dim=0, **kwargs):
     dim = kwargs.get("axis", dim)
     if ops.op_of(g.gm, node).name == "stack":
-        tensors = [g.node("Unsqueeze", [t, g.const([dim], np.int64)]) for t in tensors]
+        tensors = [_squeeze(g, "Unsqueeze", t, dim) for t in tensors]
     return g.node("Concat", list(tensors), axis=dim % len(_shape(node)))
 
 
@@ -419,7 +459,7 @@ def _sub(g, node, a, b, *args, **kwargs):
 def _add_or_size(g, node, a, b, *args, **kwargs):
     if isinstance(a, str) != isinstance(b, str) and (b if isinstance(a, str) else a) == 0:
         return a if isinstance(a, str) else b  # a sum started at 0
-    return _add(g, node, a, b) if isinstance(a, str) else _size(g, node, a, b)
+    return _add(g, node, a, b) if isinstance(a, (str, _Parameter)) else _size(g, node, a, b)
 
 
 def _batch_norm(g, node, x, module, weight, bias, spec):
@@ -490,6 +530,14 @@ def _lookup_float(g, node, x, name, params, *specs):
     return g.node({"sigmoid": "Sigmoid", "tanh": "Tanh"}[name], [x])
 
 
+def _expand(g, node, x, *sizes, **kwargs):
+    # to (N, *rest): N read from the first input, as the integer graph does
+    first = next(n.name for n in g.gm.graph.nodes if n.op == "placeholder")
+    batch = g.node("Slice", [g.node("Shape", [first]), g.const([0], np.int64), g.const([1], np.int64)])
+    shape = g.node("Concat", [batch, g.const(_shape(node)[1:], np.int64)], axis=0)
+    return g.node("Expand", [x, shape])
+
+
 FLOAT_OPS: dict[str, Callable] = {
     "conv2d": _conv2d, "linear": _linear, "relu": _relu, "max_pool2d": _max_pool2d,
     "avg_pool2d": _avg_pool2d, "fixed_point_avg_pool2d": _avg_pool2d, "adaptive_avg_pool2d": _average, "mean": _average, "fixed_point_average": _average,
@@ -499,10 +547,11 @@ FLOAT_OPS: dict[str, Callable] = {
     "reshape": _reshape, "squeeze": _reshape, "contiguous": _identity, "drop_path": _identity, "permute": _permute,
     "transpose": _permute, "getitem": _getitem, "split": _split, "size": _size, "cat": _cat, "stack": _cat,
     "mul": _mul, "fixed_point_mul": _mul, "sub": _sub, "fixed_point_batch_norm": _batch_norm, "pad": _pad,
-    "interpolate": _interpolate, "write_back": _write_back,
+    "interpolate": _interpolate, "write_back": _write_back, "roll": _roll,
     "fixed_point_matmul": _matmul, "fixed_point_softmax": _softmax, "fixed_point_layer_norm": _layer_norm,
     "unflatten": _flatten,  # a Reshape to the node's shape, as flatten
     "relu6": _clip, "hardtanh": _clip, "clamp": _clip, "lookup": _lookup_float,
+    "expand": _expand,
 }
 
 # Ops that build() writes itself rather than through FLOAT_OPS.
@@ -518,6 +567,22 @@ class _Parameter:
 
     def __init__(self, value: torch.Tensor):
         self.value = value
+
+
+def _fold_buffer(gm, node, args, kwargs) -> _Parameter | None:
+    """A shape op on uncast buffers only (swin's attention mask unsqueezed), computed now, as the
+    integer lowering folds it (:func:`fxcompile.deploy.lower.fold_constant`)."""
+    op = ops.op_of(gm, node)
+    leaves = []
+    fx.node.map_aggregate((args, kwargs), lambda v: leaves.append(v) or v)
+    if op is None or op.group != "shape" or op.name == "expand" or node.op == "call_module" or \
+            not any(isinstance(v, _Parameter) for v in leaves) or any(isinstance(v, str) for v in leaves):
+        return None
+    concrete = lambda v: v.value if isinstance(v, _Parameter) else v  # noqa: E731
+    args, kwargs = fx.node.map_aggregate(args, concrete), fx.node.map_aggregate(kwargs, concrete)
+    result = getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method" else \
+        node.target(*args, **kwargs)
+    return _Parameter(result) if isinstance(result, torch.Tensor) else None
 
 
 def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: list | None = None
@@ -569,7 +634,8 @@ def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: l
         else:
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            env[node] = FLOAT_OPS[op_key(gm, node)](g, node, *args, **kwargs)
+            folded = _fold_buffer(gm, node, args, kwargs)
+            env[node] = folded if folded is not None else FLOAT_OPS[op_key(gm, node)](g, node, *args, **kwargs)
     used = {i for n in g.nodes for i in n.input}
     graph = helper.make_graph(g.nodes, name, inputs, outputs, [t for t in g.initializers if t.name in used])
     return helper.make_model(graph, opset_imports=g.opset_imports, producer_name="fxcompile")

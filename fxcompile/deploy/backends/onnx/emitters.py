@@ -414,6 +414,24 @@ def emit_lookup(b: _Builder, op: IntOp, x: str) -> str:
     return b.value(out, tlo, thi, like=layout)
 
 
+def emit_constant(b: _Builder, op: IntOp) -> str:
+    """The codes as an initializer, int32 when they fit."""
+    codes = op.attrs["value"]
+    lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
+    dt = np.int32 if _fits32(lo, hi) else np.int64
+    name = b.const(codes.numpy(), dt)
+    b.types[name] = dt
+    return b.value(name, lo, hi)
+
+
+def emit_expand(b: _Builder, op: IntOp, x: str, like: str) -> str:
+    """``Expand`` to ``(N, *shape[1:])``, ``N`` read from ``like``'s ``Shape``."""
+    x = b.nchw(x)
+    batch = b.node("Slice", [b.node("Shape", [like]), b.const([0]), b.const([1])])
+    shape = b.node("Concat", [batch, b.const(list(op.attrs["shape"][1:]))], axis=0)
+    return b.value(b.node("Expand", [x, shape]), *b.ranges[x])
+
+
 EMITTERS: dict[str, Callable] = {
     "quantize": emit_quantize,
     "requantize": emit_requantize,
@@ -435,5 +453,7 @@ EMITTERS: dict[str, Callable] = {
     "affine": emit_affine, "pad": emit_pad, "upsample": emit_upsample,
     "clip": emit_clip,
     "lookup": emit_lookup,
+    "constant": emit_constant,
+    "expand": emit_expand,
 }
 _WEIGHTED = {"conv2d", "linear"}
