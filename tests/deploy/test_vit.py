@@ -158,6 +158,9 @@ def test_a_permutation_moving_the_batch_lowers_when_split_along_its_first_axis(u
     with torch.no_grad():
         sim = torch.round(q(x).double() * 2.0 ** graph.op_of(graph.outputs[0]).frac).long()
     assert torch.equal(codes, sim) and codes.abs().sum() > 0
+    (qdq,) = onnx_session(to_qdq(q, (x[:1],))).run(None, {"x": x.numpy()})  # the float flavour takes it too
+    qdq = np.round(qdq.astype(np.float64) * 2.0 ** graph.op_of(graph.outputs[0]).frac)
+    assert qdq.shape == tuple(codes.shape) and np.abs(qdq - codes.numpy()).max() <= 1
 
 
 def test_a_permutation_moving_the_batch_used_otherwise_is_refused_naming_it():

@@ -410,6 +410,8 @@ def _getitem(g, node, x, index):
     if starts:
         x = g.node("Slice", [x, g.const(starts, np.int64), g.const(ends, np.int64), g.const(axes, np.int64),
                              g.const(steps, np.int64)])
+    if isinstance(index, int):  # qkv[i] of a permutation that moved the batch axis: a Reshape's 0 is not the batch
+        return _squeeze(g, "Squeeze", x, 0)
     return g.node("Reshape", [x, g.const([0, *_shape(node)[1:]], np.int64)])
 
 
