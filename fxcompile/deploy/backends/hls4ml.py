@@ -15,7 +15,16 @@ the ``ap_fixed`` types that make its C++ compute exactly what the integer refere
   so the one rounding and saturation of ``requantize`` happen in the conversion
   ``accum → result``,
 * ReLU, max pooling and flatten keep their input's type (or take the format of a cast
-  that follows them).
+  that follows them),
+* a residual ``add`` is a ``Merge`` add layer and a product of two activations of one shape
+  a ``Merge`` multiply layer; both compute exactly in ``ap_fixed`` arithmetic and the cast
+  after them is their result type (the one rounding),
+* a ``concat`` along channels is a ``Concatenate`` layer whose result type holds every
+  operand exactly at the largest binary point (the operands' type when they share one) or
+  is the format of the cast that follows it.
+
+An image input read by several layers is read through a copy (``ZeroPadding2D`` with no
+padding): hls4ml's channels-last conversion transposes the input for its first reader only.
 
 Formats map one to one onto ``ap_[u]fixed<W, W - frac, Q, O>``: rounding ``nearest`` (ties
 to even) → ``AP_RND_CONV``, ``floor`` → ``AP_TRN``, ``toward_zero`` → ``AP_TRN_ZERO``;
@@ -200,7 +209,7 @@ def hls_plan(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> 
     """The integer graph of ``qmodel`` and the hls4ml layers (with precisions) that compute it.
 
     The layers form a graph: each names the layers it reads (``inputs``), so residual adds
-    become hls4ml ``Merge`` layers.  Raises :class:`ExportError` for what hls4ml's layers cannot
+    and products become hls4ml ``Merge`` layers and concatenations ``Concatenate`` layers.  Raises :class:`ExportError` for what hls4ml's layers cannot
     express (more than one input or output, average pooling, a cast not right after a layer)
     and for formats without an ``ap_fixed`` equivalent (naming the edge and the format).
     """
