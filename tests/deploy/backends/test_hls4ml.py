@@ -298,8 +298,12 @@ def _needs_hls4ml():
     (TinyMLP, fxc.Policy(activation="10.5", weight="12.8,stochastic", bias="10.6,stochastic", name="nearest_sat"), 3.0),
     (Residual, fxc.Policy(activation="10.5", weight="12.8", bias="10.6", name="residual"), 3.0),
     (Concat, fxc.baseline(), 8.0),
+    (Concat, fxc.Policy(activation="16.8", weight="16.12", bias="16.8", name="concat_two_binary_points",
+                        overrides=[{"pattern": "relu", "activation_out": "12.2"}, {"pattern": "cat", "activation_in": None}]),
+     8.0),
     (Gate, fxc.Policy(activation="10.5", weight="12.8", bias="10.6", name="gate"), 3.0),
-], ids=["conv_floor_wrap", "dense_nearest_saturate", "residual_add_saturate", "concat_baseline", "multiply_saturate"])
+], ids=["conv_floor_wrap", "dense_nearest_saturate", "residual_add_saturate", "concat_baseline",
+        "concat_two_binary_points", "multiply_saturate"])
 def test_c_simulation_equals_integer_reference(tmp_path, model, policy, scale):
     """Narrow formats and large inputs so that saturation (dense) and wrap (conv) occur, and
     exact ties at the dense model's input binary point (5 bits)."""
