@@ -209,9 +209,11 @@ def hls_plan(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> 
     """The integer graph of ``qmodel`` and the hls4ml layers (with precisions) that compute it.
 
     The layers form a graph: each names the layers it reads (``inputs``), so residual adds
-    and products become hls4ml ``Merge`` layers and concatenations ``Concatenate`` layers.  Raises :class:`ExportError` for what hls4ml's layers cannot
-    express (more than one input or output, average pooling, a cast not right after a layer)
-    and for formats without an ``ap_fixed`` equivalent (naming the edge and the format).
+    and products become hls4ml ``Merge`` layers and concatenations ``Concatenate`` layers.
+    Raises :class:`ExportError` for what hls4ml's layers cannot express (more than one input
+    or output, average pooling, a cast not right after a layer, a concatenation along another
+    axis, a broadcasting product) and for formats without an ``ap_fixed`` equivalent (naming
+    the edge and the format).
     """
     if not isinstance(qmodel, fx.GraphModule):
         raise ExportError(f"expected a model compiled with fxc.compile, got {type(qmodel).__name__}")
