@@ -11,11 +11,19 @@ Fashion-MNIST test images:
 * accuracies  — of the C simulation and of the integer reference on those images,
 * the seconds spent converting/writing, building with g++, and simulating.
 
-Policies: ``baseline`` (parameters stochastic-rounded on update, forward edges nearest
-with saturation) and ``floor_wrap`` (the same, but every forward activation and input
-edge rounds with ``floor`` and wraps on overflow).
+Models: the bundled ``mlp`` and ``seed_cnn``, and two small graphs defined here:
+``residual`` (a residual add, hls4ml's Merge add layer) and ``concat`` (two convolution
+branches concatenated along channels, hls4ml's Concatenate layer).  Policies: ``baseline``
+(parameters stochastic-rounded on update, forward edges nearest with saturation) and
+``floor_wrap`` (the same, but every forward activation and input edge rounds with
+``floor`` and wraps on overflow).
 
     python examples/hls4ml_handoff.py --data /path/to/fashion-mnist [--epochs 1 --train-subset 6000]
+    python examples/hls4ml_handoff.py --data ../shared/data/fashion-mnist --train-subset 60000 \
+        --rows residual:baseline --results benchmarks/results/hls4ml_handoff.json   # then concat:baseline
+
+``--results`` adds the rows to the JSON file (each with its command), so rows measured by
+separate processes, at most two g++ builds at a time, end up in one file.
 
 Needs ``pip install -e ".[hls]"`` and g++.  The SeedCNN build takes several minutes (g++ -O3
 on hls4ml's unrolled convolution templates).
@@ -24,11 +32,15 @@ on hls4ml's unrolled convolution templates).
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import fxcompile as fxc
 from fxcompile.deploy.backends.integer import run_integer
@@ -37,6 +49,42 @@ from fxcompile.deploy.backends.hls4ml import hls_plan, predict_codes
 from fxcompile.training.train import TrainConfig, train
 
 ROWS = [("mlp", "baseline"), ("mlp", "floor_wrap"), ("seed_cnn", "baseline"), ("seed_cnn", "floor_wrap")]
+
+
+class Residual(nn.Module):
+    """conv → pool → a residual block (conv, ReLU, conv, added to its input) → pool → linear."""
+
+    def __init__(self, width: int = 8, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv3 = nn.Conv2d(width, width, 3, padding=1)
+        self.fc = nn.Linear(width * 7 * 7, num_classes)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.relu(x + self.conv3(torch.relu(self.conv2(x))))
+        return self.fc(torch.flatten(nn.functional.max_pool2d(x, 2), 1))
+
+
+class Concat(nn.Module):
+    """Two convolution branches (3x3 and 1x1) concatenated along channels → pool → conv → pool → linear."""
+
+    def __init__(self, width: int = 4, num_classes: int = 10):
+        super().__init__()
+        self.branch3 = nn.Conv2d(1, width, 3, padding=1)
+        self.branch1 = nn.Conv2d(1, width, 1)
+        self.conv = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
+        self.fc = nn.Linear(2 * width * 7 * 7, num_classes)
+
+    def forward(self, x):
+        x = torch.cat([torch.relu(self.branch3(x)), torch.relu(self.branch1(x))], dim=1)
+        x = nn.functional.max_pool2d(x, 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv(x)), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+MODELS = {"residual": Residual, "concat": Concat}
 
 
 def floor_wrap() -> fxc.Policy:
@@ -55,7 +103,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--images", type=int, default=1000, help="test images to simulate (default 1000)")
     p.add_argument("--out", default=None, help="keep the hls4ml projects in this folder")
-    p.add_argument("--rows", nargs="*", default=None, help="model:policy pairs (default: the four above)")
+    p.add_argument("--rows", nargs="*", default=None, help="model:policy pairs (default: the four above); "
+                   f"models: mlp, seed_cnn, {', '.join(MODELS)}")
+    p.add_argument("--results", type=Path, default=None, help="write the table to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     (tx, ty), (vx, vy) = fashion_mnist(args.data, train_subset=args.train_subset)
@@ -66,7 +116,8 @@ def main(argv=None):
     table = []
     for model, policy in rows:
         t0 = time.perf_counter()
-        m = train(TrainConfig(model=model, policy=POLICIES[policy](), epochs=args.epochs, progress=False),
+        net = MODELS[model]() if model in MODELS else model
+        m = train(TrainConfig(model=net, policy=POLICIES[policy](), epochs=args.epochs, progress=False),
                   (tx, ty), (vx, vy))
         qmodel = m["model_object"].eval()
         t1 = time.perf_counter()
@@ -79,7 +130,8 @@ def main(argv=None):
         t4 = time.perf_counter()
         (ref,) = run_integer(graph, x, codes=True)
         r = dict(model=model, policy=policy, differ=int((codes != ref).sum()), outputs=ref.numel(),
-                 hls_acc=(codes.argmax(1) == y).float().mean().item(), ref_acc=(ref.argmax(1) == y).float().mean().item(),
+                 hls_acc=round((codes.argmax(1) == y).double().mean().item(), 4),
+                 ref_acc=round((ref.argmax(1) == y).double().mean().item(), 4),
                  train=t1 - t0, convert=t2 - t1, build=t3 - t2, simulate=t4 - t3)
         table.append(r)
         print(f"  {model} {policy}: {r['differ']} of {r['outputs']} output codes differ; "
@@ -95,6 +147,21 @@ def main(argv=None):
     for r in table:
         print(f"{r['model']:<10}{r['policy']:<12}{r['differ']:>11}{r['outputs']:>11}{100 * r['hls_acc']:>8.2f}%"
               f"{100 * r['ref_acc']:>8.2f}%{r['build']:>9.0f}{r['simulate']:>7.0f}")
+    if args.results:
+        write_results(args.results, table, train_images=len(tx), epochs=args.epochs, test_images=len(x))
+
+
+def write_results(path: Path, table: list[dict], **settings) -> None:
+    """Add this run's rows (keyed "model policy", each with its command and settings) to the JSON
+    file at ``path``; rows of other runs stay, so rows measured one process at a time add up."""
+    command, date = "python " + " ".join(sys.argv), datetime.date.today().isoformat()
+    old = json.loads(path.read_text()) if path.exists() else {}
+    rows = old.get("rows", {})
+    for r in table:
+        rows[f"{r['model']} {r['policy']}"] = dict(command=command, date=date, **settings,
+                                                   **{k: v for k, v in r.items() if k not in ("model", "policy")})
+    commands = list(dict.fromkeys(row["command"] for row in rows.values()))
+    path.write_text(json.dumps({"command": " && ".join(commands), "date": date, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,16 @@ the ``ap_fixed`` types that make its C++ compute exactly what the integer refere
   so the one rounding and saturation of ``requantize`` happen in the conversion
   ``accum → result``,
 * ReLU, max pooling and flatten keep their input's type (or take the format of a cast
-  that follows them).
+  that follows them),
+* a residual ``add`` is a ``Merge`` add layer and a product of two activations of one shape
+  a ``Merge`` multiply layer; both compute exactly in ``ap_fixed`` arithmetic and the cast
+  after them is their result type (the one rounding),
+* a ``concat`` along channels is a ``Concatenate`` layer whose result type holds every
+  operand exactly at the largest binary point (the operands' type when they share one) or
+  is the format of the cast that follows it.
+
+An image input read by several layers is read through a copy (``ZeroPadding2D`` with no
+padding): hls4ml's channels-last conversion transposes the input for its first reader only.
 
 Formats map one to one onto ``ap_[u]fixed<W, W - frac, Q, O>``: rounding ``nearest`` (ties
 to even) → ``AP_RND_CONV``, ``floor`` → ``AP_TRN``, ``toward_zero`` → ``AP_TRN_ZERO``;
@@ -66,6 +75,8 @@ HLS_LAYERS: dict[str, str] = {
     "max_pool2d": "MaxPooling2D",
     "reshape": "Flatten (to batch, features only)",
     "add": "Merge add (exact in ap_fixed arithmetic; the cast after it is the Merge layer's result type)",
+    "concat": "Concatenate along channels (two operands; its result type holds both at the largest binary point)",
+    "mul": "Merge multiply (the exact product of two activations of one shape; the cast after it is its result type)",
     "dequantize": "the output (no layer)",
 }
 UNSUPPORTED: dict[str, str] = {
@@ -82,8 +93,6 @@ UNSUPPORTED: dict[str, str] = {
     "layer_norm": "hls4ml's LayerNormalization computes its statistics in its own fixed-point types and table; "
                   "this handoff does not map the integer definition onto it",
     # structural ops
-    "concat": "the handoff writes sequential models; a concatenation needs hls4ml's Concatenate (Merge) layer",
-    "mul": "the handoff writes sequential models; a product of two activations needs hls4ml's Multiply (Merge) layer",
     "transpose": "hls4ml has Permute/Transpose, but this sequential handoff does not yet map one between its "
                  "channels-last layers",
     "slice": "a slice of a value feeds a branch; the handoff writes sequential models",
@@ -214,9 +223,11 @@ def hls_plan(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> 
     """The integer graph of ``qmodel`` and the hls4ml layers (with precisions) that compute it.
 
     The layers form a graph: each names the layers it reads (``inputs``), so residual adds
-    become hls4ml ``Merge`` layers.  Raises :class:`ExportError` for what hls4ml's layers cannot
-    express (more than one input or output, average pooling, a cast not right after a layer)
-    and for formats without an ``ap_fixed`` equivalent (naming the edge and the format).
+    and products become hls4ml ``Merge`` layers and concatenations ``Concatenate`` layers.
+    Raises :class:`ExportError` for what hls4ml's layers cannot express (more than one input
+    or output, average pooling, a cast not right after a layer, a concatenation along another
+    axis, a broadcasting product) and for formats without an ``ap_fixed`` equivalent (naming
+    the edge and the format).
     """
     if not isinstance(qmodel, fx.GraphModule):
         raise ExportError(f"expected a model compiled with fxc.compile, got {type(qmodel).__name__}")
@@ -299,15 +310,42 @@ def hls_plan(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> 
             layer = HlsLayer(op.source, "add", None, {"result": _accumulator(width, op.frac)},
                              inputs=[produced_by[a].name, produced_by[b].name])
             fmts[op.out], types[op.out], channels[op.out] = None, layer.precision["result"], channels[a]
+        elif op.op == "concat":
+            layer = _concat_layer(op, graph, fmts, types, produced_by, where)
+            fmts[op.out], types[op.out] = _concat_codes(op, [fmts[i] for i in op.inputs]), layer.precision["result"]
+            channels[op.out] = sum(channels[i] for i in op.inputs)
+        elif op.op == "mul":
+            a, b = op.inputs
+            if graph.shapes[a] != graph.shapes[b]:
+                raise ExportError(f"node {op.source!r} (mul): hls4ml's Multiply (Merge) layer multiplies operands of "
+                                  f"one shape, got {tuple(graph.shapes[a])} and {tuple(graph.shapes[b])} (broadcasting)")
+            width = _product_width((fmts[a], fmts[b]), f"node {op.source!r} (mul)")
+            layer = HlsLayer(op.source, "mul", None, {"result": _accumulator(width, op.frac)},
+                             inputs=[produced_by[a].name, produced_by[b].name])
+            fmts[op.out], types[op.out], channels[op.out] = None, layer.precision["result"], channels[a]
         elif op.op == "dequantize":
             continue
         else:
             why = f" ({UNSUPPORTED[op.op]})" if op.op in UNSUPPORTED else ""
             raise ExportError(f"node {op.source!r} ({op.op}) has no hls4ml layer in this handoff{why}; it converts "
-                              f"graphs of {', '.join(('conv2d', 'linear', 'add') + _PASSTHROUGH)}")
+                              f"graphs of {', '.join(('conv2d', 'linear', 'add', 'mul', 'concat') + _PASSTHROUGH)}")
         layers.append(layer)
         produced_by[op.out] = layer
-    return graph, layers
+    return graph, _copy_shared_input(layers)
+
+
+def _copy_shared_input(layers: list[HlsLayer]) -> list[HlsLayer]:
+    """hls4ml's channels-last conversion transposes an image input for its first reader only;
+    when several layers read it, they read a copy (a ZeroPadding2D with no padding) instead."""
+    source = layers[0]
+    readers = [layer for layer in layers if source.name in layer.inputs]
+    if len(readers) < 2 or len(source.shape) != 3:
+        return layers
+    copy = HlsLayer(f"{source.name}_copy", "copy", nn.ConstantPad2d(0, 0.0), {"result": source.precision["result"]},
+                    inputs=[source.name])
+    for layer in readers:
+        layer.inputs = [copy.name if i == source.name else i for i in layer.inputs]
+    return [source, copy] + layers[1:]
 
 
 def _sum_width(op: IntOp, operands, where: str) -> int:
@@ -320,7 +358,61 @@ def _sum_width(op: IntOp, operands, where: str) -> int:
     return largest.bit_length() + 1
 
 
-_MERGES = {"add": operator.add}
+def _product_width(operands, where: str) -> int:
+    """Bits (with sign) of the exact product of two codes of the formats ``operands``."""
+    if any(f is None for f in operands):
+        raise ExportError(f"{where}: an operand has no fixed-point format of its own (an unrounded sum); "
+                          "put a cast before it")
+    a, b = ([f.code_min - f.zero_point, f.code_max - f.zero_point] for f in operands)
+    return max(_signed_bits(x * y) for x in a for y in b)
+
+
+def _signed_bits(v: int) -> int:
+    """Bits of the smallest two's-complement integer that holds ``v``."""
+    return (v if v >= 0 else -v - 1).bit_length() + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Codes:
+    """The codes a value can take (at binary point ``frac``), where no format names them."""
+
+    code_min: int
+    code_max: int
+    frac: int
+    zero_point: int = 0
+
+
+def _concat_codes(op: IntOp, operands) -> FixedPoint | _Codes:
+    """The codes of ``concat``'s result: its operands' codes shifted to the largest binary point."""
+    if op.fmt is not None:
+        return op.fmt
+    shifted = [(f.code_min - f.zero_point) << s for f, s in zip(operands, op.attrs["shifts"])] + \
+              [(f.code_max - f.zero_point) << s for f, s in zip(operands, op.attrs["shifts"])]
+    return _Codes(min(shifted), max(shifted), op.frac)
+
+
+def _concat_layer(op: IntOp, graph: IntegerGraph, fmts, types, produced_by, where: str) -> HlsLayer:
+    """hls4ml's Concatenate along channels; its result type holds every operand's values exactly
+    at the largest binary point (the operands' own type when they share one)."""
+    shape = graph.shapes[op.out]
+    axis = op.attrs["axis"] % len(shape) if shape is not None else op.attrs["axis"]
+    if len(op.inputs) != 2 or axis != 1 or shape is None or len(shape) not in (2, 4):
+        raise ExportError(f"{where} (concat): hls4ml's Concatenate layer joins two values along the channels "
+                          f"(axis 1 of a (batch, channels, height, width) or (batch, features) value); got "
+                          f"{len(op.inputs)} operands along axis {op.attrs['axis']} of shape {shape}")
+    operands = [fmts[i] for i in op.inputs]
+    if any(f is None for f in operands):
+        raise ExportError(f"{where} (concat): an operand has no fixed-point format of its own (an unrounded "
+                          "sum); put a cast before it")
+    if len({types[i] for i in op.inputs}) == 1 and not any(op.attrs["shifts"]):
+        result = types[op.inputs[0]]
+    else:
+        codes = _concat_codes(op, operands)
+        result = _accumulator(max(_signed_bits(codes.code_min), _signed_bits(codes.code_max)), op.frac)
+    return HlsLayer(op.source, "concat", None, {"result": result}, inputs=[produced_by[i].name for i in op.inputs])
+
+
+_MERGES = {"add": operator.add, "mul": operator.mul}
 
 
 def _torch_graph(layers: list[HlsLayer]) -> fx.GraphModule:
@@ -334,7 +426,10 @@ def _torch_graph(layers: list[HlsLayer]) -> fx.GraphModule:
             root.add_module(layer.name, layer.module)
             env[layer.name] = graph.call_module(layer.name, tuple(env[i] for i in layer.inputs))
         else:
-            node = graph.call_function(_MERGES[layer.kind], tuple(env[i] for i in layer.inputs))
+            if layer.kind == "concat":  # named "cat", with the axis as a keyword, as hls4ml's front-end reads it
+                node = graph.call_function(torch.cat, (tuple(env[i] for i in layer.inputs),), {"dim": 1})
+            else:
+                node = graph.call_function(_MERGES[layer.kind], tuple(env[i] for i in layer.inputs))
             old, layer.name = layer.name, node.name
             env[layer.name] = node
             for later in layers:  # the layers after it read it under its new name

@@ -166,6 +166,125 @@ def test_residual_add_is_a_merge_layer_reading_both_branches():
     assert add.precision["result"] == "ap_fixed<10,5,AP_RND_CONV,AP_SAT>"  # the cast after the add
 
 
+class Concat(nn.Module):
+    """Two conv branches (3x3 and 1x1) of the input concatenated along channels, then conv/pool/linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.b = nn.Conv2d(2, 2, 1)
+        self.conv = nn.Conv2d(5, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.cat([torch.relu(self.a(x)), self.b(x)], dim=1)
+        x = nn.functional.max_pool2d(torch.relu(self.conv(x)), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_concat_is_a_concatenate_layer_reading_both_branches():
+    x = torch.randn(2, 2, 8, 8)
+    q = on_grid(fxc.compile(Concat(), fxc.baseline(), example_inputs=(x,)))
+    _, layers = hls_plan(q, (x[:1],))
+    (cat,) = [layer for layer in layers if layer.kind == "concat"]
+    assert cat.inputs == ["relu", "b"]
+    assert cat.precision["result"] == "ap_fixed<16,8,AP_RND_CONV,AP_SAT>"  # both operands' type
+    # the input has two readers: they read a copy (hls4ml transposes the input for one reader only)
+    assert [layer.kind for layer in layers[:2]] == ["input", "copy"]
+    assert [layer.name for layer in layers if layer.name in ("a", "b")] == ["a", "b"]
+    assert all(layer.inputs == ["input_copy"] for layer in layers if layer.name in ("a", "b"))
+    conv = next(layer for layer in layers if layer.name == "conv")
+    assert conv.module.in_channels == 5
+
+
+def test_concat_of_two_binary_points_rounds_once_into_the_cast_after_it():
+    """12.2 codes shifted left by 6 meet 16.8 codes; the cast after the concatenation (16.8,
+    saturating) is the Concatenate layer's result type, so hls4ml saturates where it does."""
+    x = torch.randn(2, 2, 8, 8)
+    policy = fxc.Policy(activation="16.8", weight="16.12", bias="16.8",
+                        overrides=[{"pattern": "relu", "activation_out": "12.2"}, {"pattern": "cat", "activation_in": None}])
+    q = on_grid(fxc.compile(Concat(), policy, example_inputs=(x,)))
+    graph, layers = hls_plan(q, (x[:1],))
+    assert (graph.op_of("cat").frac, graph.op_of("cat").attrs["shifts"]) == (8, (6, 0))
+    (cat,) = [layer for layer in layers if layer.kind == "concat"]
+    assert cat.precision["result"] == "ap_fixed<16,8,AP_RND_CONV,AP_SAT>"
+    assert next(layer for layer in layers if layer.name == "relu").precision["result"] == \
+        "ap_fixed<12,10,AP_RND_CONV,AP_SAT>"
+
+
+def test_concat_without_a_cast_holds_every_operand_exactly():
+    """Without a cast after it, the result type is the narrowest that holds both operands'
+    codes at the largest binary point: 12.2 codes << 6 reach -2**17, so 18 bits at frac 8."""
+    from fxcompile.deploy.backends.hls4ml import HlsLayer, _concat_codes, _concat_layer
+    from fxcompile.deploy.lower import IntegerGraph, IntOp
+    fmts = {"p": fxc.FixedPoint.parse("12.2"), "q": fxc.FixedPoint.parse("u8.8")}
+    op = IntOp("concat", "c", ("p", "q"), 8, None, {"axis": 1, "shifts": (6, 0)}, "c")
+    graph = IntegerGraph(["x"], [(1, 2, 4, 4)], [op], ["c"], {"c": (1, 4, 4, 4)})
+    producers = {n: HlsLayer(n, "conv2d", None, {}) for n in fmts}
+    layer = _concat_layer(op, graph, fmts, {"p": "P", "q": "Q"}, producers, "node 'c'")
+    assert layer.precision["result"] == "ap_fixed<18,10,AP_TRN,AP_WRAP>"
+    codes = _concat_codes(op, [fmts["p"], fmts["q"]])
+    assert (codes.code_min, codes.code_max, codes.frac) == (-2048 << 6, 2047 << 6, 8)
+
+
+@pytest.mark.parametrize("forward, message", [
+    (lambda m, x: torch.cat([m.a(x), m.a(x)], dim=2), r"node 'cat' \(concat\).*along axis 2"),
+    (lambda m, x: torch.cat([m.a(x), m.a(x), m.a(x)], dim=1), r"node 'cat' \(concat\).*got 3 operands"),
+], ids=["along height", "three operands"])
+def test_concat_that_concatenate_cannot_express_is_refused(forward, message):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            return forward(self, x)
+
+    x = torch.randn(2, 2, 4, 4)
+    q = on_grid(fxc.compile(Net(), fxc.baseline(), example_inputs=(x,)))
+    with pytest.raises(ExportError, match=message):
+        hls_plan(q, (x[:1],))
+
+
+class Gate(nn.Module):
+    """A product of two conv branches (a gate), then pool/linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.b = nn.Conv2d(2, 3, 1)
+        self.fc = nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x)) * self.b(x)
+        return self.fc(torch.flatten(nn.functional.max_pool2d(x, 2), 1))
+
+
+def test_product_is_a_multiply_layer_with_the_cast_as_result_type():
+    x = torch.randn(2, 2, 8, 8)
+    q = on_grid(fxc.compile(Gate(), fxc.Policy(activation="10.5", weight="12.8", bias="10.6"), example_inputs=(x,)))
+    graph, layers = hls_plan(q, (x[:1],))
+    (mul,) = [layer for layer in layers if layer.kind == "mul"]
+    assert mul.inputs == ["relu", "b"]
+    assert graph.op_of(mul.name).frac == 10
+    assert mul.precision["result"] == "ap_fixed<10,5,AP_RND_CONV,AP_SAT>"  # the one rounding: the cast after it
+
+
+def test_broadcasting_product_is_refused():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 1, 1)
+
+        def forward(self, x):
+            return self.a(x) * self.b(x)
+
+    x = torch.randn(2, 2, 4, 4)
+    q = on_grid(fxc.compile(Scaled(), fxc.Policy(activation="10.5", weight="12.8", bias="10.6"), example_inputs=(x,)))
+    with pytest.raises(ExportError, match=r"node 'mul' \(mul\).*one shape.*\(1, 3, 4, 4\) and \(1, 1, 4, 4\)"):
+        hls_plan(q, (x[:1],))
+
+
 # ---- C simulation against the integer reference ------------------------------------------
 
 def _needs_hls4ml():
@@ -178,7 +297,13 @@ def _needs_hls4ml():
     (TinyCNN, fxc.Policy(activation="8.4,floor,wrap", weight="8.6", bias="8.4", name="floor_wrap"), 4.0),
     (TinyMLP, fxc.Policy(activation="10.5", weight="12.8,stochastic", bias="10.6,stochastic", name="nearest_sat"), 3.0),
     (Residual, fxc.Policy(activation="10.5", weight="12.8", bias="10.6", name="residual"), 3.0),
-], ids=["conv_floor_wrap", "dense_nearest_saturate", "residual_add_saturate"])
+    (Concat, fxc.baseline(), 8.0),
+    (Concat, fxc.Policy(activation="16.8", weight="16.12", bias="16.8", name="concat_two_binary_points",
+                        overrides=[{"pattern": "relu", "activation_out": "12.2"}, {"pattern": "cat", "activation_in": None}]),
+     8.0),
+    (Gate, fxc.Policy(activation="10.5", weight="12.8", bias="10.6", name="gate"), 3.0),
+], ids=["conv_floor_wrap", "dense_nearest_saturate", "residual_add_saturate", "concat_baseline",
+        "concat_two_binary_points", "multiply_saturate"])
 def test_c_simulation_equals_integer_reference(tmp_path, model, policy, scale):
     """Narrow formats and large inputs so that saturation (dense) and wrap (conv) occur, and
     exact ties at the dense model's input binary point (5 bits)."""
@@ -201,7 +326,7 @@ def test_c_simulation_equals_integer_reference(tmp_path, model, policy, scale):
     out_fmt = graph.op_of(graph.op_of(graph.outputs[0]).inputs[0]).fmt
     assert len(torch.unique(ref)) > 10  # the comparison is not vacuous
     if out_fmt.overflow == "saturate":
-        assert (ref.abs() == out_fmt.code_max).any()  # saturation happened
+        assert ((ref == out_fmt.code_max) | (ref == out_fmt.code_min)).any()  # saturation happened
     else:
         assert _wrapped(graph, x)  # some cast wrapped
 
