@@ -138,3 +138,15 @@ def kernel_inputs(fmt, dtype):
 def kernel_reference(x, spec, seed):
     """The reference quantizer, with the counter-based draws for stochastic rounding."""
     return quantize_reference(x, spec, seed=seed) if spec[4] == 1 else quantize_reference(x, spec)
+
+
+def differing_codes(q, x, test):
+    """(simulation vs integer reference, ORT vs integer reference) differing output codes of the
+    compiled model ``q`` (lowered for ``x[:2]``) on ``test``, and the integer graph."""
+    from fxcompile.deploy.backends.onnx import to_onnx
+    graph = integer_graph(q, (x[:2],))
+    with torch.no_grad():
+        sim = q(test)
+    (ref,) = run_integer(graph, test)
+    out, _ = onnx_session(to_onnx(graph)).run(None, {"x": test.numpy()})
+    return int((sim != ref).sum()), int((torch.from_numpy(out) != ref).sum()), graph

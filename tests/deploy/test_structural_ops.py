@@ -17,9 +17,9 @@ import torchvision
 from torch import nn
 
 import fxcompile as fxc
+from tests.helpers import differing_codes
 from fxcompile.core import ir, ops
 from fxcompile.core.formats import as_format
-from fxcompile.deploy.backends.integer import run_integer
 from fxcompile.deploy.backends.onnx import to_onnx
 from fxcompile.deploy.backends.qdq import to_qdq
 from fxcompile.deploy.export import integer_graph, onnx_session
@@ -265,21 +265,11 @@ def _trained(make, policy=None, shape=(3, 8, 8)):
     return q.eval(), x
 
 
-def _differing_codes(q, x, test):
-    """(simulation vs integer reference, ORT vs integer reference) differing output codes."""
-    graph = integer_graph(q, (x[:2],))
-    with torch.no_grad():
-        sim = q(test)
-    (ref,) = run_integer(graph, test)
-    out, _ = onnx_session(to_onnx(graph)).run(None, {"x": test.numpy()})
-    return int((sim != ref).sum()), int((torch.from_numpy(out) != ref).sum()), graph
-
-
 @pytest.mark.parametrize("make", MODELS, ids=[m.__name__ for m in MODELS])
 def test_deploys_with_zero_differing_codes(make):
     q, x = _trained(make)
     test = torch.randn(64, 3, 8, 8) * 2
-    sim_vs_ref, ort_vs_ref, graph = _differing_codes(q, x, test)
+    sim_vs_ref, ort_vs_ref, graph = differing_codes(q, x, test)
     assert (sim_vs_ref, ort_vs_ref) == (0, 0)
     with torch.no_grad():  # the deployed model computes what the float model computes, roughly
         assert q(test).shape == make().eval()(test).shape
@@ -299,7 +289,7 @@ def test_torchvision_stochastic_depth_is_a_leaf_and_the_identity_when_deployed()
                         name="narrow")
     q, x = _trained(Block, policy)
     assert [n.op for n in q.graph.nodes if n.name == "sd"] == ["call_module"]
-    assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
+    assert differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
 
 
 def test_cat_aligns_operands_at_different_binary_points():
@@ -308,7 +298,7 @@ def test_cat_aligns_operands_at_different_binary_points():
                         weight="24.12,stochastic", bias="16.8,stochastic",
                         overrides=[{"pattern": "relu", "activation_out": "12.3"}])
     q, x = _trained(Cat, policy)
-    sim_vs_ref, ort_vs_ref, graph = _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)
+    sim_vs_ref, ort_vs_ref, graph = differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)
     assert sorted(graph.op_of("cat").attrs["shifts"]) == [0, 0, 5] and (sim_vs_ref, ort_vs_ref) == (0, 0)
 
 
@@ -318,7 +308,7 @@ def test_graphs_captured_by_torch_export_deploy_too(make):
     x = torch.randn(4, 3, 8, 8)
     q = fxc.compile(make().eval(), fxc.baseline(), frontend="export", example_inputs=(x[:2],)).eval()
     assert ir.FRONTEND.of(q) == "export"
-    assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
+    assert differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
 
 
 def test_the_qdq_flavour_writes_the_structural_ops():
@@ -380,7 +370,7 @@ def test_a_float_product_too_wide_for_float32_is_refused_and_a_narrow_one_deploy
             with pytest.raises(fxc.ExportError, match=r"node 'mul' \(mul\).*32768 × 32768 > 2\*\*24"):
                 integer_graph(q, (x[:2],))
         else:
-            assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
+            assert differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
 
 
 def test_a_product_whose_output_format_changed_after_compile_refuses_to_export():
@@ -466,7 +456,7 @@ def test_an_in_place_op_on_a_whole_view_deploys_and_one_on_a_part_is_refused(tmp
     q, x = _trained(InPlaceHead)
     # only the written view is read again: it is the op's result, and nothing is written back
     assert not any(ops.op_of(q, n) is ops.OPS["write_back"] for n in q.graph.nodes)
-    assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
+    assert differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
     q, x = _trained(InPlacePart)
     with pytest.raises(fxc.ExportError, match=r"'write_back' \(write_back\): an in-place op on a part"):
         integer_graph(q, (x[:2],))

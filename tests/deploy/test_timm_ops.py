@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompile as fxc
+from tests.helpers import differing_codes
 from fxcompile.core import ops
-from fxcompile.deploy.backends.integer import run_integer
 from fxcompile.deploy.backends.onnx import to_onnx
 from fxcompile.deploy.backends.qdq import to_qdq
 from fxcompile.deploy.backends.qonnx import to_qonnx
@@ -62,15 +62,6 @@ def _trained(model, frontend="auto", steps=2):
     return q.eval(), x
 
 
-def _differing_codes(q, x, test):
-    graph = integer_graph(q, (x[:2],))
-    with torch.no_grad():
-        sim = q(test)
-    (ref,) = run_integer(graph, test)
-    out, _ = onnx_session(to_onnx(graph)).run(None, {"x": test.numpy()})
-    return int((sim != ref).sum()), int((torch.from_numpy(out) != ref).sum())
-
-
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_a_functional_batch_norm_is_the_module_form(frontend):
     torch.manual_seed(0)
@@ -88,7 +79,7 @@ def test_a_functional_batch_norm_is_the_module_form(frontend):
     with torch.no_grad():
         assert torch.equal(qf(test), qm(test))
         assert not torch.equal(qf(test), qf.train()(test))  # training mode: batch statistics
-    assert _differing_codes(qf.eval(), x, test) == (0, 0)
+    assert differing_codes(qf.eval(), x, test)[:2] == (0, 0)
 
 
 def test_a_functional_batch_norm_exports_in_every_flavour():
@@ -152,7 +143,7 @@ def test_an_in_place_op_on_a_slice_read_only_through_that_slice_deploys():
     from fxcompile.frontend.functionalize import write_back
     q, x = _trained(GhostShortcut(), steps=1)
     assert not any(n.target is write_back for n in q.graph.nodes)
-    assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2) == (0, 0)
+    assert differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
 
 
 
@@ -195,7 +186,7 @@ MODELS = [FunctionalBN, GhostShortcut, LayerScale, Divisions, ChannelsLastMean]
 def test_deploys_with_zero_differing_codes_in_every_flavour(make):
     q, x = _trained(make())
     test = torch.randn(64, 3, 8, 8) * 2
-    assert _differing_codes(q, x, test) == (0, 0)
+    assert differing_codes(q, x, test)[:2] == (0, 0)
     out, _ = onnx_session(to_onnx(integer_graph(q, (x[:2],)))).run(None, {"x": test.numpy()})
     (qdq,) = onnx_session(to_qdq(fold_bn(q), (x[:2],))).run(None, {"x": test.numpy()})[:1]
     assert qdq.shape == out.shape and abs(qdq - out).max() <= 2 ** -6
@@ -256,7 +247,7 @@ class ZeroStart(nn.Module):  # focalnet: ctx_all = 0, then ctx_all = ctx_all + c
 def test_a_sum_started_at_zero_deploys():
     q, x = _trained(ZeroStart())
     assert [op.op for op in integer_graph(q, (x[:2],)).ops].count("add") == 1
-    assert _differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2) == (0, 0)
+    assert differing_codes(q, x, torch.randn(64, 3, 8, 8) * 2)[:2] == (0, 0)
     (out,) = onnx_session(to_qdq(fold_bn(q), (x[:2],))).run(None, {"x": x.numpy()})[:1]
     assert out.shape == (8, 4, 8, 8)
 
