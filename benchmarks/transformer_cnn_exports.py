@@ -70,16 +70,7 @@ def main(argv=None) -> None:
     results = {}
     for name in args.models:
         r = results[name] = run(name, args.images, args.qonnx_images)
-        if not r["exported"]:
-            print(f"{name:16s} does not export: {r['error']}", flush=True)
-            continue
-        qo = r.get("qonnx_vs_integer")
-        qo = (f", QONNX {qo['differing_codes']} of {qo['images'] * 10} (max {qo['max_code_difference']})"
-              if isinstance(qo, dict) else "")
-        print(f"{name:16s} exported ({r['integer_ops']} integer ops): differing codes of {r['output_codes']}: "
-              f"ORT vs integer {r['differing_ort_vs_integer']}, simulation vs integer "
-              f"{r['differing_simulation_vs_integer']}; QDQ {r['qdq_vs_integer']['differing_codes']} "
-              f"(max {r['qdq_vs_integer']['max_code_difference']}){qo}; {r['seconds']} s", flush=True)
+        transformer_exports.print_record(name, r, 16)
     if args.results:  # models measured before in this file are kept: one run per model fits a shared machine
         old = json.loads(args.results.read_text()) if args.results.exists() else {}
         runs = old.get("runs", []) + [{"command": "python " + " ".join(sys.argv), "date":

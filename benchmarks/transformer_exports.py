@@ -143,6 +143,20 @@ def latency(batch: int, repeats: int) -> dict:
             "float_ms": round(1e3 * med["float"], 2), "ratio": round(med["integer"] / med["float"], 1)}
 
 
+def print_record(name: str, r: dict, width: int) -> None:
+    """One line for one model's record from :func:`run`."""
+    if not r["exported"]:
+        print(f"{name:{width}s} does not export: {r['error']}", flush=True)
+        return
+    qo = r.get("qonnx_vs_integer")
+    qo = (f", QONNX {qo['differing_codes']} of {qo['images'] * 10} (max {qo['max_code_difference']})"
+          if isinstance(qo, dict) else "")
+    print(f"{name:{width}s} exported ({r['integer_ops']} integer ops): differing codes of {r['output_codes']}: "
+          f"ORT vs integer {r['differing_ort_vs_integer']}, simulation vs integer "
+          f"{r['differing_simulation_vs_integer']}; QDQ {r['qdq_vs_integer']['differing_codes']} "
+          f"(max {r['qdq_vs_integer']['max_code_difference']}){qo}; {r['seconds']} s", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
@@ -164,16 +178,7 @@ def main(argv=None) -> None:
     for name in args.models:
         r = results[name] = run(name, args.images, args.qonnx_images if name in args.qonnx_models else 0)
         _write(args.results, {"models": results})  # each model as it finishes
-        if not r["exported"]:
-            print(f"{name:24s} does not export: {r['error']}", flush=True)
-            continue
-        qo = r.get("qonnx_vs_integer")
-        qo = (f", QONNX {qo['differing_codes']} of {qo['images'] * 10} (max {qo['max_code_difference']})"
-              if isinstance(qo, dict) else "")
-        print(f"{name:24s} exported ({r['integer_ops']} integer ops): differing codes of {r['output_codes']}: "
-              f"ORT vs integer {r['differing_ort_vs_integer']}, simulation vs integer "
-              f"{r['differing_simulation_vs_integer']}; QDQ {r['qdq_vs_integer']['differing_codes']} "
-              f"(max {r['qdq_vs_integer']['max_code_difference']}){qo}; {r['seconds']} s", flush=True)
+        print_record(name, r, 24)
     out = {"models": results}
     if args.latency:
         out["latency"] = latency(args.batch, args.repeats)
