@@ -232,8 +232,7 @@ def _pair(v) -> tuple[int, int]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def fixed_point_average(x: torch.Tensor, output_size, squeeze: bool, spec: list,
-                        channels_last: bool = False) -> torch.Tensor:
+def fixed_point_average(x: torch.Tensor, output_size, squeeze: bool, spec: list) -> torch.Tensor:
     """The average over windows of the last two dims of ``x`` as deployed: an adaptive average
     pool to ``output_size`` (a global average is ``(1, 1)``; ``squeeze`` drops those dims, as
     ``mean(dim=(2, 3))`` does; only with ``(1, 1)``), rounded to the format ``spec`` of the
@@ -248,10 +247,6 @@ def fixed_point_average(x: torch.Tensor, output_size, squeeze: bool, spec: list,
     """
     if x.dim() != 4:
         raise ValueError(f"fixed_point_average: expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if channels_last:  # an (N, H, W, C) tensor's spatial mean (timm's NHWC heads): squeezed only
-        if not squeeze or tuple(output_size) != (1, 1):
-            raise ValueError("fixed_point_average: a channels-last average is a global one, squeezed")
-        return fixed_point_average(x.permute(0, 3, 1, 2), output_size, squeeze, spec)
     windows = average_windows(x.shape, output_size)
     if windows is None:
         def exact(x):

@@ -477,11 +477,7 @@ def _average(lw: _Lowering, node: fx.Node, x: Value, output_size, squeeze: bool,
     return v
 
 
-def rule_fixed_point_average(lw, node, x, output_size, squeeze, spec, channels_last=False):
-    if channels_last:  # (N, H, W, C): its channels moved first, then the average
-        x = _operand(node, x)
-        shape = (x.shape[0], x.shape[3], x.shape[1], x.shape[2])
-        x = lw.emit(node, "transpose", [x], x.frac, x.fmt, suffix="_nchw", out_shape=shape, perm=(0, 3, 1, 2))
+def rule_fixed_point_average(lw, node, x, output_size, squeeze, spec):
     return _average(lw, node, x, output_size, squeeze, spec)
 
 

@@ -282,8 +282,6 @@ def _average(g, node, x, *args, **kwargs):
     shape = tuple(node.args[0].meta["tensor_meta"].shape)
     if ops.op_of(g.gm, node).name == "fixed_point_average":
         output_size, squeeze = node.args[1:3]
-        if len(node.args) > 4 and node.args[4]:  # channels-last: channels moved first
-            x, shape = g.node("Transpose", [x], perm=[0, 3, 1, 2]), (shape[0], shape[3], shape[1], shape[2])
     else:
         output_size, squeeze = average_arguments(g.gm, node)
     windows = ops.average_windows(shape, output_size)
