@@ -335,10 +335,16 @@ def rule_max_pool2d(lw, node, x, *args, **kwargs):
                    dilation=dilation)
 
 
+def _output_format(lw, node: fx.Node) -> FixedPoint | None:
+    """The forward format of the one cast ``node`` feeds (its only user), or ``None``: the format a
+    fixed-point definition written by a pass rounds to."""
+    casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u)]
+    return lw.gm.get_submodule(casts[0].target).edge.forward if len(node.users) == 1 == len(casts) else None
+
+
 def _rounded_by_output_cast(lw, node: fx.Node, spec, name: str, what: str) -> None:
     """Refuse a fixed-point definition whose rounding ``spec`` is not its one output cast's format."""
-    casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u)]
-    fmt = lw.gm.get_submodule(casts[0].target).edge.forward if len(node.users) == 1 == len(casts) else None
+    fmt = _output_format(lw, node)
     if spec is None or fmt is None or fmt.spec() != list(spec):
         raise ExportError(f"node {node.name!r} ({name}): {what} deploys only as the fixed-point definition "
                           "compile() makes of it, rounded by the format of the one cast after it; give its "
@@ -437,8 +443,7 @@ def _factors(lw: _Lowering, node: fx.Node, divisors: list[list[int]], spec) -> t
     if bool((factors == 1).all()):
         return None, r
     name = ops.op_of(lw.gm, node).name
-    casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u)]
-    fmt = lw.gm.get_submodule(casts[0].target).edge.forward if len(node.users) == 1 == len(casts) else None
+    fmt = _output_format(lw, node)
     if spec is None or fmt is None or fmt.spec() != list(spec):
         sizes = sorted({n for row in divisors for n in row})
         raise ExportError(f"node {node.name!r} ({name}): an average over {', '.join(map(str, sizes))} values (not one "
@@ -525,8 +530,7 @@ def rule_identity(lw, node, x, *args, **kwargs):
 
 def _definition_output(lw: _Lowering, node: fx.Node, spec, name: str) -> None:
     """Refuse a definition whose rounding (``spec``) is no longer its output cast's format."""
-    casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u)]
-    fmt = lw.gm.get_submodule(casts[0].target).edge.forward if len(node.users) == 1 == len(casts) else None
+    fmt = _output_format(lw, node)
     if fmt is None or fmt.spec() != list(spec):
         raise ExportError(f"node {node.name!r} ({name}): its fixed-point definition rounds to a format that is no "
                           "longer its output cast's; recompile after changing formats")
@@ -855,8 +859,7 @@ def _product(lw, node, a: Value, b: Value, spec=None) -> Value:
                               "it exact (passes.products) when its output has one consumer through a "
                               "fixed-point cast: give it one, or narrower operand formats")
     else:
-        casts = [u for u in node.users if u.op == "call_module" and ir.EDGE.has(u)]
-        fmt = lw.gm.get_submodule(casts[0].target).edge.forward if len(node.users) == 1 == len(casts) else None
+        fmt = _output_format(lw, node)
         if fmt is None or fmt.spec() != list(spec):
             raise ExportError(f"node {node.name!r} ({name}): the fixed-point product rounds to the format of the "
                               "one cast after it, which changed after compile(); recompile")
