@@ -347,8 +347,10 @@ def emit_mul(b: _Builder, op: IntOp, x: str, y: str) -> str:
 
 def emit_affine(b: _Builder, op: IntOp, x: str) -> str:
     """Per-channel ``x · scale + offset`` (a stand-alone batch norm), in int32 when every
-    channel's interval fits, else int64."""
-    x = b.nchw(x)
+    channel's interval fits, else int64.  A channels-last 4-D value stays so, with the
+    constants tiled to (W, C) (no Transpose there and back around every batch norm)."""
+    nhwc = x in b.channels_last and len(b.shapes[op.inputs[0]]) == 4
+    x = x if nhwc else b.nchw(x)
     scale, offset = op.attrs["scale"].numpy(), op.attrs["offset"].numpy()
     lo, hi = b.ranges[x]
     prods = [scale.astype(object) * lo, scale.astype(object) * hi]
@@ -357,10 +359,15 @@ def emit_affine(b: _Builder, op: IntOp, x: str) -> str:
     out_lo, out_hi = int(low.min()), int(high.max())
     dt = np.int32 if _fits32(out_lo, out_hi) and _fits32(int(np.minimum(*prods).min()), int(np.maximum(*prods).max())) \
         else np.int64
-    shape = (-1,) + (1,) * (len(b.shapes[op.inputs[0]]) - 2)
-    t = b.node("Mul", [b.cast(x, dt), b.const(scale.reshape(shape), dt, name=f"{op.out}.scale")])
-    t = b.node("Add", [t, b.const(offset.reshape(shape), dt, name=f"{op.out}.offset")])
-    return b.value(t, out_lo, out_hi)
+    if nhwc:
+        width = b.shapes[op.inputs[0]][3]
+        scale, offset = _per_channel(scale, width), _per_channel(offset, width)
+    else:
+        shape = (-1,) + (1,) * (len(b.shapes[op.inputs[0]]) - 2)
+        scale, offset = scale.reshape(shape), offset.reshape(shape)
+    t = b.node("Mul", [b.cast(x, dt), b.const(scale, dt, name=f"{op.out}.scale")])
+    t = b.node("Add", [t, b.const(offset, dt, name=f"{op.out}.offset")])
+    return b.value(t, out_lo, out_hi, like=x)
 
 
 def emit_pad(b: _Builder, op: IntOp, x: str) -> str:
