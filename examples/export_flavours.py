@@ -12,8 +12,8 @@ each run on the whole test set and compared code by code with the integer refere
 
 Columns: output codes that differ from the reference (of all output codes), the largest
 |code difference|, top-1 agreement with the reference, and each one's accuracy.  Policies are
-names, files, or ``8bit`` (8-bit activations and weights: the QDQ model ONNX Runtime fuses
-into QLinearConv/QGemm)::
+shipped names (``8bit``: 8-bit activations and weights, the QDQ model ONNX Runtime fuses
+into QLinearConv/QGemm) or files::
 
     python examples/export_flavours.py                      # synthetic data
     python examples/export_flavours.py --data /path/to/fashion-mnist --train-subset 12000 \
@@ -35,9 +35,6 @@ from fxcompile.deploy.backends.integer import run_integer
 from fxcompile.experiments.data import fashion_mnist, synthetic
 from fxcompile.deploy.export import integer_graph, onnx_session
 from fxcompile.training.train import TrainConfig, train
-
-
-EIGHT_BIT = fxc.load_policy(Path(__file__).parent / "policies" / "8bit.toml")
 
 
 def ort_runner(path, optimize: bool):
@@ -106,7 +103,7 @@ def main(argv=None):
     rows = []
     for policy in args.policies:
         t0 = time.perf_counter()
-        cfg = TrainConfig(model=args.model, policy=EIGHT_BIT if policy == "8bit" else policy, epochs=args.epochs,
+        cfg = TrainConfig(model=args.model, policy=policy, epochs=args.epochs,
                           progress=False)
         m = train(cfg, (tx, ty), (vx, vy))
         qmodel = m["model_object"].eval()

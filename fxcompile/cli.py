@@ -135,7 +135,7 @@ def add_train(sub):
     _dataset_flags(p)
     p.add_argument("--model", default="seed_cnn", help="seed_cnn, mlp, residual_cnn, a torchvision model (resnet18), "
                    "a timm model (timm:NAME; pip install timm), or module:callable returning an nn.Module")
-    p.add_argument("--policy", default="fp32", help="fp32, baseline, optimized, a .toml/.json policy file, or auto:K "
+    p.add_argument("--policy", default="fp32", help="fp32, baseline, optimized, 8bit, a .toml/.json policy file, or auto:K "
                    "(the cost model chooses at most K formats, calibrated on the first training batches)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)

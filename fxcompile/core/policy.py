@@ -248,7 +248,7 @@ def _toml_line(text: str, key: tuple) -> int | None:
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Load a policy from ``.toml`` or ``.json``, or a shipped name (``baseline``, ``optimized``)."""
+    """Load a policy from ``.toml`` or ``.json``, or a shipped name (``baseline``, ``optimized``, ``8bit``)."""
     if str(path) in SHIPPED:
         return SHIPPED[str(path)]()
     path = Path(path)
@@ -292,12 +292,20 @@ def optimized() -> Policy:
                   weight="16.11,stochastic", bias="10.8,stochastic")
 
 
+def eight_bit() -> Policy:
+    """``8bit``: 8-bit activations (8.3, the input u8.7) and weights (8.6) with 16-bit biases,
+    gradients and loss: conv/linear deploy as one 8-bit product each, and ONNX Runtime fuses
+    the QDQ export into its quantized kernels."""
+    return Policy(name="8bit", activation="8.3", input="u8.7", weight="8.6,stochastic", bias="16.8,stochastic",
+                  gradient="16.10,stochastic", loss="16.10")
+
+
 def fp32() -> Policy:
     """Every role in floating point: the reference the fixed-point runs are measured against."""
     return Policy(name="fp32", **{r: None for r in ROLES if r not in FALLBACK})
 
 
-SHIPPED = {"baseline": baseline, "optimized": optimized, "fp32": fp32}
+SHIPPED = {"baseline": baseline, "optimized": optimized, "8bit": eight_bit, "fp32": fp32}
 
 
 def warn_unused(policy: Policy, seen) -> None:

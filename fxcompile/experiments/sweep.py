@@ -10,7 +10,7 @@ A sweep file is TOML::
     dataset = "fashion_mnist"       # fashion_mnist, digits (scikit-learn, bundled) or synthetic
     train_subset = 6000
     model = "seed_cnn"              # seed_cnn, mlp, residual_cnn, resnet18 (torchvision)
-    policy = "baseline"             # baseline, optimized, fp32, or a policy file (relative to this file)
+    policy = "baseline"             # baseline, optimized, 8bit, fp32, or a policy file (relative to this file)
     epochs = 2
     batch_size = 32
     lr = 0.001
@@ -110,7 +110,7 @@ def _flatten(table: dict, prefix: str = "") -> dict:
 
 def _base_policy(name: Any, where: str, folder: Path) -> tuple[str, Policy | None]:
     if not isinstance(name, str):
-        raise SweepError(f"{where}: policy must be a name (baseline, optimized, fp32) or a policy file, got {name!r}")
+        raise SweepError(f"{where}: policy must be a name (baseline, optimized, 8bit, fp32) or a policy file, got {name!r}")
     if name in ("fp32", "float"):
         return "fp32", None
     path = folder / name

@@ -197,7 +197,7 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="Fashion-MNIST root (default: $FXCOMPILE_DATA)")
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--model", default="seed_cnn")
-    p.add_argument("--policy", default="baseline", help="fp32, baseline, optimized or a policy file")
+    p.add_argument("--policy", default="baseline", help="fp32, baseline, optimized, 8bit or a policy file")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="global batch, split over the ranks")
     p.add_argument("--lr", type=float, default=1e-3)

@@ -204,6 +204,14 @@ def test_shipped_policies_equal_their_files(name):
     assert load_policy(name) == shipped == load_policy(POLICIES / f"{name}.toml")
 
 
+def test_shipped_8bit_policy_equals_its_file():
+    from_file = Policy.from_dict(tomllib.loads((POLICIES / "8bit.toml").read_text()))
+    assert load_policy("8bit") == from_file == load_policy(POLICIES / "8bit.toml")
+    p = load_policy("8bit")
+    assert p.name == "8bit"
+    assert [str(p.format_for(r)) for r in ("input", "activation", "weight")] == ["u8.7", "8.3", "8.6,stochastic"]
+
+
 def test_study_formats_and_fp32():
     b, o = fxc.baseline(), fxc.optimized()
     assert [(f.bits, f.frac) for f in (b.format_for(r) for r in ("activation", "gradient", "loss", "weight", "bias"))] \
