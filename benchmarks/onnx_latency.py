@@ -1,14 +1,23 @@
-"""ORT latency of the exported integer graph ÷ a float ONNX export of the same model.
+"""ORT latency of the exported integer graph and of the QDQ export ÷ a float ONNX export of the same model.
 
-Both are exported from the same (untrained: latency does not depend on the weights) model,
-loaded into ONNX Runtime's CPU provider with one intra-op thread, and timed side by side in
-this process, alternating, on the same batch; the figure is the ratio of the medians.
-``--profile`` also prints where the integer graph's time goes (ORT's profiler, kernel time
-summed by op type and by the lowered op: node names start with it)::
+All three are exported from the same (untrained: latency does not depend on the weights) model,
+loaded into ONNX Runtime's CPU provider with one intra-op thread (default graph optimizations,
+so the QDQ model runs as ORT fuses it), and timed side by side in this process, alternating,
+on the same batch; the figures are the ratios of the medians.  ``--models`` takes the bundled
+models and torchvision's classification models (``fxcompile.experiments.models.build(name,
+num_classes=10, in_channels=1)``), ``--policies`` shipped names or policy files; each pair is
+also checked with ``verify`` (output codes that differ between ONNX Runtime and the integer
+reference, and between the simulation and the integer reference).  ``--profile`` also prints
+where the integer graph's time goes (ORT's profiler, kernel time summed by op type and by the
+lowered op: node names start with it)::
 
-    python benchmarks/onnx_latency.py [--models seed_cnn mlp residual_cnn] [--batch 64] [--repeats 20] [--runs 3] [--profile]
+    python benchmarks/onnx_latency.py [--models seed_cnn mlp residual_cnn] [--policies baseline 8bit] \
+        [--batch 64] [--size 28] [--repeats 20] [--runs 3] [--profile] [--results FILE]
+    python benchmarks/onnx_latency.py --models resnet18 mobilenet_v2 --policies baseline 8bit \
+        --runs 3 --results benchmarks/results/onnx_latency.json
 
 ``--runs`` repeats the whole measurement (fresh sessions) and prints the spread of the ratio.
+``--results FILE`` writes every run's times, ratios and differing codes as JSON.
 ``--against REV`` also exports the same integer graph with the ONNX backend
 (``fxcompile/deploy/backends/onnx/``, or the single module ``fxcompile/deploy/backends/onnx.py``
 or ``fxcompile/backends/onnx.py`` of older revisions) as of git revision ``REV``, checks that
@@ -23,9 +32,11 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import datetime
 import importlib
 import io
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -42,7 +53,7 @@ import torch
 
 import fxcompile as fxc
 from fxcompile.deploy import lower as lowering_now
-from fxcompile.deploy.export import integer_graph, onnx_session
+from fxcompile.deploy.export import integer_graph, onnx_session, verify
 from fxcompile.experiments.models import build
 
 
@@ -113,17 +124,26 @@ def exporter_at(rev: str) -> types.ModuleType:
     return importlib.import_module(f"{name}.{backend.replace('/', '.')}")
 
 
-def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool = False, against=None):
-    """Median seconds a run: the integer graph, the float graph and (``against``: an exporter
-    module) the same integer graph exported by it; and the profile report."""
+def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool = False, against=None,
+            size: int = 28):
+    """Median seconds a run: the integer graph, the QDQ graph (``None`` when the QDQ flavour
+    cannot write this model), the float graph and (``against``: an exporter module) the same
+    integer graph exported by it; the profile report; and ``verify``'s differing codes."""
     torch.manual_seed(0)
-    model = build(name).eval()
-    x = torch.randn(batch, 1, 28, 28)
+    model = build(name, num_classes=10, in_channels=1).eval()
+    x = torch.randn(batch, 1, size, size)
     qmodel = fxc.compile(model, policy, example_inputs=(x[:1],)).eval()
     fxc.fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
     with tempfile.TemporaryDirectory() as tmp:
         exported = fxc.export_onnx(qmodel, f"{tmp}/{name}.onnx", (x[:1],))
+        try:
+            qdq = fxc.export_onnx(qmodel, f"{tmp}/{name}_qdq.onnx", (x[:1],), flavour="qdq")
+        except fxc.ExportError:
+            qdq = None
+    checked = verify(qmodel, exported, x)
     sessions = {"integer": onnx_session(exported, threads=1), "float": onnx_session(_float_onnx(model, x[:1]), threads=1)}
+    if qdq is not None:
+        sessions["qdq"] = onnx_session(qdq, threads=1)
     feed = {"x": x.numpy()}
     if against is not None:
         sessions["against"] = onnx_session(against.to_onnx(integer_graph(qmodel, (x[:1],))), threads=1)
@@ -132,49 +152,91 @@ def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool
             raise SystemExit(f"{name}: the two exporters' graphs give different codes")
     times = {key: [] for key in sessions}
     for session in sessions.values():  # warm up
-        session.run(None, feed)
+        session.run(None, {session.get_inputs()[0].name: feed["x"]})
     for _ in range(repeats):
         for key, session in sessions.items():
+            inputs = {session.get_inputs()[0].name: feed["x"]}
             t0 = time.perf_counter()
-            session.run(None, feed)
+            session.run(None, inputs)
             times[key].append(time.perf_counter() - t0)
     report = profile(exported, feed, repeats) if with_profile else ""
-    return {key: statistics.median(t) for key, t in times.items()}, report
+    medians = {key: statistics.median(t) for key, t in times.items()}
+    medians.setdefault("qdq", None)
+    return medians, report, {k: checked[k] for k in ("mismatches", "simulation_mismatches", "outputs")}
+
+
+def _policy(name: str):
+    """A shipped policy's name or a policy file, and how the table calls it."""
+    return name, pathlib.Path(name).stem if name.endswith((".toml", ".json")) else name
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="*", default=["seed_cnn", "mlp", "residual_cnn"])
-    p.add_argument("--policy", default="baseline")
+    p.add_argument("--models", nargs="*", default=["seed_cnn", "mlp", "residual_cnn"],
+                   help="bundled or torchvision models (built for 10 classes and one input channel)")
+    p.add_argument("--policies", "--policy", nargs="+", default=["baseline"],
+                   help="shipped policy names (baseline, optimized, 8bit) or policy files")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=28, help="input height and width")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--runs", type=int, default=1, help="whole measurements per model (the ratio's spread)")
     p.add_argument("--against", metavar="REV", help="also time the integer graph as exported at git revision REV")
     p.add_argument("--profile", action="store_true", help="also print where the integer graph's time goes")
+    p.add_argument("--results", type=pathlib.Path, help="write every run's figures to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     against = exporter_at(args.against) if args.against else None
-    print(f"ONNX Runtime CPU, 1 thread, batch {args.batch}, median of {args.repeats}; policy {args.policy}")
+    load = os.getloadavg()[0]
+    print(f"ONNX Runtime CPU, 1 thread, batch {args.batch} of 1x{args.size}x{args.size}, median of {args.repeats}; "
+          f"load average {load:.1f}")
     extra = f"{args.against + ' ms':>14}{'vs ' + args.against:>14}" if against else ""
-    print(f"{'model':<14}{'integer ms':>12}{'float ms':>10}{'ratio':>8}{extra}")
+    print(f"{'model':<14}{'policy':<10}{'integer ms':>11}{'qdq ms':>9}{'float ms':>10}{'int/float':>11}"
+          f"{'qdq/float':>11}{'differing':>11}{extra}")
+    records = []
     for name in args.models:
-        ratios, versus = [], []
-        for run in range(args.runs):
-            t, report = measure(name, args.policy, args.batch, args.repeats, args.profile and run == args.runs - 1,
-                                against)
-            ratios.append(t["integer"] / t["float"])
-            line = f"{name:<14}{1e3 * t['integer']:>12.2f}{1e3 * t['float']:>10.2f}{ratios[-1]:>8.2f}"
-            if against:
-                versus.append(t["integer"] / t["against"])
-                line += f"{1e3 * t['against']:>14.2f}{versus[-1]:>14.3f}"
-            print(line, flush=True)
-        if args.runs > 1:
-            spread = f"{name:<14}{'over ' + str(args.runs) + ' runs':>22}{min(ratios):>8.2f}–{max(ratios):.2f}"
-            if against:
-                spread += f"{'':>10}{min(versus):.3f}–{max(versus):.3f}"
-            print(spread, flush=True)
-        if report:
-            print(report, flush=True)
+        for policy, label in map(_policy, args.policies):
+            ratios, qdq_ratios, versus, runs = [], [], [], []
+            for run in range(args.runs):
+                t, report, checked = measure(name, policy, args.batch, args.repeats,
+                                             args.profile and run == args.runs - 1, against, args.size)
+                ratios.append(t["integer"] / t["float"])
+                qdq = t["qdq"] / t["float"] if t["qdq"] is not None else None
+                qdq_ratios += [qdq] if qdq is not None else []
+                differing = checked["mismatches"] + checked["simulation_mismatches"]
+                line = (f"{name:<14}{label:<10}{1e3 * t['integer']:>11.2f}"
+                        f"{1e3 * t['qdq'] if t['qdq'] is not None else float('nan'):>9.2f}{1e3 * t['float']:>10.2f}"
+                        f"{ratios[-1]:>11.2f}{qdq if qdq is not None else float('nan'):>11.2f}{differing:>11}")
+                if against:
+                    versus.append(t["integer"] / t["against"])
+                    line += f"{1e3 * t['against']:>14.2f}{versus[-1]:>14.3f}"
+                print(line, flush=True)
+                runs.append({"integer_ms": round(1e3 * t["integer"], 2), "float_ms": round(1e3 * t["float"], 2),
+                             "qdq_ms": None if t["qdq"] is None else round(1e3 * t["qdq"], 2),
+                             "integer_over_float": round(ratios[-1], 2),
+                             "qdq_over_float": None if qdq is None else round(qdq, 2), **checked})
+            if args.runs > 1:
+                spread = f"{name:<14}{label:<10}{'over ' + str(args.runs) + ' runs':>30}{min(ratios):>11.2f}–{max(ratios):.2f}"
+                if qdq_ratios:
+                    spread += f"{min(qdq_ratios):>6.2f}–{max(qdq_ratios):.2f}"
+                if against:
+                    spread += f"{'':>10}{min(versus):.3f}–{max(versus):.3f}"
+                print(spread, flush=True)
+            if report:
+                print(report, flush=True)
+            records.append({"model": name, "policy": label, "runs": runs,
+                            "integer_over_float_median": round(statistics.median(ratios), 2),
+                            "qdq_over_float_median": round(statistics.median(qdq_ratios), 2) if qdq_ratios else None})
+    if args.results:
+        args.results.write_text(json.dumps({
+            "command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
+            "settings": {"batch": args.batch, "input": [1, args.size, args.size], "repeats": args.repeats,
+                         "threads": 1, "onnxruntime": _ort_version(), "load_average": round(load, 1)},
+            "models": records}, indent=1) + "\n")
+
+
+def _ort_version() -> str:
+    import onnxruntime
+    return onnxruntime.__version__
 
 
 if __name__ == "__main__":
