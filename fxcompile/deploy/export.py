@@ -97,13 +97,14 @@ def _check_inputs(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
 
 
 def export_onnx(qmodel: fx.GraphModule, path: str | os.PathLike, example_inputs: Sequence[torch.Tensor],
-                flavour: str = "integer") -> onnx.ModelProto:
+                flavour: str = "integer", **options) -> onnx.ModelProto:
     """Write ``qmodel``'s integer graph to ``path`` as ONNX and return the model.
 
     Float input → quantizer → int64 ops only → dequantizer → float output ``output`` (plus its
     int64 codes ``output_codes``); the batch dimension is free.  ``flavour="qdq"`` writes the
     QDQ model and ``"qonnx"`` the QONNX model instead (float output ``output``; not bit-exact:
-    see their modules).  The model passes ``onnx.checker.check_model(full_check=True)``.
+    see their modules).  ``options`` go to the flavour's exporter (``to_qdq``'s
+    ``uint8_activations=True``, ``bias_scale``; ``to_onnx``'s ``eight_bit``).  The model passes ``onnx.checker.check_model(full_check=True)``.
     The file is written to a temporary name and renamed, so a failed export leaves nothing at
     ``path``, and the file gets the permissions the umask gives (``0644`` under the usual
     ``022``); raises :class:`ExportError` naming every node that does not lower (or, for the
@@ -114,13 +115,13 @@ def export_onnx(qmodel: fx.GraphModule, path: str | os.PathLike, example_inputs:
     if flavour not in FLAVOURS:
         raise ExportError(f"unknown export flavour {flavour!r}; flavours are {', '.join(FLAVOURS)}")
     if flavour == "integer":
-        model = to_onnx(integer_graph(qmodel, example_inputs), name=type(qmodel).__name__)
+        model = to_onnx(integer_graph(qmodel, example_inputs), name=type(qmodel).__name__, **options)
     else:
         if not isinstance(qmodel, fx.GraphModule):
             raise ExportError(f"expected a model compiled with fxc.compile, got {type(qmodel).__name__}")
         to_flavour = to_qdq if flavour == "qdq" else to_qonnx
         _check_inputs(qmodel, example_inputs)
-        model = to_flavour(fold_bn(qmodel), tuple(example_inputs), name=type(qmodel).__name__)
+        model = to_flavour(fold_bn(qmodel), tuple(example_inputs), name=type(qmodel).__name__, **options)
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:

@@ -138,11 +138,11 @@ class QDQGraph(FloatGraph):
     exactly.  A bias with more fractional bits than the accumulator, or whose shifted codes
     overflow int32, keeps its own format, as every bias does with ``bias_scale="format"``."""
 
-    def __init__(self, bias_scale: str = "accumulator"):
+    def __init__(self, bias_scale: str = "accumulator", uint8_activations: bool = False):
         super().__init__()
         if bias_scale not in ("accumulator", "format"):
             raise ValueError(f"bias_scale must be 'accumulator' or 'format', got {bias_scale!r}")
-        self.bias_scale = bias_scale
+        self.bias_scale, self.uint8_activations = bias_scale, uint8_activations
         self.formats: dict[str, FixedPoint] = {}   # dequantized tensor → its format
         self._parameters: dict[str, tuple] = {}    # dequantized parameter → (its node, centred codes)
 
@@ -164,8 +164,14 @@ class QDQGraph(FloatGraph):
 
     def activation(self, x, fmt, cast):
         onnx_type, np_type = container(fmt)
+        zero_point = fmt.zero_point
+        if self.uint8_activations and np_type is np.int8 and 0 <= zero_point + 128 <= 255 and x not in self.formats:
+            # the same values and the same saturation: int8 code c is uint8 code c + 128.  Not
+            # right after another pair (an input cast, then the conv's): ORT would merge two
+            # uint8 pairs into one, rounding once where the model rounds twice
+            np_type, zero_point = np.uint8, zero_point + 128
         scale = self.const(2.0 ** -fmt.frac, np.float32)
-        zero = self.const(fmt.zero_point, np_type)
+        zero = self.const(zero_point, np_type)
         q = self.node("QuantizeLinear", [x, scale, zero], name=f"quantize/{cast}")
         out = self.node("DequantizeLinear", [q, scale, zero], name=f"dequantize/{cast}")
         self.formats[out] = fmt
@@ -641,8 +647,15 @@ def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: l
     return helper.make_model(graph, opset_imports=g.opset_imports, producer_name="fxcompile")
 
 
-def to_qdq(gm: fx.GraphModule, example_inputs, name: str = "fxcompile", bias_scale: str = "accumulator"
-           ) -> onnx.ModelProto:
+def to_qdq(gm: fx.GraphModule, example_inputs, name: str = "fxcompile", bias_scale: str = "accumulator",
+           uint8_activations: bool = False) -> onnx.ModelProto:
     """The BN-folded compiled model ``gm`` as a QDQ ONNX model (opset 21; see the module
-    docstring; ``bias_scale`` see :class:`QDQGraph`)."""
-    return build(gm, example_inputs, QDQGraph(bias_scale), name)
+    docstring; ``bias_scale`` see :class:`QDQGraph`).
+
+    ``uint8_activations=True`` writes the activation edges of signed 8-bit formats as uint8
+    codes with the zero point moved by 128 (ONNX Runtime quantization's default U8S8 form: the
+    same values, the same saturation).  ORT's x86 kernels take uint8 activations: with int8
+    pairs its graph optimizer converts a pair to uint8 itself only where the QuantizeLinear has
+    one consumer, so a conv reading a value that also feeds a residual add stays a float Conv;
+    with uint8 pairs every conv fuses into QLinearConv."""
+    return build(gm, example_inputs, QDQGraph(bias_scale, uint8_activations), name)

@@ -192,3 +192,51 @@ def test_a_narrow_weight_format_gives_narrow_range_int8_weights(weight, lowest):
                if tuple(t.dims) == (3, 4)]
     assert len(weights) == 1 and weights[0].dtype == np.int8
     assert (weights[0] == lowest).all()
+
+
+def test_uint8_activations_are_the_same_model_and_fuse_where_int8_pairs_do_not(tmp_path):
+    import onnxruntime as ort
+    x = torch.randn(16, 1, 28, 28)
+    q = compiled(ResidualCNN, fxc.load_policy("8bit"), x)  # its residual add reads a value a conv reads too
+    signed, unsigned = (to_qdq(fold_bn(q), (x[:1],), uint8_activations=u) for u in (False, True))
+    def zero_types(model):
+        produced_by = {n.output[0]: n for n in model.graph.node}
+        types = {}
+        for n in model.graph.node:
+            if n.op_type == "QuantizeLinear" and n.name != "quantize/casts_x":
+                after_pair = getattr(produced_by.get(n.input[0]), "op_type", None) == "DequantizeLinear"
+                types[after_pair] = types.get(after_pair, set()) | {
+                    next(t.data_type for t in model.graph.initializer if t.name == n.input[2])}
+        return types
+    assert zero_types(signed) == {False: {onnx.TensorProto.INT8}, True: {onnx.TensorProto.INT8}}
+    # right after another pair (the input's) a pair stays int8: ORT would merge two uint8 pairs
+    assert zero_types(unsigned) == {False: {onnx.TensorProto.UINT8}, True: {onnx.TensorProto.INT8}}
+
+    def run(model, level, path=None):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        if path:
+            opts.optimized_model_filepath = str(path)
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    # unoptimized, both run the same Q/DQ arithmetic: the same values, bit for bit
+    plain = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert np.array_equal(run(signed, plain), run(unsigned, plain))
+    fused = {}
+    for key, model in (("signed", signed), ("unsigned", unsigned)):
+        run(model, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, tmp_path / f"{key}.onnx")
+        fused[key] = [n.op_type for n in onnx.load(tmp_path / f"{key}.onnx").graph.node]
+    assert "Conv" in fused["signed"]  # the conv after the fan-out stays float with int8 pairs
+    assert "Conv" not in fused["unsigned"] and "Gemm" not in fused["unsigned"]
+    assert fused["unsigned"].count("QLinearConv") == sum(n.op_type == "Conv" for n in unsigned.graph.node)
+    differ, largest, agree = differences(unsigned, q, x)
+    assert differ <= x.shape[0] and largest <= 4 and agree >= 0.95
+
+
+def test_export_onnx_passes_options_to_the_flavour(tmp_path):
+    x = torch.randn(2, 1, 28, 28)
+    q = compiled(SeedCNN, fxc.load_policy("8bit"), x)
+    model = export_onnx(q, tmp_path / "m.onnx", (x[:1],), flavour="qdq", uint8_activations=True)
+    assert model == to_qdq(fold_bn(q), (x[:1],), name=type(q).__name__, uint8_activations=True)
+    with pytest.raises(TypeError, match="uint8_activation"):
+        export_onnx(q, tmp_path / "n.onnx", (x[:1],), flavour="qdq", uint8_activation=True)
