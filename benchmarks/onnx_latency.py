@@ -16,6 +16,8 @@ lowered op: node names start with it)::
     python benchmarks/onnx_latency.py --models resnet18 mobilenet_v2 --policies baseline 8bit \
         --runs 3 --results benchmarks/results/onnx_latency.json
 
+The QDQ export is timed twice: as ``export_onnx(..., flavour="qdq")`` writes it, and with
+``uint8_activations=True`` (signed 8-bit activations as uint8, the form ORT fuses throughout).
 ``--runs`` repeats the whole measurement (fresh sessions) and prints the spread of the ratio.
 ``--results FILE`` writes every run's times, ratios and differing codes as JSON.
 ``--against REV`` also exports the same integer graph with the ONNX backend
@@ -126,8 +128,8 @@ def exporter_at(rev: str) -> types.ModuleType:
 
 def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool = False, against=None,
             size: int = 28):
-    """Median seconds a run: the integer graph, the QDQ graph (``None`` when the QDQ flavour
-    cannot write this model), the float graph and (``against``: an exporter module) the same
+    """Median seconds a run: the integer graph, the QDQ graph and the QDQ graph with uint8
+    activations (``None`` when the QDQ flavour cannot write this model), the float graph and (``against``: an exporter module) the same
     integer graph exported by it; the profile report; and ``verify``'s differing codes."""
     torch.manual_seed(0)
     model = build(name, num_classes=10, in_channels=1).eval()
@@ -138,12 +140,15 @@ def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool
         exported = fxc.export_onnx(qmodel, f"{tmp}/{name}.onnx", (x[:1],))
         try:
             qdq = fxc.export_onnx(qmodel, f"{tmp}/{name}_qdq.onnx", (x[:1],), flavour="qdq")
+            qdq_u8 = fxc.export_onnx(qmodel, f"{tmp}/{name}_qdq_u8.onnx", (x[:1],), flavour="qdq",
+                                     uint8_activations=True)
         except fxc.ExportError:
-            qdq = None
+            qdq = qdq_u8 = None
     checked = verify(qmodel, exported, x)
     sessions = {"integer": onnx_session(exported, threads=1), "float": onnx_session(_float_onnx(model, x[:1]), threads=1)}
     if qdq is not None:
         sessions["qdq"] = onnx_session(qdq, threads=1)
+        sessions["qdq_u8"] = onnx_session(qdq_u8, threads=1)
     feed = {"x": x.numpy()}
     if against is not None:
         sessions["against"] = onnx_session(against.to_onnx(integer_graph(qmodel, (x[:1],))), threads=1)
@@ -162,6 +167,7 @@ def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool
     report = profile(exported, feed, repeats) if with_profile else ""
     medians = {key: statistics.median(t) for key, t in times.items()}
     medians.setdefault("qdq", None)
+    medians.setdefault("qdq_u8", None)
     return medians, report, {k: checked[k] for k in ("mismatches", "simulation_mismatches", "outputs")}
 
 
@@ -190,42 +196,47 @@ def main(argv=None):
     print(f"ONNX Runtime CPU, 1 thread, batch {args.batch} of 1x{args.size}x{args.size}, median of {args.repeats}; "
           f"load average {load:.1f}")
     extra = f"{args.against + ' ms':>14}{'vs ' + args.against:>14}" if against else ""
-    print(f"{'model':<14}{'policy':<10}{'integer ms':>11}{'qdq ms':>9}{'float ms':>10}{'int/float':>11}"
-          f"{'qdq/float':>11}{'differing':>11}{extra}")
+    print(f"{'model':<14}{'policy':<10}{'integer ms':>11}{'qdq ms':>9}{'qdq u8 ms':>10}{'float ms':>10}"
+          f"{'int/float':>11}{'qdq/float':>11}{'u8/float':>10}{'differing':>11}{extra}")
     records = []
+    ms = lambda v: 1e3 * v if v is not None else float("nan")  # noqa: E731
     for name in args.models:
         for policy, label in map(_policy, args.policies):
-            ratios, qdq_ratios, versus, runs = [], [], [], []
+            ratios, qdq_ratios, u8_ratios, versus, runs = [], [], [], [], []
             for run in range(args.runs):
                 t, report, checked = measure(name, policy, args.batch, args.repeats,
                                              args.profile and run == args.runs - 1, against, args.size)
                 ratios.append(t["integer"] / t["float"])
-                qdq = t["qdq"] / t["float"] if t["qdq"] is not None else None
+                qdq, u8 = (t[k] / t["float"] if t[k] is not None else None for k in ("qdq", "qdq_u8"))
                 qdq_ratios += [qdq] if qdq is not None else []
+                u8_ratios += [u8] if u8 is not None else []
                 differing = checked["mismatches"] + checked["simulation_mismatches"]
-                line = (f"{name:<14}{label:<10}{1e3 * t['integer']:>11.2f}"
-                        f"{1e3 * t['qdq'] if t['qdq'] is not None else float('nan'):>9.2f}{1e3 * t['float']:>10.2f}"
-                        f"{ratios[-1]:>11.2f}{qdq if qdq is not None else float('nan'):>11.2f}{differing:>11}")
+                line = (f"{name:<14}{label:<10}{ms(t['integer']):>11.2f}{ms(t['qdq']):>9.2f}{ms(t['qdq_u8']):>10.2f}"
+                        f"{ms(t['float']):>10.2f}{ratios[-1]:>11.2f}{qdq if qdq is not None else float('nan'):>11.2f}"
+                        f"{u8 if u8 is not None else float('nan'):>10.2f}{differing:>11}")
                 if against:
                     versus.append(t["integer"] / t["against"])
                     line += f"{1e3 * t['against']:>14.2f}{versus[-1]:>14.3f}"
                 print(line, flush=True)
-                runs.append({"integer_ms": round(1e3 * t["integer"], 2), "float_ms": round(1e3 * t["float"], 2),
-                             "qdq_ms": None if t["qdq"] is None else round(1e3 * t["qdq"], 2),
+                runs.append({"integer_ms": round(ms(t["integer"]), 2), "float_ms": round(ms(t["float"]), 2),
+                             "qdq_ms": None if t["qdq"] is None else round(ms(t["qdq"]), 2),
+                             "qdq_uint8_ms": None if t["qdq_u8"] is None else round(ms(t["qdq_u8"]), 2),
                              "integer_over_float": round(ratios[-1], 2),
-                             "qdq_over_float": None if qdq is None else round(qdq, 2), **checked})
+                             "qdq_over_float": None if qdq is None else round(qdq, 2),
+                             "qdq_uint8_over_float": None if u8 is None else round(u8, 2), **checked})
             if args.runs > 1:
-                spread = f"{name:<14}{label:<10}{'over ' + str(args.runs) + ' runs':>30}{min(ratios):>11.2f}–{max(ratios):.2f}"
+                spread = f"{name:<14}{label:<10}{'over ' + str(args.runs) + ' runs':>40}{min(ratios):>11.2f}–{max(ratios):.2f}"
                 if qdq_ratios:
-                    spread += f"{min(qdq_ratios):>6.2f}–{max(qdq_ratios):.2f}"
+                    spread += f"{min(qdq_ratios):>6.2f}–{max(qdq_ratios):.2f}{min(u8_ratios):>6.2f}–{max(u8_ratios):.2f}"
                 if against:
                     spread += f"{'':>10}{min(versus):.3f}–{max(versus):.3f}"
                 print(spread, flush=True)
             if report:
                 print(report, flush=True)
+            median = lambda v: round(statistics.median(v), 2) if v else None  # noqa: E731
             records.append({"model": name, "policy": label, "runs": runs,
-                            "integer_over_float_median": round(statistics.median(ratios), 2),
-                            "qdq_over_float_median": round(statistics.median(qdq_ratios), 2) if qdq_ratios else None})
+                            "integer_over_float_median": median(ratios), "qdq_over_float_median": median(qdq_ratios),
+                            "qdq_uint8_over_float_median": median(u8_ratios)})
     if args.results:
         args.results.write_text(json.dumps({
             "command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
