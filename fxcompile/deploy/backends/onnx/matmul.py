@@ -142,7 +142,10 @@ def _direct_int32(b: _Builder, plan: _Plan | None, flat: np.ndarray, bias: np.nd
     k, o = flat.shape
     macs, outputs = rows * k * o, rows * o
     products = len(plan.terms)
-    return macs * _NS_MAC_INT32 + outputs * _NS_PASS < products * (macs * _NS_MAC_8BIT + 3 * outputs * _NS_PASS)
+    # several products: each partial sum is written, added and recombined (about three passes);
+    # a single one writes the accumulator once, as the int32 MatMul does
+    passes = 3 if products > 1 else 1
+    return macs * _NS_MAC_INT32 + outputs * _NS_PASS < products * (macs * _NS_MAC_8BIT + passes * outputs * _NS_PASS)
 
 
 def _limbs(b: _Builder, x: str, plan: _Plan) -> list[str]:
