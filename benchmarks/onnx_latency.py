@@ -6,8 +6,9 @@ so the QDQ model runs as ORT fuses it), and timed side by side in this process, 
 on the same batch; the figures are the ratios of the medians.  ``--models`` takes the bundled
 models and torchvision's classification models (``fxcompile.experiments.models.build(name,
 num_classes=10, in_channels=1)``), ``--policies`` shipped names or policy files; each pair is
-also checked with ``verify`` (output codes that differ between ONNX Runtime and the integer
-reference, and between the simulation and the integer reference).  ``--profile`` also prints
+also checked with ``verify`` on the batch (output codes that differ between ONNX Runtime and
+the integer reference, ``ort≠int``, and between the simulation and the integer reference,
+``sim≠int``).  ``--profile`` also prints
 where the integer graph's time goes (ORT's profiler, kernel time summed by op type and by the
 lowered op: node names start with it)::
 
@@ -127,14 +128,14 @@ def exporter_at(rev: str) -> types.ModuleType:
 
 
 def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool = False, against=None,
-            size: int = 28):
+            size: int = 28, fold_batch_norm: bool = False):
     """Median seconds a run: the integer graph, the QDQ graph and the QDQ graph with uint8
     activations (``None`` when the QDQ flavour cannot write this model), the float graph and (``against``: an exporter module) the same
     integer graph exported by it; the profile report; and ``verify``'s differing codes."""
     torch.manual_seed(0)
     model = build(name, num_classes=10, in_channels=1).eval()
     x = torch.randn(batch, 1, size, size)
-    qmodel = fxc.compile(model, policy, example_inputs=(x[:1],)).eval()
+    qmodel = fxc.compile(model, policy, example_inputs=(x[:1],), fold_batch_norm=fold_batch_norm).eval()
     fxc.fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
     with tempfile.TemporaryDirectory() as tmp:
         exported = fxc.export_onnx(qmodel, f"{tmp}/{name}.onnx", (x[:1],))
@@ -188,16 +189,19 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=1, help="whole measurements per model (the ratio's spread)")
     p.add_argument("--against", metavar="REV", help="also time the integer graph as exported at git revision REV")
     p.add_argument("--profile", action="store_true", help="also print where the integer graph's time goes")
+    p.add_argument("--fold-batch-norm", action="store_true",
+                   help="compile with fold_batch_norm=True (one rounding fewer per batch norm; not bit-exact "
+                        "with the simulation)")
     p.add_argument("--results", type=pathlib.Path, help="write every run's figures to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     against = exporter_at(args.against) if args.against else None
     load = os.getloadavg()[0]
     print(f"ONNX Runtime CPU, 1 thread, batch {args.batch} of 1x{args.size}x{args.size}, median of {args.repeats}; "
-          f"load average {load:.1f}")
+          f"load average {load:.1f}" + ("; batch norms folded" if args.fold_batch_norm else ""))
     extra = f"{args.against + ' ms':>14}{'vs ' + args.against:>14}" if against else ""
     print(f"{'model':<14}{'policy':<10}{'integer ms':>11}{'qdq ms':>9}{'qdq u8 ms':>10}{'float ms':>10}"
-          f"{'int/float':>11}{'qdq/float':>11}{'u8/float':>10}{'differing':>11}{extra}")
+          f"{'int/float':>11}{'qdq/float':>11}{'u8/float':>10}{'ort≠int':>9}{'sim≠int':>9}{extra}")
     records = []
     ms = lambda v: 1e3 * v if v is not None else float("nan")  # noqa: E731
     for name in args.models:
@@ -205,15 +209,16 @@ def main(argv=None):
             ratios, qdq_ratios, u8_ratios, versus, runs = [], [], [], [], []
             for run in range(args.runs):
                 t, report, checked = measure(name, policy, args.batch, args.repeats,
-                                             args.profile and run == args.runs - 1, against, args.size)
+                                             args.profile and run == args.runs - 1, against, args.size,
+                                             args.fold_batch_norm)
                 ratios.append(t["integer"] / t["float"])
                 qdq, u8 = (t[k] / t["float"] if t[k] is not None else None for k in ("qdq", "qdq_u8"))
                 qdq_ratios += [qdq] if qdq is not None else []
                 u8_ratios += [u8] if u8 is not None else []
-                differing = checked["mismatches"] + checked["simulation_mismatches"]
                 line = (f"{name:<14}{label:<10}{ms(t['integer']):>11.2f}{ms(t['qdq']):>9.2f}{ms(t['qdq_u8']):>10.2f}"
                         f"{ms(t['float']):>10.2f}{ratios[-1]:>11.2f}{qdq if qdq is not None else float('nan'):>11.2f}"
-                        f"{u8 if u8 is not None else float('nan'):>10.2f}{differing:>11}")
+                        f"{u8 if u8 is not None else float('nan'):>10.2f}{checked['mismatches']:>9}"
+                        f"{checked['simulation_mismatches']:>9}")
                 if against:
                     versus.append(t["integer"] / t["against"])
                     line += f"{1e3 * t['against']:>14.2f}{versus[-1]:>14.3f}"
@@ -241,7 +246,7 @@ def main(argv=None):
         args.results.write_text(json.dumps({
             "command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
             "settings": {"batch": args.batch, "input": [1, args.size, args.size], "repeats": args.repeats,
-                         "threads": 1, "onnxruntime": _ort_version(), "load_average": round(load, 1)},
+                         "threads": 1, "fold_batch_norm": args.fold_batch_norm, "onnxruntime": _ort_version(), "load_average": round(load, 1)},
             "models": records}, indent=1) + "\n")
 
 
