@@ -207,7 +207,8 @@ def test_signed_and_offset_inputs_to_padded_strided_convolutions(prefer, activat
     graph = integer_graph(on_grid(fxc.compile(model, policy, example_inputs=(x[:2],))), (x[:2],))
     onnx_model = to_onnx(graph)
     assert ("MatMulInteger" in {n.op_type for n in onnx_model.graph.node}) == (prefer == "8-bit")
-    _, codes = _ort(onnx_model, x)
+    session = onnx_session(onnx_model)
+    _, codes = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert np.array_equal(codes, run_integer(graph, x, codes=True)[0].numpy())
 
 
@@ -282,4 +283,23 @@ def test_sum_pools_in_both_layouts(policy):
     ops = [n.op_type for n in model.graph.node]
     assert "Split" in ops and "MatMulInteger" in ops
     _, codes = _ort(model, x)
+    assert np.array_equal(codes, run_integer(graph, x, codes=True)[0].numpy())
+
+
+def test_a_batch_norm_between_convs_stays_channels_last():
+    # 8-bit products make both convs channels-last; conv → batch norm (the unfolded affine map) → ReLU → conv → batch norm → flatten: the two
+    # Transposes are the one into channels-last and the one back to NCHW before the flatten
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Flatten())
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(8, 3, 6, 5) * 2
+    q = on_grid(fxc.compile(model, "8bit", example_inputs=(x[:1],))).eval()
+    graph = integer_graph(q, (x[:1],))
+    assert [op.op for op in graph.ops].count("affine") == 2
+    onnx_model = to_onnx(graph)
+    assert [n.op_type for n in onnx_model.graph.node].count("Transpose") == 2
+    session = onnx_session(onnx_model)
+    _, codes = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert np.array_equal(codes, run_integer(graph, x, codes=True)[0].numpy())
