@@ -56,7 +56,7 @@ __all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "module_op", "ops_in",
            "fixed_point_mul", "scalar_codes", "fixed_point_batch_norm", "batch_norm_affine", "SCALE_BITS",
            "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "matmul_equation", "matmul_product",
            "code_bits", "fixed_point_conv1d", "fixed_point_conv2d", "fixed_point_conv3d", "fixed_point_linear",
-           "lookup", "CLIP_OPS", "LOOKUP_OPS"]
+           "lookup", "CLIP_OPS", "LOOKUP_OPS", "fixed_point_addmm", "key_padding_mask", "fill_masked"]
 
 GROUPS = {
     "cast": "the fixed-point cast on an edge",
@@ -593,6 +593,28 @@ def fixed_point_batch_norm(x, module: nn.modules.batchnorm._BatchNorm, weight, b
     return y + (x * s.to(x.dtype) - (x * s.to(x.dtype)).detach())
 
 
+def fixed_point_addmm(bias, x, weight, spec) -> torch.Tensor:
+    """``torch.addmm(bias, x, weight)`` (transformers' ``Conv1D``: a linear layer whose weight is
+    stored (in, out)) as deployed: :func:`fixed_point_linear` of ``weight.t()``."""
+    return fixed_point_linear(x, weight.t(), bias, spec)
+
+
+def key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Which keys a (batch, length) ``attention_mask`` of integers keeps (non-zero), as a
+    (batch, 1, 1, length) bool tensor that broadcasts over heads and queries."""
+    return (mask != 0)[:, None, None, :]
+
+
+def fill_masked(x: torch.Tensor, keep: torch.Tensor, spec: list) -> torch.Tensor:
+    """Attention scores with a mask applied, as deployed: ``x`` where ``keep`` is true, elsewhere
+    the smallest value of the format ``spec`` of the cast after it (its smallest code), which
+    the integer softmax gives the least weight.  The additive form it replaces (``x`` plus a
+    large negative number, rounded by that cast) saturates only where ``x`` is small enough;
+    this select is exact in float and on codes.  The gradient flows to the kept positions."""
+    low = (int(spec[1]) - int(spec[3])) * 2.0 ** -int(spec[0])
+    return torch.where(keep.to(x.device, torch.bool), x, torch.full((), low, dtype=x.dtype, device=x.device))
+
+
 @dataclasses.dataclass(frozen=True)
 class Op:
     """One op: its name, group, and the fx node targets that are it."""
@@ -695,6 +717,22 @@ _DECLARED = [
     Op("elu", "elementwise", (nn.ELU,), (F.elu,), (), ("elu",)),
     Op("mish", "elementwise", (nn.Mish,), (F.mish,), (), ("mish",)),
     Op("lookup", "elementwise", (), (lookup,)),  # written by passes.lookup_tables
+    # text transformers (Hugging Face): token and position embeddings, masks, Conv1D
+    Op("embedding", "resample", (nn.Embedding,), (F.embedding,), (), ("embedding",)),  # rows of a table
+    Op("addmm", "multiply_accumulate", (), (torch.addmm, fixed_point_addmm), ("addmm",), ("addmm",)),
+    Op("slice", "shape", (), (), (), ("slice",)),  # aten.slice: a range along one axis
+    Op("select", "shape", (), (), (), ("select",)),  # aten.select: one index along one axis, dropped
+    Op("to", "shape", (), (), ("to",), ("to", "_to_copy")),  # a dtype or device change
+    Op("where", "elementwise", (), (torch.where,), ("where", "masked_fill"), ("where", "masked_fill")),
+    Op("key_padding_mask", "elementwise", (), (key_padding_mask,)),  # written by passes.masks
+    Op("fill_masked", "elementwise", (), (fill_masked,)),  # written by passes.masks
+    # integer and bool tensors computed from sizes, buffers and integer inputs (positions, masks):
+    # evaluated when lowering where they are constants for the example shape
+    Op("bookkeeping", "size", (), (), (), ("arange", "new_ones", "ones", "zeros", "full", "ge", "gt", "le", "lt",
+                                          "eq", "ne", "__and__", "__or__", "bitwise_and", "bitwise_or",
+                                          "logical_and", "logical_or", "logical_not", "bitwise_not", "index",
+                                          "diff", "cumsum", "gather", "_assert_tensor_metadata", "scalar_tensor",
+                                          "lift_fresh_copy", "detach_")),
 ]
 
 CLIP_OPS = ("relu6", "hardtanh", "clamp")  # exact on codes: a clamp to the bounds
@@ -736,6 +774,10 @@ INTEGER_OPS = {
     "upsample": "codes repeated by integer factors along the spatial axes (nearest)",
     "constant": "constant codes (a parameter used as an operand: a class token, a position embedding)",
     "expand": "codes broadcast to a larger shape, the batch dimension taken from the graph's first input",
+    "gather": "rows of a constant table of codes indexed by an integer input (token ids: an embedding)",
+    "padding_mask": "an integer (batch, length) attention mask as 0/1 of shape (batch, 1, 1, length): non-zero kept",
+    "select": "codes where a 0/1 condition (an input or a constant) is 1, a constant code (the format's smallest) "
+              "elsewhere",
 }
 
 

@@ -109,6 +109,7 @@ class IntegerGraph:
     ops: list[IntOp]
     outputs: list[str]
     shapes: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    integer_inputs: tuple = ()  # inputs that are integers as they are (token ids, attention masks), not quantized
 
     def op_of(self, name: str) -> IntOp:
         return next(op for op in self.ops if op.out == name)
@@ -142,6 +143,7 @@ class Value:
 class _Lowering:
     def __init__(self, gm: fx.GraphModule):
         self.gm, self.ops, self.shapes = gm, [], {}
+        self.integer_inputs: list[str] = []
 
     def emit(self, node: fx.Node, op: str, inputs, frac: int, bounds=None, suffix: str = "", out_shape=None,
              **attrs) -> Value:
@@ -993,7 +995,7 @@ def fold_constant(gm: fx.GraphModule, node: fx.Node, args, kwargs):
     index); ``None`` for any other node."""
     op = ops.op_of(gm, node)
     values = [v for v in _values((args, kwargs)) if isinstance(v, Value)]
-    if op is None or op.group != "shape" or op.name == "expand" or node.op == "call_module" or not values or \
+    if op is None or op.group != "shape" or op.name in ("expand", "to") or node.op == "call_module" or not values or \
             any(v.const is None for v in values):
         return None
     coded = next((v for v in values if v.frac is not None), values[0])
@@ -1117,6 +1119,149 @@ def rule_lookup(lw, node, x, name, params, in_spec, out_spec):
     return lw.emit(node, "lookup", [x], fmt.frac, fmt, table=codes, offset=in_spec[1] - in_spec[3], function=name)
 
 
+# ---- text transformers: embeddings, positions, masks, Conv1D --------------------------------
+# Integer graph inputs (token ids, attention masks) are codes at binary point 0, not quantized.
+# Integer and bool tensors computed from sizes, buffers and constants (position ids, token type
+# ids, a causal mask) are evaluated for the example inputs' shape (:func:`_evaluated`).
+
+def _live(v) -> bool:
+    """Whether ``v`` is a tensor of the integer graph (not a constant, not a size)."""
+    return isinstance(v, Permuted) or (isinstance(v, Value) and (v.name is not None or v.frac is not None))
+
+
+def _evaluated(gm: fx.GraphModule, node: fx.Node, args, kwargs):
+    """The value of ``node`` when it computes on constants only (integers and bools from sizes,
+    ``arange``, buffers: positions, a causal mask), computed now; ``None`` otherwise.  A float
+    result is a constant :class:`Value` (a buffer), any other a tensor."""
+    op = ops.op_of(gm, node)
+    leaves = _values((args, kwargs))
+    if op is None or node.op == "call_module" or any(_live(v) for v in leaves):
+        return None
+    if op.name != "bookkeeping" and not any(isinstance(v, torch.Tensor) for v in leaves) and not (
+            op.name in ("to", "expand", "embedding") and any(isinstance(v, Value) for v in leaves)):
+        return None
+    concrete = lambda v: v.const if isinstance(v, Value) else v  # noqa: E731
+    args, kwargs = fx.node.map_aggregate(args, concrete), fx.node.map_aggregate(kwargs, concrete)
+    try:
+        result = getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method" else \
+            node.target(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the model's own bookkeeping failed on the example shape
+        raise ExportError(f"node {node.name!r} ({_label(gm, node)}): evaluating it for the example inputs' shape "
+                          f"failed: {exc}") from exc
+    if isinstance(result, torch.Tensor) and result.is_floating_point():
+        return Value(const=result)
+    return result
+
+
+def rule_bookkeeping(lw, node, *args, **kwargs):
+    """Integers and bools computed from a graph input's values: only the forms ``passes.masks``
+    rewrites lower (an attention mask as ``key_padding_mask``); an assert is dropped."""
+    if "assert" in _label(lw.gm, node):
+        return None
+    inputs = [v.name for v in _values((args, kwargs)) if isinstance(v, Value) and v.name is not None]
+    raise ExportError(f"node {node.name!r} ({_label(lw.gm, node)}): computes integers or a mask from the graph "
+                      f"tensor(s) {', '.join(map(repr, inputs))}; only constants for the example shape (positions, a "
+                      "causal mask) and attention masks kept where a (batch, length) input is non-zero "
+                      "(fxcompile.passes.masks) lower")
+
+
+def rule_to(lw, node, x, *args, **kwargs):
+    """A dtype or device change: the identity on a fixed-point value that stays floating point."""
+    dtypes = [v for v in _values((args, kwargs)) if isinstance(v, torch.dtype)]
+    if isinstance(x, Value) and all(d.is_floating_point for d in dtypes) and not (x.frac == 0 and x.fmt is None
+                                                                                  and x.name in lw.integer_inputs):
+        return x
+    raise ExportError(f"node {node.name!r} (to): converting {'the integer input ' + repr(x.name) if isinstance(x, Value) else 'a value'} "
+                      f"to {', '.join(map(str, dtypes)) or 'another dtype'} does not lower; only float-to-float "
+                      "conversions of fixed-point values (the identity) do")
+
+
+def rule_embedding(lw, node, w, indices, *args, **kwargs):
+    """``F.embedding``/``nn.Embedding``: rows of the weight's codes.  Constant indices (position
+    ids) give constant codes; an integer graph input (token ids) a ``gather`` from the table."""
+    if node.op == "call_module" or not isinstance(w, Value) or w.const is None or w.frac is None:
+        raise ExportError(f"node {node.name!r} (embedding): its weight must be a stored parameter behind a cast")
+    if isinstance(indices, Value) and indices.name is None and indices.frac is None:
+        indices = indices.const  # a buffer (position ids)
+    if isinstance(indices, torch.Tensor):
+        codes = F_embedding(indices, w.const)
+        return Value(None, w.frac, w.fmt, tuple(codes.shape), codes)
+    if not (isinstance(indices, Value) and indices.name in lw.integer_inputs) and not (
+            isinstance(indices, Value) and indices.frac == 0 and indices.fmt is None and indices.const is None):
+        raise ExportError(f"node {node.name!r} (embedding): its indices must be an integer graph input (token ids) "
+                          "or constants for the example shape (position ids)")
+    return lw.emit(node, "gather", [indices], w.frac, w.fmt, table=w.const)
+
+
+def rule_addmm(lw, node, b, x, w, spec=None, **kwargs):
+    """``torch.addmm(b, x, w)`` (transformers' ``Conv1D``, weight stored (in, out)): the linear
+    layer of ``wᵀ``."""
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
+        raise ExportError(f"node {node.name!r} (addmm): only beta = alpha = 1 lowers")
+    _rounds_to_output(lw, node, "addmm", spec)
+    if not isinstance(w, Value) or w.const is None or w.const.dim() != 2:
+        raise ExportError(f"node {node.name!r} (addmm): its weight must be a stored 2-d parameter behind a cast")
+    return _weighted(lw, node, x, dataclasses.replace(w, const=w.const.t().contiguous()), b, "linear")
+
+
+def rule_slice(lw, node, x, dim=0, start=None, end=None, step=1):
+    """``aten.slice``: a range along one non-batch axis."""
+    x = _operand(node, _not_permuted(lw, node, x))
+    dim = dim % len(x.shape)
+    begin, stop, step = slice(start, end, step).indices(x.shape[dim])
+    if (begin, stop, step) == (0, x.shape[dim], 1):
+        return x
+    _axis(node, dim, len(x.shape), "slice")
+    return _slice(lw, node, x, [begin], [stop], [dim], [step])
+
+
+def rule_select(lw, node, x, dim, index):
+    """``aten.select`` (``x[:, 0]``): a one-element slice along a non-batch axis, the axis dropped."""
+    x = _operand(node, _not_permuted(lw, node, x))
+    dim = _axis(node, dim, len(x.shape), "select")
+    i = index % x.shape[dim]
+    inner = tuple(1 if a == dim else n for a, n in enumerate(x.shape))
+    v = _slice(lw, node, x, [i], [i + 1], [dim], [1], suffix="_slice", out_shape=inner)
+    return lw.emit(node, "reshape", [v], v.frac, v.fmt, shape=(0, *_shape(node)[1:]))
+
+
+def rule_key_padding_mask(lw, node, mask):
+    if not (isinstance(mask, Value) and mask.name in lw.integer_inputs and len(mask.shape) == 2):
+        raise ExportError(f"node {node.name!r} (key_padding_mask): its operand must be an integer (batch, length) "
+                          "graph input")
+    return lw.emit(node, "padding_mask", [mask], 0, out_shape=(mask.shape[0], 1, 1, mask.shape[1]))
+
+
+def rule_fill_masked(lw, node, x, keep, spec):
+    """:func:`fxcompile.core.ops.fill_masked`: ``select`` of the codes (shifted to the output
+    format's binary point if that is finer) or the output format's smallest code; the condition
+    is an input (``padding_mask``) or a constant for the example sequence length (a causal
+    mask), which then fixes that length."""
+    x = _operand(node, x)
+    fmt = _output_format(lw, node)
+    if fmt is None or fmt.spec() != list(spec):
+        raise ExportError(f"node {node.name!r} (fill_masked): the masked scores take the smallest value of the format "
+                          "of the one cast after them, which changed after compile(); recompile")
+    frac = max(x.frac, fmt.frac)
+    fill = (fmt.code_min - fmt.zero_point) << (frac - fmt.frac)
+    attrs = {"shift": frac - x.frac, "fill": fill}
+    if isinstance(keep, torch.Tensor):
+        keep = keep.to(torch.bool)
+        if keep.dim() and keep.shape[0] > 1:
+            if not bool((keep == keep[:1]).all()):
+                raise ExportError(f"node {node.name!r} (fill_masked): a constant mask that differs by sample does "
+                                  "not lower; export with a single example input")
+            keep = keep[:1]
+        return lw.emit(node, "select", [x], frac, None, condition=keep, **attrs)
+    if not isinstance(keep, Value) or keep.name is None:
+        raise ExportError(f"node {node.name!r} (fill_masked): its condition must be an input mask or a constant")
+    return lw.emit(node, "select", [x, keep], frac, None, **attrs)
+
+
+def F_embedding(indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.embedding(indices.long(), table)
+
+
 RULES: dict[str, Callable] = {
     "cast": rule_cast,
     "conv2d": rule_conv2d,
@@ -1147,6 +1292,8 @@ RULES: dict[str, Callable] = {
     "relu6": rule_clip, "hardtanh": rule_clip, "clamp": rule_clip,
     "lookup": rule_lookup,
     "expand": rule_expand,
+    "embedding": rule_embedding, "addmm": rule_addmm, "slice": rule_slice, "select": rule_select, "to": rule_to,
+    "bookkeeping": rule_bookkeeping, "key_padding_mask": rule_key_padding_mask, "fill_masked": rule_fill_masked,
 }
 
 # Registered ops without a rule, and what lowering them would take.
@@ -1158,6 +1305,8 @@ UNSUPPORTED: dict[str, str] = {
     "max_pool1d": "a 1-d window maximum rule",
     "max_pool3d": "a 3-d window maximum rule",
     "batch_norm": "folding into the conv/linear before it (fold_bn); a stand-alone per-channel affine rule",
+    "where": "a select rule: an attention mask added to scores lowers as the select passes.masks makes of it "
+             "(fill_masked); other selects do not lower yet",
     **{name: "the lookup table compile() makes of it (passes.lookup_tables): an input cast of <= 16 bits and an "
              "output cast of its own" for name in ops.LOOKUP_OPS},
 }
@@ -1214,7 +1363,10 @@ def lower(gm: fx.GraphModule, example_inputs) -> IntegerGraph:
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             shape = tuple(node.meta["tensor_meta"].shape)
-            env[node] = Value(node.name, None, None, shape)
+            integer = not node.meta["tensor_meta"].dtype.is_floating_point
+            env[node] = Value(node.name, 0 if integer else None, None, shape)
+            if integer:  # token ids, an attention mask: integers as they are
+                lw.integer_inputs.append(node.name)
             if not inputs:
                 lw.batch_source = env[node]  # a constant expanded over the batch takes its size
             inputs.append(node.name)
@@ -1233,5 +1385,7 @@ def lower(gm: fx.GraphModule, example_inputs) -> IntegerGraph:
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
             folded = fold_constant(gm, node, args, kwargs)
+            if folded is None:
+                folded = _evaluated(gm, node, args, kwargs)
             env[node] = folded if folded is not None else RULES[op_key(gm, node)](lw, node, *args, **kwargs)
-    return IntegerGraph(inputs, input_shapes, lw.ops, outputs, lw.shapes)
+    return IntegerGraph(inputs, input_shapes, lw.ops, outputs, lw.shapes, tuple(lw.integer_inputs))

@@ -146,6 +146,10 @@ KERNELS: dict[str, Callable] = {
     "upsample": _upsample,
     "constant": lambda op: op.attrs["value"],
     "expand": lambda op, x, like: x.expand(like.shape[0], *op.attrs["shape"][1:]),
+    "gather": lambda op, ids: F.embedding(ids.long(), op.attrs["table"]),
+    "padding_mask": lambda op, mask: (mask != 0).to(torch.int64)[:, None, None, :],
+    "select": lambda op, x, *keep: torch.where((keep[0] if keep else op.attrs["condition"]).bool(),
+                                               x << op.attrs["shift"], op.attrs["fill"]),
 }
 
 
