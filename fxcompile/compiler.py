@@ -14,6 +14,7 @@ from .errors import PolicyError
 from .frontend import roles
 from .frontend.expose_params import expose_params
 from .frontend.functionalize import functionalize
+from .frontend.gelu import tanh_gelu
 from .frontend.roles import annotate_roles
 from .frontend.shapes import propagate_shapes
 from .frontend.trace import CONTRACT as TRACE_CONTRACT
@@ -81,6 +82,7 @@ def _front(model, *, loss_graph=False, leaf_modules=(), frontend="auto", example
     if check:
         ir.check_contract(gm, "trace", TRACE_CONTRACT, "after")
     gm = functionalize(gm)
+    gm = tanh_gelu(gm)  # GPT-2's gelu_new written out: one F.gelu call (a lookup table)
     gm = expose_params(gm)
     if example_inputs is not None:
         gm = propagate_shapes(gm, example_inputs)
