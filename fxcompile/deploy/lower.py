@@ -75,7 +75,7 @@ from ..passes.casts import Cast, output_cast
 from ..passes.lookup_tables import lookup_arguments, lookup_refusal
 
 __all__ = ["CONTRACT", "IntOp", "IntegerGraph", "Value", "lower", "RULES", "UNSUPPORTED", "op_key", "op_arguments", "pair",
-           "MAX_SHIFT", "evaluate", "permutation", "reshape_target", "fold_constant", "index_slices", "split_sizes",
+           "MAX_SHIFT", "evaluate", "permutation", "whole_slice", "reshape_target", "fold_constant", "index_slices", "split_sizes",
            "FLOAT32_EXACT"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
@@ -1204,10 +1204,18 @@ def rule_addmm(lw, node, b, x, w, spec=None, **kwargs):
     return _weighted(lw, node, x, dataclasses.replace(w, const=w.const.t().contiguous()), b, "linear")
 
 
+def whole_slice(start, end, step) -> bool:
+    """Whether ``aten.slice``'s range is the whole axis whatever its size (``x[:, 0]`` slices the
+    batch axis from 0 to 2**63 - 1 first)."""
+    return start in (None, 0) and (end is None or end >= 1 << 62) and step in (None, 1)
+
+
 def rule_slice(lw, node, x, dim=0, start=None, end=None, step=1):
     """``aten.slice``: a range along one non-batch axis."""
     x = _operand(node, _not_permuted(lw, node, x))
     dim = dim % len(x.shape)
+    if whole_slice(start, end, step):
+        return x
     begin, stop, step = slice(start, end, step).indices(x.shape[dim])
     if (begin, stop, step) == (0, x.shape[dim], 1):
         return x
