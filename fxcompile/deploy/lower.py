@@ -1179,6 +1179,11 @@ def rule_to(lw, node, x, *args, **kwargs):
 def rule_embedding(lw, node, w, indices, *args, **kwargs):
     """``F.embedding``/``nn.Embedding``: rows of the weight's codes.  Constant indices (position
     ids) give constant codes; an integer graph input (token ids) a ``gather`` from the table."""
+    if node.target is torch.nn.functional.embedding:  # F.embedding(input, weight, ...); aten's is (weight, input)
+        w, indices = indices, w
+        if (args[1:2] or (kwargs.get("max_norm"),))[0] is not None:
+            raise ExportError(f"node {node.name!r} (embedding): max_norm renormalises the table in place; it does "
+                              "not lower")
     if node.op == "call_module" or not isinstance(w, Value) or w.const is None or w.frac is None:
         raise ExportError(f"node {node.name!r} (embedding): its weight must be a stored parameter behind a cast")
     if isinstance(indices, Value) and indices.name is None and indices.frac is None:
@@ -1314,7 +1319,9 @@ UNSUPPORTED: dict[str, str] = {
     "max_pool3d": "a 3-d window maximum rule",
     "batch_norm": "folding into the conv/linear before it (fold_bn); a stand-alone per-channel affine rule",
     "where": "a select rule: an attention mask added to scores lowers as the select passes.masks makes of it "
-             "(fill_masked); other selects do not lower yet",
+             "(fill_masked) when its condition is a constant for the example shape (a causal mask) or keeps the "
+             "keys where a (batch, length) integer input is non-zero (a padding mask); other conditions and "
+             "selects do not lower yet",
     **{name: "the lookup table compile() makes of it (passes.lookup_tables): an input cast of <= 16 bits and an "
              "output cast of its own" for name in ops.LOOKUP_OPS},
 }

@@ -541,6 +541,8 @@ def _expand(g, node, x, *sizes, **kwargs):
 # ---- text transformers: embeddings, Conv1D, masks (see fxcompile.deploy.lower) ----------------
 
 def _embedding(g, node, w, indices, *args, **kwargs):
+    if node.target is torch.nn.functional.embedding:  # F.embedding(input, weight, ...); aten's is (weight, input)
+        w, indices = indices, w
     indices = g.const(indices.value.numpy(), np.int64) if isinstance(indices, _Parameter) else indices
     return g.node("Gather", [w, indices], axis=0)
 
