@@ -12,7 +12,8 @@ the export evaluates for the example length.  On ``--inputs`` random sequences i
 differing output codes ORT vs integer reference and simulation vs integer reference
 (``fxcompile.deploy.export.verify``) and how far the QDQ flavour (ORT, on the same inputs) and
 the QONNX flavour (qonnx's executor, on the first ``--qonnx-inputs``) are from the integer
-graph: differing output codes and the largest difference in codes::
+graph: differing output codes and the largest difference in codes.  ``gpt2_attention_mask`` is
+GPT-2 given BERT's padded ``attention_mask`` as well (padding and causal masks together)::
 
     python benchmarks/text_transformer_exports.py --threads 1 --results benchmarks/results/text_transformer_exports.json
 """
@@ -59,17 +60,21 @@ def _bert():
     cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS,
                                   num_attention_heads=HEADS, intermediate_size=2 * WIDTH,
                                   max_position_embeddings=POSITIONS, num_labels=3, attn_implementation="eager")
-    return Logits(transformers.BertForSequenceClassification(cfg)), True
+    return Logits(transformers.BertForSequenceClassification(cfg)), True, False
 
 
-def _gpt2():
-    import transformers
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, n_positions=POSITIONS,
-                                  use_cache=False, bos_token_id=0, eos_token_id=0, attn_implementation="eager")
-    return Logits(transformers.GPT2LMHeadModel(cfg)), False
+def _gpt2(masked: bool):
+    def build():
+        import transformers
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
+                                      n_positions=POSITIONS, use_cache=False, bos_token_id=0, eos_token_id=0,
+                                      attn_implementation="eager")
+        return Logits(transformers.GPT2LMHeadModel(cfg)), masked, True
+    return build
 
 
-MODELS = {"bert": _bert, "gpt2": _gpt2}  # name: builder returning (model, whether it takes an attention_mask)
+# name: builder returning (model, whether it takes an attention_mask, whether it is a language model)
+MODELS = {"bert": _bert, "gpt2": _gpt2(False), "gpt2_attention_mask": _gpt2(True)}
 
 
 def tokens(n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,13 +98,13 @@ def _distance(codes: np.ndarray, ref: np.ndarray) -> dict:
 
 def run(name: str, inputs: int, length: int, qonnx_inputs: int) -> dict:
     torch.manual_seed(0)
-    model, masked = MODELS[name]()
+    model, masked, lm = MODELS[name]()
     ids, mask = tokens(8, length, seed=0)
     train = (ids, mask) if masked else (ids,)
-    if masked:
-        loss, target = nn.CrossEntropyLoss(), torch.randint(0, 3, (8,))
-    else:
+    if lm:
         loss, target = (lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())), ids
+    else:
+        loss, target = nn.CrossEntropyLoss(), torch.randint(0, 3, (8,))
     start = time.perf_counter()
     q = fxc.compile(model, fxc.baseline(), loss_fn=loss, example_inputs=train)
     opt = fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=0.01), q)
@@ -145,12 +150,12 @@ def run(name: str, inputs: int, length: int, qonnx_inputs: int) -> dict:
 
 def print_record(name: str, r: dict) -> None:
     if not r["exported"]:
-        print(f"{name:6s} does not export: {r['error']}", flush=True)
+        print(f"{name:20s} does not export: {r['error']}", flush=True)
         return
     qo = r.get("qonnx_vs_integer")
     qo = (f", QONNX {qo['differing_codes']} of {qo['output_codes']} (max {qo['max_code_difference']})"
           if isinstance(qo, dict) else "")
-    print(f"{name:6s} exported ({r['integer_ops']} integer ops): differing codes of {r['output_codes']}: "
+    print(f"{name:20s} exported ({r['integer_ops']} integer ops): differing codes of {r['output_codes']}: "
           f"ORT vs integer {r['differing_ort_vs_integer']}, simulation vs integer "
           f"{r['differing_simulation_vs_integer']}; QDQ {r['qdq_vs_integer']['differing_codes']} "
           f"(max {r['qdq_vs_integer']['max_code_difference']}){qo}; {r['seconds']} s", flush=True)

@@ -56,7 +56,7 @@ __all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "module_op", "ops_in",
            "fixed_point_mul", "scalar_codes", "fixed_point_batch_norm", "batch_norm_affine", "SCALE_BITS",
            "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "matmul_equation", "matmul_product",
            "code_bits", "fixed_point_conv1d", "fixed_point_conv2d", "fixed_point_conv3d", "fixed_point_linear",
-           "lookup", "CLIP_OPS", "LOOKUP_OPS", "fixed_point_addmm", "key_padding_mask", "fill_masked"]
+           "lookup", "CLIP_OPS", "LOOKUP_OPS", "fixed_point_addmm", "key_padding_mask", "fill_masked", "all_kept"]
 
 GROUPS = {
     "cast": "the fixed-point cast on an edge",
@@ -605,14 +605,24 @@ def key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask != 0)[:, None, None, :]
 
 
-def fill_masked(x: torch.Tensor, keep: torch.Tensor, spec: list) -> torch.Tensor:
+def all_kept(mask: torch.Tensor) -> torch.Tensor:
+    """An attention mask of ``mask``'s shape that keeps every position: what a mask's condition
+    is computed from when only its constant part (a causal mask) is wanted."""
+    return torch.ones_like(mask)
+
+
+def fill_masked(x: torch.Tensor, keep: torch.Tensor, spec: list, also: torch.Tensor | None = None) -> torch.Tensor:
     """Attention scores with a mask applied, as deployed: ``x`` where ``keep`` is true, elsewhere
     the smallest value of the format ``spec`` of the cast after it (its smallest code), which
     the integer softmax gives the least weight.  The additive form it replaces (``x`` plus a
     large negative number, rounded by that cast) saturates only where ``x`` is small enough;
-    this select is exact in float and on codes.  The gradient flows to the kept positions."""
+    this select is exact in float and on codes.  The gradient flows to the kept positions.
+    ``also``, if given, is a second condition (a causal mask beside a padding mask): kept where both are."""
     low = (int(spec[1]) - int(spec[3])) * 2.0 ** -int(spec[0])
-    return torch.where(keep.to(x.device, torch.bool), x, torch.full((), low, dtype=x.dtype, device=x.device))
+    keep = keep.to(x.device, torch.bool)
+    if also is not None:
+        keep = keep & also.to(x.device, torch.bool)
+    return torch.where(keep, x, torch.full((), low, dtype=x.dtype, device=x.device))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -726,6 +736,7 @@ _DECLARED = [
     Op("where", "elementwise", (), (torch.where,), ("where", "masked_fill"), ("where", "masked_fill")),
     Op("key_padding_mask", "elementwise", (), (key_padding_mask,)),  # written by passes.masks
     Op("fill_masked", "elementwise", (), (fill_masked,)),  # written by passes.masks
+    Op("all_kept", "size", (), (all_kept,)),  # written by passes.masks: depends on the mask's shape only
     # integer and bool tensors computed from sizes, buffers and integer inputs (positions, masks):
     # evaluated when lowering where they are constants for the example shape
     Op("bookkeeping", "size", (), (), (), ("arange", "new_ones", "ones", "zeros", "full", "ge", "gt", "le", "lt",

@@ -1245,7 +1245,12 @@ def rule_key_padding_mask(lw, node, mask):
     return lw.emit(node, "padding_mask", [mask], 0, out_shape=(mask.shape[0], 1, 1, mask.shape[1]))
 
 
-def rule_fill_masked(lw, node, x, keep, spec):
+def rule_all_kept(lw, node, mask):
+    """:func:`fxcompile.core.ops.all_kept`: ones of the mask's example shape (a size computation)."""
+    return torch.ones(mask.shape, dtype=torch.int64)
+
+
+def rule_fill_masked(lw, node, x, keep, spec, also=None):
     """:func:`fxcompile.core.ops.fill_masked`: ``select`` of the codes (shifted to the output
     format's binary point if that is finer) or the output format's smallest code; the condition
     is an input (``padding_mask``) or a constant for the example sequence length (a causal
@@ -1258,16 +1263,24 @@ def rule_fill_masked(lw, node, x, keep, spec):
     frac = max(x.frac, fmt.frac)
     fill = (fmt.code_min - fmt.zero_point) << (frac - fmt.frac)
     attrs = {"shift": frac - x.frac, "fill": fill}
-    if isinstance(keep, torch.Tensor):
-        keep = keep.to(torch.bool)
-        if keep.dim() and keep.shape[0] > 1:
-            if not bool((keep == keep[:1]).all()):
+
+    def constant(c):
+        c = c.to(torch.bool)
+        if c.dim() and c.shape[0] > 1:
+            if not bool((c == c[:1]).all()):
                 raise ExportError(f"node {node.name!r} (fill_masked): a constant mask that differs by sample does "
                                   "not lower; export with a single example input")
-            keep = keep[:1]
+            c = c[:1]
+        return c
+    if also is not None and not isinstance(also, torch.Tensor):
+        raise ExportError(f"node {node.name!r} (fill_masked): its second condition must be a constant")
+    if isinstance(keep, torch.Tensor):
+        keep = constant(keep) if also is None else constant(keep) & constant(also)
         return lw.emit(node, "select", [x], frac, None, condition=keep, **attrs)
     if not isinstance(keep, Value) or keep.name is None:
         raise ExportError(f"node {node.name!r} (fill_masked): its condition must be an input mask or a constant")
+    if also is not None:
+        attrs["condition"] = constant(also)
     return lw.emit(node, "select", [x, keep], frac, None, **attrs)
 
 
@@ -1307,6 +1320,7 @@ RULES: dict[str, Callable] = {
     "expand": rule_expand,
     "embedding": rule_embedding, "addmm": rule_addmm, "slice": rule_slice, "select": rule_select, "to": rule_to,
     "bookkeeping": rule_bookkeeping, "key_padding_mask": rule_key_padding_mask, "fill_masked": rule_fill_masked,
+    "all_kept": rule_all_kept,
 }
 
 # Registered ops without a rule, and what lowering them would take.

@@ -136,6 +136,56 @@ def _is_key_padding(gm: fx.GraphModule, cond: fx.Node, mask: fx.Node) -> bool:
     return True
 
 
+def _is_key_padding_and_constant(gm: fx.GraphModule, cond: fx.Node, mask: fx.Node) -> bool:
+    """Whether ``cond`` is ``key_padding_mask(mask)`` and the condition for a mask keeping every
+    position (a padding mask beside a causal one), on random masks as in :func:`_is_key_padding`."""
+    meta = mask.meta.get("tensor_meta") or mask.meta.get("val")
+    shape = tuple(getattr(meta, "shape", ()))
+    if len(shape) != 2 or getattr(meta, "dtype", torch.float32).is_floating_point:
+        return False
+    try:
+        sub = _condition_of(gm, cond, mask)
+        g = torch.Generator().manual_seed(1)
+        for batch in (shape[0], shape[0] + 1, shape[0] + 2):
+            for _ in range(3):
+                m = torch.randint(0, 2, (batch, shape[1]), generator=g)
+                m[:, 0] = 1
+                with torch.no_grad():
+                    got, const = sub(m), sub(ops.all_kept(m))
+                if not isinstance(got, torch.Tensor) or got.dtype != torch.bool or got.dim() != 4 or \
+                        not torch.equal(got, ops.key_padding_mask(m).expand_as(got) & const):
+                    return False
+    except Exception:  # noqa: BLE001 - a condition this check cannot run is not of this form
+        return False
+    return True
+
+
+def _constant_part(gm: fx.GraphModule, cond: fx.Node, mask: fx.Node) -> fx.Node:
+    """A copy of ``cond``'s computation reading ``all_kept(mask)`` instead of ``mask``: its constant
+    part, which lowering evaluates for the example shape."""
+    env = {}
+    with gm.graph.inserting_before(cond):
+        env[mask] = gm.graph.call_function(ops.all_kept, (mask,))
+        for n in _ancestors(gm, cond):
+            if n.op in ("placeholder", "get_attr") or n not in _depends_on(gm, cond, mask):
+                env.setdefault(n, n)
+                continue
+            env[n] = gm.graph.node_copy(n, lambda a: env[a])
+    return env[cond]
+
+
+def _depends_on(gm: fx.GraphModule, cond: fx.Node, mask: fx.Node) -> set:
+    """The ancestors of ``cond`` that read ``mask``'s values (not only its sizes)."""
+    out = set()
+    for n in _ancestors(gm, cond):
+        op = ops.op_of(gm, n) if n.op not in ("get_attr", "placeholder") else None
+        if op is not None and op.name == "size":
+            continue
+        if mask in n.all_input_nodes or any(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
 def _remove_unused(gm: fx.GraphModule, nodes) -> None:
     todo = list(nodes)
     while todo:
@@ -169,20 +219,25 @@ def attention_masks(gm: fx.GraphModule) -> fx.GraphModule:
         if value > fmt.min_value:
             continue  # not a mask: the sum does not reach the format's smallest value
         scores = node.args[1 - i]
-        inputs = _data_inputs(gm, cond)
+        inputs, also = _data_inputs(gm, cond), ()
         if len(inputs) == 1:
             (mask,) = inputs
             if (cond, mask) not in padding:
-                if not _is_key_padding(gm, cond, mask):
+                if _is_key_padding(gm, cond, mask):
+                    constant = None
+                elif _is_key_padding_and_constant(gm, cond, mask):
+                    constant = _constant_part(gm, cond, mask)
+                else:
                     continue  # left as it is: lowering names the node it cannot evaluate
                 with gm.graph.inserting_before(cond):
-                    padding[cond, mask] = gm.graph.call_function(ops.key_padding_mask, (mask,))
-            cond = padding[cond, mask]
+                    padding[cond, mask] = gm.graph.call_function(ops.key_padding_mask, (mask,)), constant
+            cond, constant = padding[cond, mask]
+            also = () if constant is None else (constant,)
         elif inputs:
             continue
         old = node.args
         node.op, node.target = "call_function", ops.fill_masked
-        node.args = (scores, cond, fmt.spec())
+        node.args = (scores, cond, fmt.spec(), *also)
         _remove_unused(gm, [a for a in old if isinstance(a, fx.Node)])
         changed = True
     if changed:

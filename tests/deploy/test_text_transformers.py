@@ -114,6 +114,27 @@ def test_gpt2_with_its_causal_mask_and_gelu_new_exports_bit_exactly(gpt2, tmp_pa
         onnx_session(model).run(None, {"input_ids": test[:, :LENGTH - 1].numpy()})
 
 
+def test_gpt2_with_padding_and_causal_masks_together_exports_bit_exactly(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32, use_cache=False,
+                                  bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    ids, mask = _tokens(4)
+    q = fxc.compile(Logits(transformers.GPT2LMHeadModel(cfg)), fxc.baseline(), example_inputs=(ids, mask)).eval()
+    masked = [n for n in q.graph.nodes if getattr(n.target, "__name__", "") == "fill_masked"]
+    assert masked and all(len(n.args) == 4 for n in masked)  # the padding mask and the causal mask's constant
+    model = export_onnx(q, tmp_path / "gpt2.onnx", (ids[:1], mask[:1]))
+    test = _tokens(16, seed=3)
+    result = verify(q, model, test)
+    assert result["mismatches"] == 0 and result["simulation_mismatches"] == 0
+    graph = integer_graph(q, (ids[:1], mask[:1]))
+    other = test[0].clone()
+    other[:, -1] = (other[:, -1] + 1) % VOCAB  # a later token changes no earlier logit
+    (a,), (b,) = run_integer(graph, *test, codes=True), run_integer(graph, other, test[1], codes=True)
+    assert torch.equal(a[:, :-1], b[:, :-1])
+    assert torch.equal(ops.fill_masked(torch.zeros(1, 2), torch.tensor([[True, True]]), fxc.fixed(16, 8).spec(),
+                                       torch.tensor([[True, False]])), torch.tensor([[0.0, -128.0]]))
+
+
 @pytest.mark.parametrize("flavour", ["qdq", "qonnx"])
 def test_text_transformers_export_the_other_flavours(bert, gpt2, tmp_path, flavour):
     for name, q, inputs in (("bert", bert, _tokens(1)), ("gpt2", gpt2, _tokens(1)[:1])):

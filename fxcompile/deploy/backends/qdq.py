@@ -574,9 +574,11 @@ def _key_padding_mask(g, node, mask):
     return _squeeze(g, "Unsqueeze", _squeeze(g, "Unsqueeze", keep, 1), 2)
 
 
-def _fill_masked(g, node, x, keep, spec):
+def _fill_masked(g, node, x, keep, spec, also=None):
     low = (int(spec[1]) - int(spec[3])) * 2.0 ** -int(spec[0])
     keep = g.const(keep.value.bool().numpy(), np.bool_) if isinstance(keep, _Parameter) else keep
+    if also is not None:
+        keep = g.node("And", [keep, g.const(also.value.bool().numpy(), np.bool_)])
     return g.node("Where", [keep, x, g.const(low, np.float32)])
 
 
@@ -613,6 +615,7 @@ FLOAT_OPS: dict[str, Callable] = {
     "expand": _expand,
     "embedding": _embedding, "addmm": _addmm, "slice": _slice, "select": _select, "to": _identity,
     "bookkeeping": _bookkeeping, "key_padding_mask": _key_padding_mask, "fill_masked": _fill_masked,
+    "all_kept": lambda g, node, mask: _Parameter(torch.ones(_shape(node.args[0]), dtype=torch.int64)),
 }
 
 # Ops that build() writes itself rather than through FLOAT_OPS.

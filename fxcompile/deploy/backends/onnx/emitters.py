@@ -462,8 +462,11 @@ def emit_select(b: _Builder, op: IntOp, x: str, *keep: str) -> str:
     x = b.cast(x, dt)
     if s:
         x = b.node("Mul", [x, b.const(1 << s, dt)])
-    cond = b.node("Cast", [keep[0]], to=TensorProto.BOOL) if keep else \
-        b.const(op.attrs["condition"].numpy(), np.bool_)
+    constant = op.attrs.get("condition")
+    constant = None if constant is None else b.const(constant.numpy(), np.bool_)
+    cond = b.node("Cast", [keep[0]], to=TensorProto.BOOL) if keep else constant
+    if keep and constant is not None:
+        cond = b.node("And", [cond, constant])
     out = b.node("Where", [cond, x, b.const(fill, dt)])
     b.types[out] = dt
     return b.value(out, lo, hi)
