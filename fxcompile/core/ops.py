@@ -30,7 +30,9 @@ The module also holds the functions the IR's nodes call that are fxcompile's own
 (registered as ``conv2d``, ``linear``...), computed exactly at inference.  Module classes of optional packages (timm's ``DropPath``) are
 named by their qualified class name (``module_names``), so the registry imports none of them.
 :func:`lookup` is written by ``passes.lookup_tables``; it is defined with the clips' bounds
-in :mod:`fxcompile.core.nonlinear`.
+in :mod:`fxcompile.core.nonlinear`.  :func:`fill_masked`, :func:`key_padding_mask` and
+:func:`all_kept` are written by ``passes.masks`` (attention masks as a select), and
+:func:`fixed_point_addmm` by ``passes.accumulators`` (transformers' ``Conv1D``).
 """
 
 from __future__ import annotations

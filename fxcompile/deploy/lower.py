@@ -37,6 +37,10 @@ arithmetic:
   rounded by the output cast's rounding onto its grid (see :func:`rule_clip`),
 * ``lookup``: sigmoid, tanh, SiLU, GELU, Hardswish, Hardsigmoid, LeakyReLU, ELU, Mish: a table
   of output codes indexed by input code (``passes.lookup_tables`` made training run it),
+* ``gather``: an embedding of token ids (an int64 graph input, used as it is): rows of the
+  table's codes; ``padding_mask``: an integer attention mask as 0/1 (batch, 1, 1, length);
+  ``select``: masked attention scores, the codes or the output format's smallest code
+  (``passes.masks``); positions and causal masks are evaluated for the example shape,
 * ``dequantize`` codes → float32 at the outputs.
 
 Grouped and depthwise convs keep their grouped weight (``conv2d`` with ``groups``): each output
@@ -1189,7 +1193,7 @@ def rule_embedding(lw, node, w, indices, *args, **kwargs):
     if isinstance(indices, Value) and indices.name is None and indices.frac is None:
         indices = indices.const  # a buffer (position ids)
     if isinstance(indices, torch.Tensor):
-        codes = F_embedding(indices, w.const)
+        codes = _rows(indices, w.const)
         return Value(None, w.frac, w.fmt, tuple(codes.shape), codes)
     if not (isinstance(indices, Value) and indices.name in lw.integer_inputs) and not (
             isinstance(indices, Value) and indices.frac == 0 and indices.fmt is None and indices.const is None):
@@ -1284,7 +1288,8 @@ def rule_fill_masked(lw, node, x, keep, spec, also=None):
     return lw.emit(node, "select", [x, keep], frac, None, **attrs)
 
 
-def F_embedding(indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def _rows(indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The table's rows at constant indices (position ids): constant codes."""
     return torch.nn.functional.embedding(indices.long(), table)
 
 
