@@ -14,12 +14,13 @@ from .errors import PolicyError
 from .frontend import roles
 from .frontend.expose_params import expose_params
 from .frontend.functionalize import functionalize
+from .frontend.gelu import tanh_gelu
 from .frontend.roles import annotate_roles
 from .frontend.shapes import propagate_shapes
 from .frontend.trace import CONTRACT as TRACE_CONTRACT
 from .frontend.trace import trace
 from .passes import assign, averages, calibrate as calibration, casts, choose_formats as cost_model, elide_casts as elision
-from .passes import accumulators, batch_norms, definitions, products
+from .passes import accumulators, batch_norms, definitions, masks, products
 from .passes import lookup_tables as tables
 from .passes import loss_scale as loss_scaling
 from .passes.assign import assign_formats
@@ -81,6 +82,7 @@ def _front(model, *, loss_graph=False, leaf_modules=(), frontend="auto", example
     if check:
         ir.check_contract(gm, "trace", TRACE_CONTRACT, "after")
     gm = functionalize(gm)
+    gm = tanh_gelu(gm)  # GPT-2's gelu_new written out: one F.gelu call (a lookup table)
     gm = expose_params(gm)
     if example_inputs is not None:
         gm = propagate_shapes(gm, example_inputs)
@@ -157,6 +159,7 @@ as fast as before): :mod:`fxcompile.passes.accumulators`.  ``elide_casts`` turns
         _checked(lookup_tables, tables.CONTRACT, check)(g)
         _checked(fixed_point_definitions, definitions.CONTRACT, check)(g)
         _checked(fixed_point_products, products.CONTRACT, check)(g)
+        _checked(masks.attention_masks, masks.CONTRACT, check)(g)
         _checked(fixed_point_batch_norms, batch_norms.CONTRACT, check)(g, fold=fold_batch_norm)
         _checked(exact_accumulators, accumulators.CONTRACT, check)(g)
     gm = _checked(scale_loss_gradient, loss_scaling.CONTRACT, check)(gm, loss_scale, loss_graph=loss)

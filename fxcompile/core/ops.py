@@ -30,7 +30,9 @@ The module also holds the functions the IR's nodes call that are fxcompile's own
 (registered as ``conv2d``, ``linear``...), computed exactly at inference.  Module classes of optional packages (timm's ``DropPath``) are
 named by their qualified class name (``module_names``), so the registry imports none of them.
 :func:`lookup` is written by ``passes.lookup_tables``; it is defined with the clips' bounds
-in :mod:`fxcompile.core.nonlinear`.
+in :mod:`fxcompile.core.nonlinear`.  :func:`fill_masked`, :func:`key_padding_mask` and
+:func:`all_kept` are written by ``passes.masks`` (attention masks as a select), and
+:func:`fixed_point_addmm` by ``passes.accumulators`` (transformers' ``Conv1D``).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ __all__ = ["Op", "OPS", "GROUPS", "INTEGER_OPS", "op_of", "module_op", "ops_in",
            "fixed_point_mul", "scalar_codes", "fixed_point_batch_norm", "batch_norm_affine", "SCALE_BITS",
            "fixed_point_matmul", "fixed_point_softmax", "fixed_point_layer_norm", "matmul_equation", "matmul_product",
            "code_bits", "fixed_point_conv1d", "fixed_point_conv2d", "fixed_point_conv3d", "fixed_point_linear",
-           "lookup", "CLIP_OPS", "LOOKUP_OPS"]
+           "lookup", "CLIP_OPS", "LOOKUP_OPS", "fixed_point_addmm", "key_padding_mask", "fill_masked", "all_kept"]
 
 GROUPS = {
     "cast": "the fixed-point cast on an edge",
@@ -593,6 +595,38 @@ def fixed_point_batch_norm(x, module: nn.modules.batchnorm._BatchNorm, weight, b
     return y + (x * s.to(x.dtype) - (x * s.to(x.dtype)).detach())
 
 
+def fixed_point_addmm(bias, x, weight, spec) -> torch.Tensor:
+    """``torch.addmm(bias, x, weight)`` (transformers' ``Conv1D``: a linear layer whose weight is
+    stored (in, out)) as deployed: :func:`fixed_point_linear` of ``weight.t()``."""
+    return fixed_point_linear(x, weight.t(), bias, spec)
+
+
+def key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Which keys a (batch, length) ``attention_mask`` of integers keeps (non-zero), as a
+    (batch, 1, 1, length) bool tensor that broadcasts over heads and queries."""
+    return (mask != 0)[:, None, None, :]
+
+
+def all_kept(mask: torch.Tensor) -> torch.Tensor:
+    """An attention mask of ``mask``'s shape that keeps every position: what a mask's condition
+    is computed from when only its constant part (a causal mask) is wanted."""
+    return torch.ones_like(mask)
+
+
+def fill_masked(x: torch.Tensor, keep: torch.Tensor, spec: list, also: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention scores with a mask applied, as deployed: ``x`` where ``keep`` is true, elsewhere
+    the smallest value of the format ``spec`` of the cast after it (its smallest code), which
+    the integer softmax gives the least weight.  The additive form it replaces (``x`` plus a
+    large negative number, rounded by that cast) saturates only where ``x`` is small enough;
+    this select is exact in float and on codes.  The gradient flows to the kept positions.
+    ``also``, if given, is a second condition (a causal mask beside a padding mask): kept where both are."""
+    low = (int(spec[1]) - int(spec[3])) * 2.0 ** -int(spec[0])
+    keep = keep.to(x.device, torch.bool)
+    if also is not None:
+        keep = keep & also.to(x.device, torch.bool)
+    return torch.where(keep, x, torch.full((), low, dtype=x.dtype, device=x.device))
+
+
 @dataclasses.dataclass(frozen=True)
 class Op:
     """One op: its name, group, and the fx node targets that are it."""
@@ -695,6 +729,23 @@ _DECLARED = [
     Op("elu", "elementwise", (nn.ELU,), (F.elu,), (), ("elu",)),
     Op("mish", "elementwise", (nn.Mish,), (F.mish,), (), ("mish",)),
     Op("lookup", "elementwise", (), (lookup,)),  # written by passes.lookup_tables
+    # text transformers (Hugging Face): token and position embeddings, masks, Conv1D
+    Op("embedding", "resample", (nn.Embedding,), (F.embedding,), (), ("embedding",)),  # rows of a table
+    Op("addmm", "multiply_accumulate", (), (torch.addmm, fixed_point_addmm), ("addmm",), ("addmm",)),
+    Op("slice", "shape", (), (), (), ("slice",)),  # aten.slice: a range along one axis
+    Op("select", "shape", (), (), (), ("select",)),  # aten.select: one index along one axis, dropped
+    Op("to", "shape", (), (), ("to",), ("to", "_to_copy")),  # a dtype or device change
+    Op("where", "elementwise", (), (torch.where,), ("where", "masked_fill"), ("where", "masked_fill")),
+    Op("key_padding_mask", "elementwise", (), (key_padding_mask,)),  # written by passes.masks
+    Op("fill_masked", "elementwise", (), (fill_masked,)),  # written by passes.masks
+    Op("all_kept", "size", (), (all_kept,)),  # written by passes.masks: depends on the mask's shape only
+    # integer and bool tensors computed from sizes, buffers and integer inputs (positions, masks):
+    # evaluated when lowering where they are constants for the example shape
+    Op("bookkeeping", "size", (), (), (), ("arange", "new_ones", "ones", "zeros", "full", "ge", "gt", "le", "lt",
+                                          "eq", "ne", "__and__", "__or__", "bitwise_and", "bitwise_or",
+                                          "logical_and", "logical_or", "logical_not", "bitwise_not", "index",
+                                          "diff", "cumsum", "gather", "_assert_tensor_metadata", "scalar_tensor",
+                                          "lift_fresh_copy", "detach_")),
 ]
 
 CLIP_OPS = ("relu6", "hardtanh", "clamp")  # exact on codes: a clamp to the bounds
@@ -736,6 +787,10 @@ INTEGER_OPS = {
     "upsample": "codes repeated by integer factors along the spatial axes (nearest)",
     "constant": "constant codes (a parameter used as an operand: a class token, a position embedding)",
     "expand": "codes broadcast to a larger shape, the batch dimension taken from the graph's first input",
+    "gather": "rows of a constant table of codes indexed by an integer input (token ids: an embedding)",
+    "padding_mask": "an integer (batch, length) attention mask as 0/1 of shape (batch, 1, 1, length): non-zero kept",
+    "select": "codes where a 0/1 condition (an input or a constant) is 1, a constant code (the format's smallest) "
+              "elsewhere",
 }
 
 

@@ -146,7 +146,8 @@ def onnx_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None
 def verify(qmodel: fx.GraphModule, model: onnx.ModelProto | str | os.PathLike, x: torch.Tensor,
            y: torch.Tensor | None = None, batch_size: int = 500) -> dict:
     """Run the exported ``model`` (ONNX Runtime), the integer reference and ``qmodel`` (the
-    float fixed-point simulation, eval mode) on ``x`` and compare them.
+    float fixed-point simulation, eval mode) on ``x`` and compare them.  ``x`` is a tensor, or a
+    tuple of the model's inputs in order (token ids and an attention mask: int64 as they are).
 
     Returns ``mismatches`` (output codes where ORT differs from the integer reference),
     ``simulation_mismatches`` (output codes where the simulation differs from the integer
@@ -154,27 +155,31 @@ def verify(qmodel: fx.GraphModule, model: onnx.ModelProto | str | os.PathLike, x
     agrees between the integer graph and the simulation), ``max_code_difference`` (largest
     |integer − simulation| in output codes), and with labels ``y`` the accuracy of each.
     """
-    graph = integer_graph(qmodel, (x[:1],))
+    xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)  # several inputs: token ids, an attention mask
+    x = xs[0]
+    graph = integer_graph(qmodel, tuple(t[:1] for t in xs))
     out_op = graph.op_of(graph.outputs[0])
     session = onnx_session(model)
-    input_name = session.get_inputs()[0].name
+    input_names = [i.name for i in session.get_inputs()]
     from .backends.integer import run_integer
     was_training = qmodel.training
     qmodel.eval()
-    stats = {"mismatches": 0, "simulation_mismatches": 0, "outputs": 0, "agree": 0, "max_code_difference": 0, "correct": [0, 0, 0]}
+    stats = {"mismatches": 0, "simulation_mismatches": 0, "outputs": 0, "agree": 0, "max_code_difference": 0, "correct": [0, 0, 0],
+             "rows": 0}
     try:
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]
-            _, ort_codes = session.run(None, {input_name: xb.numpy()})
-            (ref_codes,) = run_integer(graph, xb, codes=True)
+            xbs = [t[i:i + batch_size] for t in xs]
+            _, ort_codes = session.run(None, {n: t.numpy() for n, t in zip(input_names, xbs)})
+            (ref_codes,) = run_integer(graph, *xbs, codes=True)
             with torch.no_grad():
-                sim = qmodel(xb)
+                sim = qmodel(*xbs)
             sim_codes = torch.round(sim.double() * 2.0 ** out_op.frac).to(torch.int64)
             ort_codes = torch.from_numpy(ort_codes)
             stats["mismatches"] += int((ort_codes != ref_codes).sum())
             stats["simulation_mismatches"] += int((sim_codes != ref_codes).sum())
             stats["outputs"] += ref_codes.numel()
-            stats["agree"] += int((ref_codes.argmax(1) == sim.argmax(1)).sum())
+            stats["agree"] += int((ref_codes.argmax(-1) == sim.argmax(-1)).sum())  # per row (per token for an LM)
+            stats["rows"] += ref_codes.numel() // max(ref_codes.shape[-1], 1)
             stats["max_code_difference"] = max(stats["max_code_difference"], int((ref_codes - sim_codes).abs().max()))
             if y is not None:
                 yb = y[i:i + batch_size]
@@ -184,7 +189,7 @@ def verify(qmodel: fx.GraphModule, model: onnx.ModelProto | str | os.PathLike, x
         qmodel.train(was_training)
     result = {"images": len(x), "mismatches": stats["mismatches"],
               "simulation_mismatches": stats["simulation_mismatches"], "outputs": stats["outputs"],
-              "top1_agreement": stats["agree"] / len(x), "max_code_difference": stats["max_code_difference"]}
+              "top1_agreement": stats["agree"] / max(stats["rows"], 1), "max_code_difference": stats["max_code_difference"]}
     if y is not None:
         for k, name in enumerate(("ort_accuracy", "integer_accuracy", "simulation_accuracy")):
             result[name] = stats["correct"][k] / len(x)

@@ -37,6 +37,10 @@ arithmetic:
   rounded by the output cast's rounding onto its grid (see :func:`rule_clip`),
 * ``lookup``: sigmoid, tanh, SiLU, GELU, Hardswish, Hardsigmoid, LeakyReLU, ELU, Mish: a table
   of output codes indexed by input code (``passes.lookup_tables`` made training run it),
+* ``gather``: an embedding of token ids (an int64 graph input, used as it is): rows of the
+  table's codes; ``padding_mask``: an integer attention mask as 0/1 (batch, 1, 1, length);
+  ``select``: masked attention scores, the codes or the output format's smallest code
+  (``passes.masks``); positions and causal masks are evaluated for the example shape,
 * ``dequantize`` codes → float32 at the outputs.
 
 Grouped and depthwise convs keep their grouped weight (``conv2d`` with ``groups``): each output
@@ -75,7 +79,7 @@ from ..passes.casts import Cast, output_cast
 from ..passes.lookup_tables import lookup_arguments, lookup_refusal
 
 __all__ = ["CONTRACT", "IntOp", "IntegerGraph", "Value", "lower", "RULES", "UNSUPPORTED", "op_key", "op_arguments", "pair",
-           "MAX_SHIFT", "evaluate", "permutation", "reshape_target", "fold_constant", "index_slices", "split_sizes",
+           "MAX_SHIFT", "evaluate", "permutation", "whole_slice", "reshape_target", "fold_constant", "index_slices", "split_sizes",
            "FLOAT32_EXACT"]
 
 CONTRACT = ir.Contract(requires=(ir.EDGE,))
@@ -109,6 +113,7 @@ class IntegerGraph:
     ops: list[IntOp]
     outputs: list[str]
     shapes: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    integer_inputs: tuple = ()  # inputs that are integers as they are (token ids, attention masks), not quantized
 
     def op_of(self, name: str) -> IntOp:
         return next(op for op in self.ops if op.out == name)
@@ -142,6 +147,7 @@ class Value:
 class _Lowering:
     def __init__(self, gm: fx.GraphModule):
         self.gm, self.ops, self.shapes = gm, [], {}
+        self.integer_inputs: list[str] = []
 
     def emit(self, node: fx.Node, op: str, inputs, frac: int, bounds=None, suffix: str = "", out_shape=None,
              **attrs) -> Value:
@@ -993,7 +999,7 @@ def fold_constant(gm: fx.GraphModule, node: fx.Node, args, kwargs):
     index); ``None`` for any other node."""
     op = ops.op_of(gm, node)
     values = [v for v in _values((args, kwargs)) if isinstance(v, Value)]
-    if op is None or op.group != "shape" or op.name == "expand" or node.op == "call_module" or not values or \
+    if op is None or op.group != "shape" or op.name in ("expand", "to") or node.op == "call_module" or not values or \
             any(v.const is None for v in values):
         return None
     coded = next((v for v in values if v.frac is not None), values[0])
@@ -1117,6 +1123,176 @@ def rule_lookup(lw, node, x, name, params, in_spec, out_spec):
     return lw.emit(node, "lookup", [x], fmt.frac, fmt, table=codes, offset=in_spec[1] - in_spec[3], function=name)
 
 
+# ---- text transformers: embeddings, positions, masks, Conv1D --------------------------------
+# Integer graph inputs (token ids, attention masks) are codes at binary point 0, not quantized.
+# Integer and bool tensors computed from sizes, buffers and constants (position ids, token type
+# ids, a causal mask) are evaluated for the example inputs' shape (:func:`_evaluated`).
+
+def _live(v) -> bool:
+    """Whether ``v`` is a tensor of the integer graph (not a constant, not a size)."""
+    return isinstance(v, Permuted) or (isinstance(v, Value) and (v.name is not None or v.frac is not None))
+
+
+def _evaluated(gm: fx.GraphModule, node: fx.Node, args, kwargs):
+    """The value of ``node`` when it computes on constants only (integers and bools from sizes,
+    ``arange``, buffers: positions, a causal mask), computed now; ``None`` otherwise.  A float
+    result is a constant :class:`Value` (a buffer), any other a tensor."""
+    op = ops.op_of(gm, node)
+    leaves = _values((args, kwargs))
+    if op is None or node.op == "call_module" or any(_live(v) for v in leaves):
+        return None
+    if op.name != "bookkeeping" and not any(isinstance(v, torch.Tensor) for v in leaves) and not (
+            op.name in ("to", "expand", "embedding") and any(isinstance(v, Value) for v in leaves)):
+        return None
+    concrete = lambda v: v.const if isinstance(v, Value) else v  # noqa: E731
+    args, kwargs = fx.node.map_aggregate(args, concrete), fx.node.map_aggregate(kwargs, concrete)
+    try:
+        result = getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method" else \
+            node.target(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the model's own bookkeeping failed on the example shape
+        raise ExportError(f"node {node.name!r} ({_label(gm, node)}): evaluating it for the example inputs' shape "
+                          f"failed: {exc}") from exc
+    if isinstance(result, torch.Tensor) and result.is_floating_point():
+        return Value(const=result)
+    return result
+
+
+def rule_bookkeeping(lw, node, *args, **kwargs):
+    """Integers and bools computed from a graph input's values: only the forms ``passes.masks``
+    rewrites lower (an attention mask as ``key_padding_mask``); an assert is dropped."""
+    if "assert" in _label(lw.gm, node):
+        return None
+    inputs = [v.name for v in _values((args, kwargs)) if isinstance(v, Value) and v.name is not None]
+    raise ExportError(f"node {node.name!r} ({_label(lw.gm, node)}): computes integers or a mask from the graph "
+                      f"tensor(s) {', '.join(map(repr, inputs))}; only constants for the example shape (positions, a "
+                      "causal mask) and attention masks kept where a (batch, length) input is non-zero "
+                      "(fxcompile.passes.masks) lower")
+
+
+def rule_to(lw, node, x, *args, **kwargs):
+    """A dtype or device change: the identity on a fixed-point value that stays floating point."""
+    dtypes = [v for v in _values((args, kwargs)) if isinstance(v, torch.dtype)]
+    if isinstance(x, Value) and all(d.is_floating_point for d in dtypes) and not (x.frac == 0 and x.fmt is None
+                                                                                  and x.name in lw.integer_inputs):
+        return x
+    raise ExportError(f"node {node.name!r} (to): converting {'the integer input ' + repr(x.name) if isinstance(x, Value) else 'a value'} "
+                      f"to {', '.join(map(str, dtypes)) or 'another dtype'} does not lower; only float-to-float "
+                      "conversions of fixed-point values (the identity) do")
+
+
+def rule_embedding(lw, node, w, indices, *args, **kwargs):
+    """``F.embedding``/``nn.Embedding``: rows of the weight's codes.  Constant indices (position
+    ids) give constant codes; an integer graph input (token ids) a ``gather`` from the table."""
+    if node.target is torch.nn.functional.embedding:  # F.embedding(input, weight, ...); aten's is (weight, input)
+        w, indices = indices, w
+        if (args[1:2] or (kwargs.get("max_norm"),))[0] is not None:
+            raise ExportError(f"node {node.name!r} (embedding): max_norm renormalises the table in place; it does "
+                              "not lower")
+    if node.op == "call_module" or not isinstance(w, Value) or w.const is None or w.frac is None:
+        raise ExportError(f"node {node.name!r} (embedding): its weight must be a stored parameter behind a cast")
+    if isinstance(indices, Value) and indices.name is None and indices.frac is None:
+        indices = indices.const  # a buffer (position ids)
+    if isinstance(indices, torch.Tensor):
+        codes = _rows(indices, w.const)
+        return Value(None, w.frac, w.fmt, tuple(codes.shape), codes)
+    if not (isinstance(indices, Value) and indices.name in lw.integer_inputs) and not (
+            isinstance(indices, Value) and indices.frac == 0 and indices.fmt is None and indices.const is None):
+        raise ExportError(f"node {node.name!r} (embedding): its indices must be an integer graph input (token ids) "
+                          "or constants for the example shape (position ids)")
+    return lw.emit(node, "gather", [indices], w.frac, w.fmt, table=w.const)
+
+
+def rule_addmm(lw, node, b, x, w, spec=None, **kwargs):
+    """``torch.addmm(b, x, w)`` (transformers' ``Conv1D``, weight stored (in, out)): the linear
+    layer of ``wᵀ``."""
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
+        raise ExportError(f"node {node.name!r} (addmm): only beta = alpha = 1 lowers")
+    _rounds_to_output(lw, node, "addmm", spec)
+    if not isinstance(w, Value) or w.const is None or w.const.dim() != 2:
+        raise ExportError(f"node {node.name!r} (addmm): its weight must be a stored 2-d parameter behind a cast")
+    return _weighted(lw, node, x, dataclasses.replace(w, const=w.const.t().contiguous()), b, "linear")
+
+
+def whole_slice(start, end, step) -> bool:
+    """Whether ``aten.slice``'s range is the whole axis whatever its size (``x[:, 0]`` slices the
+    batch axis from 0 to 2**63 - 1 first)."""
+    return start in (None, 0) and (end is None or end >= 1 << 62) and step in (None, 1)
+
+
+def rule_slice(lw, node, x, dim=0, start=None, end=None, step=1):
+    """``aten.slice``: a range along one non-batch axis."""
+    x = _operand(node, _not_permuted(lw, node, x))
+    dim = dim % len(x.shape)
+    if whole_slice(start, end, step):
+        return x
+    begin, stop, step = slice(start, end, step).indices(x.shape[dim])
+    if (begin, stop, step) == (0, x.shape[dim], 1):
+        return x
+    _axis(node, dim, len(x.shape), "slice")
+    return _slice(lw, node, x, [begin], [stop], [dim], [step])
+
+
+def rule_select(lw, node, x, dim, index):
+    """``aten.select`` (``x[:, 0]``): a one-element slice along a non-batch axis, the axis dropped."""
+    x = _operand(node, _not_permuted(lw, node, x))
+    dim = _axis(node, dim, len(x.shape), "select")
+    i = index % x.shape[dim]
+    inner = tuple(1 if a == dim else n for a, n in enumerate(x.shape))
+    v = _slice(lw, node, x, [i], [i + 1], [dim], [1], suffix="_slice", out_shape=inner)
+    return lw.emit(node, "reshape", [v], v.frac, v.fmt, shape=(0, *_shape(node)[1:]))
+
+
+def rule_key_padding_mask(lw, node, mask):
+    if not (isinstance(mask, Value) and mask.name in lw.integer_inputs and len(mask.shape) == 2):
+        raise ExportError(f"node {node.name!r} (key_padding_mask): its operand must be an integer (batch, length) "
+                          "graph input")
+    return lw.emit(node, "padding_mask", [mask], 0, out_shape=(mask.shape[0], 1, 1, mask.shape[1]))
+
+
+def rule_all_kept(lw, node, mask):
+    """:func:`fxcompile.core.ops.all_kept`: ones of the mask's example shape (a size computation)."""
+    return torch.ones(mask.shape, dtype=torch.int64)
+
+
+def rule_fill_masked(lw, node, x, keep, spec, also=None):
+    """:func:`fxcompile.core.ops.fill_masked`: ``select`` of the codes (shifted to the output
+    format's binary point if that is finer) or the output format's smallest code; the condition
+    is an input (``padding_mask``) or a constant for the example sequence length (a causal
+    mask), which then fixes that length."""
+    x = _operand(node, x)
+    fmt = _output_format(lw, node)
+    if fmt is None or fmt.spec() != list(spec):
+        raise ExportError(f"node {node.name!r} (fill_masked): the masked scores take the smallest value of the format "
+                          "of the one cast after them, which changed after compile(); recompile")
+    frac = max(x.frac, fmt.frac)
+    fill = (fmt.code_min - fmt.zero_point) << (frac - fmt.frac)
+    attrs = {"shift": frac - x.frac, "fill": fill}
+
+    def constant(c):
+        c = c.to(torch.bool)
+        if c.dim() and c.shape[0] > 1:
+            if not bool((c == c[:1]).all()):
+                raise ExportError(f"node {node.name!r} (fill_masked): a constant mask that differs by sample does "
+                                  "not lower; export with a single example input")
+            c = c[:1]
+        return c
+    if also is not None and not isinstance(also, torch.Tensor):
+        raise ExportError(f"node {node.name!r} (fill_masked): its second condition must be a constant")
+    if isinstance(keep, torch.Tensor):
+        keep = constant(keep) if also is None else constant(keep) & constant(also)
+        return lw.emit(node, "select", [x], frac, None, condition=keep, **attrs)
+    if not isinstance(keep, Value) or keep.name is None:
+        raise ExportError(f"node {node.name!r} (fill_masked): its condition must be an input mask or a constant")
+    if also is not None:
+        attrs["condition"] = constant(also)
+    return lw.emit(node, "select", [x, keep], frac, None, **attrs)
+
+
+def _rows(indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The table's rows at constant indices (position ids): constant codes."""
+    return torch.nn.functional.embedding(indices.long(), table)
+
+
 RULES: dict[str, Callable] = {
     "cast": rule_cast,
     "conv2d": rule_conv2d,
@@ -1147,6 +1323,9 @@ RULES: dict[str, Callable] = {
     "relu6": rule_clip, "hardtanh": rule_clip, "clamp": rule_clip,
     "lookup": rule_lookup,
     "expand": rule_expand,
+    "embedding": rule_embedding, "addmm": rule_addmm, "slice": rule_slice, "select": rule_select, "to": rule_to,
+    "bookkeeping": rule_bookkeeping, "key_padding_mask": rule_key_padding_mask, "fill_masked": rule_fill_masked,
+    "all_kept": rule_all_kept,
 }
 
 # Registered ops without a rule, and what lowering them would take.
@@ -1158,6 +1337,10 @@ UNSUPPORTED: dict[str, str] = {
     "max_pool1d": "a 1-d window maximum rule",
     "max_pool3d": "a 3-d window maximum rule",
     "batch_norm": "folding into the conv/linear before it (fold_bn); a stand-alone per-channel affine rule",
+    "where": "a select rule: an attention mask added to scores lowers as the select passes.masks makes of it "
+             "(fill_masked) when its condition is a constant for the example shape (a causal mask) or keeps the "
+             "keys where a (batch, length) integer input is non-zero (a padding mask); other conditions and "
+             "selects do not lower yet",
     **{name: "the lookup table compile() makes of it (passes.lookup_tables): an input cast of <= 16 bits and an "
              "output cast of its own" for name in ops.LOOKUP_OPS},
 }
@@ -1214,7 +1397,10 @@ def lower(gm: fx.GraphModule, example_inputs) -> IntegerGraph:
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             shape = tuple(node.meta["tensor_meta"].shape)
-            env[node] = Value(node.name, None, None, shape)
+            integer = not node.meta["tensor_meta"].dtype.is_floating_point
+            env[node] = Value(node.name, 0 if integer else None, None, shape)
+            if integer:  # token ids, an attention mask: integers as they are
+                lw.integer_inputs.append(node.name)
             if not inputs:
                 lw.batch_source = env[node]  # a constant expanded over the batch takes its size
             inputs.append(node.name)
@@ -1233,5 +1419,7 @@ def lower(gm: fx.GraphModule, example_inputs) -> IntegerGraph:
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
             folded = fold_constant(gm, node, args, kwargs)
+            if folded is None:
+                folded = _evaluated(gm, node, args, kwargs)
             env[node] = folded if folded is not None else RULES[op_key(gm, node)](lw, node, *args, **kwargs)
-    return IntegerGraph(inputs, input_shapes, lw.ops, outputs, lw.shapes)
+    return IntegerGraph(inputs, input_shapes, lw.ops, outputs, lw.shapes, tuple(lw.integer_inputs))

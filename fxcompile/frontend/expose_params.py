@@ -44,6 +44,9 @@ _RULES = {
     nn.Conv3d: _conv(F.conv3d),
     nn.LayerNorm: lambda graph, target, mod, x, p: graph.call_function(
         F.layer_norm, (x, mod.normalized_shape, p.get("weight"), p.get("bias"), mod.eps)),
+    nn.Embedding: lambda graph, target, mod, x, p: graph.call_function(
+        F.embedding, (x, p["weight"], mod.padding_idx, mod.max_norm, mod.norm_type, mod.scale_grad_by_freq,
+                      mod.sparse)),
 }
 
 

@@ -70,14 +70,15 @@ FLOAT64_BITS = 53
 # the float op's name -> its fixed-point definition, and the argument names after the input
 FIXED_POINT_LAYERS = {
     "conv1d": ops.fixed_point_conv1d, "conv2d": ops.fixed_point_conv2d, "conv3d": ops.fixed_point_conv3d,
-    "linear": ops.fixed_point_linear,
+    "linear": ops.fixed_point_linear, "addmm": ops.fixed_point_addmm,
 }
 _CONV_ARGS = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
               ("groups", 1))
 _LINEAR_ARGS = (("input", None), ("weight", None), ("bias", None))
+_ADDMM_ARGS = (("input", None), ("mat1", None), ("mat2", None))  # bias, x, weight (in, out): transformers' Conv1D
 # each definition -> the float op it computes
 FLOAT_LAYERS = {ops.fixed_point_conv1d: F.conv1d, ops.fixed_point_conv2d: F.conv2d,
-                ops.fixed_point_conv3d: F.conv3d, ops.fixed_point_linear: F.linear}
+                ops.fixed_point_conv3d: F.conv3d, ops.fixed_point_linear: F.linear, ops.fixed_point_addmm: torch.addmm}
 
 
 def _arguments(node: fx.Node, names: tuple) -> list | None:
@@ -130,13 +131,13 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, arguments: list | Non
     cast = output_cast(gm, node) if arguments is not None else None
     if cast is None:
         return None
-    x, w, b = arguments[:3]
+    x, w, b = arguments[:3] if name != "addmm" else (arguments[1], arguments[2], arguments[0])
     formats = [input_format(a) for a in (x, w)] + [input_format(b) if b is not None else None]
     shape = _shape(gm, w)
     if formats[0] is None or formats[1] is None or (b is not None and formats[2] is None) or shape is None:
         return None  # an operand without a fixed-point format: float32 cannot be exact either
     specs = [ir.stored_format(f).spec() if f is not None else None for f in formats]
-    fan_in = math.prod(shape[1:])
+    fan_in = shape[0] if name == "addmm" else math.prod(shape[1:])
     bits = accumulator_bits(specs[0], specs[1], fan_in, specs[2])
     if not FLOAT32_BITS < bits <= FLOAT64_BITS:
         return None
@@ -161,7 +162,8 @@ def exact_accumulators(gm: fx.GraphModule) -> fx.GraphModule:
             arguments = list(node.args[:-1])
             found = _rewrite(gm, node, op.name, arguments) or (FLOAT_LAYERS[node.target], arguments)
         else:
-            found = _rewrite(gm, node, op.name, _arguments(node, _LINEAR_ARGS if op.name == "linear" else _CONV_ARGS))
+            names = {"linear": _LINEAR_ARGS, "addmm": _ADDMM_ARGS}.get(op.name, _CONV_ARGS)
+            found = _rewrite(gm, node, op.name, _arguments(node, names))
         if found is None or (found[0] is node.target and list(found[1]) == list(node.args)):
             continue
         call_instead(gm, node, *found)

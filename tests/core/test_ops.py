@@ -68,7 +68,7 @@ def _single_node_graph(kind: str, target):
 _MODULE_ARGS = {torch.nn.Conv1d: (1, 1, 1), torch.nn.Conv2d: (1, 1, 1), torch.nn.Conv3d: (1, 1, 1),
                 torch.nn.Linear: (1, 1), torch.nn.MaxPool1d: (2,), torch.nn.MaxPool2d: (2,), torch.nn.MaxPool3d: (2,),
                 torch.nn.AvgPool2d: (2,), torch.nn.AdaptiveAvgPool2d: (1,), torch.nn.ZeroPad2d: (1,),
-                torch.nn.ConstantPad2d: (1, 0.0)}
+                torch.nn.ConstantPad2d: (1, 0.0), torch.nn.Embedding: (4, 2)}
 _MODULE_ARGS[torch.nn.LayerNorm], _MODULE_ARGS[torch.nn.Unflatten] = (4,), (1, (2, 2))
 _TARGETS = [(op.name, "module", m) for op in ops.OPS.values() for m in op.modules] + \
            [(op.name, "function", f) for op in ops.OPS.values() for f in op.functions] + \

@@ -80,6 +80,10 @@ HLS_LAYERS: dict[str, str] = {
     "dequantize": "the output (no layer)",
 }
 UNSUPPORTED: dict[str, str] = {
+    "gather": "hls4ml's Embedding layer reads its own weight types; this handoff does not yet map a table of "
+              "codes indexed by token ids onto it",
+    "padding_mask": "an attention mask is a second, integer, model input; the handoff writes models of one input",
+    "select": "a masked score select has no hls4ml layer",
     "scale": "hls4ml's AveragePooling2D divides in its own fixed-point types; this handoff does not yet map "
              "the window sum times a fixed-point reciprocal onto a layer that rounds the same way",
     "adaptive_sum_pool2d": "hls4ml's pooling layers have one window size and stride; an adaptive pool's uneven "

@@ -118,6 +118,14 @@ def _lookup(op: IntOp, x):
     return table[(x - op.attrs["offset"]).clamp(0, len(table) - 1)]
 
 
+def _select(op: IntOp, x, *keep):
+    """The codes where the input condition and the constant one (either may be absent) keep them."""
+    cond = op.attrs.get("condition")
+    if keep:
+        cond = keep[0].bool() if cond is None else keep[0].bool() & cond
+    return torch.where(cond, x << op.attrs["shift"], op.attrs["fill"])
+
+
 KERNELS: dict[str, Callable] = {
     "quantize": lambda op, x: quantize_input(x, op.attrs["fmt"]),
     "requantize": _requantize,
@@ -146,6 +154,9 @@ KERNELS: dict[str, Callable] = {
     "upsample": _upsample,
     "constant": lambda op: op.attrs["value"],
     "expand": lambda op, x, like: x.expand(like.shape[0], *op.attrs["shape"][1:]),
+    "gather": lambda op, ids: F.embedding(ids.long(), op.attrs["table"]),
+    "padding_mask": lambda op, mask: (mask != 0).to(torch.int64)[:, None, None, :],
+    "select": _select,
 }
 
 

@@ -68,7 +68,7 @@ from ...passes.averages import average_arguments, avg_pool_arguments
 from ...passes.casts import Cast
 from ..lower import UNSUPPORTED as UNSUPPORTED_LOWERING
 from ..lower import (evaluate, index_slices, lower, op_arguments, op_key, pair, permutation, reshape_target,
-                     split_sizes, whole_view)
+                     split_sizes, whole_slice, whole_view)
 from .onnx import add_constant
 
 __all__ = ["to_qdq", "FloatGraph", "FLOAT_OPS", "UNSUPPORTED", "STRUCTURAL", "OPSET", "container"]
@@ -544,6 +544,67 @@ def _expand(g, node, x, *sizes, **kwargs):
     return g.node("Expand", [x, shape])
 
 
+# ---- text transformers: embeddings, Conv1D, masks (see fxcompile.deploy.lower) ----------------
+
+def _embedding(g, node, w, indices, *args, **kwargs):
+    if node.target is torch.nn.functional.embedding:  # F.embedding(input, weight, ...); aten's is (weight, input)
+        w, indices = indices, w
+    indices = g.const(indices.value.numpy(), np.int64) if isinstance(indices, _Parameter) else indices
+    return g.node("Gather", [w, indices], axis=0)
+
+
+def _addmm(g, node, b, x, w, spec=None, **kwargs):  # transformers' Conv1D: weight stored (in, out)
+    return g.node("Gemm", [x, w, g.bias(x, w, b)])
+
+
+def _slice(g, node, x, dim=0, start=None, end=None, step=1):
+    if whole_slice(start, end, step):
+        return x
+    rank = len(node.args[0].meta["tensor_meta"].shape)
+    dim = dim % rank
+    begin, stop, step = slice(start, end, step).indices(node.args[0].meta["tensor_meta"].shape[dim])
+    return g.node("Slice", [x, g.const([begin], np.int64), g.const([stop], np.int64), g.const([dim], np.int64),
+                            g.const([step], np.int64)])
+
+
+def _select(g, node, x, dim, index):
+    return g.node("Gather", [x, g.const(index, np.int64)], axis=dim % len(node.args[0].meta["tensor_meta"].shape))
+
+
+def _bookkeeping(g, node, *args, **kwargs):
+    return None  # an assert (anything else on a graph input is refused when lowering)
+
+
+def _key_padding_mask(g, node, mask):
+    keep = g.node("Not", [g.node("Equal", [mask, g.const(0, np.int64)])])
+    return _squeeze(g, "Unsqueeze", _squeeze(g, "Unsqueeze", keep, 1), 2)
+
+
+def _fill_masked(g, node, x, keep, spec, also=None):
+    low = (int(spec[1]) - int(spec[3])) * 2.0 ** -int(spec[0])
+    keep = g.const(keep.value.bool().numpy(), np.bool_) if isinstance(keep, _Parameter) else keep
+    if also is not None:
+        keep = g.node("And", [keep, g.const(also.value.bool().numpy(), np.bool_)])
+    return g.node("Where", [keep, x, g.const(low, np.float32)])
+
+
+def _evaluated(gm, node, args, kwargs) -> _Parameter | None:
+    """Integers and bools computed from sizes and constants only (positions, a causal mask),
+    computed now, as the integer lowering evaluates them (:func:`fxcompile.deploy.lower._evaluated`)."""
+    op = ops.op_of(gm, node)
+    leaves = []
+    fx.node.map_aggregate((args, kwargs), lambda v: leaves.append(v) or v)
+    if op is None or node.op == "call_module" or op.name == "cast" or any(isinstance(v, str) for v in leaves):
+        return None
+    if op.name != "bookkeeping" and not any(isinstance(v, _Parameter) for v in leaves):
+        return None
+    concrete = lambda v: v.value if isinstance(v, _Parameter) else v  # noqa: E731
+    args, kwargs = fx.node.map_aggregate(args, concrete), fx.node.map_aggregate(kwargs, concrete)
+    result = getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method" else \
+        node.target(*args, **kwargs)
+    return _Parameter(result) if isinstance(result, torch.Tensor) else None
+
+
 FLOAT_OPS: dict[str, Callable] = {
     "conv2d": _conv2d, "linear": _linear, "relu": _relu, "max_pool2d": _max_pool2d,
     "avg_pool2d": _avg_pool2d, "fixed_point_avg_pool2d": _avg_pool2d, "adaptive_avg_pool2d": _average, "mean": _average, "fixed_point_average": _average,
@@ -558,6 +619,9 @@ FLOAT_OPS: dict[str, Callable] = {
     "unflatten": _flatten,  # a Reshape to the node's shape, as flatten
     "relu6": _clip, "hardtanh": _clip, "clamp": _clip, "lookup": _lookup_float,
     "expand": _expand,
+    "embedding": _embedding, "addmm": _addmm, "slice": _slice, "select": _select, "to": _identity,
+    "bookkeeping": _bookkeeping, "key_padding_mask": _key_padding_mask, "fill_masked": _fill_masked,
+    "all_kept": lambda g, node, mask: _Parameter(torch.ones(_shape(node.args[0]), dtype=torch.int64)),
 }
 
 # Ops that build() writes itself rather than through FLOAT_OPS.
@@ -591,6 +655,24 @@ def _fold_buffer(gm, node, args, kwargs) -> _Parameter | None:
     return _Parameter(result) if isinstance(result, torch.Tensor) else None
 
 
+def _parameter_casts(gm: fx.GraphModule, cast: fx.Node) -> list | None:
+    """The casts between a parameter and the cast ``cast`` (``[]``: ``cast`` reads the parameter),
+    or ``None`` when ``cast`` does not read a parameter through casts only."""
+    chain, node = [], cast.args[0]
+    while node.op == "call_module" and isinstance(gm.get_submodule(node.target), Cast):
+        chain.append(node)
+        node = node.args[0]
+    return chain[::-1] if node.op == "get_attr" else None
+
+
+def _parameter_as_read(gm: fx.GraphModule, cast: fx.Node) -> torch.Tensor:
+    """The stored parameter behind the casts before ``cast`` (on its grid after fixed-point
+    training, which those casts leave as it is; :meth:`FloatGraph.parameter` rounds it to
+    ``cast``'s format)."""
+    chain = _parameter_casts(gm, cast)
+    return ir.fetch(gm, (chain[0] if chain else cast).args[0].target)
+
+
 def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: list | None = None
           ) -> onnx.ModelProto:
     """Write the BN-folded ``gm`` as a float ONNX model through ``g``.
@@ -606,7 +688,7 @@ def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: l
              if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Cast)]
     bad = [why for n, mod in casts if mod.edge.forward is not None
            for why in [g.check(mod.edge.forward, f"edge {mod.edge.name!r} ({mod.edge.role}, cast {n.name!r})",
-                               n.args[0].op == "get_attr")] if why]
+                               _parameter_casts(gm, n) is not None)] if why]
     if bad:
         raise ExportError(f"cannot write {len(bad)} edge(s) in this flavour: {'; '.join(bad)}. "
                           "Use the integer flavour, or give these edges (or their roles) another format")
@@ -614,7 +696,9 @@ def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: l
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             shape = ["batch", *node.meta["tensor_meta"].shape[1:]]
-            inputs.append(helper.make_tensor_value_info(node.name, TensorProto.FLOAT, shape))
+            integer = not node.meta["tensor_meta"].dtype.is_floating_point  # token ids, an attention mask
+            inputs.append(helper.make_tensor_value_info(node.name, TensorProto.INT64 if integer else TensorProto.FLOAT,
+                                                        shape))
             env[node] = node.name
         elif node.op == "get_attr":
             env[node] = _Parameter(ir.fetch(gm, node.target))
@@ -632,6 +716,8 @@ def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: l
                 env[node] = x
             elif isinstance(x, _Parameter):
                 env[node] = g.parameter(x.value, fmt, node.name)
+            elif _parameter_casts(gm, node):  # one use of a shared parameter (a tied embedding and LM head)
+                env[node] = g.parameter(_parameter_as_read(gm, node), fmt, node.name)
             else:
                 # an elided (identity) cast still marks a fixed-point edge: its pair is exact
                 env[node] = g.activation(x, fmt, node.name)
@@ -641,6 +727,8 @@ def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: l
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
             folded = _fold_buffer(gm, node, args, kwargs)
+            if folded is None:
+                folded = _evaluated(gm, node, args, kwargs)
             env[node] = folded if folded is not None else FLOAT_OPS[op_key(gm, node)](g, node, *args, **kwargs)
     used = {i for n in g.nodes for i in n.input}
     graph = helper.make_graph(g.nodes, name, inputs, outputs, [t for t in g.initializers if t.name in used])

@@ -102,7 +102,8 @@ def run_qonnx(model: onnx.ModelProto, *inputs: torch.Tensor | np.ndarray) -> lis
     from qonnx.core.onnx_exec import execute_onnx
     from qonnx.transformation.infer_shapes import InferShapes
 
-    arrays = [np.asarray(x, dtype=np.float32) for x in inputs]
+    arrays = [np.asarray(x, dtype=np.int64 if v.type.tensor_type.elem_type == onnx.TensorProto.INT64 else np.float32)
+              for v, x in zip(model.graph.input, inputs)]  # token ids, attention masks: int64
     model = onnx.ModelProto.FromString(model.SerializeToString())
     del model.graph.value_info[:]
     for value, x in zip(model.graph.input, arrays):

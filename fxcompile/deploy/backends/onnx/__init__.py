@@ -67,6 +67,7 @@ Each graph output ``output`` (``output_<i>`` if several; float32) comes with ``o
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -90,7 +91,12 @@ def to_onnx(graph: IntegerGraph, name: str = "fxcompile_integer", eight_bit: boo
     inputs = []
     for inp, shape in zip(graph.inputs, graph.input_shapes):
         env[inp] = inp
-        inputs.append(helper.make_tensor_value_info(inp, TensorProto.FLOAT, ["N", *shape[1:]]))
+        integer = inp in graph.integer_inputs  # token ids, attention masks: int64 as they are
+        inputs.append(helper.make_tensor_value_info(inp, TensorProto.INT64 if integer else TensorProto.FLOAT,
+                                                    ["N", *shape[1:]]))
+        if integer:
+            b.types[inp] = np.int64
+            b.value(inp, -(1 << 63), (1 << 63) - 1)
     outputs, codes = [], []
     for op in graph.ops:
         b.prefix = f"{op.op}/{op.out}"

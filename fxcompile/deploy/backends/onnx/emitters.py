@@ -439,6 +439,46 @@ def emit_expand(b: _Builder, op: IntOp, x: str, like: str) -> str:
     return b.value(b.node("Expand", [x, shape]), *b.ranges[x])
 
 
+def emit_gather(b: _Builder, op: IntOp, ids: str) -> str:
+    """``Gather`` of the table's rows (an initializer of the narrowest type holding its codes) at
+    the int64 token ids."""
+    table = op.attrs["table"]
+    lo, hi = (int(table.min()), int(table.max())) if table.numel() else (0, 0)
+    data = b.const(table.numpy(), _int_type(lo, hi), name=f"{op.out}.table")
+    out = b.node("Gather", [data, b.cast(ids, np.int64)], axis=0)
+    b.types[out] = _int_type(lo, hi)
+    return b.value(out, lo, hi)
+
+
+def emit_padding_mask(b: _Builder, op: IntOp, mask: str) -> str:
+    """1 where the (batch, length) mask is non-zero, as (batch, 1, 1, length) int32."""
+    keep = b.node("Not", [b.node("Equal", [mask, b.const(0, b.dtype(mask))])])
+    out = b.node("Unsqueeze", [b.node("Cast", [keep], to=TensorProto.INT32), b.const([1, 2])])
+    b.types[out] = np.int32
+    return b.value(out, 0, 1)
+
+
+def emit_select(b: _Builder, op: IntOp, x: str, *keep: str) -> str:
+    """``Where`` of a condition (an input's 0/1, or a bool initializer) between the codes
+    (shifted to the output's binary point) and the fill code."""
+    x = b.nchw(x)
+    s, fill = op.attrs["shift"], op.attrs["fill"]
+    lo, hi = b.ranges[x]
+    lo, hi = min(lo << s, fill), max(hi << s, fill)
+    dt = np.int32 if _fits32(lo, hi) else np.int64
+    x = b.cast(x, dt)
+    if s:
+        x = b.node("Mul", [x, b.const(1 << s, dt)])
+    constant = op.attrs.get("condition")
+    constant = None if constant is None else b.const(constant.numpy(), np.bool_)
+    cond = b.node("Cast", [keep[0]], to=TensorProto.BOOL) if keep else constant
+    if keep and constant is not None:
+        cond = b.node("And", [cond, constant])
+    out = b.node("Where", [cond, x, b.const(fill, dt)])
+    b.types[out] = dt
+    return b.value(out, lo, hi)
+
+
 EMITTERS: dict[str, Callable] = {
     "quantize": emit_quantize,
     "requantize": emit_requantize,
@@ -462,5 +502,6 @@ EMITTERS: dict[str, Callable] = {
     "lookup": emit_lookup,
     "constant": emit_constant,
     "expand": emit_expand,
+    "gather": emit_gather, "padding_mask": emit_padding_mask, "select": emit_select,
 }
 _WEIGHTED = {"conv2d", "linear"}

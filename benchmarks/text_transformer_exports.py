@@ -1,0 +1,190 @@
+"""Do Hugging Face text transformers export integer-only under ``baseline``, bit-exactly?
+
+Builds a BERT sequence classifier (``BertForSequenceClassification``, 3 labels) and a GPT-2
+language model (``GPT2LMHeadModel``, its LM head tied to the token embedding, ``gelu_new``)
+from tiny configs with random weights (2 layers, width 64, 4 heads, vocabulary 1,000, 64
+positions), with ``attn_implementation="eager"``; the model's ``logits`` are the output.  Each is
+compiled under ``baseline`` (captured by ``torch.export``), takes one SGD step on a random
+batch of 8 sequences of ``--length`` tokens, switches to eval and exports the three flavours
+for one example sequence.  BERT gets an ``attention_mask`` input with padded positions (each
+sequence keeps a random length from half to all of its tokens); GPT-2 its causal mask, which
+the export evaluates for the example length.  On ``--inputs`` random sequences it reports the
+differing output codes ORT vs integer reference and simulation vs integer reference
+(``fxcompile.deploy.export.verify``) and how far the QDQ flavour (ORT, on the same inputs) and
+the QONNX flavour (qonnx's executor, on the first ``--qonnx-inputs``) are from the integer
+graph: differing output codes and the largest difference in codes.  ``gpt2_attention_mask`` is
+GPT-2 given BERT's padded ``attention_mask`` as well (padding and causal masks together)::
+
+    python benchmarks/text_transformer_exports.py --threads 1 --results benchmarks/results/text_transformer_exports.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompile as fxc
+from fxcompile.deploy.backends.integer import run_integer
+from fxcompile.deploy.export import export_onnx, integer_graph, onnx_session, verify
+
+VOCAB, WIDTH, LAYERS, HEADS, POSITIONS = 1000, 64, 2, 4, 64
+
+
+class Logits(nn.Module):
+    """A Hugging Face model's ``logits`` as the one output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            return self.model(input_ids=input_ids).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def _bert():
+    import transformers
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS,
+                                  num_attention_heads=HEADS, intermediate_size=2 * WIDTH,
+                                  max_position_embeddings=POSITIONS, num_labels=3, attn_implementation="eager")
+    return Logits(transformers.BertForSequenceClassification(cfg)), True, False
+
+
+def _gpt2(masked: bool):
+    def build():
+        import transformers
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
+                                      n_positions=POSITIONS, use_cache=False, bos_token_id=0, eos_token_id=0,
+                                      attn_implementation="eager")
+        return Logits(transformers.GPT2LMHeadModel(cfg)), masked, True
+    return build
+
+
+# name: builder returning (model, whether it takes an attention_mask, whether it is a language model)
+MODELS = {"bert": _bert, "gpt2": _gpt2(False), "gpt2_attention_mask": _gpt2(True)}
+
+
+def tokens(n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids and an attention mask keeping a random length (half to all) of each sequence."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    for i, keep in enumerate(torch.randint(length // 2, length + 1, (n,), generator=g)):
+        mask[i, keep:] = 0
+    return ids, mask
+
+
+def _codes(out: np.ndarray, frac: int) -> np.ndarray:
+    return np.round(out.astype(np.float64) * 2.0 ** frac).astype(np.int64)
+
+
+def _distance(codes: np.ndarray, ref: np.ndarray) -> dict:
+    return {"differing_codes": int((codes != ref).sum()), "output_codes": int(ref.size),
+            "max_code_difference": int(np.abs(codes - ref).max())}
+
+
+def run(name: str, inputs: int, length: int, qonnx_inputs: int) -> dict:
+    torch.manual_seed(0)
+    model, masked, lm = MODELS[name]()
+    ids, mask = tokens(8, length, seed=0)
+    train = (ids, mask) if masked else (ids,)
+    if lm:
+        loss, target = (lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())), ids
+    else:
+        loss, target = nn.CrossEntropyLoss(), torch.randint(0, 3, (8,))
+    start = time.perf_counter()
+    q = fxc.compile(model, fxc.baseline(), loss_fn=loss, example_inputs=train)
+    opt = fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=0.01), q)
+    opt.zero_grad()
+    q.loss(q(*train), target).backward()
+    opt.step()
+    q.eval()
+    example = tuple(t[:1] for t in train)
+    test = tokens(inputs, length, seed=1)[:len(train)]
+    result = {"model": type(model.model).__name__, "inputs": f"{inputs}x{length} token ids" +
+              (" + attention_mask" if masked else ""), "parameters": sum(p.numel() for p in model.parameters())}
+    if masked:
+        result["padded_positions"] = int((test[1] == 0).sum())
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            models = {f: export_onnx(q, f"{tmp}/{f}.onnx", example, flavour=f) for f in ("integer", "qdq", "qonnx")}
+        except fxc.ExportError as e:
+            return {**result, "exported": False, "error": str(e)[:500]}
+        result["exported"] = True
+        checked = verify(q, models["integer"], test)
+        graph = integer_graph(q, example)
+        frac = graph.op_of(graph.outputs[0]).frac
+        (ref,) = run_integer(graph, *test, codes=True)
+        ref = ref.numpy()
+        session = onnx_session(models["qdq"])
+        (qdq,) = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), test)})
+        result.update({"integer_ops": len(graph.ops), "output_codes": checked["outputs"],
+                       "differing_ort_vs_integer": checked["mismatches"],
+                       "differing_simulation_vs_integer": checked["simulation_mismatches"],
+                       "qdq_vs_integer": _distance(_codes(qdq, frac), ref)})
+        if qonnx_inputs:
+            try:
+                from fxcompile.deploy.backends.qonnx import run_qonnx
+                with warnings.catch_warnings():  # qonnx's shape inference leaves the symbolic sizes 0
+                    warnings.filterwarnings("ignore", message="Output shapes disagree")
+                    (qo,) = run_qonnx(models["qonnx"], *[t[:qonnx_inputs] for t in test])
+                result["qonnx_vs_integer"] = {"inputs": qonnx_inputs, **_distance(_codes(qo, frac), ref[:qonnx_inputs])}
+            except ImportError:
+                result["qonnx_vs_integer"] = "qonnx not installed"
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def print_record(name: str, r: dict) -> None:
+    if not r["exported"]:
+        print(f"{name:20s} does not export: {r['error']}", flush=True)
+        return
+    qo = r.get("qonnx_vs_integer")
+    qo = (f", QONNX {qo['differing_codes']} of {qo['output_codes']} (max {qo['max_code_difference']})"
+          if isinstance(qo, dict) else "")
+    print(f"{name:20s} exported ({r['integer_ops']} integer ops): differing codes of {r['output_codes']}: "
+          f"ORT vs integer {r['differing_ort_vs_integer']}, simulation vs integer "
+          f"{r['differing_simulation_vs_integer']}; QDQ {r['qdq_vs_integer']['differing_codes']} "
+          f"(max {r['qdq_vs_integer']['max_code_difference']}){qo}; {r['seconds']} s", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--inputs", type=int, default=64, help="random token sequences to verify on")
+    parser.add_argument("--length", type=int, default=32, help="tokens per sequence (the exported length)")
+    parser.add_argument("--qonnx-inputs", type=int, default=8,
+                        help="sequences to run the QONNX flavour on (qonnx's executor is slow; 0: skip)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    parser.add_argument("--results", type=pathlib.Path, help="write this run's figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {}
+    for name in args.models:
+        r = results[name] = run(name, args.inputs, args.length, args.qonnx_inputs)
+        _write(args.results, {"models": results})  # each model as it finishes
+        print_record(name, r)
+
+
+def _write(path: pathlib.Path | None, out: dict) -> None:
+    if path:
+        path.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
+                                    "load_average": [round(v, 1) for v in os.getloadavg()], **out}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
