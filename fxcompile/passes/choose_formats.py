@@ -305,7 +305,12 @@ def _monotone(cost: np.ndarray, max_formats: int, widths: np.ndarray, format_cos
         base = cost[:, base_set].min(axis=1) if base_set else np.full(v, _BIG * 10)
         totals = np.minimum(base[:, None], cost).sum(axis=0)
         totals[list(base_set)] = np.inf
-        return [int(j) for j in np.argsort(totals, kind="stable")[:tries] if np.isfinite(totals[j])]
+        out = []
+        for w in np.unique(widths):  # the best of each width: a narrower one may be what fits the budgets
+            cols = np.nonzero(widths == w)[0]
+            order = cols[np.argsort(totals[cols], kind="stable")[:tries]]
+            out += [int(j) for j in order if np.isfinite(totals[j])]
+        return sorted(out, key=lambda j: totals[j])
 
     trail: list[int] = []  # the greedy set without budgets: a start while nothing smaller fits
     for k in range(1, max_formats + 1):
@@ -317,6 +322,8 @@ def _monotone(cost: np.ndarray, max_formats: int, widths: np.ndarray, format_cos
             trail = trail + ranked(trail)[:1]
         if k in starts:
             candidates.append(list(starts[k]))
+        if k - 1 in starts:
+            candidates += [list(starts[k - 1]) + [j] for j in ranked(list(starts[k - 1]))]
         for cand in candidates:
             obj, assign = _evaluate(cost, cand, widths, budgets, format_cost)
             if obj < best_obj * (1 - 1e-12):
@@ -371,6 +378,7 @@ def solve(cost: np.ndarray, max_formats: int, widths: np.ndarray | None = None, 
     if any(not g for g in per_decision):
         raise PolicyError("a decision has no allowed candidate format")
     used_groups = sorted(set().union(*per_decision)) if v else []
+    starts: dict[int, list] = {}
     separable = all(len(g) == 1 for g in per_decision)
     curve: dict[int, float] = {}
     chosen: list[int] = []
@@ -406,26 +414,15 @@ def solve(cost: np.ndarray, max_formats: int, widths: np.ndarray | None = None, 
                     if used + k not in nxt or cand[0] < nxt[used + k][0]:
                         nxt[used + k] = cand
             state = nxt
-        starts = {}
         for k in range(1, max_formats + 1):
             within = [s for u, s in state.items() if u <= k]
             if within:
                 curve[k], starts[k] = min(within)[0], sorted(min(within)[1])
         chosen = sorted(min(state.values())[1])
-    if budgets:
-        assign = (np.array([chosen[int(np.argmin(cost[d, chosen]))] for d in range(v)], dtype=np.int64)
-                  if chosen else None)
-        if not exact or not _within(budgets, widths[assign]):
-            # the budgets bind: k = 1..max_formats, each from the k-1 solution and the unconstrained optimum
-            curve, found = _monotone(cost, max_formats, widths, format_cost, budgets, starts if exact else {})
-            if not found:
-                raise _budget_error(budgets, cost, widths)
-            chosen, assign = found[max(found)]
-            return chosen, assign, curve[max(curve)], False, curve
-    elif not exact:
+    if not exact:
         # k = 1..max_formats, each swap search starting from the k-1 solution (and from the
         # width-split start when there is one): never worse with more formats
-        start, prev, curve = list(chosen), [], {}
+        start, prev, curve, starts = list(chosen), [], {}, {}
         for k in range(1, max_formats + 1):
             options = [_local_search(cost, prev, k, format_cost)]
             if start and len(start) <= k:
@@ -435,8 +432,17 @@ def solve(cost: np.ndarray, max_formats: int, widths: np.ndarray | None = None, 
                             < (_objective(cost, prev) + format_cost * len(prev)) * (1 - 1e-12)):
                 prev = found
             if _objective(cost, prev) < _BIG:
-                curve[k] = _objective(cost, prev) + format_cost * len(prev)
+                curve[k], starts[k] = _objective(cost, prev) + format_cost * len(prev), list(prev)
         chosen = prev
+    assign = np.array([chosen[int(np.argmin(cost[d, chosen]))] for d in range(v)], dtype=np.int64)
+    if budgets and not _within(budgets, widths[assign]):
+        # the budgets bind: k = 1..max_formats, each from the k-1 solution, and from the
+        # unconstrained solution for k moved within the budgets
+        curve, found = _monotone(cost, max_formats, widths, format_cost, budgets, starts)
+        if not found:
+            raise _budget_error(budgets, cost, widths)
+        chosen, assign = found[max(found)]
+        return chosen, assign, curve[max(curve)], False, curve
     assign = np.array([chosen[int(np.argmin(cost[d, chosen]))] for d in range(v)], dtype=np.int64)
     objective = _objective(cost, chosen) + format_cost * len(chosen)
     return chosen, assign, objective, exact, curve
