@@ -155,7 +155,8 @@ def write_results(runs: Path, results: Path) -> dict:
     by_policy: dict[str, list[float]] = {}
     for r in rows:
         by_policy.setdefault(r["policy"], []).append(100 * r["accuracy"])
-    out = {"runs": [{k: r[k] for k in ("policy", "seed", "epochs", "train_size", "test_size", "accuracy", "objective",
+    commands = sorted({r.get("command", "") for r in rows})
+    out = {"command": " ; ".join(commands), "date": time.strftime("%Y-%m-%d", time.gmtime()), "runs": [{k: r[k] for k in ("policy", "seed", "epochs", "train_size", "test_size", "accuracy", "objective",
                                        "objective_by_k", "formats", "distinct_formats", "usage", "solve_seconds",
                                        "seconds", "command") if k in r} for r in rows],
            "policies": {p: {"accuracy_percent": a, "mean": statistics.fmean(a),

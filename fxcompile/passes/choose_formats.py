@@ -268,8 +268,14 @@ def _repair(cost: np.ndarray, chosen, assign: np.ndarray, widths: np.ndarray, bu
             return None
         dcost = cost[:, chosen] - cost[np.arange(v), assign][:, None]
         score = np.where(valid, np.maximum(dcost, 0.0) / np.where(valid, gain, 1.0), np.inf)
-        r, j = np.unravel_index(int(np.argmin(score)), score.shape)
-        assign[r] = chosen[j]
+        # the best move of each row, cheapest first, as many as the first-order estimate says
+        # remove the excess (then the usage is recomputed exactly)
+        j = score.argmin(axis=1)
+        rows = np.argsort(score[np.arange(v), j], kind="stable")
+        rows = rows[np.isfinite(score[rows, j[rows]])]
+        enough = np.searchsorted(np.cumsum(gain[rows, j[rows]]), 1.0) + 1
+        for r in rows[:max(1, enough)]:
+            assign[r] = chosen[j[r]]
     return None
 
 
@@ -546,16 +552,22 @@ def _sensitivity_weights(graphs: list[fx.GraphModule], decisions: list[_Decision
 
     dag = _value_dag(graphs)
     roles = nx.get_node_attributes(dag, "role")
-    params = {n: forward_weight(n) for n, r in roles.items() if r in ir.PARAMETER_ROLES}
-    upstream = {}
+    params = [n for n, r in roles.items() if r in ir.PARAMETER_ROLES]
+    bit = {n: 1 << i for i, n in enumerate(params)}
+    weights = [forward_weight(n) for n in params]
+    reach = {}  # node -> bit set of the parameters it is computed from (itself included)
+    for n in nx.topological_sort(dag):
+        m = bit.get(n, 0)
+        for a in dag.predecessors(n):
+            m |= reach[a]
+        reach[n] = m
     for d in decisions:
         node = d.key[:2]
         if d.key[2] == "fwd":
             d.weight = 0.0 if d.role == "loss" else forward_weight(node)
             continue
-        if node not in upstream:
-            upstream[node] = sum(params.get(n, 0.0) for n in nx.ancestors(dag, node) | {node})
-        d.weight = upstream[node]
+        m = reach[node]
+        d.weight = sum(w for i, w in enumerate(weights) if m >> i & 1)
     top = max((d.weight for d in decisions), default=0.0)
     floor = _SENSITIVITY_FLOOR * top if top > 0 else 1.0
     for d in decisions:
