@@ -61,12 +61,18 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
     p.add_argument("--runs", default=None, help="one JSON file per run in this directory; runs already there are skipped")
     p.add_argument("--results", default=None, help="write all runs in --runs and their Spearman correlation here")
+    p.add_argument("--checkpoints", default=None,
+                   help="checkpoint each run under this directory and resume an interrupted one from there")
     args = p.parse_args(argv)
     if args.results and not args.runs:
         p.error("--results collects the runs of a --runs directory")
     torch.set_num_threads(1)
 
-    train_data, test_data = fashion_mnist(args.data, train_subset=args.train_subset)
+    key = (args.data, args.train_subset)
+    if key not in _DATA:  # several configurations run in one process load the data once
+        _DATA.clear()
+        _DATA[key] = fashion_mnist(args.data, train_subset=args.train_subset)
+    train_data, test_data = _DATA[key]
     policy = fxc.auto(max_formats=args.max_formats, bits=parse_bits(args.bits), objective=args.objective,
                       gradient_rounding=args.gradient_rounding, update_rounding=args.update_rounding, margin=args.margin,
                       calibration_batches=args.calibration_batches, weight_memory_bits=args.weight_memory_bits,
@@ -82,7 +88,9 @@ def main(argv=None):
                 accs.append(100 * row["accuracy"])
                 continue
             t0 = time.time()
-            m = train(TrainConfig(policy=pol, epochs=args.epochs, seed=seed, progress=False), train_data, test_data)
+            ckpt = Path(args.checkpoints) / f"{_slug(name)}-e{args.epochs}-seed{seed}" if args.checkpoints else None
+            m = train(TrainConfig(policy=pol, epochs=args.epochs, seed=seed, progress=False), train_data, test_data,
+                      checkpoint_dir=ckpt, resume=ckpt is not None)
             q = m.pop("model_object")
             row = {"policy": name, "seed": seed, "accuracy": m["accuracy"], "history": m["history"],
                    "train_size": m["train_size"], "test_size": m["test_size"], "epochs": m["epochs"],
@@ -108,6 +116,9 @@ def main(argv=None):
         print(f"{name}: {statistics.fmean(accs):.2f} ± {std:.2f} % over {len(accs)} seed(s)", flush=True)
     if args.results:
         write_results(Path(args.runs), Path(args.results))
+
+
+_DATA: dict = {}
 
 
 def _slug(name: str) -> str:
