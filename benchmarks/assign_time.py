@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,7 @@ def main(argv=None):
     if args.results:
         Path(args.results).write_text(json.dumps({"command": "python benchmarks/assign_time.py " + " ".join(sys.argv[1:] if argv is None else argv),
                                                   "date": time.strftime("%Y-%m-%d", time.gmtime()),
-                                                  "repeats": args.repeats, "rows": rows}, indent=1) + "\n")
+                                                  "load_average": os.getloadavg(), "repeats": args.repeats, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
