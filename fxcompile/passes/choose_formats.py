@@ -26,14 +26,22 @@ and the loss value shrink, the input data stays; calibration sees the untrained 
 (``objective="nsr"``) or, with ``objective="reach"``, a sensitivity estimate from the graph:
 1 + the number of values the error reaches (a forward value's error reaches everything
 computed from it; a gradient's error reaches the gradients of everything it comes from,
-so the gradient at the logits weighs more than the one at the first layer).  The multiplier width of every MAC and
+so the gradient at the logits weighs more than the one at the first layer), or, with
+``objective="sensitivity"``, the loss's measured sensitivity to the decision's relative error
+(:func:`_sensitivity_weights`; drift then counts in both directions).  The multiplier width of every MAC and
 the bits moved are reported by :func:`fxcompile.reports.profile.hardware_summary`.
 
 **Solver.**  When each decision has one width (``bits`` fixed per role) and each cost is
 unimodal in frac, a dynamic program over the sorted fracs is exact (1-D k-medians: a
 decision takes the cheaper of the two chosen fracs around its own best frac), and a
 knapsack over widths splits K between them.  Otherwise the DP (or a greedy start) is
-refined by swap local search and the gap to a lower bound is reported.  The solution,
+refined by swap local search and the gap to a lower bound is reported; that search runs
+for k = 1..K in turn, each starting from the k-1 solution and keeping only improvements, so
+the objective never rises with K.  **Budgets** (``weight_memory_bits``, ``bops``) constrain
+the widths the decisions take (:func:`hardware_budgets`); when the unconstrained choice
+exceeds one, the same k = 1..K search runs with every candidate set's decisions moved to
+narrower formats of the set until the budgets hold, and a budget no width can meet is
+refused by name.  The solution,
 with the objective for every K up to ``max_formats``, is ``gm.meta["fxc_solution"]``::
 
     >>> calibrate(gm, batches, loss_graph=lg)
