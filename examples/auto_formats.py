@@ -29,6 +29,7 @@ import torch
 import fxcompile as fxc
 from fxcompile.core.auto import OBJECTIVES
 from fxcompile.experiments.data import fashion_mnist
+from fxcompile.experiments.report import spearman
 from fxcompile.training.train import TrainConfig, train
 
 
@@ -131,31 +132,6 @@ def _command(argv) -> str:
     if "--data" in words:  # the data directory as the project names it
         words[words.index("--data") + 1] = "../shared/data/fashion-mnist"
     return " ".join(["python", "examples/auto_formats.py", *words])
-
-
-def _ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for t in range(i, j + 1):
-            ranks[order[t]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman rank correlation (ties take their average rank); nan for fewer than 3 pairs."""
-    if len(x) < 3:
-        return float("nan")
-    rx, ry = _ranks(x), _ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else float("nan")
 
 
 def write_results(runs: Path, results: Path) -> dict:
