@@ -306,9 +306,10 @@ def _objective_plots(runs: list[dict], out: Path) -> list[tuple[str, str]]:
     if not runs:
         return made
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for policy in dict.fromkeys(r["policy"] for r in runs):
-        mine = [r for r in runs if r["policy"] == policy]
-        ax.scatter([max(r["objective"], 1e-300) for r in mine], [100 * r["accuracy"] for r in mine], label=policy, s=18)
+    xs, ys = [max(r["objective"], 1e-300) for r in runs], [100 * r["accuracy"] for r in runs]
+    ax.scatter(xs, ys, s=18, label="runs (numbered as in summary.md)")
+    for i, (x, y) in enumerate(zip(xs, ys), 1):
+        ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("cost model objective (predicted, lower is better)")
     ax.set_ylabel("test accuracy (%)")
@@ -367,9 +368,10 @@ def _objective_report(files: list[Path], out: str | Path | None) -> str:
     out = Path(out) if out else Path(files[0]).with_name(Path(files[0]).stem + "_report")
     out.mkdir(parents=True, exist_ok=True)
     figures = _objective_plots(runs, out)
-    rows = ["| policy | seed | objective | accuracy (%) | formats |", "|---|---:|---:|---:|---|"]
-    rows += [f"| {r['policy']} | {r.get('seed', '')} | {r['objective']:.4g} | {100 * r['accuracy']:.2f} | "
-             f"{' '.join(r.get('formats', []))} |" for r in runs if r.get("objective") is not None]
+    runs = [r for r in runs if r.get("objective") is not None and r.get("accuracy") is not None]
+    rows = ["| # | policy | seed | objective | accuracy (%) | formats |", "|---:|---|---:|---:|---:|---|"]
+    rows += [f"| {i} | {r['policy']} | {r.get('seed', '')} | {r['objective']:.4g} | {100 * r['accuracy']:.2f} | "
+             f"{' '.join(r.get('formats', []))} |" for i, r in enumerate(runs, 1)]
     md = ["# Cost model report", "", f"Results: {', '.join(map(str, files))}; {len(runs)} runs.", ""] + rows
     if figures:
         md += ["", "## Figures", ""] + [f"![{desc}]({name})\n\n{desc}\n" for name, desc in figures]
