@@ -6,27 +6,40 @@
 
 Prints the formats the solver chose, the predicted noise against the naive one-format
 baseline, and the test accuracy per seed; ``--out`` appends one JSON line per run.
+``--runs DIR`` keeps one JSON file per run and skips runs already there (an interrupted
+series resumes); ``--results FILE`` then writes every run in DIR (objective, formats,
+budget usage, accuracy) and the Spearman rank correlation between the objective and the
+measured accuracy over them::
+
+    python examples/auto_formats.py --data ../shared/data/fashion-mnist --objective sensitivity \
+        --max-formats 3 --bits 16 --seeds 0 --runs runs/auto --results benchmarks/results/auto_formats.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 import fxcompile as fxc
 from fxcompile.core.auto import OBJECTIVES
 from fxcompile.experiments.data import fashion_mnist
+from fxcompile.experiments.report import spearman
 from fxcompile.training.train import TrainConfig, train
 
 
 def parse_bits(text: str):
+    """``16``; ``8/16`` (the solver chooses among widths); ``activation=8,gradient=8,weight=16``."""
+    def widths(w: str):
+        return tuple(int(x) for x in w.split("/")) if "/" in w else int(w)
     if "=" not in text:
-        return int(text)
-    return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
+        return widths(text)
+    return {k.strip(): widths(v) for k, v in (part.split("=") for part in text.split(","))}
 
 
 def main(argv=None):
@@ -34,7 +47,7 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="Fashion-MNIST root (default: $FXCOMPILE_DATA)")
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--max-formats", type=int, default=3)
-    p.add_argument("--bits", default="16", help="16, or per role: activation=8,gradient=8,weight=16")
+    p.add_argument("--bits", default="16", help="16, 8/16 (a choice of widths), or per role: activation=8,gradient=8,weight=16")
     p.add_argument("--objective", default="nsr", choices=OBJECTIVES)
     p.add_argument("--gradient-rounding", default="nearest")
     p.add_argument("--update-rounding", default="stochastic", help="rounding of each weight/bias update")
@@ -44,19 +57,41 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--fp32", action="store_true", help="also train in FP32 with the same seeds")
+    p.add_argument("--weight-memory-bits", type=float, default=None, help="budget: total bits of weights and biases")
+    p.add_argument("--bops", type=float, default=None, help="budget: bit-operations per sample (MACs x bits x bits)")
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
+    p.add_argument("--runs", default=None, help="one JSON file per run in this directory; runs already there are skipped")
+    p.add_argument("--results", default=None, help="write all runs in --runs and their Spearman correlation here")
+    p.add_argument("--checkpoints", default=None,
+                   help="checkpoint each run under this directory and resume an interrupted one from there")
     args = p.parse_args(argv)
+    if args.results and not args.runs:
+        p.error("--results collects the runs of a --runs directory")
     torch.set_num_threads(1)
 
-    train_data, test_data = fashion_mnist(args.data, train_subset=args.train_subset)
+    key = (args.data, args.train_subset)
+    if key not in _DATA:  # several configurations run in one process load the data once
+        _DATA.clear()
+        _DATA[key] = fashion_mnist(args.data, train_subset=args.train_subset)
+    train_data, test_data = _DATA[key]
     policy = fxc.auto(max_formats=args.max_formats, bits=parse_bits(args.bits), objective=args.objective,
-                      gradient_rounding=args.gradient_rounding, update_rounding=args.update_rounding, margin=args.margin, calibration_batches=args.calibration_batches)
+                      gradient_rounding=args.gradient_rounding, update_rounding=args.update_rounding, margin=args.margin,
+                      calibration_batches=args.calibration_batches, weight_memory_bits=args.weight_memory_bits,
+                      bops=args.bops)
     runs = {}
     for name, pol in ([("fp32", None)] if args.fp32 else []) + [(str(policy), policy)]:
         accs = []
         for seed in args.seeds:
+            done = Path(args.runs) / f"{_slug(name)}-e{args.epochs}-seed{seed}.json" if args.runs else None
+            if done is not None and done.exists():
+                row = json.loads(done.read_text())
+                print(f"already run: {done}", flush=True)
+                accs.append(100 * row["accuracy"])
+                continue
             t0 = time.time()
-            m = train(TrainConfig(policy=pol, epochs=args.epochs, seed=seed, progress=False), train_data, test_data)
+            ckpt = Path(args.checkpoints) / f"{_slug(name)}-e{args.epochs}-seed{seed}" if args.checkpoints else None
+            m = train(TrainConfig(policy=pol, epochs=args.epochs, seed=seed, progress=False), train_data, test_data,
+                      checkpoint_dir=ckpt, resume=ckpt is not None)
             q = m.pop("model_object")
             row = {"policy": name, "seed": seed, "accuracy": m["accuracy"], "history": m["history"],
                    "train_size": m["train_size"], "test_size": m["test_size"], "epochs": m["epochs"],
@@ -65,8 +100,14 @@ def main(argv=None):
             if sol is not None:
                 row["formats"] = [f"{b}.{f}" for b, f in sol.formats]
                 row["distinct_formats"] = len(fxc.assignment(q).formats())
-                row.update(objective=sol.objective, baseline_objective=sol.baseline_objective, exact=sol.exact)
+                row.update(objective=sol.objective, baseline_objective=sol.baseline_objective, exact=sol.exact,
+                           objective_by_k={str(k): v for k, v in sol.curve.items()}, usage=sol.usage,
+                           solve_seconds=sol.solve_seconds)
+            row["command"] = _command(argv)
             print(json.dumps(row), flush=True)
+            if done is not None:
+                done.parent.mkdir(parents=True, exist_ok=True)
+                done.write_text(json.dumps(row, indent=1) + "\n")
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -74,6 +115,48 @@ def main(argv=None):
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         runs[name] = accs
         print(f"{name}: {statistics.fmean(accs):.2f} ± {std:.2f} % over {len(accs)} seed(s)", flush=True)
+    if args.results:
+        write_results(Path(args.runs), Path(args.results))
+
+
+_DATA: dict = {}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "=.-" else "_" for c in name).strip("_")
+
+
+def _command(argv) -> str:
+    import sys
+    words = list(sys.argv[1:] if argv is None else argv)
+    if "--data" in words:  # the data directory as the project names it
+        words[words.index("--data") + 1] = "../shared/data/fashion-mnist"
+    return " ".join(["python", "examples/auto_formats.py", *words])
+
+
+def write_results(runs: Path, results: Path) -> dict:
+    """Every run in ``runs`` with an objective, and the rank correlation between the predicted
+    goodness (minus the objective) and the measured accuracy over them."""
+    rows = [json.loads(f.read_text()) for f in sorted(runs.glob("*.json"))]
+    rows = [r for r in rows if r.get("objective") is not None]
+    by_policy: dict[str, list[float]] = {}
+    for r in rows:
+        by_policy.setdefault(r["policy"], []).append(100 * r["accuracy"])
+    commands = sorted({r.get("command", "") for r in rows})
+    out = {"command": " ; ".join(commands), "date": time.strftime("%Y-%m-%d", time.gmtime()), "runs": [{k: r[k] for k in ("policy", "seed", "epochs", "train_size", "test_size", "accuracy", "objective",
+                                       "objective_by_k", "formats", "distinct_formats", "usage", "solve_seconds",
+                                       "seconds", "command") if k in r} for r in rows],
+           "policies": {p: {"accuracy_percent": a, "mean": statistics.fmean(a),
+                            "std": statistics.stdev(a) if len(a) > 1 else 0.0} for p, a in by_policy.items()},
+           "spearman_objective_accuracy": rho if (rho := spearman([-r["objective"] for r in rows],
+                                                                  [r["accuracy"] for r in rows])) == rho else None,
+           "spearman_runs": len(rows)}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    tmp = results.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(results)
+    print(f"{results}: {len(rows)} runs, Spearman(-objective, accuracy) = {out['spearman_objective_accuracy']}")
+    return out
 
 
 if __name__ == "__main__":

@@ -383,7 +383,8 @@ def run_sweep(args):
 
 def add_report(sub):
     p = sub.add_parser("report", help="statistics, plots and a Markdown summary of sweep results")
-    p.add_argument("files", nargs="+", help="results CSV file(s) written by 'fxcompile sweep'")
+    p.add_argument("files", nargs="+", help="results CSV file(s) written by 'fxcompile sweep', or JSON file(s) "
+                   "written by examples/auto_formats.py --results (objective vs accuracy, budget Pareto plots)")
     p.add_argument("--out", default=None, help="folder for plots and summary.md (default: <first CSV>_report)")
 
 

@@ -21,7 +21,7 @@ from .policy import FALLBACK, ROLES
 
 __all__ = ["Auto", "auto", "OBJECTIVES"]
 
-OBJECTIVES = ("nsr", "reach")
+OBJECTIVES = ("nsr", "reach", "sensitivity")
 # where a role's width comes from when the user did not name it
 _BITS_FALLBACK = dict(FALLBACK, bias="weight", loss="gradient")
 
@@ -33,7 +33,13 @@ class Auto:
     ``max_formats``: at most this many distinct (bits, frac) formats in the whole model,
     forward and backward.  ``objective``: ``"nsr"`` sums each edge's expected
     noise-to-signal ratio; ``"reach"`` weights each by 1 + the number of values its error
-    reaches through the graph (forward: descendants; backward: ancestors).  ``format_cost``: added per
+    reaches through the graph (forward: descendants; backward: ancestors); ``"sensitivity"``
+    weighs each edge's rounding and saturation error by the loss's sensitivity to it, measured
+    on the calibration batches (forward: ``E[(dL/dv)^2]``; backward: the sensitivity of the
+    parameters whose gradients the error reaches), and counts drift in both directions.
+    ``weight_memory_bits`` and ``bops`` (bit-operations: per conv/linear, MACs per sample
+    times activation bits times weight bits) are budgets beside ``max_formats``: the chosen
+    widths never exceed them (they bind only when ``bits`` offers several widths).  ``format_cost``: added per
     distinct format used (the solver may then use fewer than ``max_formats``).
     ``bits_cost``: added per bit moved per element, relative to all elements (only matters
     when ``bits`` offers several widths).  ``fracs``: the candidate binary points.
@@ -65,6 +71,8 @@ class Auto:
     clip_gradient: bool = True
     calibration_batches: int = 8
     name: str | None = None
+    weight_memory_bits: int | None = None
+    bops: float | None = None
 
     def __post_init__(self):
         if isinstance(self.max_formats, bool) or not isinstance(self.max_formats, int) or self.max_formats < 1:
@@ -77,6 +85,10 @@ class Auto:
         if self.margin is not None and (isinstance(self.margin, bool) or not isinstance(self.margin, int)
                                         or not 0 <= self.margin <= 16):
             raise PolicyError(f"auto: margin must be None or an int in 0..16 (octaves), got {self.margin!r}")
+        for field in ("weight_memory_bits", "bops"):
+            v = getattr(self, field)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise PolicyError(f"auto: {field} must be None or a positive number (a budget), got {v!r}")
         lo, hi = self.fracs
         if not (isinstance(lo, int) and isinstance(hi, int) and -64 <= lo <= hi <= 64):
             raise PolicyError(f"auto: fracs must be (lo, hi) ints within -64..64, got {self.fracs!r}")
@@ -114,6 +126,8 @@ class Auto:
         extra = f", gradient_rounding={self.gradient_rounding}" if self.gradient_rounding != "nearest" else ""
         extra += f", update_rounding={self.update_rounding}" if self.update_rounding != "stochastic" else ""
         extra += f", margin={self.margin}" if self.margin is not None else ""
+        extra += f", weight_memory_bits={self.weight_memory_bits:g}" if self.weight_memory_bits is not None else ""
+        extra += f", bops={self.bops:g}" if self.bops is not None else ""
         return f"auto(K={self.max_formats}, bits={bits}, objective={self.objective}{extra})"
 
     def __str__(self) -> str:

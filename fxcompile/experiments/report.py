@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 from ..core.formats import FixedPoint
 from .sweep import FORMAT_ROLES, SweepError, read_rows
 
-__all__ = ["t_critical", "interval", "PointStats", "summarize", "load_results", "markdown_table", "report",
+__all__ = ["t_critical", "interval", "spearman", "PointStats", "summarize", "load_results", "markdown_table", "report",
            "STUDY_ACCURACY"]
 
 # Two-sided 95 % critical values of Student's t (upper 2.5 % point) by degrees of freedom.
@@ -284,9 +284,110 @@ def _save(fig, ax, out: Path, stem: str, i: int) -> str:
     return name
 
 
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (cost, accuracy) points no other point beats in both (lower cost, higher accuracy)."""
+    front, best = [], -math.inf
+    for c, a in sorted(points, key=lambda p: (p[0], -p[1])):
+        if a > best:
+            front.append((c, a))
+            best = a
+    return front
+
+
+def _objective_plots(runs: list[dict], out: Path) -> list[tuple[str, str]]:
+    """Runs of ``examples/auto_formats.py --results``: measured accuracy against the cost
+    model's objective (log scale), and against each hardware budget's usage with the
+    Pareto front."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made = []
+    runs = [r for r in runs if r.get("objective") is not None and r.get("accuracy") is not None]
+    if not runs:
+        return made
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    xs, ys = [max(r["objective"], 1e-300) for r in runs], [100 * r["accuracy"] for r in runs]
+    ax.scatter(xs, ys, s=18, label="runs (numbered as in summary.md)")
+    for i, (x, y) in enumerate(zip(xs, ys), 1):
+        ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("cost model objective (predicted, lower is better)")
+    ax.set_ylabel("test accuracy (%)")
+    rho = spearman([-r["objective"] for r in runs], [r["accuracy"] for r in runs])
+    ax.set_title(f"predicted vs measured: Spearman {rho:.2f} over {len(runs)} runs", fontsize=9)
+    made.append((_save(fig, ax, out, "objective_vs_accuracy", 0),
+                 f"accuracy vs the cost model's objective, {len(runs)} runs; Spearman rank correlation "
+                 f"(minus objective, accuracy) {rho:.2f}"))
+    for budget in ("weight_memory_bits", "bops"):
+        pts = [(r["usage"][budget], 100 * r["accuracy"]) for r in runs if budget in (r.get("usage") or {})]
+        if len(pts) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        ax.scatter(*zip(*pts), s=18, label="runs")
+        front = _pareto(pts)
+        ax.step(*zip(*front), where="post", color="black", linewidth=1, label="Pareto front")
+        ax.set_xlabel(budget.replace("_", " "))
+        ax.set_ylabel("test accuracy (%)")
+        made.append((_save(fig, ax, out, f"pareto_{budget}", 0), f"accuracy vs {budget} with the Pareto front"))
+    return made
+
+
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks, i = [0.0] * len(values), 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            ranks[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation (ties share their average rank); NaN under 3 pairs or without spread."""
+    if len(x) < 3:
+        return math.nan
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def _objective_report(files: list[Path], out: str | Path | None) -> str:
+    runs = []
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        if "runs" not in data:
+            raise SweepError(f"{f}: not a results file of examples/auto_formats.py --results (no 'runs')")
+        runs += data["runs"]
+    if not runs:
+        raise SweepError(f"{', '.join(map(str, files))}: no runs")
+    out = Path(out) if out else Path(files[0]).with_name(Path(files[0]).stem + "_report")
+    out.mkdir(parents=True, exist_ok=True)
+    figures = _objective_plots(runs, out)
+    runs = [r for r in runs if r.get("objective") is not None and r.get("accuracy") is not None]
+    rows = ["| # | policy | seed | objective | accuracy (%) | formats |", "|---:|---|---:|---:|---:|---|"]
+    rows += [f"| {i} | {r['policy']} | {r.get('seed', '')} | {r['objective']:.4g} | {100 * r['accuracy']:.2f} | "
+             f"{' '.join(r.get('formats', []))} |" for i, r in enumerate(runs, 1)]
+    md = ["# Cost model report", "", f"Results: {', '.join(map(str, files))}; {len(runs)} runs.", ""] + rows
+    if figures:
+        md += ["", "## Figures", ""] + [f"![{desc}]({name})\n\n{desc}\n" for name, desc in figures]
+    (out / "summary.md").write_text("\n".join(md))
+    return "\n".join(rows[2:] + [desc for _, desc in figures[:1]] + [f"wrote {out / 'summary.md'}"])
+
+
 def report(files: Sequence[str | Path], out: str | Path | None = None) -> str:
-    """Write ``summary.md`` and the figures into ``out``; return the text printed to the terminal."""
+    """Write ``summary.md`` and the figures into ``out``; return the text printed to the terminal.
+
+    JSON files written by ``examples/auto_formats.py --results`` get the cost model's report
+    instead: accuracy against the objective (with the Spearman rank correlation) and against
+    weight memory and BOPs with the Pareto front."""
     files = [files] if isinstance(files, (str, Path)) else list(files)
+    if files and all(str(f).endswith(".json") for f in files):
+        return _objective_report([Path(f) for f in files], out)
     points = summarize(load_results(files))
     if not points:
         raise SweepError(f"{', '.join(map(str, files))}: no finished runs yet")

@@ -295,6 +295,8 @@ def calibrate(gm: fx.GraphModule, batches: Iterable, loss_graph: fx.GraphModule 
         try:
             for inputs, target in _as_batches(batches):
                 probes = [{} for _ in modules]
+                # the gradient at the input too: the sensitivity objective weighs the input's rounding by it
+                inputs = tuple(x.detach().requires_grad_() if _is_float(x) else x for x in inputs)
                 with torch.enable_grad():
                     out = _Recorder(gm, stats[0], probes[0]).run(*inputs)
                     loss = None

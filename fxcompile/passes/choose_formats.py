@@ -26,14 +26,22 @@ and the loss value shrink, the input data stays; calibration sees the untrained 
 (``objective="nsr"``) or, with ``objective="reach"``, a sensitivity estimate from the graph:
 1 + the number of values the error reaches (a forward value's error reaches everything
 computed from it; a gradient's error reaches the gradients of everything it comes from,
-so the gradient at the logits weighs more than the one at the first layer).  The multiplier width of every MAC and
+so the gradient at the logits weighs more than the one at the first layer), or, with
+``objective="sensitivity"``, the loss's measured sensitivity to the decision's relative error
+(:func:`_sensitivity_weights`; drift then counts in both directions).  The multiplier width of every MAC and
 the bits moved are reported by :func:`fxcompile.reports.profile.hardware_summary`.
 
 **Solver.**  When each decision has one width (``bits`` fixed per role) and each cost is
 unimodal in frac, a dynamic program over the sorted fracs is exact (1-D k-medians: a
 decision takes the cheaper of the two chosen fracs around its own best frac), and a
 knapsack over widths splits K between them.  Otherwise the DP (or a greedy start) is
-refined by swap local search and the gap to a lower bound is reported.  The solution,
+refined by swap local search and the gap to a lower bound is reported; that search runs
+for k = 1..K in turn, each starting from the k-1 solution and keeping only improvements, so
+the objective never rises with K.  **Budgets** (``weight_memory_bits``, ``bops``) constrain
+the widths the decisions take (:func:`hardware_budgets`); when the unconstrained choice
+exceeds one, the same k = 1..K search runs with every candidate set's decisions moved to
+narrower formats of the set until the budgets hold, and a budget no width can meet is
+refused by name.  The solution,
 with the objective for every K up to ``max_formats``, is ``gm.meta["fxc_solution"]``::
 
     >>> calibrate(gm, batches, loss_graph=lg)
@@ -60,7 +68,7 @@ from ..errors import PolicyError
 from ..core.formats import FixedPoint
 from .assign import _shape, edge_roles
 
-__all__ = ["CONTRACT", "choose_formats", "solve", "Solution", "must_share_graph"]
+__all__ = ["CONTRACT", "choose_formats", "solve", "Solution", "Budget", "hardware_budgets", "must_share_graph"]
 
 CONTRACT = ir.Contract(requires=(ir.ROLE, ir.STATS), provides=(ir.VALUE, ir.USES, ir.NOISE),
                        graph_provides=(ir.SOLUTION, ir.CLIP_GRADIENT))
@@ -92,6 +100,7 @@ class Solution:
     solve_seconds: float
     decisions: int
     components: int
+    usage: dict = dataclasses.field(default_factory=dict)   # budget name -> what the chosen widths use
 
     @property
     def gap(self) -> float:
@@ -207,13 +216,174 @@ def _local_search(cost: np.ndarray, chosen: list[int], k: int, format_cost: floa
     return sorted(set(chosen)) if c else chosen
 
 
-def solve(cost: np.ndarray, max_formats: int, widths: np.ndarray | None = None, format_cost: float = 0.0):
+@dataclasses.dataclass
+class Budget:
+    """A hardware budget on the widths the decisions (rows) take: ``usage = sum_t coef[t] *
+    w[rows[t]] * (w[partners[t]] if partners[t] >= 0 else 1)``, ``w[r]`` the bit width of row r's
+    column.  Linear terms count memory (elements × bits); bilinear ones bit-operations
+    (MACs × activation bits × weight bits)."""
+
+    name: str
+    limit: float
+    coef: np.ndarray
+    rows: np.ndarray
+    partners: np.ndarray
+
+    def usage(self, row_widths: np.ndarray) -> float:
+        w = np.asarray(row_widths, dtype=np.float64)
+        other = np.where(self.partners >= 0, w[np.maximum(self.partners, 0)], 1.0)
+        return float((self.coef * w[self.rows] * other).sum())
+
+    def rates(self, row_widths: np.ndarray, v: int):
+        """(lin, sq): moving row r from width a to b changes usage by ``lin[r] (b - a) + sq[r] (b² - a²)``."""
+        w = np.asarray(row_widths, dtype=np.float64)
+        lin, sq = np.zeros(v), np.zeros(v)
+        single = self.partners < 0
+        np.add.at(lin, self.rows[single], self.coef[single])
+        pair = ~single & (self.partners != self.rows)
+        np.add.at(lin, self.rows[pair], self.coef[pair] * w[self.partners[pair]])
+        np.add.at(lin, self.partners[pair], self.coef[pair] * w[self.rows[pair]])
+        same = ~single & (self.partners == self.rows)
+        np.add.at(sq, self.rows[same], self.coef[same])
+        return lin, sq
+
+
+def _within(budgets, row_widths) -> bool:
+    return all(b.usage(row_widths) <= b.limit * (1 + 1e-12) for b in budgets)
+
+
+def _repair(cost: np.ndarray, chosen, assign: np.ndarray, widths: np.ndarray, budgets) -> np.ndarray | None:
+    """Move rows among the ``chosen`` columns until every budget holds, each step the move that
+    removes the most excess per unit of cost added; None when no move helps any more."""
+    v = cost.shape[0]
+    chosen = np.asarray(chosen, dtype=np.int64)
+    assign = assign.copy()
+    allowed = cost[:, chosen] < _BIG
+    wnew = widths[chosen].astype(np.float64)[None, :]
+    for _ in range(4 * v * len(chosen) + 4):
+        rw = widths[assign].astype(np.float64)
+        over = [(b, b.usage(rw) - b.limit) for b in budgets]
+        over = [(b, e) for b, e in over if e > b.limit * 1e-12]
+        if not over:
+            return assign
+        gain = np.zeros((v, len(chosen)))
+        for b, excess in over:
+            lin, sq = b.rates(rw, v)
+            delta = lin[:, None] * (wnew - rw[:, None]) + sq[:, None] * (wnew ** 2 - rw[:, None] ** 2)
+            gain += np.minimum(np.maximum(-delta, 0.0), excess) / excess
+        valid = allowed & (gain > 1e-15)
+        if not valid.any():
+            return None
+        dcost = cost[:, chosen] - cost[np.arange(v), assign][:, None]
+        score = np.where(valid, np.maximum(dcost, 0.0) / np.where(valid, gain, 1.0), np.inf)
+        # the best move of each row, cheapest first, as many as the first-order estimate says
+        # remove the excess (then the usage is recomputed exactly)
+        j = score.argmin(axis=1)
+        rows = np.argsort(score[np.arange(v), j], kind="stable")
+        rows = rows[np.isfinite(score[rows, j[rows]])]
+        enough = np.searchsorted(np.cumsum(gain[rows, j[rows]]), 1.0) + 1
+        for r in rows[:max(1, enough)]:
+            assign[r] = chosen[j[r]]
+    return None
+
+
+def _evaluate(cost: np.ndarray, chosen, widths: np.ndarray, budgets, format_cost: float):
+    """(objective, assignment) of the column set ``chosen`` under the budgets; (inf, None) if none fits."""
+    chosen = sorted(set(int(c) for c in chosen))
+    if not chosen:
+        return math.inf, None
+    sub = cost[:, chosen]
+    if (sub.min(axis=1) >= _BIG).any():
+        return math.inf, None
+    assign = np.asarray(chosen, dtype=np.int64)[sub.argmin(axis=1)]
+    if budgets and not _within(budgets, widths[assign]):
+        assign = _repair(cost, chosen, assign, widths, budgets)
+        if assign is None:
+            return math.inf, None
+    used = len(set(assign.tolist()))
+    return float(cost[np.arange(cost.shape[0]), assign].sum()) + format_cost * used, assign
+
+
+def _monotone(cost: np.ndarray, max_formats: int, widths: np.ndarray, format_cost: float, budgets,
+              starts: dict, tries: int = 6):
+    """Best column sets for k = 1..max_formats, each search starting from the k-1 solution and
+    accepting only improvements, so the objective never rises with k (by construction).
+    ``starts[k]``: another candidate set for k (the unconstrained optimum), taken when better.
+    Moves are ranked by their objective without budgets; the ``tries`` best are evaluated
+    with them.  Returns (curve, best set, its assignment) per k."""
+    v, c = cost.shape
+    best_obj, best_set, best_assign = math.inf, [], None
+    curve, sets = {}, {}
+
+    def ranked(base_set):
+        base = cost[:, base_set].min(axis=1) if base_set else np.full(v, _BIG * 10)
+        totals = np.minimum(base[:, None], cost).sum(axis=0)
+        totals[list(base_set)] = np.inf
+        out = []
+        for w in np.unique(widths):  # the best of each width: a narrower one may be what fits the budgets
+            cols = np.nonzero(widths == w)[0]
+            order = cols[np.argsort(totals[cols], kind="stable")[:tries]]
+            out += [int(j) for j in order if np.isfinite(totals[j])]
+        return sorted(out, key=lambda j: totals[j])
+
+    trail: list[int] = []  # the greedy set without budgets: a start while nothing smaller fits
+    for k in range(1, max_formats + 1):
+        candidates = []
+        grow = best_set if best_set else trail
+        if len(grow) < k:
+            candidates += [grow + [j] for j in ranked(grow)]
+        if len(trail) < k and ranked(trail):
+            trail = trail + ranked(trail)[:1]
+        if k in starts:
+            candidates.append(list(starts[k]))
+        if k - 1 in starts:
+            candidates += [list(starts[k - 1]) + [j] for j in ranked(list(starts[k - 1]))]
+        for cand in candidates:
+            obj, assign = _evaluate(cost, cand, widths, budgets, format_cost)
+            if obj < best_obj * (1 - 1e-12):
+                best_obj, best_set, best_assign = obj, sorted(set(cand)), assign
+        for _ in range(20):  # swaps: replace one chosen column, keep it only if the objective falls
+            improved = False
+            for pos in range(len(best_set)):
+                rest = best_set[:pos] + best_set[pos + 1:]
+                for j in ranked(rest):
+                    if j in best_set:
+                        continue
+                    obj, assign = _evaluate(cost, rest + [j], widths, budgets, format_cost)
+                    if obj < best_obj * (1 - 1e-12):
+                        best_obj, best_set, best_assign, improved = obj, sorted(rest + [j]), assign, True
+                        break
+            if not improved:
+                break
+        if best_assign is not None:
+            best_set = sorted(set(best_assign.tolist()))
+            curve[k], sets[k] = best_obj, (list(best_set), best_assign.copy())
+    return curve, sets
+
+
+def _budget_error(budgets, cost: np.ndarray, widths: np.ndarray) -> PolicyError:
+    """Name the budget no choice of widths can meet, with the least it could be."""
+    narrow = np.array([widths[cost[r] < _BIG].min() for r in range(cost.shape[0])])
+    for b in budgets:
+        least = b.usage(narrow)
+        if least > b.limit:
+            return PolicyError(f"auto: the {b.name} budget ({b.limit:g}) is below {least:g}, what the narrowest "
+                               f"widths the roles allow need; raise {b.name} or offer narrower widths in bits")
+    return PolicyError(f"auto: no choice of at most the allowed formats meets the budgets "
+                       f"({', '.join(f'{b.name}={b.limit:g}' for b in budgets)}); raise max_formats or the budgets")
+
+
+def solve(cost: np.ndarray, max_formats: int, widths: np.ndarray | None = None, format_cost: float = 0.0,
+          budgets=None):
     """Choose at most ``max_formats`` columns of ``cost`` (decisions × candidates) minimising
     ``sum_d min_{c chosen} cost[d, c] + format_cost * len(chosen)``.
 
     ``widths[c]`` groups candidates (their bit width); candidates of a group are sorted by
-    frac.  Returns ``(chosen columns, assignment per decision, objective, exact, curve)``.
+    frac.  ``budgets``: :class:`Budget` constraints on the widths the rows take.  The
+    objective of the returned curve never rises with k.  Returns ``(chosen columns,
+    assignment per decision, objective, exact, curve)``.
     """
+    budgets = list(budgets or ())
     cost = np.asarray(cost, dtype=np.float64)
     v, c = cost.shape
     widths = np.zeros(c, dtype=np.int64) if widths is None else np.asarray(widths)
@@ -222,6 +392,7 @@ def solve(cost: np.ndarray, max_formats: int, widths: np.ndarray | None = None, 
     if any(not g for g in per_decision):
         raise PolicyError("a decision has no allowed candidate format")
     used_groups = sorted(set().union(*per_decision)) if v else []
+    starts: dict[int, list] = {}
     separable = all(len(g) == 1 for g in per_decision)
     curve: dict[int, float] = {}
     chosen: list[int] = []
@@ -260,11 +431,32 @@ def solve(cost: np.ndarray, max_formats: int, widths: np.ndarray | None = None, 
         for k in range(1, max_formats + 1):
             within = [s for u, s in state.items() if u <= k]
             if within:
-                curve[k] = min(within)[0]
+                curve[k], starts[k] = min(within)[0], sorted(min(within)[1])
         chosen = sorted(min(state.values())[1])
     if not exact:
-        k = max_formats
-        chosen = _local_search(cost, chosen, k, format_cost)
+        # k = 1..max_formats, each swap search starting from the k-1 solution (and from the
+        # width-split start when there is one): never worse with more formats
+        start, prev, curve, starts = list(chosen), [], {}, {}
+        for k in range(1, max_formats + 1):
+            options = [_local_search(cost, prev, k, format_cost)]
+            if start and len(start) <= k:
+                options.append(_local_search(cost, start, k, format_cost))
+            found = min(options, key=lambda ch: _objective(cost, ch) + format_cost * len(ch))
+            if not prev or (_objective(cost, found) + format_cost * len(found)
+                            < (_objective(cost, prev) + format_cost * len(prev)) * (1 - 1e-12)):
+                prev = found
+            if _objective(cost, prev) < _BIG:
+                curve[k], starts[k] = _objective(cost, prev) + format_cost * len(prev), list(prev)
+        chosen = prev
+    assign = np.array([chosen[int(np.argmin(cost[d, chosen]))] for d in range(v)], dtype=np.int64)
+    if budgets and not _within(budgets, widths[assign]):
+        # the budgets bind: k = 1..max_formats, each from the k-1 solution, and from the
+        # unconstrained solution for k moved within the budgets
+        curve, found = _monotone(cost, max_formats, widths, format_cost, budgets, starts)
+        if not found:
+            raise _budget_error(budgets, cost, widths)
+        chosen, assign = found[max(found)]
+        return chosen, assign, curve[max(curve)], False, curve
     assign = np.array([chosen[int(np.argmin(cost[d, chosen]))] for d in range(v)], dtype=np.int64)
     objective = _objective(cost, chosen) + format_cost * len(chosen)
     return chosen, assign, objective, exact, curve
@@ -291,14 +483,17 @@ def _decisions(graphs: list[fx.GraphModule], policy: Auto) -> list[_Decision]:
             stats = ir.STATS.get(node)
             out.append(_Decision((gi, node.name, "fwd"), value_role, policy.bits_for(value_role),
                                  stats.value if stats else None, policy.rounding))
+            # the input's gradient leaves the model (calibration records it only to weigh the input)
+            grad_stats = stats.gradient if stats and role != "input" else None
             out.append(_Decision((gi, node.name, "bwd"), grad_role, policy.bits_for(grad_role),
-                                 stats.gradient if stats else None, policy.gradient_rounding))
+                                 grad_stats, policy.gradient_rounding))
             users = _role_users(node)
             if len(users) > 1:
                 use_role = grad_role if role in ir.PARAMETER_ROLES else "gradient"
                 for u in users:
                     out.append(_Decision((gi, node.name, ("use", u.name)), use_role, policy.bits_for(use_role),
-                                         stats.uses.get(u.name) if stats else None, policy.gradient_rounding))
+                                         stats.uses.get(u.name) if stats and role != "input" else None,
+                                         policy.gradient_rounding))
     return out
 
 
@@ -317,6 +512,74 @@ def must_share_graph(graphs: list[fx.GraphModule], decisions: list[_Decision]) -
             if len(users) > 1:
                 nx.add_path(g, [(gi, node.name, ("use", u.name)) for u in users])
     return g
+
+
+def _value_dag(graphs: list[fx.GraphModule]) -> nx.DiGraph:
+    """Every node of the graphs, (graph index, name), with an edge from each input to its user;
+    the model's output feeds the loss graph's prediction."""
+    dag = nx.DiGraph()
+    for gi, gm in enumerate(graphs):
+        for node in gm.graph.nodes:
+            dag.add_node((gi, node.name), role=ir.ROLE.get(node))
+            for a in node.all_input_nodes:
+                dag.add_edge((gi, a.name), (gi, node.name))
+    if len(graphs) > 1:
+        out = [n for n in graphs[0].graph.nodes if n.op == "output"]
+        pred = [n for n in graphs[1].graph.nodes if n.op == "placeholder"][:1]
+        if out and pred:
+            dag.add_edge((0, out[0].name), (1, pred[0].name))
+    return dag
+
+
+# a decision the loss is (measured) insensitive to still prefers less noise: its weight is at
+# least this fraction of the largest
+_SENSITIVITY_FLOOR = 1e-6
+
+
+def _sensitivity_weights(graphs: list[fx.GraphModule], decisions: list[_Decision]) -> None:
+    """Weight each decision by the loss's sensitivity to its relative error, from calibration.
+
+    Forward value v: a small error e changes the loss by about ``dL/dv · e``, so an error of
+    relative size ``NSR`` costs ``E[(dL/dv)^2] · sum v^2 · NSR`` (first order, errors
+    uncorrelated with the gradient): the weight is ``E[(dL/dv)^2] · sum v^2``.  The loss value
+    itself feeds no gradient and gets the floor.  Backward (a gradient of v, summed or per
+    use): its relative error becomes a relative error of the gradient of every parameter it
+    flows into (the parameters v is computed from), which moves them as that much error in
+    their updates; the weight is the sum of those parameters' forward weights."""
+    stats = {}
+    for gi, gm in enumerate(graphs):
+        for node in gm.graph.nodes:
+            if ir.STATS.get(node) is not None:
+                stats[(gi, node.name)] = ir.STATS.of(node)
+
+    def forward_weight(key) -> float:
+        st = stats.get(key)
+        if st is None or st.gradient is None or not st.gradient.count:
+            return 0.0
+        return st.gradient.mean_square * float(st.value.hist_sq.sum())
+
+    dag = _value_dag(graphs)
+    roles = nx.get_node_attributes(dag, "role")
+    params = [n for n, r in roles.items() if r in ir.PARAMETER_ROLES]
+    bit = {n: 1 << i for i, n in enumerate(params)}
+    weights = [forward_weight(n) for n in params]
+    reach = {}  # node -> bit set of the parameters it is computed from (itself included)
+    for n in nx.topological_sort(dag):
+        m = bit.get(n, 0)
+        for a in dag.predecessors(n):
+            m |= reach[a]
+        reach[n] = m
+    for d in decisions:
+        node = d.key[:2]
+        if d.key[2] == "fwd":
+            d.weight = 0.0 if d.role == "loss" else forward_weight(node)
+            continue
+        m = reach[node]
+        d.weight = sum(w for i, w in enumerate(weights) if m >> i & 1)
+    top = max((d.weight for d in decisions), default=0.0)
+    floor = _SENSITIVITY_FLOOR * top if top > 0 else 1.0
+    for d in decisions:
+        d.weight = max(d.weight, floor)
 
 
 def _reach_weights(graphs: list[fx.GraphModule], decisions: list[_Decision]) -> None:
@@ -340,11 +603,12 @@ def _reach_weights(graphs: list[fx.GraphModule], decisions: list[_Decision]) -> 
         d.weight = 1.0 + sum(1 for n in reached if roles.get(n) is not None)
 
 
-def _expected_nsr(d: _Decision, bits: int, fracs: np.ndarray, margin: int) -> np.ndarray:
+def _expected_nsr(d: _Decision, bits: int, fracs: np.ndarray, margin: int, both: bool = False) -> np.ndarray:
     """NSR per candidate frac, averaged over the value drifting ``0..margin`` octaves the way
     training moves it: forward values (weights, activations) grow; gradients and the loss value
     shrink; the input is the data, which training does not move.  Scaling values by ``2**s`` is
-    rounding them at frac ``f + s``, so a drift is a shift along fracs."""
+    rounding them at frac ``f + s``, so a drift is a shift along fracs.  ``both``: every value
+    but the input drifts ``-margin..margin`` octaves (the sensitivity objective)."""
     signal = float(d.stats.hist_sq.sum())
     if signal <= 0:
         return np.zeros(len(fracs))
@@ -353,7 +617,42 @@ def _expected_nsr(d: _Decision, bits: int, fracs: np.ndarray, margin: int) -> np
     forward = d.key[2] == "fwd"
     sign = 1 if forward and d.role != "loss" else -1
     drifts = [0] if forward and d.role == "input" else range(margin + 1)
+    if both and not (forward and d.role == "input"):  # either way: values and gradients may grow or shrink
+        drifts = range(-margin, margin + 1)
     return np.mean([table[margin + sign * s: margin + sign * s + len(fracs)] for s in drifts], axis=0)
+
+
+def _numel(shape) -> int:
+    return int(np.prod(shape)) if shape is not None else 0
+
+
+def hardware_budgets(graphs: list[fx.GraphModule], comp_of: dict, policy: Auto) -> list[Budget]:
+    """The budgets as :class:`Budget` rows over components (``comp_of``: decision key -> row):
+    ``weight_memory_bits`` (elements of every weight and bias × bits) and ``bops`` (per
+    multiply-accumulate op with a weight: MACs per sample × activation bits × weight bits).
+    A budget the policy leaves unset has an infinite limit (its usage is still reported)."""
+    mem, bops = [], []
+    for gi, gm in enumerate(graphs):
+        for node in gm.graph.nodes:
+            role = ir.ROLE.get(node)
+            if role in ir.PARAMETER_ROLES and (gi, node.name, "fwd") in comp_of:
+                mem.append((_numel(_shape(node)), comp_of[(gi, node.name, "fwd")], -1))
+            if role is None or (op := ops.op_of(gm, node)) is None or op.group != "multiply_accumulate":
+                continue
+            weights = [a for a in node.all_input_nodes if ir.ROLE.get(a) == "weight"]
+            acts = [a for a in node.all_input_nodes if ir.ROLE.get(a) not in (None, *ir.PARAMETER_ROLES)]
+            out, w = _shape(node), _shape(weights[0]) if weights else None
+            if not weights or not acts or not out or not w or len(out) < 2:
+                continue
+            macs = _numel(w) * _numel(out) / (out[0] * w[0])
+            bops.append((macs, comp_of[(gi, acts[0].name, "fwd")], comp_of[(gi, weights[0].name, "fwd")]))
+    out = []
+    for name, terms in (("weight_memory_bits", mem), ("bops", bops)):
+        limit = getattr(policy, name)
+        t = np.array(terms, dtype=np.float64).reshape(-1, 3)
+        out.append(Budget(name, math.inf if limit is None else float(limit), t[:, 0],
+                          t[:, 1].astype(np.int64), t[:, 2].astype(np.int64)))
+    return out
 
 
 def choose_formats(gm: fx.GraphModule, policy: Auto, loss_graph: fx.GraphModule | None = None) -> fx.GraphModule:
@@ -364,6 +663,8 @@ def choose_formats(gm: fx.GraphModule, policy: Auto, loss_graph: fx.GraphModule 
     decisions = _decisions(graphs, policy)
     if policy.objective == "reach":
         _reach_weights(graphs, decisions)
+    elif policy.objective == "sensitivity":
+        _sensitivity_weights(graphs, decisions)
     index = {d.key: i for i, d in enumerate(decisions)}
     share = must_share_graph(graphs, decisions)
     components = [sorted(c, key=index.__getitem__) for c in nx.connected_components(share)]
@@ -391,13 +692,17 @@ def choose_formats(gm: fx.GraphModule, policy: Auto, loss_graph: fx.GraphModule 
             for m in members:
                 if m.stats is None or not m.stats.count:
                     continue
-                nsr = _expected_nsr(m, w, fracs, policy.margin_for(w))
+                nsr = _expected_nsr(m, w, fracs, policy.margin_for(w), both=policy.objective == "sensitivity")
                 member_nsr[(m.key, w)] = nsr
                 row += m.weight * nsr
                 elements += m.stats.count
             cost[ci, cols] = row + policy.bits_cost * w * elements / total_elements
 
-    chosen, assign, objective, exact, curve = solve(cost, policy.max_formats, cand_widths, policy.format_cost)
+    comp_of = {k: ci for ci, comp in enumerate(components) for k in comp}
+    budgets = hardware_budgets(graphs, comp_of, policy)
+    chosen, assign, objective, exact, curve = solve(cost, policy.max_formats, cand_widths, policy.format_cost,
+                                                    budgets=[b for b in budgets if math.isfinite(b.limit)])
+    usage = {b.name: b.usage(cand_widths[assign]) for b in budgets}
 
     # the naive baseline: one format per width, its frac from the global max of everything in it
     baseline = 0.0
@@ -420,7 +725,7 @@ def choose_formats(gm: fx.GraphModule, policy: Auto, loss_graph: fx.GraphModule 
         _write(g, gi, fmt_of, policy)
     _warn_if_untrainable(decisions, fmt_of, policy)
     ir.SOLUTION.set(gm, Solution(sorted({cand[j] for j in chosen}), objective, baseline, lower, exact, curve,
-                                 time.perf_counter() - t0, len(decisions), len(components)))
+                                 time.perf_counter() - t0, len(decisions), len(components), usage))
     return gm
 
 

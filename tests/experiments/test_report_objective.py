@@ -1,0 +1,31 @@
+import json
+
+import pytest
+
+from fxcompile.experiments.report import _pareto, report, spearman
+
+
+def test_spearman_matches_the_rank_difference_formula():
+    # no ties: rho = 1 - 6 sum d^2 / (n (n^2 - 1)); here d = (0, 1, -1, 0)
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(1 - 6 * 2 / (4 * 15))
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [5, 5, 6, 7]) == pytest.approx(0.9486832980505138)   # a tie: average ranks
+
+
+def test_pareto_front_keeps_only_points_nothing_beats():
+    assert _pareto([(3, 84.0), (1, 80.0), (4, 90.0), (2, 85.0), (2, 70.0)]) == [(1, 80.0), (2, 85.0), (4, 90.0)]
+
+
+def test_cost_model_report_plots_accuracy_against_objective_and_budgets(tmp_path):
+    runs = [{"policy": f"auto(K={k})", "seed": 0, "accuracy": acc, "objective": obj, "formats": ["16.10"],
+             "usage": {"weight_memory_bits": mem, "bops": 2 * mem}}
+            for k, acc, obj, mem in [(1, 0.10, 1e-2, 100), (2, 0.90, 1e-4, 200), (3, 0.91, 1e-5, 300), (4, 0.905, 2e-5, 400)]]
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps({"command": "x", "date": "d", "runs": runs}))
+    text = report([path], tmp_path / "out")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    rho = spearman([-r["objective"] for r in runs], [r["accuracy"] for r in runs])
+    assert rho == pytest.approx(1.0) and f"Spearman rank correlation (minus objective, accuracy) {rho:.2f}" in summary
+    for name in ("objective_vs_accuracy.png", "pareto_weight_memory_bits.png", "pareto_bops.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0 and name in summary
+    assert "auto(K=3)" in text and "91.00" in text
