@@ -110,3 +110,31 @@ def _figures_of(text, tmp_path):
 def test_docs_name_no_absolute_machine_path():
     for doc in DOCS + sorted((REPO / "benchmarks").glob("*.md")) + sorted((REPO / "examples").rglob("*.md")):
         assert not re.search(r"(?<![\w.])/(work|home|root|Users)/", doc.read_text()), doc
+
+
+def _table_rows(text: str, after: str) -> dict:
+    """The rows (first cell → cells) of the first Markdown table after the line holding ``after``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if after in line)
+    rows, seen = {}, False
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            seen = True
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells[1:]
+        elif seen:
+            break
+    return rows
+
+
+def test_deploy_trained_table_is_its_results_file():
+    """README's table of trained CNNs deployed on the full test set holds, row for row, what
+    ``examples/deploy_trained.py --results benchmarks/results/deploy_trained.json`` wrote."""
+    models = json.loads((RESULTS / "deploy_trained.json").read_text())["models"]
+    rows = _table_rows((REPO / "README.md").read_text(), "benchmarks/results/deploy_trained.json")
+    assert set(models) <= set(rows)
+    for name, rec in models.items():
+        pct = lambda v: f"{100 * v:.2f} %"  # noqa: E731
+        codes = lambda n: f"{n:,} of {rec['output_codes']:,}"  # noqa: E731
+        assert rows[name] == [f"{rec['train_size']:,}", pct(rec["simulation_eval_accuracy"]), pct(rec["ort_accuracy"]),
+                              codes(rec["ort_vs_integer"]), codes(rec["simulation_vs_integer"])], name

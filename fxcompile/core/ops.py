@@ -496,6 +496,31 @@ def fixed_point_mul(a: torch.Tensor, b: torch.Tensor, spec: list) -> torch.Tenso
 
 # ---- convolutions and linear layers: the exact accumulator at inference (passes.accumulators) ----
 
+def conv2d_float64(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """``F.conv2d`` in float64 as one matrix product per group over the whole batch (im2col:
+    ``F.unfold``, then ``bmm``), the same sums as ``F.conv2d`` in float64, which on CPU takes a
+    product per sample and, for the small feature maps of deep layers, streams the weight from
+    memory once per sample.  Exact, as ``F.conv2d`` in float64, when every product and partial
+    sum of the operands' values is a float64 without rounding (codes on a grid whose sum's bound
+    stays within 53 bits: ``passes.accumulators``), in whatever order the product sums them.
+    Inputs other than 4-d tensors with numeric padding go to ``F.conv2d``."""
+    x, weight = x.double(), weight.double()
+    bias = None if bias is None else bias.double()
+    if x.dim() != 4 or isinstance(padding, str):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    (sh, sw), (ph, pw), (dh, dw) = (tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+                                    for v in (stride, padding, dilation))
+    n, _, h, w = x.shape
+    o, k = weight.shape[0], weight[0].numel()
+    kh, kw = weight.shape[2:]
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    cols = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))  # (N, C·kh·kw, L)
+    cols = cols.view(n, groups, k, ho * wo).permute(1, 2, 0, 3).reshape(groups, k, n * ho * wo)
+    y = torch.bmm(weight.reshape(groups, o // groups, k), cols)  # (groups, O / groups, N·L)
+    y = y.view(o, n, ho, wo).transpose(0, 1)
+    return (y if bias is None else y + bias.view(1, -1, 1, 1)).contiguous()
+
+
 def _fixed_point_layer(float_op: Callable, x, weight, bias, args: tuple, spec) -> torch.Tensor:
     """``float_op(x, weight, bias, *args)`` rounded to ``spec`` as deployed, when no gradient is
     needed: the sum of products in float64 (exact while the accumulator's bound stays within
@@ -504,6 +529,7 @@ def _fixed_point_layer(float_op: Callable, x, weight, bias, args: tuple, spec) -
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return float_op(x, weight, bias, *args)
+    float_op = conv2d_float64 if float_op is F.conv2d else float_op
     y = float_op(x.double(), weight.double(), None if bias is None else bias.double(), *args)
     return quantize_reference(y, spec).to(x.dtype)
 
