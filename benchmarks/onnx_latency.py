@@ -8,6 +8,11 @@ summed by op type and by the lowered op: node names start with it)::
 
     python benchmarks/onnx_latency.py [--models seed_cnn mlp residual_cnn] [--batch 64] [--repeats 20] [--runs 3] [--profile]
 
+``vit`` is the small ViT of ``examples/vit_fashion_mnist.py`` (2 layers; integer softmax,
+LayerNorm and GELU); ``--results`` writes the figures as JSON with the command and date::
+
+    python benchmarks/onnx_latency.py --models vit --runs 3 --results benchmarks/results/vit_latency.json
+
 ``--runs`` repeats the whole measurement (fresh sessions) and prints the spread of the ratio.
 ``--against REV`` also exports the same integer graph with the ONNX backend
 (``fxcompile/deploy/backends/onnx/``, or the single module ``fxcompile/deploy/backends/onnx.py``
@@ -44,6 +49,15 @@ import fxcompile as fxc
 from fxcompile.deploy import lower as lowering_now
 from fxcompile.deploy.export import integer_graph, onnx_session
 from fxcompile.experiments.models import build
+
+
+def _build(name: str) -> torch.nn.Module:
+    """A bundled model by name, or ``vit``: the small ViT of ``examples/vit_fashion_mnist.py``."""
+    if name == "vit":
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+        from vit_fashion_mnist import ViT
+        return ViT()
+    return build(name)
 
 
 def _float_onnx(model, x) -> onnx.ModelProto:
@@ -117,7 +131,7 @@ def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool
     """Median seconds a run: the integer graph, the float graph and (``against``: an exporter
     module) the same integer graph exported by it; and the profile report."""
     torch.manual_seed(0)
-    model = build(name).eval()
+    model = _build(name).eval()
     x = torch.randn(batch, 1, 28, 28)
     qmodel = fxc.compile(model, policy, example_inputs=(x[:1],)).eval()
     fxc.fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
@@ -151,18 +165,22 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=1, help="whole measurements per model (the ratio's spread)")
     p.add_argument("--against", metavar="REV", help="also time the integer graph as exported at git revision REV")
     p.add_argument("--profile", action="store_true", help="also print where the integer graph's time goes")
+    p.add_argument("--results", default=None, help="also write the figures as JSON here (with command and date)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     against = exporter_at(args.against) if args.against else None
     print(f"ONNX Runtime CPU, 1 thread, batch {args.batch}, median of {args.repeats}; policy {args.policy}")
     extra = f"{args.against + ' ms':>14}{'vs ' + args.against:>14}" if against else ""
     print(f"{'model':<14}{'integer ms':>12}{'float ms':>10}{'ratio':>8}{extra}")
+    records = {}
     for name in args.models:
-        ratios, versus = [], []
+        ratios, versus, runs = [], [], []
         for run in range(args.runs):
             t, report = measure(name, args.policy, args.batch, args.repeats, args.profile and run == args.runs - 1,
                                 against)
             ratios.append(t["integer"] / t["float"])
+            runs.append({"integer_ms": round(1e3 * t["integer"], 2), "float_ms": round(1e3 * t["float"], 2),
+                         "ratio": round(ratios[-1], 2)})
             line = f"{name:<14}{1e3 * t['integer']:>12.2f}{1e3 * t['float']:>10.2f}{ratios[-1]:>8.2f}"
             if against:
                 versus.append(t["integer"] / t["against"])
@@ -175,6 +193,14 @@ def main(argv=None):
             print(spread, flush=True)
         if report:
             print(report, flush=True)
+        records[name] = {"runs": runs, "median_ratio": round(statistics.median(ratios), 2),
+                         "max_ratio": round(max(ratios), 2)}
+    if args.results:
+        pathlib.Path(args.results).write_text(json.dumps(
+            {"command": "python benchmarks/onnx_latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
+             "date": time.strftime("%Y-%m-%d"), "load_average": [round(v, 1) for v in __import__("os").getloadavg()],
+             "settings": {"batch": args.batch, "repeats": args.repeats, "policy": args.policy, "threads": 1},
+             "models": records}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
