@@ -235,22 +235,54 @@ def emit_matmul(b: _Builder, op: IntOp, x: str, y: str) -> str:
     return b.value(b.node("Transpose", [out], perm=list(po)) if po else out, -bound, bound)
 
 
+def _row_sum(b: _Builder, x: str, n: int) -> str:
+    """The sum over the last axis (of size ``n``) of ``x``, kept as an axis of 1: a ``MatMul`` by
+    a column of ones (ORT's ``ReduceSum`` costs several times as much, ``int64`` most)."""
+    return b.node("MatMul", [x, b.const(np.ones((n, 1)), b.dtype(x))])
+
+
+def _table_lookup(b: _Builder, table: str, index: str, dtype) -> str:
+    """``table[index]`` (a 1-D table, int32 indices inside it): ``GatherElements`` on the
+    flattened indices, reshaped back (ORT's ``Gather`` copies one element at a time, about ten
+    times slower)."""
+    flat = b.node("Reshape", [index, b.const([-1])])
+    out = b.node("GatherElements", [table, flat], axis=0)
+    out = b.node("Reshape", [out, b.node("Shape", [index])])
+    b.types[out] = dtype
+    return out
+
+
 def emit_softmax(b: _Builder, op: IntOp, x: str) -> str:
-    """:func:`fxcompile.core.intmath.softmax_codes` in int64: ``ReduceMax``, the differences
-    (capped at the table's last, zero, entry), ``Gather`` from the exp table, ``ReduceSum``, and
-    ``Div`` (the floor: all non-negative) with the ties-to-even bump ``(2r + (q AND 1)) / (s + 1)``."""
+    """:func:`fxcompile.core.intmath.softmax_codes`: ``ReduceMax``, the differences (capped at
+    the table's last, zero, entry) and the exp table's entries in int32, their row sum (a
+    ``MatMul`` by ones) in int64, and one int64 ``Div`` (the floor: all non-negative) rounding
+    ``e · 2**frac / s``: ``nearest`` is ``q = ⌊(2n + s) / 2s⌋`` (half up), less one on a tie
+    (``q · 2s = 2n + s``) with ``q`` odd."""
     table = op.attrs["table"].numpy()
-    x = b.cast(b.nchw(x), np.int64)
+    lo, hi = b.ranges[x]
+    rows = b.shapes[op.inputs[0]][-1]
+    x = b.cast(b.nchw(x), _int_type(lo - hi, hi - lo))
     d = b.node("Sub", [b.node("ReduceMax", [x, b.const([-1])], keepdims=1), x])
-    d = b.node("Min", [d, b.const(len(table) - 1)])
-    e = b.node("Gather", [b.const(table, name=f"{op.out}.exp_table"), d], axis=0)
-    s = b.node("ReduceSum", [e, b.const([-1])], keepdims=1)
-    n = b.node("Mul", [e, b.const(1 << op.frac)])
-    q = b.node("Div", [n, s])
-    if op.attrs["rounding"] == "nearest":
-        r = b.node("Sub", [n, b.node("Mul", [q, s])])
-        bump = b.node("Add", [b.node("Add", [r, r]), b.node("BitwiseAnd", [q, b.const(1)])])
-        q = b.node("Add", [q, b.node("Div", [bump, b.node("Add", [s, b.const(1)])])])
+    d = b.cast(b.value(b.node("Min", [d, b.const(len(table) - 1, b.dtype(x))]), 0, len(table) - 1), np.int32)
+    tdt = _int_type(int(table.min()), int(table.max()))
+    e = _table_lookup(b, b.const(table, tdt, name=f"{op.out}.exp_table"), d, tdt)
+    e = b.cast(b.value(e, int(table.min()), int(table.max())), np.int64)
+    s = _row_sum(b, e, rows)
+    if (2 << op.frac) * int(table.max()) + rows * int(table.max()) >= 2 ** 63:  # no room for 2n + s
+        q = b.node("Div", [b.node("Mul", [e, b.const(1 << op.frac)]), s])
+        if op.attrs["rounding"] == "nearest":  # the bump (2r + (q AND 1)) / (s + 1)
+            r = b.node("Sub", [b.node("Mul", [e, b.const(1 << op.frac)]), b.node("Mul", [q, s])])
+            bump = b.node("Add", [b.node("Add", [r, r]), b.node("BitwiseAnd", [q, b.const(1)])])
+            q = b.node("Add", [q, b.node("Div", [bump, b.node("Add", [s, b.const(1)])])])
+        return b.value(q, 0, 1 << op.frac)
+    if op.attrs["rounding"] != "nearest":
+        q = b.node("Div", [b.node("Mul", [e, b.const(1 << op.frac)]), s])
+        return b.value(q, 0, 1 << op.frac)
+    s2 = b.node("Add", [s, s])
+    num = b.node("Add", [b.node("Mul", [e, b.const(1 << (op.frac + 1))]), s])
+    q = b.node("Div", [num, s2])
+    tie = b.node("Cast", [b.node("Equal", [b.node("Mul", [q, s2]), num])], to=TensorProto.INT64)
+    q = b.node("Sub", [q, b.node("Mul", [tie, b.node("BitwiseAnd", [q, b.const(1)])])])
     return b.value(q, 0, 1 << op.frac)
 
 
@@ -399,8 +431,8 @@ def emit_clip(b: _Builder, op: IntOp, x: str) -> str:
 
 
 def emit_lookup(b: _Builder, op: IntOp, x: str) -> str:
-    """``Gather`` from the table (an initializer of the narrowest type holding its codes) at
-    ``code − offset``: int32 indices, clipped into the table as the reference clamps them."""
+    """The table (an initializer of the narrowest type holding its codes) at ``code − offset``
+    (:func:`_table_lookup`): int32 indices, clipped into the table as the reference clamps them."""
     table, offset = op.attrs["table"], op.attrs["offset"]
     lo, hi = b.ranges[x]
     layout = x
@@ -409,9 +441,7 @@ def emit_lookup(b: _Builder, op: IntOp, x: str) -> str:
     index = b.cast(_clip(b, index, 0, len(table) - 1), np.int32)
     tlo, thi = int(table.min()), int(table.max())
     data = b.const(table.numpy(), _int_type(tlo, thi), name=f"{op.out}.table")
-    out = b.node("Gather", [data, index], axis=0)
-    b.types[out] = _int_type(tlo, thi)
-    return b.value(out, tlo, thi, like=layout)
+    return b.value(_table_lookup(b, data, index, _int_type(tlo, thi)), tlo, thi, like=layout)
 
 
 def emit_constant(b: _Builder, op: IntOp) -> str:
