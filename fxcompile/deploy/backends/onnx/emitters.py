@@ -292,44 +292,69 @@ def _floor_divide(b: _Builder, num: str, den: str) -> str:
     return b.node("Div", [b.node("Sub", [num, b.node("Mod", [num, den], fmod=0)]), den])
 
 
-def _power_of_two(b: _Builder, exponent: str) -> str:
-    """``2**exponent`` (int64, 0 <= exponent <= 62) by an unsigned ``BitShift``."""
-    one = b.const(1, np.uint64)
-    shift = b.node("BitShift", [one, b.node("Cast", [exponent], to=TensorProto.UINT64)], direction="LEFT")
-    return b.node("Cast", [shift], to=TensorProto.INT64)
-
-
-def emit_isqrt(b: _Builder, n: str) -> str:
-    """:func:`fxcompile.core.intmath.isqrt` of non-negative int64 ``n``: the bit length by a
-    six-step binary search, the start ``2**ceil(b/2)``, six Newton steps."""
-    length = b.node("Mul", [n, b.const(0)])
-    for step in (32, 16, 8, 4, 2, 1):
-        above = b.node("GreaterOrEqual", [n, _power_of_two(b, b.node("Add", [length, b.const(step - 1)]))])
-        length = b.node("Where", [above, b.node("Add", [length, b.const(step)]), length])
-    k = _power_of_two(b, b.node("Div", [b.node("Add", [length, b.const(1)]), b.const(2)]))
+def emit_isqrt(b: _Builder, n: str, lo: int = 0) -> str:
+    """:func:`fxcompile.core.intmath.isqrt` of non-negative int64 ``n`` (>= ``lo``): the bit
+    length ``b`` as the count of powers of two at most ``n`` (one broadcast comparison and its
+    row sum), the start ``2**ceil(b/2)`` from a table, six Newton steps (``max(k, 1)`` only
+    when ``n`` may be 0)."""
+    powers = b.const((1 << np.arange(63, dtype=np.uint64)).astype(np.int64))
+    count = b.node("Cast", [b.node("GreaterOrEqual", [b.node("Unsqueeze", [n, b.const([-1])]), powers])],
+                   to=TensorProto.INT32)
+    length = b.node("ReduceSum", [count, b.const([-1])], keepdims=0)
+    starts = b.const([1 << ((k + 1) >> 1) for k in range(64)])
+    k = b.node("Gather", [starts, length], axis=0)
     for _ in range(intmath.ISQRT_STEPS):
-        step = b.node("Div", [b.node("Add", [k, b.node("Div", [n, b.node("Max", [k, b.const(1)])])]), b.const(2)])
+        den = k if lo >= 1 else b.node("Max", [k, b.const(1)])
+        step = b.node("Div", [b.node("Add", [k, b.node("Div", [n, den])]), b.const(2)])
         k = b.node("Min", [k, step])
     return k
 
 
 def emit_layer_norm(b: _Builder, op: IntOp, x: str) -> str:
-    """:func:`fxcompile.core.intmath.layer_norm_codes` in int64 (``Mod`` for the floor of
-    signed divisions, :func:`emit_isqrt` for σ)."""
+    """:func:`fxcompile.core.intmath.layer_norm_codes` with the same integers, computed with
+    fewer passes over the elements:
+
+    * the row sums ``S = Σx`` and ``Q = Σx²`` (``MatMul`` by ones), from which, per row,
+      ``m_p`` and ``Σc² = 4**p · Q − 2**(p+1) · m_p · S + n · m_p²`` (the same integer as
+      summing ``c = x · 2**p − m_p`` squared), ``V`` and ``R = isqrt(V · 4**g)``;
+    * ``z = ⌊(2**(q+1) · x − 2 m_q + R) / 2R⌋`` by one int64 ``Div`` of a numerator made
+      non-negative by a per-row multiple ``K · 2R`` of the divisor, taken off after
+      (``K = ⌈(2**(q+1) · (−lo) + 2 m_q − R) / 2R⌉``, ``lo`` the smallest code);
+    * the affine map.  When the offset numerator could leave int64, ``Mod`` gives the floor."""
     plan, w, bias = op.attrs["plan"], op.attrs["weight"], op.attrs["bias"]
     p, g, k, e, n = plan["p"], plan["g"], plan["k"], plan["e"], plan["n"]
-    x = b.cast(b.nchw(x), np.int64)
-    total = b.node("ReduceSum", [x, b.const([-1])], keepdims=1)
+    q = k + g + p
+    x = b.nchw(x)
+    lo, hi = b.ranges[x]
+    big = max(-lo, hi)
+    xs = b.cast(x, _int_type(-n * big, n * big))
+    total = _row_sum(b, xs, n)
+    total = total if b.dtype(xs) == np.int64 else b.node("Cast", [total], to=TensorProto.INT64)
+    x = b.cast(x, np.int64)
+    squares = _row_sum(b, b.node("Mul", [x, x]), n)
 
-    def centred(bits):  # x · 2**bits minus the mean with as many extra bits, rounded half up
-        mean = _floor_divide(b, b.node("Add", [b.node("Mul", [total, b.const(1 << (bits + 1))]), b.const(n)]),
+    def mean(bits):  # the row mean with as many extra bits, rounded half up
+        return _floor_divide(b, b.node("Add", [b.node("Mul", [total, b.const(1 << (bits + 1))]), b.const(n)]),
                              b.const(2 * n))
-        return b.node("Sub", [b.node("Mul", [x, b.const(1 << bits)]), mean])
-    c = centred(p)
-    v = b.node("Div", [b.node("ReduceSum", [b.node("Mul", [c, c]), b.const([-1])], keepdims=1), b.const(n)])
-    r = emit_isqrt(b, b.node("Mul", [b.node("Add", [v, b.const(e)]), b.const(1 << (2 * g))]))
-    num = b.node("Add", [b.node("Mul", [centred(k + g + p), b.const(2)]), r])
-    z = _floor_divide(b, num, b.node("Mul", [r, b.const(2)]))
+    m = mean(p)
+    cc = b.node("Sub", [b.node("Mul", [squares, b.const(1 << (2 * p))]),
+                        b.node("Mul", [b.node("Mul", [m, total]), b.const(1 << (p + 1))])])
+    cc = b.node("Add", [cc, b.node("Mul", [b.node("Mul", [m, m]), b.const(n)])])
+    v = b.node("Div", [cc, b.const(n)])
+    r = emit_isqrt(b, b.node("Mul", [b.node("Add", [v, b.const(e)]), b.const(1 << (2 * g))]), lo=e << (2 * g))
+    r2 = b.node("Mul", [r, b.const(2)])
+    m2 = b.node("Mul", [mean(q), b.const(2)])
+    r_max = math.isqrt((((hi - lo << p) + 1) ** 2 + e) << (2 * g)) + 1  # |c| <= 2**p · (hi − lo) + 1
+    if (hi - lo) * 2 ** (q + 1) + 2 * r_max < 2 ** 62:
+        # K · 2R >= 2**(q+1) · (−lo) + 2 m_q − R >= −R, so K >= 0 and the numerator >= 0
+        above = b.node("Sub", [b.node("Add", [m2, b.const(-lo * 2 ** (q + 1))]), r])
+        times = b.node("Div", [b.node("Add", [above, b.node("Sub", [r2, b.const(1)])]), r2])
+        offset = b.node("Sub", [b.node("Add", [b.node("Mul", [times, r2]), r]), m2])
+        num = b.node("Add", [b.node("Mul", [x, b.const(2 ** (q + 1))]), offset])
+        z = b.node("Sub", [b.node("Div", [num, r2]), times])
+    else:
+        num = b.node("Add", [b.node("Sub", [b.node("Mul", [x, b.const(2 ** (q + 1))]), m2]), r])
+        z = _floor_divide(b, num, r2)
     top = (math.isqrt(n) + 1) << k
     if w is not None:
         z = b.node("Mul", [z, b.const(w.numpy(), name=f"{op.out}.weight")])
