@@ -235,6 +235,11 @@ def emit_matmul(b: _Builder, op: IntOp, x: str, y: str) -> str:
     return b.value(b.node("Transpose", [out], perm=list(po)) if po else out, -bound, bound)
 
 
+# The widest numerator the one-division forms of softmax and LayerNorm may build (else they
+# take the longer forms that stay inside int64)
+_ONE_DIVISION_LIMIT = 2 ** 62
+
+
 def _row_sum(b: _Builder, x: str, n: int) -> str:
     """The sum over the last axis (of size ``n``) of ``x``, kept as an axis of 1: a ``MatMul`` by
     a column of ones (ORT's ``ReduceSum`` costs several times as much, ``int64`` most)."""
@@ -268,7 +273,7 @@ def emit_softmax(b: _Builder, op: IntOp, x: str) -> str:
     e = _table_lookup(b, b.const(table, tdt, name=f"{op.out}.exp_table"), d, tdt)
     e = b.cast(b.value(e, int(table.min()), int(table.max())), np.int64)
     s = _row_sum(b, e, rows)
-    if (2 << op.frac) * int(table.max()) + rows * int(table.max()) >= 2 ** 63:  # no room for 2n + s
+    if (2 << op.frac) * int(table.max()) + rows * int(table.max()) >= _ONE_DIVISION_LIMIT:  # no room for 2n + s
         q = b.node("Div", [b.node("Mul", [e, b.const(1 << op.frac)]), s])
         if op.attrs["rounding"] == "nearest":  # the bump (2r + (q AND 1)) / (s + 1)
             r = b.node("Sub", [b.node("Mul", [e, b.const(1 << op.frac)]), b.node("Mul", [q, s])])
@@ -345,7 +350,7 @@ def emit_layer_norm(b: _Builder, op: IntOp, x: str) -> str:
     r2 = b.node("Mul", [r, b.const(2)])
     m2 = b.node("Mul", [mean(q), b.const(2)])
     r_max = math.isqrt((((hi - lo << p) + 1) ** 2 + e) << (2 * g)) + 1  # |c| <= 2**p · (hi − lo) + 1
-    if (hi - lo) * 2 ** (q + 1) + 2 * r_max < 2 ** 62:
+    if (hi - lo) * 2 ** (q + 1) + 2 * r_max < _ONE_DIVISION_LIMIT:
         # K · 2R >= 2**(q+1) · (−lo) + 2 m_q − R >= −R, so K >= 0 and the numerator >= 0
         above = b.node("Sub", [b.node("Add", [m2, b.const(-lo * 2 ** (q + 1))]), r])
         times = b.node("Div", [b.node("Add", [above, b.node("Sub", [r2, b.const(1)])]), r2])
