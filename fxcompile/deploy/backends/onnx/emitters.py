@@ -321,7 +321,9 @@ def emit_layer_norm(b: _Builder, op: IntOp, x: str) -> str:
 
     * the row sums ``S = Σx`` and ``Q = Σx²`` (``MatMul`` by ones), from which, per row,
       ``m_p`` and ``Σc² = 4**p · Q − 2**(p+1) · m_p · S + n · m_p²`` (the same integer as
-      summing ``c = x · 2**p − m_p`` squared), ``V`` and ``R = isqrt(V · 4**g)``;
+      summing ``c = x · 2**p − m_p`` squared), ``V`` and ``R = isqrt(V · 4**g)``; for rows of
+      ``n = 2**L`` (``p >= L``) the means are exact, ``m_p = S · 2**(p − L)``, and
+      ``V = 2**(2p − 2L) · (n · Q − S²)``;
     * ``z = ⌊(2**(q+1) · x − 2 m_q + R) / 2R⌋`` by one int64 ``Div`` of a numerator made
       non-negative by a per-row multiple ``K · 2R`` of the divisor, taken off after
       (``K = ⌈(2**(q+1) · (−lo) + 2 m_q − R) / 2R⌉``, ``lo`` the smallest code);
@@ -339,22 +341,30 @@ def emit_layer_norm(b: _Builder, op: IntOp, x: str) -> str:
     squares = _row_sum(b, b.node("Mul", [x, x]), n)
 
     def mean(bits):  # the row mean with as many extra bits, rounded half up
+        if shift is not None:  # n = 2**L, bits >= L: ⌊S · 2**(bits − L) + 1/2⌋ is exact
+            return b.node("Mul", [total, b.const(1 << (bits - shift))])
         return _floor_divide(b, b.node("Add", [b.node("Mul", [total, b.const(1 << (bits + 1))]), b.const(n)]),
                              b.const(2 * n))
-    m = mean(p)
-    cc = b.node("Sub", [b.node("Mul", [squares, b.const(1 << (2 * p))]),
-                        b.node("Mul", [b.node("Mul", [m, total]), b.const(1 << (p + 1))])])
-    cc = b.node("Add", [cc, b.node("Mul", [b.node("Mul", [m, m]), b.const(n)])])
-    v = b.node("Div", [cc, b.const(n)])
-    r = emit_isqrt(b, b.node("Mul", [b.node("Add", [v, b.const(e)]), b.const(1 << (2 * g))]), lo=e << (2 * g))
-    r2 = b.node("Mul", [r, b.const(2)])
-    m2 = b.node("Mul", [mean(q), b.const(2)])
+    shift = n.bit_length() - 1 if n & (n - 1) == 0 and p >= n.bit_length() - 1 else None
+    if shift is not None:  # Σc² = 2**(2p − L) · (n · Q − S²) and V = Σc² / n exactly: (V + e) · 4**g at once
+        scale = b.const(1 << (2 * (p - shift + g)))
+        spread = b.node("Sub", [b.node("Mul", [squares, b.const(n)]), b.node("Mul", [total, total])])
+        radicand = b.node("Add", [b.node("Mul", [spread, scale]), b.const(e << (2 * g))])
+    else:
+        m = mean(p)
+        cc = b.node("Sub", [b.node("Mul", [squares, b.const(1 << (2 * p))]),
+                            b.node("Mul", [b.node("Mul", [m, total]), b.const(1 << (p + 1))])])
+        cc = b.node("Add", [cc, b.node("Mul", [b.node("Mul", [m, m]), b.const(n)])])
+        v = b.node("Div", [cc, b.const(n)])
+        radicand = b.node("Mul", [b.node("Add", [v, b.const(e)]), b.const(1 << (2 * g))])
+    r = emit_isqrt(b, radicand, lo=e << (2 * g))
+    r2 = b.node("Add", [r, r])
+    m2 = mean(q + 1) if shift is not None else b.node("Mul", [mean(q), b.const(2)])
     r_max = math.isqrt((((hi - lo << p) + 1) ** 2 + e) << (2 * g)) + 1  # |c| <= 2**p · (hi − lo) + 1
     if (hi - lo) * 2 ** (q + 1) + 2 * r_max < _ONE_DIVISION_LIMIT:
         # K · 2R >= 2**(q+1) · (−lo) + 2 m_q − R >= −R, so K >= 0 and the numerator >= 0
-        above = b.node("Sub", [b.node("Add", [m2, b.const(-lo * 2 ** (q + 1))]), r])
-        times = b.node("Div", [b.node("Add", [above, b.node("Sub", [r2, b.const(1)])]), r2])
-        offset = b.node("Sub", [b.node("Add", [b.node("Mul", [times, r2]), r]), m2])
+        times = b.node("Div", [b.node("Add", [b.node("Add", [m2, r]), b.const(-lo * 2 ** (q + 1) - 1)]), r2])
+        offset = b.node("Add", [b.node("Sub", [b.node("Mul", [times, r2]), m2]), r])
         num = b.node("Add", [b.node("Mul", [x, b.const(2 ** (q + 1))]), offset])
         z = b.node("Sub", [b.node("Div", [num, r2]), times])
     else:
