@@ -185,6 +185,8 @@ def main(argv=None):
             if against:
                 versus.append(t["integer"] / t["against"])
                 line += f"{1e3 * t['against']:>14.2f}{versus[-1]:>14.3f}"
+                runs[-1].update(against_ms=round(1e3 * t["against"], 2), against_ratio=round(t["against"] / t["float"], 2),
+                                vs_against=round(versus[-1], 3))
             print(line, flush=True)
         if args.runs > 1:
             spread = f"{name:<14}{'over ' + str(args.runs) + ' runs':>22}{min(ratios):>8.2f}–{max(ratios):.2f}"
@@ -195,6 +197,9 @@ def main(argv=None):
             print(report, flush=True)
         records[name] = {"runs": runs, "median_ratio": round(statistics.median(ratios), 2),
                          "max_ratio": round(max(ratios), 2)}
+        if against:
+            records[name].update(against=args.against, median_vs_against=round(statistics.median(versus), 3),
+                                 median_against_ratio=round(statistics.median(r["against_ratio"] for r in runs), 2))
     if args.results:
         pathlib.Path(args.results).write_text(json.dumps(
             {"command": "python benchmarks/onnx_latency.py " + " ".join(sys.argv[1:] if argv is None else argv),

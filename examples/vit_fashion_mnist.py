@@ -22,6 +22,18 @@ Measured (``benchmarks/results/vit_fashion_mnist.json``, load average ~9 on 2 co
 
 Without scaling, the backward casts flush most of the small gradients of a batch-mean loss to
 zero in 16.10 (``benchmarks/vit_gradients.py`` counts them per edge).
+
+``--export --out DIR`` saves each trained state in ``DIR`` as soon as its training ends, then
+exports each ``baseline`` model as the integer ONNX graph and verifies it on the whole test set
+(ORT's, the integer reference's and the simulation's accuracy, differing output codes); records
+on disk are skipped and saved states loaded, so a rerun resumes, and ``--recheck`` exports the
+saved states again::
+
+    python examples/vit_fashion_mnist.py --data ../shared/data/fashion-mnist --seeds 0 1 --epochs 3 --threads 1 \
+        --loss-scales 16 --export --out runs/vit_fashion_mnist --results benchmarks/results/vit_fashion_mnist_integer.json
+
+Both seeds: ORT's accuracy equals the simulation's (85.81 %, 84.39 %), 0 differing output codes
+(``benchmarks/results/vit_fashion_mnist_integer.json``).
 """
 
 from __future__ import annotations
