@@ -19,6 +19,11 @@ lowered op: node names start with it)::
 
 The QDQ export is timed twice: as ``export_onnx(..., flavour="qdq")`` writes it, and with
 ``uint8_activations=True`` (signed 8-bit activations as uint8, the form ORT fuses throughout).
+``vit`` is the small ViT of ``examples/vit_fashion_mnist.py`` (2 layers; integer softmax,
+LayerNorm and GELU)::
+
+    python benchmarks/onnx_latency.py --models vit --runs 3 --results benchmarks/results/vit_latency.json
+
 ``--runs`` repeats the whole measurement (fresh sessions) and prints the spread of the ratio.
 ``--results FILE`` writes every run's times, ratios and differing codes as JSON.
 ``--against REV`` also exports the same integer graph with the ONNX backend
@@ -127,13 +132,23 @@ def exporter_at(rev: str) -> types.ModuleType:
     return importlib.import_module(f"{name}.{backend.replace('/', '.')}")
 
 
+def _build(name: str) -> torch.nn.Module:
+    """A bundled or torchvision model by name (one channel, 10 classes), or ``vit``: the small
+    ViT of ``examples/vit_fashion_mnist.py``."""
+    if name == "vit":
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+        from vit_fashion_mnist import ViT
+        return ViT()
+    return build(name, num_classes=10, in_channels=1)
+
+
 def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool = False, against=None,
             size: int = 28, fold_batch_norm: bool = False):
     """Median seconds a run: the integer graph, the QDQ graph and the QDQ graph with uint8
     activations (``None`` when the QDQ flavour cannot write this model), the float graph and (``against``: an exporter module) the same
     integer graph exported by it; the profile report; and ``verify``'s differing codes."""
     torch.manual_seed(0)
-    model = build(name, num_classes=10, in_channels=1).eval()
+    model = _build(name).eval()
     x = torch.randn(batch, 1, size, size)
     qmodel = fxc.compile(model, policy, example_inputs=(x[:1],), fold_batch_norm=fold_batch_norm).eval()
     fxc.fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
@@ -244,7 +259,8 @@ def main(argv=None):
                             "qdq_uint8_over_float_median": median(u8_ratios)})
     if args.results:
         args.results.write_text(json.dumps({
-            "command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
+            "command": "python benchmarks/onnx_latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": datetime.date.today().isoformat(),
             "settings": {"batch": args.batch, "input": [1, args.size, args.size], "repeats": args.repeats,
                          "threads": 1, "fold_batch_norm": args.fold_batch_norm, "onnxruntime": _ort_version(), "load_average": round(load, 1)},
             "models": records}, indent=1) + "\n")

@@ -235,22 +235,59 @@ def emit_matmul(b: _Builder, op: IntOp, x: str, y: str) -> str:
     return b.value(b.node("Transpose", [out], perm=list(po)) if po else out, -bound, bound)
 
 
+# The widest numerator the one-division forms of softmax and LayerNorm may build (else they
+# take the longer forms that stay inside int64)
+_ONE_DIVISION_LIMIT = 2 ** 62
+
+
+def _row_sum(b: _Builder, x: str, n: int) -> str:
+    """The sum over the last axis (of size ``n``) of ``x``, kept as an axis of 1: a ``MatMul`` by
+    a column of ones (ORT's ``ReduceSum`` costs several times as much, ``int64`` most)."""
+    return b.node("MatMul", [x, b.const(np.ones((n, 1)), b.dtype(x))])
+
+
+def _table_lookup(b: _Builder, table: str, index: str, dtype) -> str:
+    """``table[index]`` (a 1-D table, int32 indices inside it): ``GatherElements`` on the
+    flattened indices, reshaped back (ORT's ``Gather`` copies one element at a time, about ten
+    times slower)."""
+    flat = b.node("Reshape", [index, b.const([-1])])
+    out = b.node("GatherElements", [table, flat], axis=0)
+    out = b.node("Reshape", [out, b.node("Shape", [index])])
+    b.types[out] = dtype
+    return out
+
+
 def emit_softmax(b: _Builder, op: IntOp, x: str) -> str:
-    """:func:`fxcompile.core.intmath.softmax_codes` in int64: ``ReduceMax``, the differences
-    (capped at the table's last, zero, entry), ``Gather`` from the exp table, ``ReduceSum``, and
-    ``Div`` (the floor: all non-negative) with the ties-to-even bump ``(2r + (q AND 1)) / (s + 1)``."""
+    """:func:`fxcompile.core.intmath.softmax_codes`: ``ReduceMax``, the differences (capped at
+    the table's last, zero, entry) and the exp table's entries in int32, their row sum (a
+    ``MatMul`` by ones) in int64, and one int64 ``Div`` (the floor: all non-negative) rounding
+    ``e · 2**frac / s``: ``nearest`` is ``q = ⌊(2n + s) / 2s⌋`` (half up), less one on a tie
+    (``q · 2s = 2n + s``) with ``q`` odd."""
     table = op.attrs["table"].numpy()
-    x = b.cast(b.nchw(x), np.int64)
+    lo, hi = b.ranges[x]
+    rows = b.shapes[op.inputs[0]][-1]
+    x = b.cast(b.nchw(x), _int_type(lo - hi, hi - lo))
     d = b.node("Sub", [b.node("ReduceMax", [x, b.const([-1])], keepdims=1), x])
-    d = b.node("Min", [d, b.const(len(table) - 1)])
-    e = b.node("Gather", [b.const(table, name=f"{op.out}.exp_table"), d], axis=0)
-    s = b.node("ReduceSum", [e, b.const([-1])], keepdims=1)
-    n = b.node("Mul", [e, b.const(1 << op.frac)])
-    q = b.node("Div", [n, s])
-    if op.attrs["rounding"] == "nearest":
-        r = b.node("Sub", [n, b.node("Mul", [q, s])])
-        bump = b.node("Add", [b.node("Add", [r, r]), b.node("BitwiseAnd", [q, b.const(1)])])
-        q = b.node("Add", [q, b.node("Div", [bump, b.node("Add", [s, b.const(1)])])])
+    d = b.cast(b.value(b.node("Min", [d, b.const(len(table) - 1, b.dtype(x))]), 0, len(table) - 1), np.int32)
+    tdt = _int_type(int(table.min()), int(table.max()))
+    e = _table_lookup(b, b.const(table, tdt, name=f"{op.out}.exp_table"), d, tdt)
+    e = b.cast(b.value(e, int(table.min()), int(table.max())), np.int64)
+    s = _row_sum(b, e, rows)
+    if (2 << op.frac) * int(table.max()) + rows * int(table.max()) >= _ONE_DIVISION_LIMIT:  # no room for 2n + s
+        q = b.node("Div", [b.node("Mul", [e, b.const(1 << op.frac)]), s])
+        if op.attrs["rounding"] == "nearest":  # the bump (2r + (q AND 1)) / (s + 1)
+            r = b.node("Sub", [b.node("Mul", [e, b.const(1 << op.frac)]), b.node("Mul", [q, s])])
+            bump = b.node("Add", [b.node("Add", [r, r]), b.node("BitwiseAnd", [q, b.const(1)])])
+            q = b.node("Add", [q, b.node("Div", [bump, b.node("Add", [s, b.const(1)])])])
+        return b.value(q, 0, 1 << op.frac)
+    if op.attrs["rounding"] != "nearest":
+        q = b.node("Div", [b.node("Mul", [e, b.const(1 << op.frac)]), s])
+        return b.value(q, 0, 1 << op.frac)
+    s2 = b.node("Add", [s, s])
+    num = b.node("Add", [b.node("Mul", [e, b.const(1 << (op.frac + 1))]), s])
+    q = b.node("Div", [num, s2])
+    tie = b.node("Cast", [b.node("Equal", [b.node("Mul", [q, s2]), num])], to=TensorProto.INT64)
+    q = b.node("Sub", [q, b.node("Mul", [tie, b.node("BitwiseAnd", [q, b.const(1)])])])
     return b.value(q, 0, 1 << op.frac)
 
 
@@ -260,44 +297,79 @@ def _floor_divide(b: _Builder, num: str, den: str) -> str:
     return b.node("Div", [b.node("Sub", [num, b.node("Mod", [num, den], fmod=0)]), den])
 
 
-def _power_of_two(b: _Builder, exponent: str) -> str:
-    """``2**exponent`` (int64, 0 <= exponent <= 62) by an unsigned ``BitShift``."""
-    one = b.const(1, np.uint64)
-    shift = b.node("BitShift", [one, b.node("Cast", [exponent], to=TensorProto.UINT64)], direction="LEFT")
-    return b.node("Cast", [shift], to=TensorProto.INT64)
-
-
-def emit_isqrt(b: _Builder, n: str) -> str:
-    """:func:`fxcompile.core.intmath.isqrt` of non-negative int64 ``n``: the bit length by a
-    six-step binary search, the start ``2**ceil(b/2)``, six Newton steps."""
-    length = b.node("Mul", [n, b.const(0)])
-    for step in (32, 16, 8, 4, 2, 1):
-        above = b.node("GreaterOrEqual", [n, _power_of_two(b, b.node("Add", [length, b.const(step - 1)]))])
-        length = b.node("Where", [above, b.node("Add", [length, b.const(step)]), length])
-    k = _power_of_two(b, b.node("Div", [b.node("Add", [length, b.const(1)]), b.const(2)]))
+def emit_isqrt(b: _Builder, n: str, lo: int = 0) -> str:
+    """:func:`fxcompile.core.intmath.isqrt` of non-negative int64 ``n`` (>= ``lo``): the bit
+    length ``b`` as the count of powers of two at most ``n`` (one broadcast comparison and its
+    row sum), the start ``2**ceil(b/2)`` from a table, six Newton steps (``max(k, 1)`` only
+    when ``n`` may be 0)."""
+    powers = b.const((1 << np.arange(63, dtype=np.uint64)).astype(np.int64))
+    count = b.node("Cast", [b.node("GreaterOrEqual", [b.node("Unsqueeze", [n, b.const([-1])]), powers])],
+                   to=TensorProto.INT32)
+    length = b.node("ReduceSum", [count, b.const([-1])], keepdims=0)
+    starts = b.const([1 << ((k + 1) >> 1) for k in range(64)])
+    k = b.node("Gather", [starts, length], axis=0)
     for _ in range(intmath.ISQRT_STEPS):
-        step = b.node("Div", [b.node("Add", [k, b.node("Div", [n, b.node("Max", [k, b.const(1)])])]), b.const(2)])
+        den = k if lo >= 1 else b.node("Max", [k, b.const(1)])
+        step = b.node("Div", [b.node("Add", [k, b.node("Div", [n, den])]), b.const(2)])
         k = b.node("Min", [k, step])
     return k
 
 
 def emit_layer_norm(b: _Builder, op: IntOp, x: str) -> str:
-    """:func:`fxcompile.core.intmath.layer_norm_codes` in int64 (``Mod`` for the floor of
-    signed divisions, :func:`emit_isqrt` for σ)."""
+    """:func:`fxcompile.core.intmath.layer_norm_codes` with the same integers, computed with
+    fewer passes over the elements:
+
+    * the row sums ``S = Σx`` and ``Q = Σx²`` (``MatMul`` by ones), from which, per row,
+      ``m_p`` and ``Σc² = 4**p · Q − 2**(p+1) · m_p · S + n · m_p²`` (the same integer as
+      summing ``c = x · 2**p − m_p`` squared), ``V`` and ``R = isqrt(V · 4**g)``; for rows of
+      ``n = 2**L`` (``p >= L``) the means are exact, ``m_p = S · 2**(p − L)``, and
+      ``V = 2**(2p − 2L) · (n · Q − S²)``;
+    * ``z = ⌊(2**(q+1) · x − 2 m_q + R) / 2R⌋`` by one int64 ``Div`` of a numerator made
+      non-negative by a per-row multiple ``K · 2R`` of the divisor, taken off after
+      (``K = ⌈(2**(q+1) · (−lo) + 2 m_q − R) / 2R⌉``, ``lo`` the smallest code);
+    * the affine map.  When the offset numerator could leave int64, ``Mod`` gives the floor."""
     plan, w, bias = op.attrs["plan"], op.attrs["weight"], op.attrs["bias"]
     p, g, k, e, n = plan["p"], plan["g"], plan["k"], plan["e"], plan["n"]
-    x = b.cast(b.nchw(x), np.int64)
-    total = b.node("ReduceSum", [x, b.const([-1])], keepdims=1)
+    q = k + g + p
+    x = b.nchw(x)
+    lo, hi = b.ranges[x]
+    big = max(-lo, hi)
+    xs = b.cast(x, _int_type(-n * big, n * big))
+    total = _row_sum(b, xs, n)
+    total = total if b.dtype(xs) == np.int64 else b.node("Cast", [total], to=TensorProto.INT64)
+    x = b.cast(x, np.int64)
+    squares = _row_sum(b, b.node("Mul", [x, x]), n)
 
-    def centred(bits):  # x · 2**bits minus the mean with as many extra bits, rounded half up
-        mean = _floor_divide(b, b.node("Add", [b.node("Mul", [total, b.const(1 << (bits + 1))]), b.const(n)]),
+    def mean(bits):  # the row mean with as many extra bits, rounded half up
+        if shift is not None:  # n = 2**L, bits >= L: ⌊S · 2**(bits − L) + 1/2⌋ is exact
+            return b.node("Mul", [total, b.const(1 << (bits - shift))])
+        return _floor_divide(b, b.node("Add", [b.node("Mul", [total, b.const(1 << (bits + 1))]), b.const(n)]),
                              b.const(2 * n))
-        return b.node("Sub", [b.node("Mul", [x, b.const(1 << bits)]), mean])
-    c = centred(p)
-    v = b.node("Div", [b.node("ReduceSum", [b.node("Mul", [c, c]), b.const([-1])], keepdims=1), b.const(n)])
-    r = emit_isqrt(b, b.node("Mul", [b.node("Add", [v, b.const(e)]), b.const(1 << (2 * g))]))
-    num = b.node("Add", [b.node("Mul", [centred(k + g + p), b.const(2)]), r])
-    z = _floor_divide(b, num, b.node("Mul", [r, b.const(2)]))
+    shift = n.bit_length() - 1 if n & (n - 1) == 0 and p >= n.bit_length() - 1 else None
+    if shift is not None:  # Σc² = 2**(2p − L) · (n · Q − S²) and V = Σc² / n exactly: (V + e) · 4**g at once
+        scale = b.const(1 << (2 * (p - shift + g)))
+        spread = b.node("Sub", [b.node("Mul", [squares, b.const(n)]), b.node("Mul", [total, total])])
+        radicand = b.node("Add", [b.node("Mul", [spread, scale]), b.const(e << (2 * g))])
+    else:
+        m = mean(p)
+        cc = b.node("Sub", [b.node("Mul", [squares, b.const(1 << (2 * p))]),
+                            b.node("Mul", [b.node("Mul", [m, total]), b.const(1 << (p + 1))])])
+        cc = b.node("Add", [cc, b.node("Mul", [b.node("Mul", [m, m]), b.const(n)])])
+        v = b.node("Div", [cc, b.const(n)])
+        radicand = b.node("Mul", [b.node("Add", [v, b.const(e)]), b.const(1 << (2 * g))])
+    r = emit_isqrt(b, radicand, lo=e << (2 * g))
+    r2 = b.node("Add", [r, r])
+    m2 = mean(q + 1) if shift is not None else b.node("Mul", [mean(q), b.const(2)])
+    r_max = math.isqrt((((hi - lo << p) + 1) ** 2 + e) << (2 * g)) + 1  # |c| <= 2**p · (hi − lo) + 1
+    if (hi - lo) * 2 ** (q + 1) + 2 * r_max < _ONE_DIVISION_LIMIT:
+        # K · 2R >= 2**(q+1) · (−lo) + 2 m_q − R >= −R, so K >= 0 and the numerator >= 0
+        times = b.node("Div", [b.node("Add", [b.node("Add", [m2, r]), b.const(-lo * 2 ** (q + 1) - 1)]), r2])
+        offset = b.node("Add", [b.node("Sub", [b.node("Mul", [times, r2]), m2]), r])
+        num = b.node("Add", [b.node("Mul", [x, b.const(2 ** (q + 1))]), offset])
+        z = b.node("Sub", [b.node("Div", [num, r2]), times])
+    else:
+        num = b.node("Add", [b.node("Sub", [b.node("Mul", [x, b.const(2 ** (q + 1))]), m2]), r])
+        z = _floor_divide(b, num, r2)
     top = (math.isqrt(n) + 1) << k
     if w is not None:
         z = b.node("Mul", [z, b.const(w.numpy(), name=f"{op.out}.weight")])
@@ -406,8 +478,8 @@ def emit_clip(b: _Builder, op: IntOp, x: str) -> str:
 
 
 def emit_lookup(b: _Builder, op: IntOp, x: str) -> str:
-    """``Gather`` from the table (an initializer of the narrowest type holding its codes) at
-    ``code − offset``: int32 indices, clipped into the table as the reference clamps them."""
+    """The table (an initializer of the narrowest type holding its codes) at ``code − offset``
+    (:func:`_table_lookup`): int32 indices, clipped into the table as the reference clamps them."""
     table, offset = op.attrs["table"], op.attrs["offset"]
     lo, hi = b.ranges[x]
     layout = x
@@ -416,9 +488,7 @@ def emit_lookup(b: _Builder, op: IntOp, x: str) -> str:
     index = b.cast(_clip(b, index, 0, len(table) - 1), np.int32)
     tlo, thi = int(table.min()), int(table.max())
     data = b.const(table.numpy(), _int_type(tlo, thi), name=f"{op.out}.table")
-    out = b.node("Gather", [data, index], axis=0)
-    b.types[out] = _int_type(tlo, thi)
-    return b.value(out, tlo, thi, like=layout)
+    return b.value(_table_lookup(b, data, index, _int_type(tlo, thi)), tlo, thi, like=layout)
 
 
 def emit_constant(b: _Builder, op: IntOp) -> str:

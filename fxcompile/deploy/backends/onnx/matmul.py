@@ -127,9 +127,14 @@ def _plan(b: _Builder, flat: np.ndarray, bias: np.ndarray, x: str) -> _Plan | No
 # Rough costs on ORT's CPU provider (ns): an int32 MatMul multiply-add; a uint8 × int8
 # MatMulInteger one; one elementwise pass over an int32 element too large for the cache.
 _NS_MAC_INT32, _NS_MAC_8BIT, _NS_PASS = 0.13, 0.006, 1.0
+# a linear layer's int32 MatMul, (M, K) activations by the constant (K, O) weight, costs more a
+# multiply-add: 0.25-0.8 ns measured for K 64-128, O 64-192 (a transformer's projections), where
+# 8-bit MatMulInteger takes 0.005
+_LINEAR_INT32_FACTOR = 3.5
 
 
-def _direct_int32(b: _Builder, plan: _Plan | None, flat: np.ndarray, bias: np.ndarray, x: str, rows: int) -> bool:
+def _direct_int32(b: _Builder, plan: _Plan | None, flat: np.ndarray, bias: np.ndarray, x: str, rows: int,
+                  factor: float = 1.0) -> bool:
     """Whether one int32 MatMul does this conv/linear (``rows`` output rows a sample): it needs
     every partial sum inside int32, and to be cheaper than the 8-bit products, which pay for
     their many large partial sums (about three passes each) when K is small."""
@@ -145,7 +150,7 @@ def _direct_int32(b: _Builder, plan: _Plan | None, flat: np.ndarray, bias: np.nd
     # several products: each partial sum is written, added and recombined (about three passes);
     # a single one writes the accumulator once, as the int32 MatMul does
     passes = 3 if products > 1 else 1
-    return macs * _NS_MAC_INT32 + outputs * _NS_PASS < products * (macs * _NS_MAC_8BIT + passes * outputs * _NS_PASS)
+    return macs * _NS_MAC_INT32 * factor + outputs * _NS_PASS < products * (macs * _NS_MAC_8BIT + passes * outputs * _NS_PASS)
 
 
 def _limbs(b: _Builder, x: str, plan: _Plan) -> list[str]:
@@ -249,7 +254,7 @@ def emit_linear(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) -> str:
     lo, hi = _interval(flat, bias, *b.ranges[x])
     plan = _plan(b, flat, bias, x) if eight_bit else None
     dt = np.int64
-    if eight_bit and _direct_int32(b, plan, flat, bias, x, 1):
+    if eight_bit and _direct_int32(b, plan, flat, bias, x, 1, _LINEAR_INT32_FACTOR):
         plan, dt = None, np.int32
     if plan is not None:
         acc = _products(b, _limbs(b, x, plan), plan, op.out)
