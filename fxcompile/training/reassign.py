@@ -8,13 +8,14 @@ al. 2017):
 
 * **observe**: one training step in ``observe_every``, hooks on every cast record the
   largest |x| of the value arriving at it and of the gradient arriving at its output, and a
-  log2 histogram of a strided sample of at most ``sample`` elements
-  (:class:`~fxcompile.passes.calibrate.TensorStats`, the calibration's statistics);
+  strided sample of at most ``sample`` of its elements (no host synchronisation until the
+  step ends);
 * **predict**: each slot (a cast's forward or backward format) keeps its last ``window``
   observations; the maxima's growth per observation (a least-squares slope of their log2,
   counted only when positive) is extrapolated to the next scheduled re-assignment, and the
   cost of a binary point is the rounding-plus-saturation noise-to-signal of the window's
-  histogram shifted by that growth, averaged over ``headroom`` further octaves of growth
+  samples (their log2 histogram, :class:`~fxcompile.passes.calibrate.TensorStats`, as
+  calibration builds it) shifted by that growth, averaged over ``headroom`` further octaves of growth
   (so a format moves before its values saturate);
 * **re-assign** every ``every`` steps, and after an observation whose saturation rate
   exceeds ``saturation`` or whose underflow rate (nonzero values flushed to zero) exceeds
@@ -67,7 +68,7 @@ from ..passes.choose_formats import solve
 from ..passes.lookup_tables import lookup_tables
 from ..runtime.cast import quantize
 
-__all__ = ["Reassign", "FormatSchedule", "distinct_formats", "cast_formats"]
+__all__ = ["Reassign", "FormatSchedule", "distinct_formats", "cast_formats", "apply_formats"]
 
 _BIG = 1e18          # cost of a binary point a slot may not take (the solver's convention)
 _MAX_GROWTH = 8      # octaves of predicted growth at most
@@ -95,7 +96,7 @@ class Reassign:
     underflow: float | None = None
     rechoose: bool = False
     max_formats: int | None = None
-    sample: int = 1 << 16
+    sample: int = 4096
 
     def __post_init__(self):
         def positive(name, value, zero=False):
@@ -198,6 +199,8 @@ class FormatSchedule:
             raise PolicyError(f"reassign: the model holds {len(distinct_formats(qmodel))} distinct formats, more "
                               f"than max_formats={self.max_formats}")
         self._casts = {name: (gm, node, c) for name, gm, node, c in _cast_nodes(qmodel)}
+        from ..reports.inspect import assignment
+        self.initial_assignment = assignment(qmodel).to_json()   # what compile chose (export chooses it again)
         self._components()
         self.history = {slot: deque(maxlen=config.window) for slot in self.slots}
         self.reassignments = 0     # how many re-assignments ran
@@ -281,16 +284,12 @@ class FormatSchedule:
 
     @torch.no_grad()
     def _record(self, slot, t: torch.Tensor) -> None:
+        # a few tensor ops and no host synchronisation: the histogram is built at re-assignment
         a = t.detach().abs().flatten()
         if not a.numel():
             return
         stride = -(-a.numel() // self.config.sample)
-        stats = TensorStats().update(a[::stride].float())
-        peak = float(a.max())
-        if math.isfinite(peak):
-            stats.max_abs = max(stats.max_abs, peak)
-        old = self._pending.get(slot)
-        self._pending[slot] = stats if old is None else old.merge(stats)
+        self._pending.setdefault(slot, []).append((a.max(), a[::stride].float().contiguous()))
 
     def after_step(self, step: int) -> bool:
         """Call after the optimizer step of step ``step``; re-assigns when due.  True if it did."""
@@ -299,9 +298,14 @@ class FormatSchedule:
             for h in self._handles:
                 h.remove()
             self._handles.clear()
-            for slot, stats in self._pending.items():
-                self.history[slot].append(stats)
-            reason = self._threshold(self._pending)
+            observed = {}
+            for slot, seen in self._pending.items():
+                peaks = torch.stack([p for p, _ in seen]).float().tolist()
+                peak = max((p for p in peaks if math.isfinite(p)), default=0.0)
+                observed[slot] = (peak, torch.cat([x for _, x in seen]))
+                self.history[slot].append(observed[slot])
+            reason = self._threshold(observed) if self.config.saturation is not None or \
+                self.config.underflow is not None else None
             self._pending = None
         if self.config.every and step % self.config.every == 0:
             reason = reason or "schedule"
@@ -311,19 +315,26 @@ class FormatSchedule:
         return True
 
     def _threshold(self, observed: dict) -> str | None:
+        """Why the observed step calls for a re-assignment (telemetry's definitions, on the sample):
+        saturation = values beyond the format's range; underflow = nonzero values that round to 0."""
         sat, under = self.config.saturation, self.config.underflow
-        for slot, stats in observed.items():
-            fmt = self._format(slot)
-            if sat is not None and stats.overflow_rate(fmt) > sat:
-                return f"saturation on {slot[0]} ({slot[1]}): {100 * stats.overflow_rate(fmt):.2f} %"
-            if under is not None and stats.underflow_rate(fmt) > under:
-                return f"underflow on {slot[0]} ({slot[1]}): {100 * stats.underflow_rate(fmt):.2f} %"
+        for slot, (_, x) in observed.items():
+            fmt = ir.stored_format(self._format(slot))
+            if sat is not None and x.numel():
+                rate = float((x > fmt.max_value).float().mean())
+                if rate > sat:
+                    return f"saturation on {slot[0]} ({slot[1]}): {100 * rate:.2f} %"
+            nonzero = x[x > 0]
+            if under is not None and nonzero.numel():
+                rate = float((nonzero < 2.0 ** (-fmt.frac - 1)).float().mean())
+                if rate > under:
+                    return f"underflow on {slot[0]} ({slot[1]}): {100 * rate:.2f} %"
         return None
 
     # -- prediction and choice
     def _growth(self, slot) -> float:
         """Octaves the slot's maxima are predicted to grow by the next scheduled re-assignment."""
-        peaks = [s.max_abs for s in self.history[slot] if s.max_abs > 0]
+        peaks = [p for p, _ in self.history[slot] if p > 0]
         if len(peaks) < 3:
             return 0.0
         y = np.log2(peaks)
@@ -336,9 +347,8 @@ class FormatSchedule:
         window = list(self.history[slot])
         if not window:
             return None
-        stats = window[0]
-        for s in window[1:]:
-            stats = stats.merge(s)
+        stats = TensorStats().update(torch.cat([x for _, x in window]))
+        stats.max_abs = max(stats.max_abs, max(p for p, _ in window))
         signal = float(stats.hist_sq.sum())
         if signal <= 0:
             return None
@@ -491,7 +501,8 @@ class FormatSchedule:
         formats = {name: [c.edge.forward.frac if c.edge.forward is not None else None,
                           c.edge.backward.frac if c.edge.backward is not None else None]
                    for name, (_, _, c) in self._casts.items()}
-        history = {f"{name}|{way}": [s.to_dict() for s in h] for (name, way), h in self.history.items()}
+        history = {f"{name}|{way}": {"peaks": [p for p, _ in h], "samples": [x.clone() for _, x in h]}
+                   for (name, way), h in self.history.items()}
         return {"config": self.config.to_dict(), "formats": formats, "history": history,
                 "reassignments": self.reassignments, "moves": self.moves, "log": list(self.log)}
 
@@ -499,16 +510,26 @@ class FormatSchedule:
         if state["config"] != self.config.to_dict():
             raise PolicyError(f"reassign: the saved schedule has settings {state['config']}, this one "
                               f"{self.config.to_dict()}")
+        self.load_formats(state["formats"])
+        for key, entries in state["history"].items():
+            name, way = key.rsplit("|", 1)
+            self.history[(name, way)] = deque(zip(entries["peaks"], entries["samples"]), maxlen=self.config.window)
+        self.reassignments, self.moves, self.log = state["reassignments"], state["moves"], list(state["log"])
+
+    def load_formats(self, formats: dict) -> dict:
+        """Give the casts the binary points ``formats`` (``state_dict()["formats"]``)."""
         target = {}
-        for name, fracs in state["formats"].items():
+        for name, fracs in formats.items():
             if name not in self._casts:
                 raise PolicyError(f"reassign: the saved schedule has a cast {name!r} this model lacks")
             for way, frac in zip(("fwd", "bwd"), fracs):
                 fmt = self._format((name, way)) if (name, way) in self.history else None
                 if fmt is not None and frac is not None and fmt.frac != frac:
                     target[(name, way)] = fmt.replace(frac=frac)
-        self.set_formats(target)
-        for key, entries in state["history"].items():
-            name, way = key.rsplit("|", 1)
-            self.history[(name, way)] = deque((TensorStats.from_dict(d) for d in entries), maxlen=self.config.window)
-        self.reassignments, self.moves, self.log = state["reassignments"], state["moves"], list(state["log"])
+        return self.set_formats(target)
+
+
+def apply_formats(qmodel: fx.GraphModule, formats: dict, optimizer=None) -> dict:
+    """Give a freshly compiled ``qmodel`` the formats a schedule ended a run with
+    (``FormatSchedule.state_dict()["formats"]``), e.g. to export a saved run; returns the moves."""
+    return FormatSchedule(qmodel, Reassign(every=1), optimizer).load_formats(formats)
