@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections import deque
 
 import numpy as np
@@ -72,6 +73,7 @@ __all__ = ["Reassign", "FormatSchedule", "distinct_formats", "cast_formats", "ap
 
 _BIG = 1e18          # cost of a binary point a slot may not take (the solver's convention)
 _MAX_GROWTH = 8      # octaves of predicted growth at most
+_MAX_GRADIENT_FLUSH = 0.25   # as passes.choose_formats: beyond this, training likely stalls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +209,7 @@ class FormatSchedule:
         self.moves = 0             # how many slot formats they changed
         self.log: list[dict] = []  # one entry per re-assignment: step, reason, formats
         self._pending: dict | None = None
+        self._warned = False
         self._handles: list = []
 
     # -- structure
@@ -387,11 +390,36 @@ class FormatSchedule:
         else:
             new = self._move(cost, cand, current)
         moved = self._apply(new)
+        self._warn_if_flushing()
         self.reassignments += 1
         self.moves += len(moved)
         self.log.append({"step": step, "reason": reason, "moved": len(moved),
                          "formats": sorted(f"{b}.{f}" for b, f in distinct_formats(self.qmodel))})
         return moved
+
+    def _warn_if_flushing(self) -> None:
+        """Warn (once) when, after a re-assignment, the formats still round most of an activation
+        gradient to zero on the last observation: then K formats cannot hold the model's ranges."""
+        if self._warned:
+            return
+        worst = []
+        for (name, way), h in self.history.items():
+            edge = self._casts[name][2].edge
+            if way != "bwd" or edge.backward_role != "gradient" or edge.backward.rounding != "nearest" or not h:
+                continue
+            x = h[-1][1]
+            nonzero = x[x > 0]
+            if nonzero.numel():
+                rate = float((nonzero < 2.0 ** (-edge.backward.frac - 1)).float().mean())
+                if rate > _MAX_GRADIENT_FLUSH:
+                    worst.append((rate, f"{edge.backward} flushes {100 * rate:.0f} % of the gradient at {name}"))
+        if worst:
+            self._warned = True
+            text = "; ".join(t for _, t in sorted(worst, reverse=True)[:3])
+            warnings.warn(f"reassign (max_formats={self.max_formats}): after moving the formats, {text}: "
+                          f"{self.max_formats} format(s) cannot hold both the values' and the gradients' ranges; "
+                          "training will likely stall — allow more formats, more gradient bits, or "
+                          "gradient_rounding='stochastic'", UserWarning, stacklevel=3)
 
     def _move(self, cost: np.ndarray, cand: list, current: list) -> list:
         """Each current format moves as one to its cheapest binary point not taken by another."""
