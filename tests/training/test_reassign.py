@@ -12,7 +12,6 @@ import fxcompile as fxc
 from fxcompile.core import ir
 from fxcompile.errors import PolicyError
 from fxcompile.experiments.data import synthetic
-from fxcompile.experiments.models import SeedCNN
 from fxcompile.training.checkpoint import checkpoints
 from fxcompile.training.reassign import FormatSchedule, Reassign, cast_formats, distinct_formats
 from fxcompile.training.train import TrainConfig, train
@@ -20,11 +19,26 @@ from fxcompile.training.train import TrainConfig, train
 N_TRAIN, BATCH = 160, 16   # 10 steps an epoch
 
 
+class TinyCNN(nn.Module):
+    """The seed CNN's shape (conv, ReLU, max pool, flatten, linear), small enough for seconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(4 * 14 * 14, 10)
+
+    def forward(self, x):
+        return self.fc1(self.flatten(self.pool1(self.relu1(self.conv1(x)))))
+
+
 def _compiled(k=3, seed=0):
     (tx, ty), _ = synthetic(n_train=128, n_test=8)
     torch.manual_seed(seed)
     batches = [(tx[i * 16:(i + 1) * 16], ty[i * 16:(i + 1) * 16]) for i in range(2)]
-    q = fxc.compile(SeedCNN(), fxc.auto(max_formats=k, bits=16), loss_fn=nn.CrossEntropyLoss(),
+    q = fxc.compile(TinyCNN(), fxc.auto(max_formats=k, bits=16), loss_fn=nn.CrossEntropyLoss(),
                     example_inputs=(tx[:2],), calibration_data=batches)
     return q, tx, ty
 
