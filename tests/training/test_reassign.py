@@ -207,3 +207,33 @@ def test_hls4ml_precisions_are_the_final_formats():
                 assert layer.precision[key] == want, (layer.name, key)
                 checked += 1
     assert checked >= 3
+
+
+def test_cli_trains_saves_and_exports_the_final_formats(tmp_path, capsys, monkeypatch):
+    from fxcompile.cli import main
+    from fxcompile.deploy import export as export_module
+    from tests.experiments.test_imagefolder import make_folder
+    make_folder(tmp_path / "imgs", per_class=10)
+    data = ["--dataset", f"imagefolder:{tmp_path / 'imgs'}", "--image-size", "16"]
+    main(["train", "--model", "tests.experiments.test_imagefolder:TinyCNN", *data, "--policy", "auto:2",
+          "--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--reassign-every", "2", "--reassign-rechoose",
+          "--save", str(tmp_path / "run.pt")])
+    capsys.readouterr()
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)["fxcompile"]["formats"]
+    exported = {}
+    original = export_module.export_onnx
+
+    def capture(qmodel, *args, **kwargs):
+        exported.update({name: [f.frac if f is not None else None for f in fmts]
+                         for name, fmts in cast_formats(qmodel).items()})
+        return original(qmodel, *args, **kwargs)
+
+    import fxcompile.training.reassign as reassign_module
+    applied, apply = [], reassign_module.apply_formats
+    monkeypatch.setattr(export_module, "export_onnx", capture)
+    monkeypatch.setattr(reassign_module, "apply_formats", lambda *a, **k: applied.append(apply(*a, **k)))
+    main(["export", str(tmp_path / "m.onnx"), "--state-dict", str(tmp_path / "run.pt")])
+    assert applied and applied[0], "training moved no format: the check below would be vacuous"
+    assert exported == saved
+    with pytest.raises(SystemExit, match="fp32"):
+        main(["train", *data, "--policy", "fp32", "--reassign-every", "2"])
