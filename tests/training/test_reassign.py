@@ -237,3 +237,17 @@ def test_cli_trains_saves_and_exports_the_final_formats(tmp_path, capsys, monkey
     assert exported == saved
     with pytest.raises(SystemExit, match="fp32"):
         main(["train", *data, "--policy", "fp32", "--reassign-every", "2"])
+
+
+def test_reassign_every_is_a_sweep_key_that_reaches_training():
+    from fxcompile.experiments.sweep import SweepError, resolve, run_point
+    plain = resolve({"policy": "baseline"}, "t")
+    assert "reassign_every" not in plain and resolve({"policy": "baseline", "reassign_every": 0}, "t") == plain
+    assert resolve({"policy": "baseline", "reassign_every": 3}, "t") == {**plain, "reassign_every": 3}
+    with pytest.raises(SweepError, match="fp32"):
+        resolve({"policy": "fp32", "reassign_every": 3}, "t")
+    # moving the formats changes what training does, so the key is in the point's id
+    small = {"dataset": "synthetic", "synthetic_train": 64, "synthetic_test": 32, "model": "mlp", "epochs": 1,
+             "batch_size": 16, "policy": "baseline"}
+    runs = [run_point(resolve({**small, "reassign_every": n}, "t"), 0) for n in (0, 2)]
+    assert runs[0]["final_loss"] != runs[1]["final_loss"]
