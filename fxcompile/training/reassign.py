@@ -272,8 +272,12 @@ class FormatSchedule:
             return
         self._pending = {}
         for name, (gm, node, c) in self._casts.items():
-            fwd = (name, "fwd") if c.edge.forward is not None else None
-            bwd = (name, "bwd") if c.edge.backward is not None else None
+            # a direction the cast passes through (an elided cast, a use's forward) sees values
+            # already rounded and clipped upstream: the cast it is tied to sees the true range
+            fwd = (name, "fwd") if c.edge.forward is not None and c._fwd else None
+            bwd = (name, "bwd") if c.edge.backward is not None and c._bwd else None
+            if fwd is None and bwd is None:
+                continue
             self._handles.append(c.register_forward_hook(self._hook(fwd, bwd)))
 
     def _hook(self, fwd, bwd):
