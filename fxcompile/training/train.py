@@ -133,9 +133,9 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
         from ..runtime import telemetry
         telemetry.enable(model, every=cfg.telemetry)
     schedule = None
-    if cfg.reassign is not None and isinstance(model, torch.fx.GraphModule):
+    if cfg.reassign is not None:
         from .reassign import FormatSchedule
-        schedule = FormatSchedule(model, cfg.reassign, opt)
+        schedule = FormatSchedule(model, cfg.reassign, opt)   # refuses a model without casts (fp32)
     log = None
     if cfg.tensorboard:
         from .tensorboard import TensorBoardLog

@@ -251,3 +251,9 @@ def test_reassign_every_is_a_sweep_key_that_reaches_training():
              "batch_size": 16, "policy": "baseline"}
     runs = [run_point(resolve({**small, "reassign_every": n}, "t"), 0) for n in (0, 2)]
     assert runs[0]["final_loss"] != runs[1]["final_loss"]
+
+
+def test_train_refuses_a_schedule_for_fp32():
+    with pytest.raises(PolicyError, match="no fixed-point casts"):
+        train(TrainConfig(model="mlp", policy=None, epochs=1, progress=False, reassign=Reassign(every=2)),
+              *synthetic(n_train=32, n_test=8))
