@@ -3,6 +3,7 @@
     python examples/auto_formats.py --data /path/to/fashion-mnist --max-formats 3 --bits 16 --seeds 0 1 2
     python examples/auto_formats.py --max-formats 3 --bits activation=8,gradient=8,weight=16 \\
         --gradient-rounding stochastic
+    python examples/auto_formats.py --max-formats 1 --reassign-every 200 --reassign-rechoose   # formats follow training
 
 Prints the formats the solver chose, the predicted noise against the naive one-format
 baseline, and the test accuracy per seed; ``--out`` appends one JSON line per run.
@@ -30,6 +31,7 @@ import fxcompile as fxc
 from fxcompile.core.auto import OBJECTIVES
 from fxcompile.experiments.data import fashion_mnist
 from fxcompile.experiments.report import spearman
+from fxcompile.training.reassign import Reassign
 from fxcompile.training.train import TrainConfig, train
 
 
@@ -59,6 +61,12 @@ def main(argv=None):
     p.add_argument("--fp32", action="store_true", help="also train in FP32 with the same seeds")
     p.add_argument("--weight-memory-bits", type=float, default=None, help="budget: total bits of weights and biases")
     p.add_argument("--bops", type=float, default=None, help="budget: bit-operations per sample (MACs x bits x bits)")
+    p.add_argument("--reassign-every", type=int, default=0, metavar="N",
+                   help="move the formats' binary points every N steps from each edge's range history")
+    p.add_argument("--reassign-rechoose", action="store_true", help="re-run the solver at each re-assignment "
+                   "(slots may change format) instead of moving the current formats")
+    p.add_argument("--reassign-saturation", type=float, default=None, metavar="RATE",
+                   help="also re-assign when an observed edge saturates more than this fraction")
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
     p.add_argument("--runs", default=None, help="one JSON file per run in this directory; runs already there are skipped")
     p.add_argument("--results", default=None, help="write all runs in --runs and their Spearman correlation here")
@@ -78,24 +86,34 @@ def main(argv=None):
                       gradient_rounding=args.gradient_rounding, update_rounding=args.update_rounding, margin=args.margin,
                       calibration_batches=args.calibration_batches, weight_memory_bits=args.weight_memory_bits,
                       bops=args.bops)
+    reassign = None
+    if args.reassign_every or args.reassign_saturation is not None:
+        reassign = Reassign(every=args.reassign_every, rechoose=args.reassign_rechoose,
+                            saturation=args.reassign_saturation)
     runs = {}
     for name, pol in ([("fp32", None)] if args.fp32 else []) + [(str(policy), policy)]:
         accs = []
+        # runs that move their formats are other runs than those that keep them
+        stem = _slug(name) + (f"-reassign{args.reassign_every}" if reassign is not None and pol is not None else "")
         for seed in args.seeds:
-            done = Path(args.runs) / f"{_slug(name)}-e{args.epochs}-seed{seed}.json" if args.runs else None
+            done = Path(args.runs) / f"{stem}-e{args.epochs}-seed{seed}.json" if args.runs else None
             if done is not None and done.exists():
                 row = json.loads(done.read_text())
                 print(f"already run: {done}", flush=True)
                 accs.append(100 * row["accuracy"])
                 continue
             t0 = time.time()
-            ckpt = Path(args.checkpoints) / f"{_slug(name)}-e{args.epochs}-seed{seed}" if args.checkpoints else None
-            m = train(TrainConfig(policy=pol, epochs=args.epochs, seed=seed, progress=False), train_data, test_data,
+            ckpt = Path(args.checkpoints) / f"{stem}-e{args.epochs}-seed{seed}" if args.checkpoints else None
+            m = train(TrainConfig(policy=pol, epochs=args.epochs, seed=seed, progress=False,
+                                  reassign=reassign if pol is not None else None), train_data, test_data,
                       checkpoint_dir=ckpt, resume=ckpt is not None)
             q = m.pop("model_object")
             row = {"policy": name, "seed": seed, "accuracy": m["accuracy"], "history": m["history"],
                    "train_size": m["train_size"], "test_size": m["test_size"], "epochs": m["epochs"],
                    "seconds": round(time.time() - t0, 1), "step_time_ms": m["step_time_ms"]}
+            if "reassignments" in m:
+                row.update(reassign=reassign.to_dict(), reassignments=m["reassignments"],
+                           reassign_moves=m["reassign_moves"], final_formats=m["final_formats"])
             sol = getattr(q, "meta", {}).get("fxc_solution")
             if sol is not None:
                 row["formats"] = [f"{b}.{f}" for b, f in sol.formats]

@@ -160,9 +160,34 @@ def add_train(sub):
                    "telemetry and value/gradient histograms to DIR/seed-<N> (pip install tensorboard)")
     p.add_argument("--tensorboard-every", type=int, default=50, metavar="N",
                    help="steps between telemetry scalars and histograms (default 50)")
+    r = p.add_argument_group("formats that follow training (fixed-point policies; see fxcompile.training.reassign)")
+    r.add_argument("--reassign-every", type=int, default=0, metavar="N",
+                   help="move the casts' binary points every N steps, predicted from each edge's range history")
+    r.add_argument("--reassign-saturation", type=float, default=None, metavar="RATE",
+                   help="also re-assign after an observed step where an edge saturates more than RATE")
+    r.add_argument("--reassign-underflow", type=float, default=None, metavar="RATE",
+                   help="also re-assign after an observed step where an edge flushes more than RATE of its "
+                   "nonzero values to zero")
+    r.add_argument("--reassign-rechoose", action="store_true",
+                   help="re-run the solver at each re-assignment (edges may change format; still at most K)")
+    r.add_argument("--reassign-headroom", type=int, default=1, metavar="OCTAVES",
+                   help="octaves of growth beyond the predicted one each format is scored for (default 1)")
 
 
-def _save_run(path, model, qmodel, args, info, policy, seed, calibration=None):
+def _reassign_arg(args):
+    if not (args.reassign_every or args.reassign_saturation is not None or args.reassign_underflow is not None):
+        return None
+    from .errors import FxcompileError
+    from .training.reassign import Reassign
+    try:
+        return Reassign(every=args.reassign_every, saturation=args.reassign_saturation,
+                        underflow=args.reassign_underflow, rechoose=args.reassign_rechoose,
+                        headroom=args.reassign_headroom)
+    except FxcompileError as e:
+        raise SystemExit(f"fxcompile: {e}") from None
+
+
+def _save_run(path, model, qmodel, args, info, policy, seed, calibration=None, schedule=None):
     """Weights of the plain model plus what rebuilding it for export needs."""
     from .core.auto import Auto
     from .reports.inspect import assignment
@@ -173,9 +198,14 @@ def _save_run(path, model, qmodel, args, info, policy, seed, calibration=None):
         meta["policy"] = {"auto": dataclasses.asdict(policy)}
         meta["calibration"] = calibration
         meta["assignment"] = assignment(qmodel).to_json()   # export checks it chose the same formats
+        if schedule is not None:   # the formats moved during training: export starts from compile's, then moves
+            meta["assignment"] = schedule.initial_assignment
+            meta["formats"] = schedule.state_dict()["formats"]
     elif policy is not None:
         from .core.policy import Policy
         meta["policy"] = Policy.coerce(policy).to_dict()
+        if schedule is not None:
+            meta["formats"] = schedule.state_dict()["formats"]
     torch.save({"model": model.state_dict(), "fxcompile": meta}, path)
 
 
@@ -184,6 +214,9 @@ def run_train(args):
     from .experiments.models import build
     from .training.train import TrainConfig, calibration_batches, train, write_metrics
     policy = _policy_arg(args.policy)
+    reassign = _reassign_arg(args)
+    if reassign is not None and policy in (None, "fp32"):
+        raise SystemExit("fxcompile: --reassign-* moves fixed-point formats; the fp32 policy has none")
     if args.resume and not args.checkpoint_dir:
         raise SystemExit("fxcompile: --resume needs --checkpoint-dir DIR (the folder the run checkpointed into)")
     if args.checkpoint_every < 1 or args.telemetry < 0 or args.tensorboard_every < 1:
@@ -207,7 +240,7 @@ def run_train(args):
                           lr=args.lr, seed=seed, weight_rounding=args.weight_rounding, loss_scale=args.loss_scale,
                           checkpoint_every=args.checkpoint_every, telemetry=args.telemetry,
                           tensorboard=f"{args.tensorboard}/seed-{seed}" if args.tensorboard else None,
-                          tensorboard_every=args.tensorboard_every)
+                          tensorboard_every=args.tensorboard_every, reassign=reassign)
         m = train(cfg, train_data, test_data, resume=args.resume,
                   checkpoint_dir=f"{args.checkpoint_dir}/seed-{seed}" if args.checkpoint_dir else None)
         if args.resume:
@@ -222,7 +255,8 @@ def run_train(args):
             if isinstance(policy, Auto):  # export chooses the same formats from the same statistics
                 calibration = {"initial": initial, "batches": calibration_batches(cfg, train_data,
                                                                                   policy.calibration_batches)}
-            _save_run(path, model, m["model_object"], args, info, policy, seed, calibration)
+            _save_run(path, model, m["model_object"], args, info, policy, seed, calibration,
+                      m.get("schedule_object"))
             print(f"saved {path} (fxcompile export OUT.onnx --state-dict {path} exports it)")
         runs.append(m)
     accs = [100 * r["accuracy"] for r in runs]
@@ -455,7 +489,8 @@ def _trained_model(args):
         model.load_state_dict(calibration["initial"])
     elif state is not None:
         _load_weights(model, state, args, name)
-    return model, torch.zeros(shape), policy, (calibration, state, meta.get("seed", 0))
+    formats = meta.get("formats") if args.policy is None else None   # the schedule's, for the recorded policy
+    return model, torch.zeros(shape), policy, (calibration, state, meta.get("seed", 0), formats)
 
 
 def _load_weights(model, state, args, name):
@@ -467,7 +502,8 @@ def _load_weights(model, state, args, name):
 
 def _compile_for_deployment(model, policy, x, recorded=(None, None, 0), args=None):
     from . import compile, fixed_point_optimizer
-    calibration, state, seed = recorded
+    calibration, state, seed = recorded[:3]
+    formats = recorded[3] if len(recorded) > 3 else None   # where a format schedule ended training
     if calibration is not None:
         torch.manual_seed(seed)
         qmodel = compile(model, policy, loss_fn=torch.nn.CrossEntropyLoss(), example_inputs=(x,),
@@ -483,6 +519,9 @@ def _compile_for_deployment(model, policy, x, recorded=(None, None, 0), args=Non
                              "fxcompile version: retrain with --save")
     else:
         qmodel = compile(model, policy, example_inputs=(x,)).eval()
+    if formats is not None:
+        from .training.reassign import apply_formats
+        apply_formats(qmodel, formats)
     # weights trained in fixed point are on their grid already; others are rounded once here
     fixed_point_optimizer(torch.optim.SGD(qmodel.parameters(), lr=0.0), qmodel, rounding="nearest")
     return qmodel

@@ -66,10 +66,11 @@ __all__ = ["SweepError", "Point", "Sweep", "load_sweep", "run_point", "run_sweep
 
 DATASETS = ("fashion_mnist", "digits", "synthetic")
 HYPER = {"dataset": str, "train_subset": int, "data_seed": int, "model": str, "epochs": int, "batch_size": int,
-         "lr": float, "weight_rounding": str, "synthetic_train": int, "synthetic_test": int, "loss_scale": float}
+         "lr": float, "weight_rounding": str, "synthetic_train": int, "synthetic_test": int, "loss_scale": float,
+         "reassign_every": int}
 DEFAULTS = {"dataset": "fashion_mnist", "train_subset": None, "data_seed": 0, "model": "seed_cnn",
             "policy": "baseline", "epochs": 5, "batch_size": 32, "lr": 1e-3, "weight_rounding": None,
-            "synthetic_train": 512, "synthetic_test": 256, "loss_scale": 1.0}
+            "synthetic_train": 512, "synthetic_test": 256, "loss_scale": 1.0, "reassign_every": 0}
 ROLE_FIELDS = ("format", "bits", "frac", "frac_share", "rounding")
 FORMAT_ROLES = ("activation", "gradient", "loss", "weight", "bias")   # the study's five, one CSV column each
 COLUMNS = ("sweep", "point", "seed", "label", "dataset", "model", "policy", *FORMAT_ROLES, "epochs", "batch_size",
@@ -190,6 +191,12 @@ def resolve(settings: dict, where: str, folder: Path = Path(".")) -> dict:
         if scale <= 0 or math.frexp(scale)[0] != 0.5:
             raise SweepError(f"{where}: loss_scale must be a power of two (1, 2, 4, ..., 16, ...), got {scale!r}")
         config["loss_scale"] = scale
+    every = config.pop("reassign_every")   # kept only when set, like loss_scale
+    if every:
+        if policy is None or every < 0:
+            raise SweepError(f"{where}: reassign_every moves fixed-point formats every N > 0 steps; "
+                             + ("the fp32 policy has none" if policy is None else f"got {every!r}"))
+        config["reassign_every"] = every
     return config
 
 
@@ -335,6 +342,9 @@ def run_point(config: dict, seed: int, root: str | None = None, tensorboard: str
         cfg = TrainConfig(model=model, policy=policy, epochs=config["epochs"], batch_size=config["batch_size"],
                           lr=config["lr"], seed=seed, weight_rounding=config["weight_rounding"], progress=False,
                           tensorboard=tensorboard, loss_scale=config.get("loss_scale", 1))
+        if config.get("reassign_every"):
+            from ..training.reassign import Reassign
+            cfg.reassign = Reassign(every=config["reassign_every"])
         m = train(cfg, train_data, test_data)
         return {"accuracy": m["accuracy"], "history": [h["accuracy"] for h in m["history"]],
                 "final_loss": m["history"][-1]["train_loss"] if m["history"] else None,

@@ -134,6 +134,8 @@ def _fingerprint(cfg, train_size: int) -> dict:
     found = {"model": model, "policy": policy,
              "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
              "weight_rounding": cfg.weight_rounding, "train_size": train_size}
+    if getattr(cfg, "reassign", None) is not None:   # absent without one, like loss_scale
+        found["reassign"] = cfg.reassign.to_dict()
     if getattr(cfg, "loss_scale", 1) != 1:   # absent when 1, so checkpoints written before it resume
         found["loss_scale"] = float(cfg.loss_scale)
     return found
@@ -158,8 +160,9 @@ class TrainingCheckpointer:
             raise CheckpointError(f"{self.directory}: holds checkpoints of an earlier run; resume it "
                                   "(--resume / resume=True) or choose an empty checkpoint directory")
 
-    def restore(self, model, optimizer, shuffle: torch.Generator):
-        """Load the newest good checkpoint into model/optimizer/RNGs; ``(epoch, step, history, losses)``."""
+    def restore(self, model, optimizer, shuffle: torch.Generator, schedule=None):
+        """Load the newest good checkpoint into model/optimizer/RNGs (and a format ``schedule``:
+        its formats, histories and counters); ``(epoch, step, history, losses)``."""
         state = load_latest(self.directory) if self.resume else None
         if state is None:
             return 0, 0, [], []
@@ -169,6 +172,8 @@ class TrainingCheckpointer:
                 raise CheckpointError(f"{self.directory}: the checkpoint was written by a different run "
                                       f"({key}: {state['fingerprint'].get(key)!r} there, {value!r} now); "
                                       "resume with the same settings or choose another checkpoint directory")
+        if schedule is not None and state.get("schedule") is not None:
+            schedule.load_state_dict(state["schedule"])   # formats first: the weights below are on their grids
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if state.get("telemetry") is not None:
@@ -183,10 +188,11 @@ class TrainingCheckpointer:
         return bool(self.every) and step % self.every == 0 and step < steps_per_epoch
 
     def save(self, model, optimizer, shuffle_state: torch.Tensor, epoch: int, step: int, steps_per_epoch: int,
-             history: list, losses: list) -> Path:
+             history: list, losses: list, schedule=None) -> Path:
         from ..runtime.telemetry import counters_state
         state = {"fingerprint": self.fingerprint, "epoch": epoch, "step": step,
                  "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "shuffle": shuffle_state, "rng": rng_state(), "history": history, "losses": losses,
-                 "telemetry": counters_state(model)}
+                 "telemetry": counters_state(model),
+                 "schedule": schedule.state_dict() if schedule is not None else None}
         return save_checkpoint(self.directory, state, epoch * steps_per_epoch + step, self.keep)

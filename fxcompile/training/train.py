@@ -38,6 +38,7 @@ class TrainConfig:
     saturation_warning: float = 0.01   # warn once per edge saturating more than this fraction
     tensorboard: str | None = None   # log scalars and per-edge telemetry/histograms to this folder
     tensorboard_every: int = 50   # steps between telemetry scalars and histograms
+    reassign: Any = None          # a training.reassign.Reassign: formats follow training (fixed-point policies)
 
     def policy_name(self) -> str:
         if self.policy is None:
@@ -131,6 +132,10 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
     if cfg.telemetry and isinstance(model, torch.fx.GraphModule):
         from ..runtime import telemetry
         telemetry.enable(model, every=cfg.telemetry)
+    schedule = None
+    if cfg.reassign is not None:
+        from .reassign import FormatSchedule
+        schedule = FormatSchedule(model, cfg.reassign, opt)   # refuses a model without casts (fp32)
     log = None
     if cfg.tensorboard:
         from .tensorboard import TensorBoardLog
@@ -142,7 +147,7 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
     if checkpoint_dir is not None:
         from .checkpoint import TrainingCheckpointer
         ckpt = TrainingCheckpointer(checkpoint_dir, cfg, len(tx), cfg.checkpoint_every, resume)
-        start_epoch, start_step, epochs, losses = ckpt.restore(model, opt, g)
+        start_epoch, start_step, epochs, losses = ckpt.restore(model, opt, g, schedule)
     start = start_epoch * steps_per_epoch + start_step
     bar = None
     if cfg.progress:
@@ -159,10 +164,14 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
             if log is not None:
                 log.before_step(step)
             t0 = time.perf_counter()
+            if schedule is not None:
+                schedule.before_step(step)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(tx[idx]), ty[idx])
             loss.backward()
             opt.step()
+            if schedule is not None:
+                schedule.after_step(step)
             step_times.append(time.perf_counter() - t0)
             losses.append(loss.item())
             if log is not None:
@@ -172,7 +181,7 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
                 if i % 50 == 0:
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if ckpt is not None and ckpt.due(i + 1, steps_per_epoch):
-                ckpt.save(model, opt, shuffle_state, epoch, i + 1, steps_per_epoch, epochs, losses)
+                ckpt.save(model, opt, shuffle_state, epoch, i + 1, steps_per_epoch, epochs, losses, schedule)
         epochs.append({"epoch": epoch + 1, "accuracy": evaluate(model, vx, vy),
                        "train_loss": statistics.fmean(losses[-steps_per_epoch:])})
         if log is not None:
@@ -180,7 +189,7 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
         if cfg.telemetry and isinstance(model, torch.fx.GraphModule):
             telemetry.check(model, cfg.saturation_warning)
         if ckpt is not None:
-            ckpt.save(model, opt, g.get_state(), epoch + 1, 0, steps_per_epoch, epochs, losses)
+            ckpt.save(model, opt, g.get_state(), epoch + 1, 0, steps_per_epoch, epochs, losses, schedule)
     if bar is not None:
         bar.close()
     if log is not None:
@@ -191,13 +200,20 @@ def train(cfg: TrainConfig, train_data, test_data, *, checkpoint_dir=None, resum
             "history": epochs, "step_time_ms": 1e3 * statistics.median(step_times) if step_times else None,
             "final_loss_finite": bool(torch.isfinite(torch.tensor(losses[-1:])).all()) if losses else None,
             "start_step": start, "steps_run": len(step_times),
-            "model_object": model}
+            **({"reassignments": schedule.reassignments, "reassign_moves": schedule.moves,
+                "final_formats": sorted(f"{b}.{f}" for b, f in _distinct(model))} if schedule is not None else {}),
+            "model_object": model, **({"schedule_object": schedule} if schedule is not None else {})}
+
+
+def _distinct(model):
+    from .reassign import distinct_formats
+    return distinct_formats(model)
 
 
 def write_metrics(metrics: dict | list[dict], path: str | Path) -> None:
     """Write metrics as JSON (``.json``) or CSV (``.csv``, one row per run, no history)."""
     rows = metrics if isinstance(metrics, list) else [metrics]
-    rows = [{k: v for k, v in r.items() if k != "model_object"} for r in rows]
+    rows = [{k: v for k, v in r.items() if not k.endswith("_object")} for r in rows]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".csv":
