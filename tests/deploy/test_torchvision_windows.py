@@ -99,3 +99,51 @@ def test_without_example_inputs_export_names_the_attention():
     assert _leaf_calls(q)
     with pytest.raises(ExportError, match="shifted_window_attention"):
         integer_graph(q, (torch.randn(1, 3, 20, 20),))
+
+
+# ---- maxvit: the grid partition's swapaxes, MBConv, relative-position attention ------------------
+
+class Swapped(nn.Module):
+    def forward(self, x):  # (B, 2, 3, 4, 5)
+        return torch.swapaxes(x, -2, -3).swapdims(1, 2) + torch.swapaxes(x, axis0=2, axis1=3).swapaxes(1, 2)
+
+
+def test_swapaxes_is_a_transpose(tmp_path):
+    x = torch.randn(6, 2, 3, 4, 5)
+    q = fxc.compile(Swapped(), fxc.baseline(), example_inputs=(x[:2],)).eval()
+    graph = integer_graph(q, (x[:1],))
+    assert [op.op for op in graph.ops].count("transpose") == 4
+    model = export_onnx(q, tmp_path / "int.onnx", (x[:1],))
+    result = verify(q, model, x)
+    assert result["outputs"] == x.numel() and result["mismatches"] == 0 and result["simulation_mismatches"] == 0
+    export_onnx(q, tmp_path / "qdq.onnx", (x[:1],), flavour="qdq")
+
+
+def test_torchvision_maxvit_deploys_exactly(tmp_path):
+    maxvit = pytest.importorskip("torchvision.models.maxvit")
+    torch.manual_seed(0)
+    # 8 x 8 images: the stem's 4 x 4, a block of 2 x 2 in windows and grids of 2
+    model = maxvit.MaxVit(input_size=(8, 8), stem_channels=8, block_channels=[16], block_layers=[1],
+                          head_dim=8, stochastic_depth_prob=0.2, partition_size=2, num_classes=10)
+    for m in model.modules():  # MaxVit's init (std 0.02) leaves its outputs nearly the same for every input
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.reset_parameters()
+    x = torch.randn(8, 3, 8, 8)
+    q = fxc.compile(model, fxc.baseline(), loss_fn=nn.CrossEntropyLoss(), example_inputs=(x[:2],))
+    opt = fxc.fixed_point_optimizer(torch.optim.SGD(q.parameters(), lr=0.05), q)
+    q.loss(q(x), torch.randint(0, 10, (8,))).backward()
+    opt.step()
+    q.eval()
+    test = torch.randn(16, 3, 8, 8) * 2
+    model_int = export_onnx(q, tmp_path / "int.onnx", (test[:1],))
+    result = verify(q, model_int, test)
+    assert result["outputs"] == 160
+    assert result["mismatches"] == 0 and result["simulation_mismatches"] == 0
+    graph = integer_graph(q, (test[:1],))
+    (codes,) = onnx_session(model_int).run(None, {"x": test.numpy()})[1:]
+    assert np.unique(codes).size > 20
+    frac = graph.op_of(graph.outputs[0]).frac
+    (qdq,) = onnx_session(export_onnx(q, tmp_path / "qdq.onnx", (test[:1],), flavour="qdq")).run(
+        None, {"x": test.numpy()})
+    assert np.abs(np.round(qdq.astype(np.float64) * 2.0 ** frac) - codes).max() <= 16
+    export_onnx(q, tmp_path / "qonnx.onnx", (test[:1],), flavour="qonnx")
