@@ -104,7 +104,8 @@ def main(argv=None) -> None:
             r["parts"] = [f"{i} of {n}"]
         transformer_exports.print_record(name, r, 16)
     if args.results:  # models measured before in this file are kept: one run per model fits a shared machine
-        with open(pathlib.Path(tempfile.gettempdir()) / f"{args.results.name}.lock", "w") as lock:  # runs in parallel write one after the other
+        # runs in parallel (--part) write one after the other
+        with open(pathlib.Path(tempfile.gettempdir()) / f"{args.results.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             _write(args.results, results)
 
@@ -113,7 +114,8 @@ def _write(path: pathlib.Path, results: dict) -> None:
     old = json.loads(path.read_text()) if path.exists() else {}
     runs = old.get("runs", []) + [{"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
                                    "load_average": [round(v, 1) for v in os.getloadavg()], "models": list(results)}]
-    models = {**old.get("models", {}), **{name: _parts(old.get("models", {}).get(name), r) for name, r in results.items()}}
+    before = old.get("models", {})
+    models = {**before, **{name: _parts(before.get(name), r) for name, r in results.items()}}
     path.write_text(json.dumps({"command": " && ".join(r["command"] for r in runs), "date": runs[-1]["date"],
                                 "runs": runs, "models": models}, indent=1) + "\n")
 

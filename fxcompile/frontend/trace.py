@@ -122,7 +122,8 @@ def _explain(exc: BaseException) -> str:
     return msg
 
 
-def _trace_fx(model: torch.nn.Module, leaf_modules: Sequence, concrete_args=None, example_inputs=None) -> fx.GraphModule:
+def _trace_fx(model: torch.nn.Module, leaf_modules: Sequence, concrete_args=None,
+              example_inputs=None) -> fx.GraphModule:
     tracer = _Tracer(leaf_modules)
     tracer.shapes = windows.input_shapes(model, example_inputs)
     try:
