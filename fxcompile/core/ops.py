@@ -715,7 +715,8 @@ _DECLARED = [
     Op("unflatten", "shape", (nn.Unflatten,), (torch.unflatten,), ("unflatten",)),  # split a dim into heads
     # structural ops of CNNs: shapes, slices, concatenation, products of activations, resampling
     Op("permute", "shape", (), (torch.permute,), ("permute",), ("permute",)),
-    Op("transpose", "shape", (), (torch.transpose,), ("transpose",), ("transpose",)),
+    Op("transpose", "shape", (), (torch.transpose, torch.swapaxes, torch.swapdims), ("transpose", "swapaxes", "swapdims"),
+       ("transpose",)),  # swapaxes: maxvit's grid partition
     Op("contiguous", "shape", (), (), ("contiguous",), ("clone", "contiguous")),
     Op("squeeze", "shape", (), (torch.squeeze, torch.unsqueeze), ("squeeze", "unsqueeze"), ("squeeze", "unsqueeze")),
     Op("getitem", "shape", (), (operator.getitem,)),  # slices of tensors, elements of tuples and sizes

@@ -657,7 +657,7 @@ def rule_reshape(lw, node, x, *args, **kwargs):
 def permutation(gm: fx.GraphModule, node: fx.Node, rank: int, dims: tuple, kwargs: dict) -> list[int]:
     """The axis permutation of a ``permute``/``transpose`` node of a rank-``rank`` tensor."""
     if ops.op_of(gm, node).name == "transpose":
-        d0, d1 = (tuple(dims) + (kwargs.get("dim0"), kwargs.get("dim1")))[:2]
+        d0, d1 = (tuple(dims) + (kwargs.get("dim0", kwargs.get("axis0")), kwargs.get("dim1", kwargs.get("axis1"))))[:2]
         perm = list(range(rank))
         perm[d0 % rank], perm[d1 % rank] = perm[d1 % rank], perm[d0 % rank]
         return perm

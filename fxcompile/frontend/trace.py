@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 
 from ..core import ir, ops
 from ..errors import TraceError
-from . import attention
+from . import attention, windows
 
 __all__ = ["CONTRACT", "trace", "FRONTENDS"]
 
@@ -57,6 +57,7 @@ class _Tracer(fx.Tracer):
         self.leaf_names = [x for x in leaf_modules if isinstance(x, str)]
         self.path: list[tuple[str, str]] = []  # (qualified name, class) of modules being traced
         self.failed: tuple[str, str] | None = None  # the innermost module an exception came out of
+        self.shapes: dict[str, tuple] = {}  # input shapes of the modules windows.decompose writes out
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -79,6 +80,8 @@ class _Tracer(fx.Tracer):
             if (isinstance(m, torch.nn.MultiheadAttention) and not self.user_leaf(m, qualname)
                     and attention.decomposable(m, *args, **kwargs)):
                 return attention.multi_head_attention(m, *args, **kwargs)  # written out in registry ops
+            if qualname in self.shapes and not self.user_leaf(m, qualname) and len(args) == 1 and not kwargs:
+                return windows.decompose(m, args[0], self.shapes[qualname])  # torchvision's Swin, for its shape
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed is None:
@@ -119,8 +122,10 @@ def _explain(exc: BaseException) -> str:
     return msg
 
 
-def _trace_fx(model: torch.nn.Module, leaf_modules: Sequence, concrete_args=None) -> fx.GraphModule:
+def _trace_fx(model: torch.nn.Module, leaf_modules: Sequence, concrete_args=None,
+              example_inputs=None) -> fx.GraphModule:
     tracer = _Tracer(leaf_modules)
+    tracer.shapes = windows.input_shapes(model, example_inputs)
     try:
         with attention.decomposed_attention():
             graph = tracer.trace(model, concrete_args=concrete_args)
@@ -374,7 +379,7 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable = (), frontend: str = "
         ir.FRONTEND_REASON.set(gm, "frontend='export' was asked for")
         return gm
     try:
-        gm = _trace_fx(model, leaf_modules, fixed_defaults(model, example_inputs))
+        gm = _trace_fx(model, leaf_modules, fixed_defaults(model, example_inputs), example_inputs)
         ir.FRONTEND_REASON.set(gm, "torch.fx traced it" if frontend == "auto" else "frontend='fx' was asked for")
         return gm
     except TraceError as err:
