@@ -244,6 +244,10 @@ def main(argv=None):
                              "integer_over_float": round(ratios[-1], 2),
                              "qdq_over_float": None if qdq is None else round(qdq, 2),
                              "qdq_uint8_over_float": None if u8 is None else round(u8, 2), **checked})
+                if against:
+                    runs[-1].update(against=args.against, against_ms=round(ms(t["against"]), 2),
+                                    against_over_float=round(t["against"] / t["float"], 2),
+                                    integer_over_against=round(versus[-1], 3))
             if args.runs > 1:
                 spread = f"{name:<14}{label:<10}{'over ' + str(args.runs) + ' runs':>40}{min(ratios):>11.2f}–{max(ratios):.2f}"
                 if qdq_ratios:
