@@ -39,6 +39,8 @@ import fxcompile as fxc
 from fxcompile.deploy.backends.integer import run_integer
 from fxcompile.deploy.export import export_onnx, integer_graph, onnx_session, verify
 
+from transformer_exports import print_record  # noqa: E402 - benchmarks/ is the script's directory
+
 VOCAB, WIDTH, LAYERS, HEADS, POSITIONS = 1000, 64, 2, 4, 64
 
 
@@ -148,19 +150,6 @@ def run(name: str, inputs: int, length: int, qonnx_inputs: int) -> dict:
     return result
 
 
-def print_record(name: str, r: dict) -> None:
-    if not r["exported"]:
-        print(f"{name:20s} does not export: {r['error']}", flush=True)
-        return
-    qo = r.get("qonnx_vs_integer")
-    qo = (f", QONNX {qo['differing_codes']} of {qo['output_codes']} (max {qo['max_code_difference']})"
-          if isinstance(qo, dict) else "")
-    print(f"{name:20s} exported ({r['integer_ops']} integer ops): differing codes of {r['output_codes']}: "
-          f"ORT vs integer {r['differing_ort_vs_integer']}, simulation vs integer "
-          f"{r['differing_simulation_vs_integer']}; QDQ {r['qdq_vs_integer']['differing_codes']} "
-          f"(max {r['qdq_vs_integer']['max_code_difference']}){qo}; {r['seconds']} s", flush=True)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
@@ -177,7 +166,7 @@ def main(argv=None) -> None:
     for name in args.models:
         r = results[name] = run(name, args.inputs, args.length, args.qonnx_inputs)
         _write(args.results, {"models": results})  # each model as it finishes
-        print_record(name, r)
+        print_record(name, r, 20)
 
 
 def _write(path: pathlib.Path | None, out: dict) -> None:

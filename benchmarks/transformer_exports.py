@@ -156,8 +156,11 @@ def print_record(name: str, r: dict, width: int) -> None:
         print(f"{name:{width}s} does not export: {r['error']}", flush=True)
         return
     qo = r.get("qonnx_vs_integer")
-    qo = (f", QONNX {qo['differing_codes']} of {qo['images'] * 10} (max {qo['max_code_difference']})"
-          if isinstance(qo, dict) else "")
+    if isinstance(qo, dict):  # the text models' records count their output codes; the images' have 10 each
+        qo = (f", QONNX {qo['differing_codes']} of {qo.get('output_codes', qo.get('images', 0) * 10)} "
+              f"(max {qo['max_code_difference']})")
+    else:
+        qo = ""
     print(f"{name:{width}s} exported ({r['integer_ops']} integer ops): differing codes of {r['output_codes']}: "
           f"ORT vs integer {r['differing_ort_vs_integer']}, simulation vs integer "
           f"{r['differing_simulation_vs_integer']}; QDQ {r['qdq_vs_integer']['differing_codes']} "
