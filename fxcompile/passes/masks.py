@@ -110,54 +110,44 @@ def _condition_of(gm: fx.GraphModule, cond: fx.Node, mask: fx.Node) -> fx.GraphM
     return fx.GraphModule(gm, graph)
 
 
-def _is_key_padding(gm: fx.GraphModule, cond: fx.Node, mask: fx.Node) -> bool:
-    """Whether ``cond`` computes ``key_padding_mask(mask)`` (broadcast to its shape): checked on
-    random 0/1 masks of the example shape and of other batch sizes, and masks of all ones."""
+def _matches_on_random_masks(gm: fx.GraphModule, cond: fx.Node, mask: fx.Node, seed: int, ones_first: bool,
+                             expected) -> bool:
+    """Whether ``cond``, run on random 0/1 masks of the example shape and of two larger batch
+    sizes (with ``ones_first``, a mask of all ones first in each), is a 4-d boolean tensor equal
+    to ``expected(m, run)``, where ``run`` runs ``cond``'s computation on a mask."""
     meta = mask.meta.get("tensor_meta") or mask.meta.get("val")
     shape = tuple(getattr(meta, "shape", ()))
     if len(shape) != 2 or getattr(meta, "dtype", torch.float32).is_floating_point:
         return False
     try:
         sub = _condition_of(gm, cond, mask)
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(seed)
         for batch in (shape[0], shape[0] + 1, shape[0] + 2):
             for trial in range(3):
-                m = torch.randint(0, 2, (batch, shape[1]), generator=g) if trial else \
-                    torch.ones(batch, shape[1], dtype=torch.int64)
+                m = torch.ones(batch, shape[1], dtype=torch.int64) if ones_first and not trial else \
+                    torch.randint(0, 2, (batch, shape[1]), generator=g)
                 m[:, 0] = 1  # a sequence keeps at least one token
                 with torch.no_grad():
                     got = sub(m)
-                want = ops.key_padding_mask(m)
-                if not isinstance(got, torch.Tensor) or got.dtype != torch.bool or got.dim() != 4 or \
-                        not torch.equal(got, want.expand_as(got)):
-                    return False
-    except Exception:  # noqa: BLE001 - a condition this check cannot run is not the padding mask
+                    if not isinstance(got, torch.Tensor) or got.dtype != torch.bool or got.dim() != 4 or \
+                            not torch.equal(got, expected(m, sub).expand_as(got)):
+                        return False
+    except Exception:  # noqa: BLE001 - a condition this check cannot run is not of the form checked
         return False
     return True
+
+
+def _is_key_padding(gm: fx.GraphModule, cond: fx.Node, mask: fx.Node) -> bool:
+    """Whether ``cond`` computes ``key_padding_mask(mask)`` (broadcast to its shape): checked on
+    random 0/1 masks of the example shape and of other batch sizes, and masks of all ones."""
+    return _matches_on_random_masks(gm, cond, mask, 0, True, lambda m, run: ops.key_padding_mask(m))
 
 
 def _is_key_padding_and_constant(gm: fx.GraphModule, cond: fx.Node, mask: fx.Node) -> bool:
     """Whether ``cond`` is ``key_padding_mask(mask)`` and the condition for a mask keeping every
     position (a padding mask beside a causal one), on random masks as in :func:`_is_key_padding`."""
-    meta = mask.meta.get("tensor_meta") or mask.meta.get("val")
-    shape = tuple(getattr(meta, "shape", ()))
-    if len(shape) != 2 or getattr(meta, "dtype", torch.float32).is_floating_point:
-        return False
-    try:
-        sub = _condition_of(gm, cond, mask)
-        g = torch.Generator().manual_seed(1)
-        for batch in (shape[0], shape[0] + 1, shape[0] + 2):
-            for _ in range(3):
-                m = torch.randint(0, 2, (batch, shape[1]), generator=g)
-                m[:, 0] = 1
-                with torch.no_grad():
-                    got, const = sub(m), sub(ops.all_kept(m))
-                if not isinstance(got, torch.Tensor) or got.dtype != torch.bool or got.dim() != 4 or \
-                        not torch.equal(got, ops.key_padding_mask(m).expand_as(got) & const):
-                    return False
-    except Exception:  # noqa: BLE001 - a condition this check cannot run is not of this form
-        return False
-    return True
+    return _matches_on_random_masks(gm, cond, mask, 1, False,
+                                    lambda m, run: ops.key_padding_mask(m) & run(ops.all_kept(m)))
 
 
 def _constant_part(gm: fx.GraphModule, cond: fx.Node, mask: fx.Node) -> fx.Node:
