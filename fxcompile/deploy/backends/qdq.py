@@ -588,21 +588,32 @@ def _fill_masked(g, node, x, keep, spec, also=None):
     return g.node("Where", [keep, x, g.const(low, np.float32)])
 
 
-def _evaluated(gm, node, args, kwargs) -> _Parameter | None:
-    """Integers and bools computed from sizes and constants only (positions, a causal mask),
-    computed now, as the integer lowering evaluates them (:func:`fxcompile.deploy.lower._evaluated`)."""
-    op = ops.op_of(gm, node)
+def _leaves(args, kwargs) -> list:
+    """The values ``args`` and ``kwargs`` hold, through lists, tuples and dicts."""
     leaves = []
     fx.node.map_aggregate((args, kwargs), lambda v: leaves.append(v) or v)
-    if op is None or node.op == "call_module" or op.name == "cast" or any(isinstance(v, str) for v in leaves):
-        return None
-    if op.name != "bookkeeping" and not any(isinstance(v, _Parameter) for v in leaves):
-        return None
+    return leaves
+
+
+def _computed_now(node: fx.Node, args, kwargs) -> _Parameter | None:
+    """``node``'s function or method run now on the parameters' values (a tensor result, else None)."""
     concrete = lambda v: v.value if isinstance(v, _Parameter) else v  # noqa: E731
     args, kwargs = fx.node.map_aggregate(args, concrete), fx.node.map_aggregate(kwargs, concrete)
     result = getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method" else \
         node.target(*args, **kwargs)
     return _Parameter(result) if isinstance(result, torch.Tensor) else None
+
+
+def _evaluated(gm, node, args, kwargs) -> _Parameter | None:
+    """Integers and bools computed from sizes and constants only (positions, a causal mask),
+    computed now, as the integer lowering evaluates them (:func:`fxcompile.deploy.lower._evaluated`)."""
+    op = ops.op_of(gm, node)
+    leaves = _leaves(args, kwargs)
+    if op is None or node.op == "call_module" or op.name == "cast" or any(isinstance(v, str) for v in leaves):
+        return None
+    if op.name != "bookkeeping" and not any(isinstance(v, _Parameter) for v in leaves):
+        return None
+    return _computed_now(node, args, kwargs)
 
 
 FLOAT_OPS: dict[str, Callable] = {
@@ -643,16 +654,11 @@ def _fold_buffer(gm, node, args, kwargs) -> _Parameter | None:
     """A shape op on uncast buffers only (swin's attention mask unsqueezed), computed now, as the
     integer lowering folds it (:func:`fxcompile.deploy.lower.fold_constant`)."""
     op = ops.op_of(gm, node)
-    leaves = []
-    fx.node.map_aggregate((args, kwargs), lambda v: leaves.append(v) or v)
+    leaves = _leaves(args, kwargs)
     if op is None or op.group != "shape" or op.name == "expand" or node.op == "call_module" or \
             not any(isinstance(v, _Parameter) for v in leaves) or any(isinstance(v, str) for v in leaves):
         return None
-    concrete = lambda v: v.value if isinstance(v, _Parameter) else v  # noqa: E731
-    args, kwargs = fx.node.map_aggregate(args, concrete), fx.node.map_aggregate(kwargs, concrete)
-    result = getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method" else \
-        node.target(*args, **kwargs)
-    return _Parameter(result) if isinstance(result, torch.Tensor) else None
+    return _computed_now(node, args, kwargs)
 
 
 def _parameter_casts(gm: fx.GraphModule, cast: fx.Node) -> list | None:
