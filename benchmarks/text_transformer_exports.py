@@ -28,18 +28,15 @@ import pathlib
 import sys
 import tempfile
 import time
-import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fxcompile as fxc
-from fxcompile.deploy.backends.integer import run_integer
-from fxcompile.deploy.export import export_onnx, integer_graph, onnx_session, verify
+from fxcompile.deploy.export import export_onnx
 
-from transformer_exports import print_record  # noqa: E402 - benchmarks/ is the script's directory
+from transformer_exports import flavour_figures, print_record  # noqa: E402 - benchmarks/ is the script's directory
 
 VOCAB, WIDTH, LAYERS, HEADS, POSITIONS = 1000, 64, 2, 4, 64
 
@@ -89,15 +86,6 @@ def tokens(n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _codes(out: np.ndarray, frac: int) -> np.ndarray:
-    return np.round(out.astype(np.float64) * 2.0 ** frac).astype(np.int64)
-
-
-def _distance(codes: np.ndarray, ref: np.ndarray) -> dict:
-    return {"differing_codes": int((codes != ref).sum()), "output_codes": int(ref.size),
-            "max_code_difference": int(np.abs(codes - ref).max())}
-
-
 def run(name: str, inputs: int, length: int, qonnx_inputs: int) -> dict:
     torch.manual_seed(0)
     model, masked, lm = MODELS[name]()
@@ -126,26 +114,7 @@ def run(name: str, inputs: int, length: int, qonnx_inputs: int) -> dict:
         except fxc.ExportError as e:
             return {**result, "exported": False, "error": str(e)[:500]}
         result["exported"] = True
-        checked = verify(q, models["integer"], test)
-        graph = integer_graph(q, example)
-        frac = graph.op_of(graph.outputs[0]).frac
-        (ref,) = run_integer(graph, *test, codes=True)
-        ref = ref.numpy()
-        session = onnx_session(models["qdq"])
-        (qdq,) = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), test)})
-        result.update({"integer_ops": len(graph.ops), "output_codes": checked["outputs"],
-                       "differing_ort_vs_integer": checked["mismatches"],
-                       "differing_simulation_vs_integer": checked["simulation_mismatches"],
-                       "qdq_vs_integer": _distance(_codes(qdq, frac), ref)})
-        if qonnx_inputs:
-            try:
-                from fxcompile.deploy.backends.qonnx import run_qonnx
-                with warnings.catch_warnings():  # qonnx's shape inference leaves the symbolic sizes 0
-                    warnings.filterwarnings("ignore", message="Output shapes disagree")
-                    (qo,) = run_qonnx(models["qonnx"], *[t[:qonnx_inputs] for t in test])
-                result["qonnx_vs_integer"] = {"inputs": qonnx_inputs, **_distance(_codes(qo, frac), ref[:qonnx_inputs])}
-            except ImportError:
-                result["qonnx_vs_integer"] = "qonnx not installed"
+        result.update(flavour_figures(q, models, example, test, qonnx_inputs, "inputs"))
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 

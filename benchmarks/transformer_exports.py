@@ -71,7 +71,42 @@ def _codes(out: np.ndarray, frac: int) -> np.ndarray:
 
 
 def _distance(codes: np.ndarray, ref: np.ndarray) -> dict:
-    return {"differing_codes": int((codes != ref).sum()), "max_code_difference": int(np.abs(codes - ref).max())}
+    return {"differing_codes": int((codes != ref).sum()), "output_codes": int(ref.size),
+            "max_code_difference": int(np.abs(codes - ref).max())}
+
+
+def flavour_figures(q, models: dict, example: tuple, test: tuple, qonnx_count: int, count_key: str) -> dict:
+    """The exported ``models`` (one per flavour) of ``q`` compared on the model inputs ``test``:
+    ``verify``'s differing codes of the integer graph, and the QDQ graph's (and on the first
+    ``qonnx_count`` inputs, the QONNX graph's) distance from the integer reference's codes."""
+    checked = verify(q, models["integer"], test if len(test) > 1 else test[0])
+    graph = integer_graph(q, example)
+    frac = graph.op_of(graph.outputs[0]).frac
+
+    def run_onnx(model, inputs):
+        session = onnx_session(model)
+        return session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
+
+    if checked["mismatches"] == 0:  # ORT's integer graph gave the integer reference's codes: not run again
+        ref = run_onnx(models["integer"], test)[1]
+    else:
+        (ref,) = run_integer(graph, *test, codes=True)
+        ref = ref.numpy()
+    (qdq,) = run_onnx(models["qdq"], test)
+    figures = {"integer_ops": len(graph.ops), "output_codes": checked["outputs"],
+               "differing_ort_vs_integer": checked["mismatches"],
+               "differing_simulation_vs_integer": checked["simulation_mismatches"],
+               "qdq_vs_integer": _distance(_codes(qdq, frac), ref)}
+    if qonnx_count:
+        try:
+            from fxcompile.deploy.backends.qonnx import run_qonnx
+            with warnings.catch_warnings():  # qonnx's shape inference leaves the symbolic sizes 0
+                warnings.filterwarnings("ignore", message="Output shapes disagree")
+                (qo,) = run_qonnx(models["qonnx"], *[t[:qonnx_count] for t in test])
+            figures["qonnx_vs_integer"] = {count_key: qonnx_count, **_distance(_codes(qo, frac), ref[:qonnx_count])}
+        except ImportError:
+            figures["qonnx_vs_integer"] = "qonnx not installed"
+    return figures
 
 
 def run(name: str, images: int, qonnx_images: int, part: tuple[int, int] = (0, 1)) -> dict:
@@ -97,29 +132,7 @@ def run(name: str, images: int, qonnx_images: int, part: tuple[int, int] = (0, 1
         except fxc.ExportError as e:
             return {**result, "exported": False, "error": str(e)[:500]}
         result["exported"] = True
-        checked = verify(q, models["integer"], test)
-        graph = integer_graph(q, (x[:1],))
-        frac = graph.op_of(graph.outputs[0]).frac
-        if checked["mismatches"] == 0:  # ORT's integer graph gave the integer reference's codes: not run again
-            ref = onnx_session(models["integer"]).run(None, {"x": test.numpy()})[1]
-        else:
-            (ref,) = run_integer(graph, test, codes=True)
-            ref = ref.numpy()
-        (qdq,) = onnx_session(models["qdq"]).run(None, {"x": test.numpy()})
-        result.update({"integer_ops": len(graph.ops), "output_codes": checked["outputs"],
-                       "differing_ort_vs_integer": checked["mismatches"],
-                       "differing_simulation_vs_integer": checked["simulation_mismatches"],
-                       "qdq_vs_integer": _distance(_codes(qdq, frac), ref)})
-        if qonnx_images:
-            try:
-                from fxcompile.deploy.backends.qonnx import run_qonnx
-                with warnings.catch_warnings():  # qonnx's shape inference leaves the symbolic sizes 0
-                    warnings.filterwarnings("ignore", message="Output shapes disagree")
-                    (qo,) = run_qonnx(models["qonnx"], test[:qonnx_images])
-                result["qonnx_vs_integer"] = {"images": qonnx_images,
-                                              **_distance(_codes(qo, frac), ref[:qonnx_images])}
-            except ImportError:
-                result["qonnx_vs_integer"] = "qonnx not installed"
+        result.update(flavour_figures(q, models, (x[:1],), (test,), qonnx_images, "images"))
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -156,7 +169,7 @@ def print_record(name: str, r: dict, width: int) -> None:
         print(f"{name:{width}s} does not export: {r['error']}", flush=True)
         return
     qo = r.get("qonnx_vs_integer")
-    if isinstance(qo, dict):  # the text models' records count their output codes; the images' have 10 each
+    if isinstance(qo, dict):  # records written before the distances counted their codes: 10 an image
         qo = (f", QONNX {qo['differing_codes']} of {qo.get('output_codes', qo.get('images', 0) * 10)} "
               f"(max {qo['max_code_difference']})")
     else:
