@@ -63,8 +63,11 @@ def test_ort_equals_integer_reference_and_simulation(case, policy, eight_bit):
         sim = q(x)
     assert torch.equal(sim, ref)
     assert ref_codes.abs().sum() > 0  # not all zero: the convs computed something
-    if case == "grouped_wide" and eight_bit:
-        assert "MatMulInteger" in [n.op_type for n in to_onnx(graph).graph.node]
+    ops = [n.op_type for n in to_onnx(graph).graph.node]
+    if case == "grouped_wide" and policy == "baseline":  # 16-bit codes: limbs on MatMulInteger
+        assert "MatMulInteger" in ops
+    if policy == "8-bit":  # 8-bit codes, exact sums below 2**24: every conv and its rounding is one QLinearConv
+        assert ops.count("QLinearConv") == len(CASES[case]) + 1
 
 
 def test_integer_reference_is_the_grouped_conv_of_the_codes():

@@ -288,7 +288,8 @@ def test_sum_pools_in_both_layouts(policy):
 
 def test_a_batch_norm_between_convs_stays_channels_last():
     # 8-bit products make both convs channels-last; conv → batch norm (the unfolded affine map) → ReLU → conv → batch norm → flatten: the two
-    # Transposes are the one into channels-last and the one back to NCHW before the flatten
+    # Transposes are the one into channels-last and the one back to NCHW before the flatten (besides
+    # the pair around each QLinearConv, which ORT's layout optimizer turns into its NHWC kernel)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Flatten())
     for bn in (model[1], model[4]):
@@ -299,7 +300,33 @@ def test_a_batch_norm_between_convs_stays_channels_last():
     graph = integer_graph(q, (x[:1],))
     assert [op.op for op in graph.ops].count("affine") == 2
     onnx_model = to_onnx(graph)
-    assert [n.op_type for n in onnx_model.graph.node].count("Transpose") == 2
+    nodes = onnx_model.graph.node
+    qlinear = {n.input[0] for n in nodes if n.op_type == "QLinearConv"} | {n.output[0] for n in nodes if n.op_type == "QLinearConv"}
+    transposes = [n for n in nodes if n.op_type == "Transpose"]
+    assert sum(n.output[0] not in qlinear and n.input[0] not in qlinear for n in transposes) == 2
     session = onnx_session(onnx_model)
     _, codes = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert np.array_equal(codes, run_integer(graph, x, codes=True)[0].numpy())
+
+
+def test_rounding_shifts_of_at_most_seven_bits_take_the_tie_bit_without_bitwise_and():
+    # a linear layer (its rounding is not fused) of all 256 input codes with weights of every
+    # parity: the sums' low six bits take every value, ties included; the tie bit comes from
+    # the sign of an int8 cast, and ORT still equals the integer reference and the simulation
+    lin = nn.Linear(1, 6)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([1, 3, -5, 64, -127, 127]).view(6, 1) / 64)
+        lin.bias.copy_(torch.tensor([0, 8, -8, 0.5, -3, 2.25]) / 16)
+    x = (torch.arange(-128, 128, dtype=torch.float32) / 16).view(256, 1)
+    q = on_grid(fxc.compile(lin, fxc.Policy(input="8.4", activation="8.4", weight="8.6", bias="16.8"),
+                            example_inputs=(x[:1],))).eval()
+    graph = integer_graph(q, (x[:1],))
+    model = to_onnx(graph)
+    assert "BitwiseAnd" not in [n.op_type for n in model.graph.node]
+    session = onnx_session(model)
+    _, codes = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    ref = run_integer(graph, x, codes=True)[0].numpy()
+    assert np.array_equal(codes, ref)
+    with torch.no_grad():
+        assert torch.equal(q(x), run_integer(graph, x)[0])
+    assert ref.min() == -128 and ref.max() == 127

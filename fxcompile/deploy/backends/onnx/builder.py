@@ -11,7 +11,8 @@ from ...lower import IntegerGraph
 OPSET = 18  # BitwiseAnd
 
 
-_ONNX_TYPE = {np.int32: TensorProto.INT32, np.int64: TensorProto.INT64, np.uint8: TensorProto.UINT8}
+_ONNX_TYPE = {np.int32: TensorProto.INT32, np.int64: TensorProto.INT64, np.uint8: TensorProto.UINT8,
+              np.int8: TensorProto.INT8}
 _NUMPY_TYPE = {v: k for k, v in _ONNX_TYPE.items()}
 
 
@@ -48,6 +49,7 @@ class _Builder:
         self.ranges: dict[str, tuple[int, int]] = {}
         self.channels_last: set[str] = set()
         self._transposed: dict[str, str] = {}  # one Transpose a value, however many users need it
+        self.uint8: dict[str, tuple[str, int]] = {}  # a value's codes + zero point as a uint8 tensor
 
     def dtype(self, name: str) -> type:
         return self.types.get(name, np.int64)

@@ -65,7 +65,7 @@ def emit_requantize(b: _Builder, op: IntOp, v: str) -> str:
     # saturate before rounding: rounding is monotone and lo · 2**s, hi · 2**s round to lo, hi
     t = _clip(b, v, olo << s, ohi << s)
     lo, hi = b.ranges[t]
-    return b.cast(_round_shift(b, t, s, rounding, lo, hi), out_type)
+    return b.cast(_round_shift(b, t, s, rounding, lo, hi, narrow=True), out_type)
 
 
 def emit_dequantize(b: _Builder, op: IntOp, v: str) -> str:

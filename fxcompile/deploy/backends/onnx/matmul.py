@@ -329,3 +329,71 @@ def emit_grouped_conv2d(b: _Builder, op: IntOp, x: str, eight_bit: bool = True) 
         acc = b.node("Add", [acc, b.const(_per_channel(bias, wo), b.dtype(acc), name=f"{op.out}.bias")])
     b.channels_last.add(acc)
     return b.value(acc, min(lo), max(hi))
+
+
+def _uint8(b: _Builder, x: str, zero_point: int) -> str:
+    """``x``'s codes plus ``zero_point`` as a uint8 tensor (the caller checks they fit)."""
+    if b.uint8.get(x, (None, None))[1] == zero_point:
+        return b.uint8[x][0]
+    t = b.node("Add", [x, b.const(zero_point, b.dtype(x))]) if zero_point else x
+    u = b.node("Cast", [t], to=TensorProto.UINT8)
+    if x in b.channels_last:
+        b.channels_last.add(u)
+    b.uint8[x] = (u, zero_point)
+    return u
+
+
+def emit_qlinear_conv(b: _Builder, op: IntOp, requantize: IntOp, x: str) -> str | None:
+    """A conv whose accumulator only feeds ``requantize`` (a rounding right shift by ``s`` to
+    nearest, ties to even, saturating to at most 256 codes), as one ``QLinearConv`` with
+    power-of-two scales; ``None`` where that would not be exact.
+
+    ``QLinearConv`` computes ``saturate(round(acc · x_scale · w_scale / y_scale) + y_zp)``
+    with ``acc = Σ (x − x_zp)(w − w_zp) + bias`` in int32 and ties to even.  With scales
+    1, 1, ``2**s`` and the zero points that put the codes in uint8, that is the requantize
+    exactly while ``acc`` is exact in float32 (ORT multiplies it there): the per-channel bound
+    ``Σ|w| · max|x| + |b|`` must stay below ``2**24``.  Weights go in as int8 when every pair
+    of products stays below ``2**15`` (x86 kernels without VNNI add pairs of uint8 × int8
+    products in int16, saturating), else as uint8 with zero point 128 (ORT's uint8 × uint8
+    kernels widen first: exact on every CPU, about twice as slow).  The conv runs NCHW between
+    two Transposes that ORT's layout optimizer removes (its NHWC ``QLinearConv``), and it
+    replaces the conv's depthwise slices or limb products and the int32 rounding passes of
+    the requantize (several times faster on ORT)."""
+    fmt, s = requantize.attrs["fmt"], requantize.attrs["shift"]
+    if fmt.overflow != "saturate" or fmt.rounding != "nearest" or s < 0:
+        return None
+    olo, ohi = fmt.code_min - fmt.zero_point, fmt.code_max - fmt.zero_point
+    if requantize.attrs.get("relu"):
+        olo, ohi = max(olo, 0), max(ohi, 0)
+    y_zp = max(-olo, 0)
+    weight = op.attrs["weight"].numpy().astype(np.int64)
+    o = weight.shape[0]
+    bias = op.attrs["bias"].numpy().astype(np.int64) if op.attrs["bias"] is not None else np.zeros(o, np.int64)
+    lo, hi = b.ranges[x]
+    x_zp = max(-lo, 0)
+    if ohi + y_zp > 255 or hi + x_zp > 255 or weight.min(initial=0) < -128 or weight.max(initial=0) > 127:
+        return None
+    bound = int(np.abs(weight).reshape(o, -1).sum(axis=1).max(initial=0)) * max(-lo, hi) + int(np.abs(bias).max(initial=0))
+    if bound >= 1 << 24:
+        return None
+    signed = 2 * (hi + x_zp) * int(np.abs(weight).max(initial=0)) <= _PAIR_MAX
+    w, w_zp = (weight.astype(np.int8), np.int8(0)) if signed else ((weight + 128).astype(np.uint8), np.uint8(128))
+    u = b.node("Transpose", [_uint8(b, b.nhwc(x), x_zp)], perm=[0, 3, 1, 2])
+    (ph, pw), stride, dil = op.attrs["padding"], op.attrs["stride"], op.attrs["dilation"]
+    one = b.const(1.0, np.float32)
+    y = b.node("QLinearConv", [u, one, b.const(x_zp, np.uint8), b.const(w, w.dtype, name=f"{op.out}.weight"), one,
+                               b.const(w_zp, w.dtype), b.const(2.0 ** s, np.float32), b.const(y_zp, np.uint8),
+                               b.const(bias, np.int32, name=f"{op.out}.bias")],
+               group=op.attrs.get("groups", 1), pads=[ph, pw, ph, pw], strides=list(stride), dilations=list(dil),
+               kernel_shape=list(weight.shape[2:]))
+    y = b.node("Transpose", [y], perm=[0, 2, 3, 1])
+    b.channels_last.add(y)
+    if olo + y_zp > 0 or ohi + y_zp < 255:  # a narrower format (or a ReLU) than uint8's saturation
+        y = b.node("Clip", [y, b.const(olo + y_zp, np.uint8), b.const(ohi + y_zp, np.uint8)])
+        b.channels_last.add(y)
+    out = b.node("Cast", [y], to=TensorProto.INT32)
+    if y_zp:
+        out = b.node("Sub", [out, b.const(y_zp, np.int32)])
+    b.value(out, olo, ohi, like=y)
+    b.uint8[out] = (y, y_zp)
+    return out
