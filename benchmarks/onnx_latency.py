@@ -18,7 +18,9 @@ lowered op: node names start with it)::
         --runs 3 --results benchmarks/results/onnx_latency.json
 
 The QDQ export is timed twice: as ``export_onnx(..., flavour="qdq")`` writes it, and with
-``uint8_activations=True`` (signed 8-bit activations as uint8, the form ORT fuses throughout).
+``uint8_activations=True`` (signed 8-bit activations as uint8, the form ORT fuses throughout);
+``--qdq-fold-batch-norms`` writes both with ``fold_batch_norms=True`` (each batch norm after a
+conv folded into it with per-channel weight scales; the integer graph is unchanged).
 ``vit`` is the small ViT of ``examples/vit_fashion_mnist.py`` (2 layers; integer softmax,
 LayerNorm and GELU)::
 
@@ -143,7 +145,7 @@ def _build(name: str) -> torch.nn.Module:
 
 
 def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool = False, against=None,
-            size: int = 28, fold_batch_norm: bool = False):
+            size: int = 28, fold_batch_norm: bool = False, qdq_fold: bool = False):
     """Median seconds a run: the integer graph, the QDQ graph and the QDQ graph with uint8
     activations (``None`` when the QDQ flavour cannot write this model), the float graph and (``against``: an exporter module) the same
     integer graph exported by it; the profile report; and ``verify``'s differing codes."""
@@ -155,9 +157,10 @@ def measure(name: str, policy: str, batch: int, repeats: int, with_profile: bool
     with tempfile.TemporaryDirectory() as tmp:
         exported = fxc.export_onnx(qmodel, f"{tmp}/{name}.onnx", (x[:1],))
         try:
-            qdq = fxc.export_onnx(qmodel, f"{tmp}/{name}_qdq.onnx", (x[:1],), flavour="qdq")
+            qdq = fxc.export_onnx(qmodel, f"{tmp}/{name}_qdq.onnx", (x[:1],), flavour="qdq",
+                                  fold_batch_norms=qdq_fold)
             qdq_u8 = fxc.export_onnx(qmodel, f"{tmp}/{name}_qdq_u8.onnx", (x[:1],), flavour="qdq",
-                                     uint8_activations=True)
+                                     uint8_activations=True, fold_batch_norms=qdq_fold)
         except fxc.ExportError:
             qdq = qdq_u8 = None
     checked = verify(qmodel, exported, x)
@@ -207,13 +210,17 @@ def main(argv=None):
     p.add_argument("--fold-batch-norm", action="store_true",
                    help="compile with fold_batch_norm=True (one rounding fewer per batch norm; not bit-exact "
                         "with the simulation)")
+    p.add_argument("--qdq-fold-batch-norms", action="store_true",
+                   help="the QDQ exports fold each batch norm after a conv into it (fold_batch_norms=True: "
+                        "per-channel weight scales; the integer graph is unchanged)")
     p.add_argument("--results", type=pathlib.Path, help="write every run's figures to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     against = exporter_at(args.against) if args.against else None
     load = os.getloadavg()[0]
     print(f"ONNX Runtime CPU, 1 thread, batch {args.batch} of 1x{args.size}x{args.size}, median of {args.repeats}; "
-          f"load average {load:.1f}" + ("; batch norms folded" if args.fold_batch_norm else ""))
+          f"load average {load:.1f}" + ("; batch norms folded" if args.fold_batch_norm else "")
+          + ("; QDQ batch norms folded" if args.qdq_fold_batch_norms else ""))
     extra = f"{args.against + ' ms':>14}{'vs ' + args.against:>14}" if against else ""
     print(f"{'model':<14}{'policy':<10}{'integer ms':>11}{'qdq ms':>9}{'qdq u8 ms':>10}{'float ms':>10}"
           f"{'int/float':>11}{'qdq/float':>11}{'u8/float':>10}{'ort≠int':>9}{'sim≠int':>9}{extra}")
@@ -225,7 +232,7 @@ def main(argv=None):
             for run in range(args.runs):
                 t, report, checked = measure(name, policy, args.batch, args.repeats,
                                              args.profile and run == args.runs - 1, against, args.size,
-                                             args.fold_batch_norm)
+                                             args.fold_batch_norm, args.qdq_fold_batch_norms)
                 ratios.append(t["integer"] / t["float"])
                 qdq, u8 = (t[k] / t["float"] if t[k] is not None else None for k in ("qdq", "qdq_u8"))
                 qdq_ratios += [qdq] if qdq is not None else []
@@ -266,7 +273,8 @@ def main(argv=None):
             "command": "python benchmarks/onnx_latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": datetime.date.today().isoformat(),
             "settings": {"batch": args.batch, "input": [1, args.size, args.size], "repeats": args.repeats,
-                         "threads": 1, "fold_batch_norm": args.fold_batch_norm, "onnxruntime": _ort_version(), "load_average": round(load, 1)},
+                         "threads": 1, "fold_batch_norm": args.fold_batch_norm,
+                         "qdq_fold_batch_norms": args.qdq_fold_batch_norms, "onnxruntime": _ort_version(), "load_average": round(load, 1)},
             "models": records}, indent=1) + "\n")
 
 

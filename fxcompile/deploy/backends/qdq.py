@@ -59,7 +59,7 @@ import numpy as np
 import onnx
 import torch
 import torch.fx as fx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ...core import ir, nonlinear, ops
 from ...errors import ExportError
@@ -138,11 +138,13 @@ class QDQGraph(FloatGraph):
     exactly.  A bias with more fractional bits than the accumulator, or whose shifted codes
     overflow int32, keeps its own format, as every bias does with ``bias_scale="format"``."""
 
-    def __init__(self, bias_scale: str = "accumulator", uint8_activations: bool = False):
+    def __init__(self, bias_scale: str = "accumulator", uint8_activations: bool = False,
+                 fold_batch_norms: bool = False):
         super().__init__()
         if bias_scale not in ("accumulator", "format"):
             raise ValueError(f"bias_scale must be 'accumulator' or 'format', got {bias_scale!r}")
         self.bias_scale, self.uint8_activations = bias_scale, uint8_activations
+        self.fold_batch_norms = fold_batch_norms
         self.formats: dict[str, FixedPoint] = {}   # dequantized tensor → its format
         self._parameters: dict[str, tuple] = {}    # dequantized parameter → (its node, centred codes)
 
@@ -206,6 +208,56 @@ class QDQGraph(FloatGraph):
         node.input[:] = [self.const(codes.numpy(), np.int32, name=old), scale]
         del self._parameters[b]  # rewritten once: a bias shared by layers keeps the first one's scale
         return b
+
+
+    def fold_batch_norm(self, bn: fx.Node, x: str, s: np.ndarray, t: np.ndarray) -> str | None:
+        """With ``fold_batch_norms``: the batch norm ``bn`` (``x · s + t`` per channel) folded
+        into the conv before it, whose output pair is dropped — its weight codes kept, their
+        scale made per channel (``2**-frac · s``), its bias ``b · s + t`` written as int32 codes
+        at the per-channel accumulator scale.  The conv's output is then rounded once, by the
+        batch norm's output pair, where the simulation rounds twice: close to, not on, the
+        integer graph.  ``None`` (nothing changed) unless the conv feeds only its cast, the cast
+        only ``bn``, the weight only this conv, and every ``s`` is positive."""
+        cast = bn.args[0]
+        layer = cast.args[0] if isinstance(cast, fx.Node) and cast.op == "call_module" else None
+        if not (self.fold_batch_norms and isinstance(layer, fx.Node) and len(cast.users) == 1
+                and len(layer.users) == 1 and (s > 0).all()):
+            return None
+        producers = {n.output[0]: n for n in self.nodes}
+        dq = producers.get(x)
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        conv = producers.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        if conv is None or conv.op_type != "Conv" or conv.input[0] not in self.formats:
+            return None
+        users = [i for n in self.nodes for i in n.input]
+        w_dq = producers.get(conv.input[1])
+        if w_dq is None or users.count(conv.input[1]) != 1 or conv.input[1] not in self.formats:
+            return None
+        init = {i.name: i for i in self.initializers}
+        x_scale = np.float32(2.0 ** -self.formats[conv.input[0]].frac)
+        w_scale = (2.0 ** -self.formats[conv.input[1]].frac * s.reshape(-1)).astype(np.float32)
+        bias, b_dq = t.reshape(-1).astype(np.float64), None
+        if len(conv.input) > 2:
+            b_dq = producers[conv.input[2]]
+            codes = numpy_helper.to_array(init[b_dq.input[0]]).astype(np.float64)
+            zero = numpy_helper.to_array(init[b_dq.input[2]]) if len(b_dq.input) > 2 else 0
+            bias = bias + (codes - zero) * float(numpy_helper.to_array(init[b_dq.input[1]])) * s.reshape(-1)
+        acc_scale = x_scale * w_scale  # float32, as ORT forms it
+        b_codes = np.round(bias / acc_scale.astype(np.float64))
+        if np.abs(b_codes).max(initial=0) >= 2 ** 31:
+            return None
+        w_dq.input[1] = self.const(w_scale, np.float32, name=f"{w_dq.name}/scale_per_channel")
+        w_dq.attribute.append(helper.make_attribute("axis", 0))
+        if len(w_dq.input) > 2:  # a zero point per channel too (DequantizeLinear: the scale's shape)
+            zero = numpy_helper.to_array(init[w_dq.input[2]])
+            w_dq.input[2] = self.const(np.full(s.size, zero, zero.dtype), zero.dtype)
+        b = self.node("DequantizeLinear", [self.const(b_codes.astype(np.int32), np.int32, name=f"{bn.name}/folded_bias"),
+                                           self.const(acc_scale, np.float32)], name=f"dequantize/{bn.name}/folded_bias", axis=0)
+        self.nodes.insert(next(i for i, n in enumerate(self.nodes) if n is conv), self.nodes.pop())  # before the conv
+        conv.input[:] = [conv.input[0], conv.input[1], b]
+        dropped = [q, dq] + ([b_dq] if b_dq is not None and users.count(b_dq.output[0]) == 1 else [])
+        self.nodes = [n for n in self.nodes if all(n is not d for d in dropped)]
+        return conv.output[0]
 
 
 def parameter_codes(value: torch.Tensor, fmt: FixedPoint) -> torch.Tensor:
@@ -478,6 +530,9 @@ def _batch_norm(g, node, x, module, weight, bias, spec):
     shape = [-1] + [1] * (len(_shape(node)) - 2)
     s = (s_codes.double() * 2.0 ** -s_frac).numpy().reshape(shape)
     t = (t_codes.double() * 2.0 ** -int(spec[0])).numpy().reshape(shape)
+    folded = g.fold_batch_norm(node, x, s, t) if isinstance(g, QDQGraph) else None
+    if folded is not None:
+        return folded
     return g.node("Add", [g.node("Mul", [x, g.const(s, np.float32)]), g.const(t, np.float32)])
 
 
@@ -742,7 +797,7 @@ def build(gm: fx.GraphModule, example_inputs, g: FloatGraph, name: str, edges: l
 
 
 def to_qdq(gm: fx.GraphModule, example_inputs, name: str = "fxcompile", bias_scale: str = "accumulator",
-           uint8_activations: bool = False) -> onnx.ModelProto:
+           uint8_activations: bool = False, fold_batch_norms: bool = False) -> onnx.ModelProto:
     """The BN-folded compiled model ``gm`` as a QDQ ONNX model (opset 21; see the module
     docstring; ``bias_scale`` see :class:`QDQGraph`).
 
@@ -751,5 +806,9 @@ def to_qdq(gm: fx.GraphModule, example_inputs, name: str = "fxcompile", bias_sca
     same values, the same saturation).  ORT's x86 kernels take uint8 activations: with int8
     pairs its graph optimizer converts a pair to uint8 itself only where the QuantizeLinear has
     one consumer, so a conv reading a value that also feeds a residual add stays a float Conv;
-    with uint8 pairs every conv fuses into QLinearConv."""
-    return build(gm, example_inputs, QDQGraph(bias_scale, uint8_activations), name)
+    with uint8 pairs every conv fuses into QLinearConv.
+
+    ``fold_batch_norms=True`` also folds each stand-alone batch norm right after a conv into
+    it (per-channel weight scales; :meth:`QDQGraph.fold_batch_norm`): one QLinearConv instead of
+    a conv, a float Mul and Add and a pair, and one rounding fewer than the simulation."""
+    return build(gm, example_inputs, QDQGraph(bias_scale, uint8_activations, fold_batch_norms), name)

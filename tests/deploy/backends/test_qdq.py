@@ -240,3 +240,48 @@ def test_export_onnx_passes_options_to_the_flavour(tmp_path):
     assert model == to_qdq(fold_bn(q), (x[:1],), name=type(q).__name__, uint8_activations=True)
     with pytest.raises(TypeError, match="uint8_activation"):
         export_onnx(q, tmp_path / "n.onnx", (x[:1],), flavour="qdq", uint8_activation=True)
+
+
+class _Net(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _bn_model(gamma=None):
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten())  # the batch norm's codes themselves are the output
+    g = torch.Generator().manual_seed(3)
+    for bn in (model[1], model[4]):  # (compiled() draws the running statistics)
+        with torch.no_grad():
+            bn.weight.copy_(torch.rand(8, generator=g) + 0.5 if gamma is None else gamma)
+    return _Net(model).eval()
+
+
+def test_folded_batch_norms_are_per_channel_weight_scales_and_stay_close():
+    x = torch.randn(32, 1, 8, 8) * 2
+    q = compiled(lambda: _bn_model(), fxc.load_policy("8bit"), x)
+    plain, folded = (to_qdq(fold_bn(q), (x[:1],), uint8_activations=True, fold_batch_norms=f) for f in (False, True))
+    ops = {key: [n.op_type for n in m.graph.node] for key, m in (("plain", plain), ("folded", folded))}
+    assert ops["plain"].count("Mul") == 2 and "Mul" not in ops["folded"]
+    assert ops["folded"].count("QuantizeLinear") == ops["plain"].count("QuantizeLinear") - 2  # the convs' own pairs
+    scales = [_initializer(folded, n.input[1]) for n in folded.graph.node
+              if n.op_type == "DequantizeLinear" and n.input[0].endswith("/codes") and "weight" in n.input[0]]
+    assert sorted(s.size for s in scales)[-2:] == [8, 8]  # both conv weights: one scale per output channel
+    # one rounding fewer than the simulation per batch norm: near the integer graph, not on it
+    # (the unfolded model is on it here)
+    assert differences(plain, q, x)[:2] == (0, 0)
+    differ, largest, _ = differences(folded, q, x)
+    assert largest <= 1 and differ <= 0.1 * x.numel() * 8  # 1,185 of 16,384 here, each by one
+
+
+def test_batch_norms_that_cannot_fold_stay_float_ops():
+    x = torch.randn(8, 1, 8, 8)
+    gamma = torch.tensor([1.0, -1.0, 1, 1, 1, 1, 1, 1])  # a negative scale: no positive per-channel scale
+    q = compiled(lambda: _bn_model(gamma), fxc.load_policy("8bit"), x)
+    folded = to_qdq(fold_bn(q), (x[:1],), uint8_activations=True, fold_batch_norms=True)
+    assert [n.op_type for n in folded.graph.node].count("Mul") == 2
