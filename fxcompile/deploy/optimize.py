@@ -12,9 +12,11 @@ Two rewrites, in this order:
   else, its bias moves too, into the pool's ``attrs["bias"]`` (added per channel after the
   max: a per-channel constant commutes with a max over one channel's window) and the conv's
   ``attrs["bias"]`` becomes ``None``.
-* **ReLU folded into requantize.**  A ``relu`` after a saturating ``requantize`` that feeds
-  nothing else becomes that requantize's ``attrs["relu"] = True`` (it then clamps at 0 too)
-  and takes the ReLU's output name.
+* **ReLU and clamps folded into requantize.**  A ``relu`` after a saturating ``requantize``
+  that feeds nothing else becomes that requantize's ``attrs["relu"] = True`` (it then clamps
+  at 0 too) and takes the ReLU's output name; a ``clip`` without shift (ReLU6, Hardtanh,
+  ``clamp``) whose bounds meet the format's range becomes ``attrs["clamp"] = (lo, hi)`` (the
+  saturation's range narrowed to them) the same way.
 
 Graph inputs, outputs and their names are unchanged.  The integer reference
 (:mod:`fxcompile.deploy.backends.integer`) runs both forms bit for bit alike, and
@@ -94,10 +96,22 @@ def _pool_first(ops: list[IntOp], shapes: dict, graph: IntegerGraph) -> list[Int
 
 
 def _fold_relu(ops: list[IntOp], outputs: list[str]) -> list[IntOp]:
-    """Each ReLU after a saturating requantize that feeds only it folded into the requantize."""
-    for relu in [r for r in ops if r.op == "relu"]:
+    """Each ReLU, and each clip without shift whose bounds meet the format's range, after a
+    saturating requantize that feeds only it folded into the requantize."""
+    for relu in [r for r in ops if r.op in ("relu", "clip")]:
         src = _producer(ops, relu.inputs[0])
-        if _saturating(src) and _only_user(ops, src, outputs) is relu:
-            ops[_index(ops, src)] = dataclasses.replace(src, out=relu.out, attrs={**src.attrs, "relu": True})
-            del ops[_index(ops, relu)]
+        if not (_saturating(src) and _only_user(ops, src, outputs) is relu and "clamp" not in src.attrs):
+            continue
+        if relu.op == "relu":
+            attrs = {**src.attrs, "relu": True}
+        else:
+            fmt = src.attrs["fmt"]
+            lo = fmt.code_min - fmt.zero_point if relu.attrs["lo"] is None else relu.attrs["lo"]
+            hi = fmt.code_max - fmt.zero_point if relu.attrs["hi"] is None else relu.attrs["hi"]
+            lo, hi = max(lo, 0) if src.attrs.get("relu") else lo, hi
+            if relu.attrs["shift"] or not (fmt.code_min - fmt.zero_point <= lo <= hi <= fmt.code_max - fmt.zero_point):
+                continue
+            attrs = {**src.attrs, "clamp": (lo, hi)}
+        ops[_index(ops, src)] = dataclasses.replace(src, out=relu.out, attrs=attrs)
+        del ops[_index(ops, relu)]
     return ops

@@ -101,3 +101,21 @@ def test_wrapping_requantize_is_not_moved():
     assert [op.op for op in fast.ops] == [op.op for op in graph.ops]
     assert all(a is b for a, b in zip(fast.ops, graph.ops))
     _assert_same_results(graph, fast, x)
+
+
+@pytest.mark.parametrize("act, bounds", [(nn.ReLU6(), (0, 48)), (nn.Hardtanh(-1, 2), (-8, 16))])
+def test_a_clip_after_a_saturating_requantize_folds_into_it(act, bounds):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), act, nn.Flatten())
+    model[1].running_var.fill_(0.02)
+    x = torch.randn(16, 1, 6, 6) * 3
+    q = fxc.compile(model.eval(), "8bit", example_inputs=(x[:1],)).eval()
+    graph = integer_graph(q, (x[:1],))
+    fast = optimize(graph)
+    assert "clip" in [op.op for op in graph.ops] and "clip" not in [op.op for op in fast.ops]
+    assert [op.attrs.get("clamp") for op in fast.ops if op.op == "requantize"][-1] == bounds
+    (ref,) = run_integer(graph, x, codes=True)
+    assert torch.equal(run_integer(fast, x, codes=True)[0], ref)
+    assert ref.min() == bounds[0] and ref.max() == bounds[1]  # both bounds reached
+    session = onnx_session(to_onnx(graph))
+    assert np.array_equal(session.run(None, {session.get_inputs()[0].name: x.numpy()})[1], ref.numpy())

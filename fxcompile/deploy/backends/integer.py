@@ -84,7 +84,8 @@ def _adaptive_sum_pool2d(op: IntOp, x):
 
 def _requantize(op: IntOp, x):
     out = saturate(round_shift(x, op.attrs["shift"], op.attrs["fmt"].rounding), op.attrs["fmt"])
-    return out.clamp_min(0) if op.attrs.get("relu") else out  # a ReLU folded in (fxcompile.deploy.optimize)
+    out = out.clamp_min(0) if op.attrs.get("relu") else out  # a ReLU folded in (fxcompile.deploy.optimize)
+    return out.clamp(*op.attrs["clamp"]) if "clamp" in op.attrs else out  # a clip folded in
 
 
 def _add(op: IntOp, a, b):

@@ -66,6 +66,10 @@ def test_depthwise_and_pointwise_convs_with_batch_norm_and_relu6():
     x = torch.randn(8, 4, 12, 12) * 2
     onnx_model, codes = _check(model.eval(), x, fxc.load_policy("8bit"))
     assert len(_qlinear_weights(onnx_model)) == 4
+    # a batch norm reads the uint8 codes with the zero point in its offset: no Sub in between;
+    # only the last conv, whose codes are the output, takes its zero point off
+    subs = [n.name for n in onnx_model.graph.node if n.op_type == "Sub" and n.name.startswith("conv2d/")]
+    assert len(subs) == 1 and subs[0].startswith("conv2d/_8/")
     assert codes.abs().sum() > 0
 
 

@@ -96,6 +96,17 @@ from .matmul import emit_qlinear_conv
 __all__ = ["to_onnx", "EMITTERS", "OPSET", "add_constant"]
 
 
+def _live(nodes: list, outputs: set) -> list:
+    """``nodes`` without those no graph output depends on (a value an emitter wrote and a
+    consumer then read in another form, e.g. a QLinearConv's codes without their zero point)."""
+    needed, kept = set(outputs), []
+    for n in reversed(nodes):
+        if any(o in needed for o in n.output):
+            kept.append(n)
+            needed.update(n.input)
+    return kept[::-1]
+
+
 def to_onnx(graph: IntegerGraph, name: str = "fxcompile_integer", eight_bit: bool = True) -> onnx.ModelProto:
     """The ONNX model of ``graph``: float inputs (batch dimension ``N``), float and int64 outputs.
 
@@ -139,7 +150,8 @@ def to_onnx(graph: IntegerGraph, name: str = "fxcompile_integer", eight_bit: boo
                                             name=f"{op.op}/{out}/codes"))
             outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
             codes.append(helper.make_tensor_value_info(f"{out}_codes", TensorProto.INT64, shape))
-    g = helper.make_graph(b.nodes, name, inputs, outputs + codes, initializer=b.initializers)
+    g = helper.make_graph(_live(b.nodes, {v.name for v in outputs + codes}), name, inputs, outputs + codes,
+                          initializer=b.initializers)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fxcompile")
     model.ir_version = min(model.ir_version, 10)
     return model

@@ -50,6 +50,7 @@ class _Builder:
         self.channels_last: set[str] = set()
         self._transposed: dict[str, str] = {}  # one Transpose a value, however many users need it
         self.uint8: dict[str, tuple[str, int]] = {}  # a value's codes + zero point as a uint8 tensor
+        self.shifted: dict[str, tuple[str, int]] = {}  # value → (int32 tensor t, z): the value is t − z
 
     def dtype(self, name: str) -> type:
         return self.types.get(name, np.int64)

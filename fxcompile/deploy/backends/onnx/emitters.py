@@ -14,7 +14,7 @@ from onnx import TensorProto
 from ....core import intmath
 from ....core.formats import FixedPoint
 from ...lower import IntOp
-from .arithmetic import _centred_range, _clip, _fits32, _int_type, _relu, _round_shift, _wide, _wrap
+from .arithmetic import _centred_range, _clip, _fits32, _int_type, _relu, _round_shift, _saturation, _wide, _wrap
 from .builder import _ONNX_TYPE, _Builder, _per_channel
 from .matmul import _pad, _slices, emit_conv2d, emit_linear
 
@@ -42,13 +42,12 @@ def emit_quantize(b: _Builder, op: IntOp, x: str) -> str:
 
 
 def emit_requantize(b: _Builder, op: IntOp, v: str) -> str:
-    """Rounding shift, then saturation (with ``attrs["relu"]``, clamped at 0 too) or wrap."""
+    """Rounding shift, then saturation (with ``attrs["relu"]``, clamped at 0 too; with
+    ``attrs["clamp"]``, to its bounds) or wrap."""
     fmt: FixedPoint = op.attrs["fmt"]
     s, rounding = op.attrs["shift"], fmt.rounding
     vlo, vhi = b.ranges[v]
-    olo, ohi = _centred_range(fmt)
-    if op.attrs.get("relu"):
-        olo, ohi = max(olo, 0), max(ohi, 0)
+    olo, ohi = _saturation(op) if fmt.overflow == "saturate" else _centred_range(fmt)
     out_type = _int_type(olo, ohi)
     if fmt.overflow == "wrap":  # int64 wraps like the reference's int64 arithmetic
         t = b.cast(v, np.int64)
@@ -424,6 +423,9 @@ def emit_affine(b: _Builder, op: IntOp, x: str) -> str:
     nhwc = x in b.channels_last and len(b.shapes[op.inputs[0]]) == 4
     x = x if nhwc else b.nchw(x)
     scale, offset = op.attrs["scale"].numpy(), op.attrs["offset"].numpy()
+    if x in b.shifted:  # x = t − z (a QLinearConv's uint8 output): (t − z) · s + o = t · s + (o − z · s)
+        x, z = b.shifted[x]
+        offset = offset - z * scale
     lo, hi = b.ranges[x]
     prods = [scale.astype(object) * lo, scale.astype(object) * hi]
     low = np.minimum(*prods) + offset.astype(object)

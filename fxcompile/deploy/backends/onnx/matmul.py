@@ -9,7 +9,7 @@ import numpy as np
 from onnx import TensorProto
 
 from ...lower import IntOp
-from .arithmetic import INT32, _fits32
+from .arithmetic import INT32, _fits32, _saturation
 from .builder import _Builder, _per_channel
 
 def _out_size(size, k, s, d=1):
@@ -362,9 +362,7 @@ def emit_qlinear_conv(b: _Builder, op: IntOp, requantize: IntOp, x: str) -> str 
     fmt, s = requantize.attrs["fmt"], requantize.attrs["shift"]
     if fmt.overflow != "saturate" or fmt.rounding != "nearest" or s < 0:
         return None
-    olo, ohi = fmt.code_min - fmt.zero_point, fmt.code_max - fmt.zero_point
-    if requantize.attrs.get("relu"):
-        olo, ohi = max(olo, 0), max(ohi, 0)
+    olo, ohi = _saturation(requantize)
     y_zp = max(-olo, 0)
     weight = op.attrs["weight"].numpy().astype(np.int64)
     o = weight.shape[0]
@@ -391,9 +389,11 @@ def emit_qlinear_conv(b: _Builder, op: IntOp, requantize: IntOp, x: str) -> str 
     if olo + y_zp > 0 or ohi + y_zp < 255:  # a narrower format (or a ReLU) than uint8's saturation
         y = b.node("Clip", [y, b.const(olo + y_zp, np.uint8), b.const(ohi + y_zp, np.uint8)])
         b.channels_last.add(y)
-    out = b.node("Cast", [y], to=TensorProto.INT32)
-    if y_zp:
+    out = b.value(b.node("Cast", [y], to=TensorProto.INT32), olo + y_zp, ohi + y_zp, like=y)
+    if y_zp:  # a consumer that can take the zero point into its constants reads ``b.shifted`` instead
+        shifted = out
         out = b.node("Sub", [out, b.const(y_zp, np.int32)])
+        b.shifted[out] = (shifted, y_zp)
     b.value(out, olo, ohi, like=y)
     b.uint8[out] = (y, y_zp)
     return out
