@@ -6,7 +6,10 @@ writes ``summary.md`` (the study's table: FP32, baseline, optimized, and an ``au
 when the results hold one; then every point) and PNG figures: accuracy against the
 fractional-bit share, one line per role, and accuracy against epochs, one line per batch
 size — each with 95 % confidence error bars and FP32 as a reference line.  A figure is drawn
-wherever the results hold the points for it, whichever sweep file produced them.
+wherever the results hold the points for it, whichever sweep file produced them.  Runs of
+``policy = "auto"`` points (read from the ``.jsonl`` beside the CSV) add accuracy against the
+cost model's objective (Spearman rank correlation) and against weight memory bits and BOPs
+with the Pareto front.
 """
 
 from __future__ import annotations

@@ -22,6 +22,22 @@ A sweep file is TOML::
     weight.frac_share = [0.25, 0.5, 0.75]
     weight.bits = [16, 24]
 
+A point with ``policy = "auto"`` lets the cost model choose its formats (:func:`fxcompile.auto`,
+calibrated on the point's training data); ``auto.<field>`` keys set its arguments and sweep
+like any other key, so a list of budgets gives one point each::
+
+    [defaults]
+    policy = "auto"
+    auto.max_formats = 3
+    auto.bits = [8, 16]             # a choice of widths (or "8/16"); auto.bits.<role> per role
+    [[grid]]
+    auto.weight_memory_bits = [4e6, 5.5e6]     # also auto.bops, auto.objective, auto.margin, ...
+
+``auto.*`` keys apply only to ``policy = "auto"`` points (other points keep their ids), and
+role fields cannot be given with it.  Such a run records in the JSON-lines file the formats
+chosen, the objective, what the chosen widths use of ``weight_memory_bits`` and ``bops``
+(``usage``) and the budgets; its CSV role columns hold the formats each role got.
+
 The points of a sweep are the union of ``points`` and every ``grid``'s product, each merged
 over ``defaults``.  Policy fields are ``<role>.<field>`` with field ``format`` ("16.8"),
 ``bits``, ``frac``, ``frac_share`` (frac = round(share * bits)) or ``rounding``, applied in
@@ -316,7 +332,8 @@ def resolve(settings: dict, where: str, folder: Path = Path(".")) -> dict:
 
 
 def _label(varied: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in varied.items()) or "defaults"
+    return " ".join(f"{k}={v:g}" if k.startswith("auto.") and isinstance(v, float) else f"{k}={v}"
+                    for k, v in varied.items()) or "defaults"
 
 
 @dataclasses.dataclass
