@@ -6,7 +6,10 @@ writes ``summary.md`` (the study's table: FP32, baseline, optimized, and an ``au
 when the results hold one; then every point) and PNG figures: accuracy against the
 fractional-bit share, one line per role, and accuracy against epochs, one line per batch
 size — each with 95 % confidence error bars and FP32 as a reference line.  A figure is drawn
-wherever the results hold the points for it, whichever sweep file produced them.
+wherever the results hold the points for it, whichever sweep file produced them.  Runs of
+``policy = "auto"`` points (read from the ``.jsonl`` beside the CSV) add accuracy against the
+cost model's objective (Spearman rank correlation) and against weight memory bits and BOPs
+with the Pareto front.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Iterable, Sequence
 from ..core.formats import FixedPoint
 from .sweep import FORMAT_ROLES, SweepError, read_rows
 
-__all__ = ["t_critical", "interval", "spearman", "PointStats", "summarize", "load_results", "markdown_table", "report",
+__all__ = ["t_critical", "interval", "spearman", "auto_runs", "PointStats", "summarize", "load_results", "markdown_table", "report",
            "STUDY_ACCURACY"]
 
 # Two-sided 95 % critical values of Student's t (upper 2.5 % point) by degrees of freedom.
@@ -294,10 +297,10 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
-def _objective_plots(runs: list[dict], out: Path) -> list[tuple[str, str]]:
-    """Runs of ``examples/auto_formats.py --results``: measured accuracy against the cost
-    model's objective (log scale), and against each hardware budget's usage with the
-    Pareto front."""
+def _objective_plots(runs: list[dict], out: Path, fp32: PointStats | None = None) -> list[tuple[str, str]]:
+    """Runs of ``examples/auto_formats.py --results`` (or a sweep's ``policy = "auto"`` points):
+    measured accuracy against the cost model's objective (log scale), and against each hardware
+    budget's usage with the Pareto front; ``fp32`` adds its accuracy as a reference line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -314,6 +317,7 @@ def _objective_plots(runs: list[dict], out: Path) -> list[tuple[str, str]]:
     ax.set_xlabel("cost model objective (predicted, lower is better)")
     ax.set_ylabel("test accuracy (%)")
     rho = spearman([-r["objective"] for r in runs], [r["accuracy"] for r in runs])
+    _reference_line(ax, fp32)
     ax.set_title(f"predicted vs measured: Spearman {rho:.2f} over {len(runs)} runs", fontsize=9)
     made.append((_save(fig, ax, out, "objective_vs_accuracy", 0),
                  f"accuracy vs the cost model's objective, {len(runs)} runs; Spearman rank correlation "
@@ -326,6 +330,7 @@ def _objective_plots(runs: list[dict], out: Path) -> list[tuple[str, str]]:
         ax.scatter(*zip(*pts), s=18, label="runs")
         front = _pareto(pts)
         ax.step(*zip(*front), where="post", color="black", linewidth=1, label="Pareto front")
+        _reference_line(ax, fp32)
         ax.set_xlabel(budget.replace("_", " "))
         ax.set_ylabel("test accuracy (%)")
         made.append((_save(fig, ax, out, f"pareto_{budget}", 0), f"accuracy vs {budget} with the Pareto front"))
@@ -356,6 +361,41 @@ def spearman(x: list[float], y: list[float]) -> float:
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
 
 
+def _objective_rows(runs: list[dict]) -> list[str]:
+    """The Markdown table of cost-model runs, numbered as in the objective figure."""
+    rows = ["| # | policy | seed | objective | weight memory bits | BOPs | accuracy (%) | formats |",
+            "|---:|---|---:|---:|---:|---:|---:|---|"]
+    for i, r in enumerate(runs, 1):
+        usage = r.get("usage") or {}
+        rows.append(f"| {i} | {r['policy']} | {r.get('seed', '')} | {r['objective']:.4g} | "
+                    + " | ".join(f"{usage[b]:.4g}" if b in usage else "—" for b in ("weight_memory_bits", "bops"))
+                    + f" | {100 * r['accuracy']:.2f} | {' '.join(r.get('formats', []))} |")
+    return rows
+
+
+def auto_runs(files: Iterable[str | Path], rows: list[dict]) -> list[dict]:
+    """The sweep runs of ``policy = "auto"`` points among ``rows``, from the metadata (``.jsonl``)
+    beside each results CSV: policy, seed, accuracy, objective, formats, budget usage and budgets."""
+    keys = {(r["point"], int(r["seed"])) for r in rows}
+    runs, seen = [], set()
+    for f in files:
+        meta = Path(f).with_suffix(".jsonl")
+        if not meta.exists():
+            continue
+        for line in meta.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            key, result = (rec.get("point"), rec.get("seed")), rec.get("result") or {}
+            if key in keys and key not in seen and result.get("objective") is not None:
+                seen.add(key)
+                runs.append({"policy": rec["config"]["policy_name"], "point": key[0], "seed": key[1],
+                             "label": rec.get("label"), "accuracy": result["accuracy"],
+                             **{k: result[k] for k in ("objective", "formats", "usage", "budgets") if k in result}})
+    return runs
+
+
 def _objective_report(files: list[Path], out: str | Path | None) -> str:
     runs = []
     for f in files:
@@ -369,9 +409,7 @@ def _objective_report(files: list[Path], out: str | Path | None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     figures = _objective_plots(runs, out)
     runs = [r for r in runs if r.get("objective") is not None and r.get("accuracy") is not None]
-    rows = ["| # | policy | seed | objective | accuracy (%) | formats |", "|---:|---|---:|---:|---:|---|"]
-    rows += [f"| {i} | {r['policy']} | {r.get('seed', '')} | {r['objective']:.4g} | {100 * r['accuracy']:.2f} | "
-             f"{' '.join(r.get('formats', []))} |" for i, r in enumerate(runs, 1)]
+    rows = _objective_rows(runs)
     md = ["# Cost model report", "", f"Results: {', '.join(map(str, files))}; {len(runs)} runs.", ""] + rows
     if figures:
         md += ["", "## Figures", ""] + [f"![{desc}]({name})\n\n{desc}\n" for name, desc in figures]
@@ -388,12 +426,17 @@ def report(files: Sequence[str | Path], out: str | Path | None = None) -> str:
     files = [files] if isinstance(files, (str, Path)) else list(files)
     if files and all(str(f).endswith(".json") for f in files):
         return _objective_report([Path(f) for f in files], out)
-    points = summarize(load_results(files))
+    rows = load_results(files)
+    points = summarize(rows)
     if not points:
         raise SweepError(f"{', '.join(map(str, files))}: no finished runs yet")
     out = Path(out) if out else Path(files[0]).with_name(Path(files[0]).stem + "_report")
     out.mkdir(parents=True, exist_ok=True)
     figures = _plots(points, out)
+    chosen = auto_runs(files, rows)
+    if chosen:
+        auto_point = next(p for p in points if p.point == chosen[0]["point"])
+        figures += _objective_plots(chosen, out, _fp32_for(points, auto_point))
     table = markdown_table(points)
     md = ["# Sweep report", "", f"Results: {', '.join(str(f) for f in files)}; {len(points)} points, "
           f"{sum(p.n for p in points)} runs. Accuracy on the test set in %; the 95 % confidence interval of "
@@ -401,6 +444,10 @@ def report(files: Sequence[str | Path], out: str | Path | None = None) -> str:
     if table:
         md += ["## FP32 and the study's policies", "", table]
     md += ["## Every point", "", points_table(points)]
+    if chosen:
+        md += ["## Formats chosen by the cost model (policy = \"auto\")", "", "Each run's objective (predicted, "
+               "lower is better) and what its chosen widths use of each hardware budget.", "",
+               *_objective_rows(chosen), ""]
     if figures:
         md += ["## Figures", ""] + [f"![{desc}]({name})\n\n{desc}\n" for name, desc in figures]
     (out / "summary.md").write_text("\n".join(md))

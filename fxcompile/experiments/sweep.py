@@ -22,6 +22,22 @@ A sweep file is TOML::
     weight.frac_share = [0.25, 0.5, 0.75]
     weight.bits = [16, 24]
 
+A point with ``policy = "auto"`` lets the cost model choose its formats (:func:`fxcompile.auto`,
+calibrated on the point's training data); ``auto.<field>`` keys set its arguments and sweep
+like any other key, so a list of budgets gives one point each::
+
+    [defaults]
+    policy = "auto"
+    auto.max_formats = 3
+    auto.bits = [8, 16]             # a choice of widths (or "8/16"); auto.bits.<role> per role
+    [[grid]]
+    auto.weight_memory_bits = [4e6, 5.5e6]     # also auto.bops, auto.objective, auto.margin, ...
+
+``auto.*`` keys apply only to ``policy = "auto"`` points (other points keep their ids), and
+role fields cannot be given with it.  Such a run records in the JSON-lines file the formats
+chosen, the objective, what the chosen widths use of ``weight_memory_bits`` and ``bops``
+(``usage``) and the budgets; its CSV role columns hold the formats each role got.
+
 The points of a sweep are the union of ``points`` and every ``grid``'s product, each merged
 over ``defaults``.  Policy fields are ``<role>.<field>`` with field ``format`` ("16.8"),
 ``bits``, ``frac``, ``frac_share`` (frac = round(share * bits)) or ``rounding``, applied in
@@ -91,12 +107,27 @@ class Point:
     def id(self) -> str:
         return hashlib.sha1(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:12]
 
-    def policy(self) -> Policy | None:
+    def policy(self):
+        """The point's :class:`Policy`, its :func:`fxcompile.auto` settings, or ``None`` (FP32)."""
+        if self.is_auto:
+            from ..core.auto import auto
+            return auto(**auto_kwargs(self.config["policy"]["auto"]))
         return None if self.config["policy"] is None else Policy.from_dict(self.config["policy"])
 
+    @property
+    def is_auto(self) -> bool:
+        return is_auto(self.config)
+
     def formats(self) -> dict[str, str]:
+        if self.is_auto:   # chosen when the run calibrates; its row records them
+            return {r: "auto" for r in FORMAT_ROLES}
         p = self.policy()
         return {r: ("float" if p is None or p.format_for(r) is None else str(p.format_for(r))) for r in FORMAT_ROLES}
+
+
+def is_auto(config: dict) -> bool:
+    """Whether a point's configuration lets the cost model (:func:`fxcompile.auto`) choose its formats."""
+    return isinstance(config.get("policy"), dict) and "auto" in config["policy"]
 
 
 def _flatten(table: dict, prefix: str = "") -> dict:
@@ -154,13 +185,104 @@ def _apply_role(policy: Policy | None, role: str, fields: dict, where: str) -> P
     return Policy.from_dict(base, where=where)
 
 
+AUTO_BUDGETS = ("weight_memory_bits", "bops")
+
+
+def _auto_fields() -> tuple[str, ...]:
+    from ..core.auto import Auto
+    return tuple(f.name for f in dataclasses.fields(Auto) if f.name != "name")
+
+
+def _widths_setting(value: Any, key: str, where: str) -> int | list[int]:
+    """One width (16), a choice of widths ([8, 16] or "8/16")."""
+    if isinstance(value, str):
+        try:
+            value = [int(w) for w in value.split("/")]
+        except ValueError:
+            raise SweepError(f"{where}: {key} must be a width (16), a list of widths ([8, 16]) or \"8/16\", "
+                             f"got {value!r}") from None
+    if isinstance(value, list):
+        if not value or not all(isinstance(w, int) and not isinstance(w, bool) for w in value):
+            raise SweepError(f"{where}: {key} must be a width (16), a list of widths ([8, 16]) or \"8/16\", "
+                             f"got {value!r}")
+        return sorted(set(value)) if len(set(value)) > 1 else value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SweepError(f"{where}: {key} must be a width (16), a list of widths ([8, 16]) or \"8/16\", got {value!r}")
+    return value
+
+
+def auto_settings(fields: dict, where: str) -> dict:
+    """Check the ``auto.<field>`` keys of a point (``auto.bits.<role>`` gives a role's widths) and
+    return them as the JSON settings of :func:`fxcompile.auto` that a point's id hashes.
+
+    Only the fields given are kept, so a point's id does not depend on the cost model's defaults."""
+    from ..core.auto import auto
+    known = _auto_fields()
+    settings: dict[str, Any] = {}
+    for key, value in fields.items():
+        field, _, role = key.partition(".")
+        if field not in known or (role and field != "bits"):
+            raise SweepError(f"{where}: unknown key auto.{key}; auto takes {', '.join(known)} "
+                             "(and auto.bits.<role>)")
+        if field == "bits" and role:
+            settings.setdefault("bits", {})
+            if not isinstance(settings["bits"], dict):
+                raise SweepError(f"{where}: give auto.bits or auto.bits.<role>, not both")
+            settings["bits"][role] = _widths_setting(value, f"auto.bits.{role}", where)
+        elif field == "bits":
+            if "bits" in settings:
+                raise SweepError(f"{where}: give auto.bits or auto.bits.<role>, not both")
+            settings["bits"] = _widths_setting(value, "auto.bits", where)
+        elif field in AUTO_BUDGETS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise SweepError(f"{where}: auto.{field} is a budget and must be a positive number, got {value!r}")
+            settings[field] = value
+        elif field == "fracs":
+            if not isinstance(value, list) or len(value) != 2:
+                raise SweepError(f"{where}: auto.fracs must be [lo, hi], got {value!r}")
+            settings[field] = list(value)
+        else:
+            settings[field] = value
+    if isinstance(settings.get("bits"), dict):
+        settings["bits"] = dict(sorted(settings["bits"].items()))
+    try:
+        auto(**auto_kwargs(settings))
+    except (PolicyError, TypeError, ValueError) as e:
+        raise SweepError(f"{where}: {str(e).replace('auto: ', 'auto.', 1)}") from None
+    return dict(sorted(settings.items(), key=lambda kv: known.index(kv[0])))
+
+
+def auto_kwargs(settings: dict) -> dict:
+    """A point's auto settings as keyword arguments of :func:`fxcompile.auto`."""
+    kwargs = dict(settings)
+    if "fracs" in kwargs:
+        kwargs["fracs"] = tuple(kwargs["fracs"])
+    return kwargs
+
+
+def _auto_name(settings: dict) -> str:
+    def show(v):
+        if isinstance(v, dict):
+            return ",".join(f"{k}={show(w)}" for k, w in v.items())
+        if isinstance(v, list):
+            return "/".join(map(str, v))
+        return f"{v:g}" if isinstance(v, float) else str(v)
+    return "auto(" + ", ".join(f"{k}={show(v)}" for k, v in settings.items()) + ")"
+
+
 def resolve(settings: dict, where: str, folder: Path = Path(".")) -> dict:
     """Turn flat point settings into a run configuration (the dict a :class:`Point` hashes)."""
     settings = dict(settings)
-    unknown = [k for k in settings if k not in HYPER and k != "policy" and k.split(".")[0] not in ROLES]
+    unknown = [k for k in settings if k not in HYPER and k != "policy" and k.split(".")[0] not in (*ROLES, "auto")]
     if unknown:
         raise SweepError(f"{where}: unknown key(s) {sorted(unknown)}; keys are {sorted(HYPER)}, policy, "
-                         f"and <role>.<field> with role in {', '.join(ROLES)} and field in {', '.join(ROLE_FIELDS)}")
+                         f"auto.<field>, and <role>.<field> with role in {', '.join(ROLES)} and field in "
+                         f"{', '.join(ROLE_FIELDS)}")
+    auto = {k[len("auto."):]: v for k, v in settings.items() if k.startswith("auto.")}
+    for k in auto:   # like synthetic_train, auto.* apply only where they are used (policy = "auto")
+        del settings["auto." + k]
+    auto = auto_settings(auto, where) if settings.get("policy") == "auto" or auto else None
+    auto = auto if settings.get("policy") == "auto" else None
     config = {k: DEFAULTS[k] for k in HYPER}
     for k, kind in HYPER.items():
         if k in settings and settings[k] is not None:
@@ -170,6 +292,12 @@ def resolve(settings: dict, where: str, folder: Path = Path(".")) -> dict:
                 raise SweepError(f"{where}: {k} must be {kind.__name__}, got {settings[k]!r}") from None
     if config["dataset"] not in DATASETS:
         raise SweepError(f"{where}: dataset must be one of {DATASETS}, got {config['dataset']!r}")
+    if auto is not None:
+        clash = sorted(k for k in settings if k.split(".")[0] in ROLES)
+        if clash:
+            raise SweepError(f"{where}: policy \"auto\" chooses every format; {', '.join(clash)} cannot be "
+                             "given with it")
+        settings["policy"] = "fp32"   # replaced below by the cost model's settings
     name, policy = _base_policy(settings.get("policy", DEFAULTS["policy"]), where, folder)
     by_role: dict[str, dict] = {}
     for k, v in settings.items():
@@ -182,18 +310,21 @@ def resolve(settings: dict, where: str, folder: Path = Path(".")) -> dict:
         policy.name = name
     config["policy_name"] = name
     config["policy"] = policy.to_dict() if policy is not None else None
+    if auto is not None:   # only auto points carry the key, so every other point keeps its id
+        config["policy_name"] = _auto_name(auto)
+        config["policy"] = {"auto": auto}
     if config["dataset"] != "synthetic":
         del config["synthetic_train"], config["synthetic_test"]
     scale = config.pop("loss_scale")   # kept only when not 1, so points without it keep their ids
     if scale != 1:
-        if policy is None:
+        if policy is None and auto is None:
             raise SweepError(f"{where}: loss_scale scales a fixed-point gradient; the fp32 policy has none")
         if scale <= 0 or math.frexp(scale)[0] != 0.5:
             raise SweepError(f"{where}: loss_scale must be a power of two (1, 2, 4, ..., 16, ...), got {scale!r}")
         config["loss_scale"] = scale
     every = config.pop("reassign_every")   # kept only when set, like loss_scale
     if every:
-        if policy is None or every < 0:
+        if (policy is None and auto is None) or every < 0:
             raise SweepError(f"{where}: reassign_every moves fixed-point formats every N > 0 steps; "
                              + ("the fp32 policy has none" if policy is None else f"got {every!r}"))
         config["reassign_every"] = every
@@ -201,7 +332,8 @@ def resolve(settings: dict, where: str, folder: Path = Path(".")) -> dict:
 
 
 def _label(varied: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in varied.items()) or "defaults"
+    return " ".join(f"{k}={v:g}" if k.startswith("auto.") and isinstance(v, float) else f"{k}={v}"
+                    for k, v in varied.items()) or "defaults"
 
 
 @dataclasses.dataclass
@@ -338,21 +470,50 @@ def run_point(config: dict, seed: int, root: str | None = None, tensorboard: str
                                              root, **extra)
         torch.manual_seed(seed)   # model initialisation depends on the run's seed only
         model = build_model(config["model"])
-        policy = None if config["policy"] is None else Policy.from_dict(config["policy"])
+        policy = Point(config, "").policy()
         cfg = TrainConfig(model=model, policy=policy, epochs=config["epochs"], batch_size=config["batch_size"],
                           lr=config["lr"], seed=seed, weight_rounding=config["weight_rounding"], progress=False,
                           tensorboard=tensorboard, loss_scale=config.get("loss_scale", 1))
         if config.get("reassign_every"):
             from ..training.reassign import Reassign
             cfg.reassign = Reassign(every=config["reassign_every"])
-        m = train(cfg, train_data, test_data)
+        try:
+            m = train(cfg, train_data, test_data)
+        except PolicyError as e:   # the cost model's: a budget no choice of widths meets
+            raise SweepError(f"{config['policy_name']}: {e}") from None
+        chosen = _chosen(m["model_object"], config) if is_auto(config) else {}
         return {"accuracy": m["accuracy"], "history": [h["accuracy"] for h in m["history"]],
                 "final_loss": m["history"][-1]["train_loss"] if m["history"] else None,
                 "step_time_ms": m["step_time_ms"], "train_size": m["train_size"], "test_size": m["test_size"],
-                "wall_time_s": time.perf_counter() - t0,
+                **chosen, "wall_time_s": time.perf_counter() - t0,
                 "cpu_time_s": time.process_time() - c0}
     finally:
         torch.set_num_threads(threads)
+
+
+def _coarse(role: str) -> str:
+    from ..core.policy import FALLBACK
+    return FALLBACK.get(role, role)
+
+
+def _chosen(qmodel, config: dict) -> dict:
+    """What the cost model chose for an auto point: its formats (all, and per CSV role column),
+    its objective and what the chosen widths use of each hardware budget (and the budget)."""
+    from ..core.ir import SOLUTION
+    from ..reports.inspect import assignment
+    sol = qmodel.meta[SOLUTION.name]
+    by_role: dict[str, set] = {r: set() for r in FORMAT_ROLES}
+    edges = assignment(qmodel)
+    for e in edges:
+        for role, fmt in ((e.role, e.forward), (e.backward_role, e.backward)):
+            if fmt is not None and _coarse(role) in by_role:
+                by_role[_coarse(role)].add((fmt.bits, fmt.frac))
+    settings = config["policy"]["auto"]
+    return {"formats": [f"{b}.{f}" for b, f in sol.formats], "distinct_formats": len(edges.formats()),
+            "role_formats": {r: " ".join(f"{b}.{f}" for b, f in sorted(v)) or "float" for r, v in by_role.items()},
+            "objective": sol.objective, "baseline_objective": sol.baseline_objective, "exact": sol.exact,
+            "usage": {k: float(v) for k, v in sol.usage.items()},
+            "budgets": {k: settings[k] for k in AUTO_BUDGETS if k in settings}}
 
 
 def _init_worker():
@@ -450,7 +611,7 @@ def provenance() -> dict:
 
 
 def _record(sweep: Sweep, point: Point, seed: int, result: dict) -> tuple[str, str]:
-    formats = point.formats() if point.config["policy"] is not None else {r: "float" for r in FORMAT_ROLES}
+    formats = result.get("role_formats") or point.formats()
     c = point.config
     row = {"sweep": sweep.name, "point": point.id, "seed": seed, "label": point.label, "dataset": c["dataset"],
            "model": c["model"], "policy": c["policy_name"], **formats, "epochs": c["epochs"],
