@@ -42,6 +42,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default="runs/deploy_trained")
     p.add_argument("--recheck", action="store_true", help="export and check the saved trained states again")
+    p.add_argument("--recalibrate", type=int, default=0, metavar="N",
+                   help="before export, recompute the batch norms' running statistics from N training images "
+                        "(fxc.recalibrate_batch_norms; the weights stay as trained)")
     p.add_argument("--results", default=None, help="also write every model's record to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -69,6 +72,11 @@ def main(argv=None):
                 q = run.pop("model_object")
                 out.mkdir(parents=True, exist_ok=True)
                 torch.save({"state": q.state_dict(), "run": run}, state)
+            if args.recalibrate and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in q.modules()):
+                tx = train_data[0]
+                order = torch.randperm(len(tx), generator=torch.Generator().manual_seed(args.seed))[:args.recalibrate]
+                fxc.recalibrate_batch_norms(q, (tx[order[i:i + 32]] for i in range(0, len(order), 32)))
+                run = dict(run, recalibrated_images=args.recalibrate)
             onnx_path = out / f"{name}.onnx"
             export_onnx(q, onnx_path, (vx[:2],))
             r = verify(q, onnx_path, vx, vy)

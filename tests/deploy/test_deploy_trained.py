@@ -55,3 +55,21 @@ def test_deploy_trained_trains_exports_checks_and_resumes(tmp_path, monkeypatch,
     assert (out / "seed_cnn.onnx").exists()
     again = json.loads(results.read_text())["models"]["seed_cnn"]
     assert again == rec
+
+
+def test_recalibrated_batch_norms_are_what_deploys(tmp_path):
+    _write_fashion_mnist(tmp_path / "data")
+    out, results = tmp_path / "runs", tmp_path / "results.json"
+    argv = ["--data", str(tmp_path / "data"), "--models", "residual_cnn", "seed_cnn", "--out", str(out),
+            "--results", str(results), "--recalibrate", "48"]
+    deploy_trained.main(argv)
+    data = json.loads(results.read_text())["models"]
+    rec = data["residual_cnn"]
+    assert rec["recalibrated_images"] == 48 and "recalibrated_images" not in data["seed_cnn"]  # no batch norm
+    assert rec["ort_vs_integer"] == 0 and rec["simulation_vs_integer"] == 0
+    # the same saved state exported without recalibrating gives other batch-norm constants
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "residual_cnn.pt").write_bytes((out / "residual_cnn.pt").read_bytes())
+    deploy_trained.main(["--data", str(tmp_path / "data"), "--models", "residual_cnn", "--out", str(plain)])
+    assert (plain / "residual_cnn.onnx").read_bytes() != (out / "residual_cnn.onnx").read_bytes()
