@@ -55,6 +55,8 @@ def main(argv=None):
     p.add_argument("--update-rounding", default="stochastic", help="rounding of each weight/bias update")
     p.add_argument("--margin", type=int, default=None,
                    help="octaves of drift the formats allow for (default: 4 at >= 12 bits, else 1; see fxc.Auto)")
+    p.add_argument("--output-margin", type=int, default=None,
+                   help="octaves the model's output may grow beyond --margin (default: --margin's value)")
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -84,6 +86,7 @@ def main(argv=None):
     train_data, test_data = _DATA[key]
     policy = fxc.auto(max_formats=args.max_formats, bits=parse_bits(args.bits), objective=args.objective,
                       gradient_rounding=args.gradient_rounding, update_rounding=args.update_rounding, margin=args.margin,
+                      output_margin=args.output_margin,
                       calibration_batches=args.calibration_batches, weight_memory_bits=args.weight_memory_bits,
                       bops=args.bops)
     reassign = None
