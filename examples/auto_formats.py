@@ -55,6 +55,8 @@ def main(argv=None):
     p.add_argument("--update-rounding", default="stochastic", help="rounding of each weight/bias update")
     p.add_argument("--margin", type=int, default=None,
                    help="octaves of drift the formats allow for (default: 4 at >= 12 bits, else 1; see fxc.Auto)")
+    p.add_argument("--output-margin", type=int, default=None,
+                   help="octaves the model's output may grow beyond --margin (default: --margin's value)")
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -84,6 +86,7 @@ def main(argv=None):
     train_data, test_data = _DATA[key]
     policy = fxc.auto(max_formats=args.max_formats, bits=parse_bits(args.bits), objective=args.objective,
                       gradient_rounding=args.gradient_rounding, update_rounding=args.update_rounding, margin=args.margin,
+                      output_margin=args.output_margin,
                       calibration_batches=args.calibration_batches, weight_memory_bits=args.weight_memory_bits,
                       bops=args.bops)
     reassign = None
@@ -159,22 +162,31 @@ def write_results(runs: Path, results: Path) -> dict:
     rows = [r for r in rows if r.get("objective") is not None]
     by_policy: dict[str, list[float]] = {}
     for r in rows:
-        by_policy.setdefault(r["policy"], []).append(100 * r["accuracy"])
+        by_policy.setdefault(_label(r), []).append(100 * r["accuracy"])
+    # the objective scores the formats a run keeps: runs that move them are listed, not ranked
+    ranked = [r for r in rows if "reassign" not in r]
     commands = sorted({r.get("command", "") for r in rows})
     out = {"command": " ; ".join(commands), "date": time.strftime("%Y-%m-%d", time.gmtime()), "runs": [{k: r[k] for k in ("policy", "seed", "epochs", "train_size", "test_size", "accuracy", "objective",
                                        "objective_by_k", "formats", "distinct_formats", "usage", "solve_seconds",
-                                       "seconds", "command") if k in r} for r in rows],
+                                       "seconds", "command", "reassign", "final_formats", "measured_at") if k in r} for r in rows],
            "policies": {p: {"accuracy_percent": a, "mean": statistics.fmean(a),
                             "std": statistics.stdev(a) if len(a) > 1 else 0.0} for p, a in by_policy.items()},
-           "spearman_objective_accuracy": rho if (rho := spearman([-r["objective"] for r in rows],
-                                                                  [r["accuracy"] for r in rows])) == rho else None,
-           "spearman_runs": len(rows)}
+           "spearman_objective_accuracy": rho if (rho := spearman([-r["objective"] for r in ranked],
+                                                                  [r["accuracy"] for r in ranked])) == rho else None,
+           "spearman_runs": len(ranked), "spearman_assignments": len({_label(r) for r in ranked})}
     results.parent.mkdir(parents=True, exist_ok=True)
     tmp = results.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(out, indent=1) + "\n")
     tmp.replace(results)
-    print(f"{results}: {len(rows)} runs, Spearman(-objective, accuracy) = {out['spearman_objective_accuracy']}")
+    print(f"{results}: {len(rows)} runs, Spearman(-objective, accuracy) = {out['spearman_objective_accuracy']} "
+          f"over {len(ranked)} runs with fixed formats")
     return out
+
+
+def _label(row: dict) -> str:
+    """The run's policy, and its re-assignment schedule when its formats move."""
+    every = row.get("reassign", {}).get("every")
+    return row["policy"] + (f", reassign every {every}" if "reassign" in row else "")
 
 
 if __name__ == "__main__":

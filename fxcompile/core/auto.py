@@ -56,6 +56,13 @@ class Auto:
     left the trained fc1 outputs saturating 2.4 % of the time and the logits 0.6 %, 4 did
     not; at 8 bits, 2 or more octaves push the logits' gradient into a format whose range
     it overflows and training stalls at chance, while 1 octave trains.
+    ``output_margin``: octaves by which the model's output (the loss's prediction) may grow
+    beyond ``margin``; ``None`` (the default) is ``margin`` again, so the output may grow twice
+    as far as other values.  Its scale is set by the loss rather than by the untrained model:
+    cross-entropy is lowest at unbounded logits, so training keeps widening them (on the seed
+    CNN from 0.19 untrained to past 16, over 6 octaves); with the same 4 octaves as the rest,
+    K = 4 at 16 bits put the logits on 16.14 (range ±2) and trained 5 points below K = 3 on
+    a short run.
     """
 
     max_formats: int = 3
@@ -66,6 +73,7 @@ class Auto:
     gradient_rounding: str = "nearest"
     update_rounding: str = "stochastic"
     margin: int | None = None
+    output_margin: int | None = None
     format_cost: float = 0.0
     bits_cost: float = 0.0
     clip_gradient: bool = True
@@ -85,6 +93,11 @@ class Auto:
         if self.margin is not None and (isinstance(self.margin, bool) or not isinstance(self.margin, int)
                                         or not 0 <= self.margin <= 16):
             raise PolicyError(f"auto: margin must be None or an int in 0..16 (octaves), got {self.margin!r}")
+        if self.output_margin is not None and (isinstance(self.output_margin, bool)
+                                               or not isinstance(self.output_margin, int)
+                                               or not 0 <= self.output_margin <= 16):
+            raise PolicyError(f"auto: output_margin must be None or an int in 0..16 (octaves), "
+                              f"got {self.output_margin!r}")
         for field in ("weight_memory_bits", "bops"):
             v = getattr(self, field)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
@@ -119,6 +132,10 @@ class Auto:
             return self.margin
         return 4 if bits >= 12 else 1
 
+    def output_margin_for(self, bits: int) -> int:
+        """Octaves the model's output may grow beyond ``margin_for(bits)`` (see ``output_margin``)."""
+        return self.output_margin if self.output_margin is not None else self.margin_for(bits)
+
     def describe(self) -> str:
         if self.name:
             return self.name
@@ -126,6 +143,7 @@ class Auto:
         extra = f", gradient_rounding={self.gradient_rounding}" if self.gradient_rounding != "nearest" else ""
         extra += f", update_rounding={self.update_rounding}" if self.update_rounding != "stochastic" else ""
         extra += f", margin={self.margin}" if self.margin is not None else ""
+        extra += f", output_margin={self.output_margin}" if self.output_margin is not None else ""
         extra += f", weight_memory_bits={self.weight_memory_bits:g}" if self.weight_memory_bits is not None else ""
         extra += f", bops={self.bops:g}" if self.bops is not None else ""
         return f"auto(K={self.max_formats}, bits={bits}, objective={self.objective}{extra})"

@@ -22,7 +22,8 @@ the sum of its members'.
 the format: :meth:`TensorStats.squared_error` (rounding noise ``step²/12``, values flushed
 to zero, and saturation error ``(|x| - max)²``) over ``sum x²``, averaged over the values
 drifting by ``0..margin`` octaves as training moves them (forward values grow, gradients
-and the loss value shrink, the input data stays; calibration sees the untrained model).  ``w_d`` is 1
+and the loss value shrink, the input data stays; calibration sees the untrained model; the
+model's output, whose scale the loss sets, may grow ``output_margin`` octaves further).  ``w_d`` is 1
 (``objective="nsr"``) or, with ``objective="reach"``, a sensitivity estimate from the graph:
 1 + the number of values the error reaches (a forward value's error reaches everything
 computed from it; a gradient's error reaches the gradients of everything it comes from,
@@ -85,6 +86,7 @@ class _Decision:
     stats: object            # TensorStats or None
     rounding: str
     weight: float = 1.0
+    output: bool = False     # the model's output (the loss's prediction): see _mark_outputs
 
 
 @dataclasses.dataclass
@@ -603,23 +605,46 @@ def _reach_weights(graphs: list[fx.GraphModule], decisions: list[_Decision]) -> 
         d.weight = 1.0 + sum(1 for n in reached if roles.get(n) is not None)
 
 
-def _expected_nsr(d: _Decision, bits: int, fracs: np.ndarray, margin: int, both: bool = False) -> np.ndarray:
+def _expected_nsr(d: _Decision, bits: int, fracs: np.ndarray, margin: int, both: bool = False,
+                  growth: int = 0) -> np.ndarray:
     """NSR per candidate frac, averaged over the value drifting ``0..margin`` octaves the way
     training moves it: forward values (weights, activations) grow; gradients and the loss value
     shrink; the input is the data, which training does not move.  Scaling values by ``2**s`` is
     rounding them at frac ``f + s``, so a drift is a shift along fracs.  ``both``: every value
-    but the input drifts ``-margin..margin`` octaves (the sensitivity objective)."""
+    but the input drifts ``-margin..margin`` octaves (the sensitivity objective).  A growing
+    forward value may grow ``growth`` octaves further (the model's output: :func:`_mark_outputs`)."""
     signal = float(d.stats.hist_sq.sum())
     if signal <= 0:
         return np.zeros(len(fracs))
-    wide = np.arange(fracs[0] - margin, fracs[-1] + margin + 1)
-    table = d.stats.squared_errors(bits, wide, d.rounding) / signal
     forward = d.key[2] == "fwd"
     sign = 1 if forward and d.role != "loss" else -1
-    drifts = [0] if forward and d.role == "input" else range(margin + 1)
+    top = margin + (growth if forward and sign > 0 and d.role != "input" else 0)
+    pad = max(margin, top)
+    wide = np.arange(fracs[0] - pad, fracs[-1] + pad + 1)
+    table = d.stats.squared_errors(bits, wide, d.rounding) / signal
+    drifts = [0] if forward and d.role == "input" else range(top + 1)
     if both and not (forward and d.role == "input"):  # either way: values and gradients may grow or shrink
-        drifts = range(-margin, margin + 1)
-    return np.mean([table[margin + sign * s: margin + sign * s + len(fracs)] for s in drifts], axis=0)
+        drifts = range(-margin, top + 1)
+    return np.mean([table[pad + sign * s: pad + sign * s + len(fracs)] for s in drifts], axis=0)
+
+
+def _mark_outputs(graphs: list[fx.GraphModule], decisions: list[_Decision]) -> None:
+    """Mark the model's output (the loss's prediction), which may grow ``output_margin``
+    octaves beyond the margin (:meth:`Auto.output_margin_for`).  Its scale is set by the loss,
+    not by the untrained model the calibration sees: cross-entropy is lowest at unbounded
+    logits, so training keeps widening them (log-odds of ever more confident predictions) from
+    their near-zero start.  On the seed CNN the untrained logits reach 0.19 and the trained
+    ones pass 16 (over 6 octaves)."""
+    outputs = set()
+    for node in graphs[0].graph.nodes:
+        if node.op == "output":
+            outputs |= {(0, a.name) for a in node.all_input_nodes}
+    if len(graphs) > 1:  # the loss graph's first placeholder is the prediction
+        pred = [n for n in graphs[1].graph.nodes if n.op == "placeholder"][:1]
+        outputs |= {(1, n.name) for n in pred}
+    for d in decisions:
+        if d.key[2] == "fwd" and d.key[:2] in outputs and d.role not in ("input", "loss"):
+            d.output = True
 
 
 def _numel(shape) -> int:
@@ -661,6 +686,7 @@ def choose_formats(gm: fx.GraphModule, policy: Auto, loss_graph: fx.GraphModule 
     t0 = time.perf_counter()
     graphs = [gm] + ([loss_graph] if loss_graph is not None else [])
     decisions = _decisions(graphs, policy)
+    _mark_outputs(graphs, decisions)
     if policy.objective == "reach":
         _reach_weights(graphs, decisions)
     elif policy.objective == "sensitivity":
@@ -692,7 +718,8 @@ def choose_formats(gm: fx.GraphModule, policy: Auto, loss_graph: fx.GraphModule 
             for m in members:
                 if m.stats is None or not m.stats.count:
                     continue
-                nsr = _expected_nsr(m, w, fracs, policy.margin_for(w), both=policy.objective == "sensitivity")
+                nsr = _expected_nsr(m, w, fracs, policy.margin_for(w), both=policy.objective == "sensitivity",
+                                    growth=policy.output_margin_for(w) if m.output else 0)
                 member_nsr[(m.key, w)] = nsr
                 row += m.weight * nsr
                 elements += m.stats.count

@@ -165,3 +165,28 @@ def test_sensitivity_objective_leaves_headroom_for_gradients_to_grow():
     both = int(fracs[np.argmin(_expected_nsr(d, 8, fracs, 2, both=True))])
     at_rest = int(fracs[np.argmin(_expected_nsr(d, 8, fracs, 0))])
     assert both < at_rest <= shrink
+
+
+def _output_headroom(policy):
+    """Octaves between the model output's calibrated peak and its chosen format's range."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    from fxcompile.experiments.models import SeedCNN
+    q = fxc.compile(SeedCNN(), policy, loss_fn=nn.CrossEntropyLoss(), example_inputs=(x[:2],),
+                    calibration_data=[(x, y)])
+    logits = next(n for n in q.graph.nodes if n.name == "fc2")
+    fmt, peak = logits.meta["fxc_value"].forward, logits.meta["fxc_stats"].value.max_abs
+    return float(np.log2(fmt.max_value / peak))
+
+
+@pytest.mark.parametrize("objective", ["sensitivity", "nsr"])
+def test_the_model_output_keeps_room_to_grow_twice_the_margin(objective):
+    """Cross-entropy widens the logits far beyond their untrained range: with formats to spare,
+    the logits take a format with room for margin + output_margin octaves (4 + 4 at 16 bits),
+    not the 4 octaves of the other values (which put the seed CNN's logits on 16.14 at K = 4)."""
+    grown = _output_headroom(fxc.auto(max_formats=6, bits=16, objective=objective))
+    assert grown >= 7.5
+    assert _output_headroom(fxc.auto(max_formats=6, bits=16, objective=objective, output_margin=0)) < 6
+    assert _output_headroom(fxc.auto(max_formats=6, bits=16, objective=objective, output_margin=2)) < grown
+    with pytest.raises(fxc.PolicyError, match="output_margin"):
+        fxc.auto(output_margin=-1)
