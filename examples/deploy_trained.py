@@ -28,6 +28,7 @@ import fxcompile as fxc
 from fxcompile.deploy.export import export_onnx, verify
 from fxcompile.experiments.data import fashion_mnist
 from fxcompile.experiments.models import build
+from fxcompile.training.batch_norms import tracked_batch_norms
 from fxcompile.training.train import TrainConfig, train, write_metrics
 
 
@@ -72,7 +73,7 @@ def main(argv=None):
                 q = run.pop("model_object")
                 out.mkdir(parents=True, exist_ok=True)
                 torch.save({"state": q.state_dict(), "run": run}, state)
-            if args.recalibrate and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in q.modules()):
+            if args.recalibrate and tracked_batch_norms(q):
                 tx = train_data[0]
                 order = torch.randperm(len(tx), generator=torch.Generator().manual_seed(args.seed))[:args.recalibrate]
                 fxc.recalibrate_batch_norms(q, (tx[order[i:i + 32]] for i in range(0, len(order), 32)))

@@ -19,7 +19,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["recalibrate_batch_norms"]
+__all__ = ["recalibrate_batch_norms", "tracked_batch_norms"]
+
+
+def tracked_batch_norms(model: nn.Module) -> list:
+    """The batch norms of ``model`` that track running statistics (those recalibrating changes)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 def recalibrate_batch_norms(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
@@ -31,7 +36,7 @@ def recalibrate_batch_norms(model: nn.Module, batches: Iterable[torch.Tensor]) -
     runs; each module's own momentum is restored after).  ``model`` is left in eval mode.
     Raises ``ValueError`` naming the model if it has no batch norm that tracks statistics, or
     if ``batches`` is empty (the statistics would stay reset)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = tracked_batch_norms(model)
     if not norms:
         raise ValueError(f"{type(model).__name__} has no batch norm that tracks running statistics")
     saved = {m: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())

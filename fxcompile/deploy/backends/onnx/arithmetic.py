@@ -15,8 +15,7 @@ INT32 = (-(2 ** 31), 2 ** 31 - 1)
 def _saturation(op) -> tuple[int, int]:
     """The codes a saturating requantize ``op`` ends in: its format's range, from 0 up with a
     folded ReLU (``attrs["relu"]``), within a folded clip's bounds (``attrs["clamp"]``)."""
-    fmt = op.attrs["fmt"]
-    lo, hi = fmt.code_min - fmt.zero_point, fmt.code_max - fmt.zero_point
+    lo, hi = _centred_range(op.attrs["fmt"])
     if op.attrs.get("relu"):
         lo, hi = max(lo, 0), max(hi, 0)
     if "clamp" in op.attrs:
