@@ -130,6 +130,11 @@ class FloatGraph:
         """The bias operand of a Conv/Gemm reading ``x`` and ``w`` (by default ``b`` itself)."""
         return b
 
+    def fold_batch_norm(self, bn: fx.Node, x: str, s: np.ndarray, t: np.ndarray) -> str | None:
+        """The batch norm ``bn`` (``x · s + t``) folded into the op before it, or ``None`` (by
+        default: it stays a float ``Mul`` and ``Add``)."""
+        return None
+
 
 class QDQGraph(FloatGraph):
     """``bias_scale="accumulator"`` (the default) writes a Conv/Gemm bias as int32 codes at
@@ -530,7 +535,7 @@ def _batch_norm(g, node, x, module, weight, bias, spec):
     shape = [-1] + [1] * (len(_shape(node)) - 2)
     s = (s_codes.double() * 2.0 ** -s_frac).numpy().reshape(shape)
     t = (t_codes.double() * 2.0 ** -int(spec[0])).numpy().reshape(shape)
-    folded = g.fold_batch_norm(node, x, s, t) if isinstance(g, QDQGraph) else None
+    folded = g.fold_batch_norm(node, x, s, t)
     if folded is not None:
         return folded
     return g.node("Add", [g.node("Mul", [x, g.const(s, np.float32)]), g.const(t, np.float32)])
