@@ -450,6 +450,11 @@ def add_export(sub):
     p.add_argument("--flavour", default="integer", choices=["integer", "qdq", "qonnx"],
                    help="integer: int64 ops, bit-exact on ONNX Runtime (default); qdq: float ops with "
                    "QuantizeLinear/DequantizeLinear pairs; qonnx: float ops with QONNX Quant nodes (FINN, hls4ml)")
+    p.add_argument("--uint8-activations", action="store_true",
+                   help="qdq only: signed 8-bit activations as uint8 codes (the form ONNX Runtime fuses throughout)")
+    p.add_argument("--fold-batch-norms", action="store_true",
+                   help="qdq only: fold each batch norm after a conv into it (per-channel weight scales; one "
+                   "rounding fewer than the simulation)")
 
 
 def _trained_model(args):
@@ -531,7 +536,11 @@ def run_export(args):
     from .deploy.export import export_onnx, integer_graph
     model, x, policy, recorded = _trained_model(args)
     qmodel = _compile_for_deployment(model, policy, x, recorded, args)
-    exported = export_onnx(qmodel, args.output, example_inputs=(x,), flavour=args.flavour)
+    options = {k: True for k in ("uint8_activations", "fold_batch_norms") if getattr(args, k)}
+    if options and args.flavour != "qdq":
+        raise SystemExit(f"fxcompile export: --{next(iter(options)).replace('_', '-')} applies to --flavour qdq "
+                         f"only, not {args.flavour}")
+    exported = export_onnx(qmodel, args.output, example_inputs=(x,), flavour=args.flavour, **options)
     if args.flavour != "integer":
         quantizers = [n for n in exported.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Quant")]
         print(f"wrote {args.output}: {args.flavour} model, {len(exported.graph.node)} nodes of which "

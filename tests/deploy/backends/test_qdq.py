@@ -285,3 +285,15 @@ def test_batch_norms_that_cannot_fold_stay_float_ops():
     q = compiled(lambda: _bn_model(gamma), fxc.load_policy("8bit"), x)
     folded = to_qdq(fold_bn(q), (x[:1],), uint8_activations=True, fold_batch_norms=True)
     assert [n.op_type for n in folded.graph.node].count("Mul") == 2
+
+
+def test_export_command_passes_the_qdq_options_and_refuses_them_elsewhere(tmp_path, capsys):
+    main(["export", str(tmp_path / "m.onnx"), "--model", "residual_cnn", "--policy", "8bit", "--flavour", "qdq",
+          "--uint8-activations", "--fold-batch-norms"])
+    nodes = onnx.load(tmp_path / "m.onnx").graph.node
+    assert "Mul" not in {n.op_type for n in nodes}  # the batch norms folded into the convs
+    zero_points = {t.name: t.data_type for t in onnx.load(tmp_path / "m.onnx").graph.initializer}
+    assert onnx.TensorProto.UINT8 in {zero_points[n.input[2]] for n in nodes if n.op_type == "QuantizeLinear"}
+    with pytest.raises(SystemExit, match="--fold-batch-norms applies to --flavour qdq only"):
+        main(["export", str(tmp_path / "n.onnx"), "--model", "residual_cnn", "--fold-batch-norms"])
+    assert not (tmp_path / "n.onnx").exists()
