@@ -588,17 +588,7 @@ def _reach_weights(graphs: list[fx.GraphModule], decisions: list[_Decision]) -> 
     """Weight each decision by how much of the graph its error reaches: a forward value's
     rounding error flows into every value computed from it, a gradient's into the gradient
     of every value it is computed from.  Weight = 1 + number of role values reached."""
-    dag = nx.DiGraph()
-    for gi, gm in enumerate(graphs):
-        for node in gm.graph.nodes:
-            dag.add_node((gi, node.name), role=ir.ROLE.get(node))
-            for a in node.all_input_nodes:
-                dag.add_edge((gi, a.name), (gi, node.name))
-    if len(graphs) > 1:  # the model's output is the loss graph's prediction
-        out = [n for n in graphs[0].graph.nodes if n.op == "output"]
-        pred = [n for n in graphs[1].graph.nodes if n.op == "placeholder"][:1]
-        if out and pred:
-            dag.add_edge((0, out[0].name), (1, pred[0].name))
+    dag = _value_dag(graphs)
     roles = nx.get_node_attributes(dag, "role")
     for d in decisions:
         reached = nx.descendants(dag, d.key[:2]) if d.key[2] == "fwd" else nx.ancestors(dag, d.key[:2])
