@@ -21,11 +21,7 @@ GPT-2 given BERT's padded ``attention_mask`` as well (padding and causal masks t
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import pathlib
-import sys
 import tempfile
 import time
 
@@ -36,7 +32,7 @@ from torch import nn
 import fxcompile as fxc
 from fxcompile.deploy.export import export_onnx
 
-from transformer_exports import flavour_figures, print_record  # noqa: E402 - benchmarks/ is the script's directory
+from transformer_exports import _write, flavour_figures, print_record  # noqa: E402 - benchmarks/ is the script's directory
 
 VOCAB, WIDTH, LAYERS, HEADS, POSITIONS = 1000, 64, 2, 4, 64
 
@@ -136,12 +132,6 @@ def main(argv=None) -> None:
         r = results[name] = run(name, args.inputs, args.length, args.qonnx_inputs)
         _write(args.results, {"models": results})  # each model as it finishes
         print_record(name, r, 20)
-
-
-def _write(path: pathlib.Path | None, out: dict) -> None:
-    if path:
-        path.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
-                                    "load_average": [round(v, 1) for v in os.getloadavg()], **out}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
