@@ -97,7 +97,8 @@ def main(argv=None):
     for name, pol in ([("fp32", None)] if args.fp32 else []) + [(str(policy), policy)]:
         accs = []
         # runs that move their formats are other runs than those that keep them
-        stem = _slug(name) + (f"-reassign{args.reassign_every}" if reassign is not None and pol is not None else "")
+        stem = _slug(name) + (f"-reassign{args.reassign_every}" + ("-rechoose" if reassign.rechoose else "")
+                              if reassign is not None and pol is not None else "")
         for seed in args.seeds:
             done = Path(args.runs) / f"{stem}-e{args.epochs}-seed{seed}.json" if args.runs else None
             if done is not None and done.exists():
@@ -186,7 +187,8 @@ def write_results(runs: Path, results: Path) -> dict:
 def _label(row: dict) -> str:
     """The run's policy, and its re-assignment schedule when its formats move."""
     every = row.get("reassign", {}).get("every")
-    return row["policy"] + (f", reassign every {every}" if "reassign" in row else "")
+    rechoose = ", re-choosing" if row.get("reassign", {}).get("rechoose") else ""
+    return row["policy"] + (f", reassign every {every}{rechoose}" if "reassign" in row else "")
 
 
 if __name__ == "__main__":
