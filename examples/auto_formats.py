@@ -28,20 +28,11 @@ from pathlib import Path
 import torch
 
 import fxcompile as fxc
-from fxcompile.core.auto import OBJECTIVES
+from fxcompile.core.auto import OBJECTIVES, parse_bits
 from fxcompile.experiments.data import fashion_mnist
 from fxcompile.experiments.report import spearman
 from fxcompile.training.reassign import Reassign
 from fxcompile.training.train import TrainConfig, train
-
-
-def parse_bits(text: str):
-    """``16``; ``8/16`` (the solver chooses among widths); ``activation=8,gradient=8,weight=16``."""
-    def widths(w: str):
-        return tuple(int(x) for x in w.split("/")) if "/" in w else int(w)
-    if "=" not in text:
-        return widths(text)
-    return {k.strip(): widths(v) for k, v in (part.split("=") for part in text.split(","))}
 
 
 def main(argv=None):

@@ -294,11 +294,16 @@ def add_inspect(sub):
     a.add_argument("--assignment", action="store_true",
                    help="choose formats with fxc.auto instead of --policy and print predicted noise per edge")
     a.add_argument("--max-formats", type=int, default=3, help="K: distinct (bits, frac) formats allowed")
-    a.add_argument("--bits", default="16", help="16, or per role: activation=8,gradient=8,weight=16")
-    a.add_argument("--objective", default="nsr", choices=["nsr", "reach"])
+    a.add_argument("--bits", default="16", help="16, 8/16 (a choice of widths), or per role: activation=8,gradient=8,weight=16")
+    a.add_argument("--objective", default="nsr", choices=["nsr", "reach", "sensitivity"])
     a.add_argument("--gradient-rounding", default="nearest", choices=["nearest", "stochastic"])
     a.add_argument("--margin", type=int, default=None,
                    help="octaves of drift allowed for (default: 4 for formats of 12 bits or more, else 1)")
+    a.add_argument("--output-margin", type=int, default=None,
+                   help="octaves the model's output may grow beyond --margin (default: --margin's value)")
+    a.add_argument("--weight-memory-bits", type=int, default=None, help="budget: total bits of weights and biases")
+    a.add_argument("--bops", type=float, default=None,
+                   help="budget: bit-operations per sample (MACs x activation bits x weight bits)")
     a.add_argument("--data", help="calibrate on Fashion-MNIST training batches from this root "
                    "(default: random inputs of --input-shape)")
     a.add_argument("--calibration-batches", type=int, default=4)
@@ -310,10 +315,11 @@ def add_inspect(sub):
 def _auto_compile(args, model, shape):
     from . import auto, compile
     from .training.train import TrainConfig, calibration_batches
-    bits = int(args.bits) if "=" not in args.bits else {k: int(v) for k, v in
-                                                        (kv.split("=") for kv in args.bits.split(","))}
+    from .core.auto import parse_bits
+    bits = parse_bits(args.bits)
     policy = auto(max_formats=args.max_formats, bits=bits, objective=args.objective,
-                  gradient_rounding=args.gradient_rounding, margin=args.margin)
+                  gradient_rounding=args.gradient_rounding, margin=args.margin, output_margin=args.output_margin,
+                  weight_memory_bits=args.weight_memory_bits, bops=args.bops)
     if args.data:
         from .experiments.data import fashion_mnist
         train_data, _ = fashion_mnist(args.data, train_subset=args.calibration_batches * 32)

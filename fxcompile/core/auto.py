@@ -19,7 +19,7 @@ from ..errors import PolicyError
 from .formats import MAX_BITS, ROUNDINGS
 from .policy import FALLBACK, ROLES
 
-__all__ = ["Auto", "auto", "OBJECTIVES"]
+__all__ = ["Auto", "auto", "parse_bits", "OBJECTIVES"]
 
 OBJECTIVES = ("nsr", "reach", "sensitivity")
 # where a role's width comes from when the user did not name it
@@ -154,6 +154,28 @@ class Auto:
 
 def _widths(w) -> tuple[int, ...]:
     return tuple(sorted(set(w))) if isinstance(w, (tuple, list, set, frozenset)) else (w,)
+
+
+def parse_bits(text: str):
+    """``bits`` from its command-line form: ``16``; ``8/16`` (the solver chooses among the
+    widths); per role, ``activation=8,gradient=8,weight=16`` (each side may be ``8/16``).
+    Raises :class:`PolicyError` naming the part it cannot read."""
+    def widths(part: str, whole: str):
+        try:
+            ws = tuple(int(x) for x in part.split("/"))
+        except ValueError:
+            raise PolicyError(f"auto: bits {whole!r}: {part!r} is not a width or widths like 16 or 8/16") from None
+        return ws if len(ws) > 1 else ws[0]
+    text = text.strip()
+    if "=" not in text:
+        return widths(text, text)
+    out = {}
+    for part in text.split(","):
+        role, eq, value = part.partition("=")
+        if not eq or not role.strip():
+            raise PolicyError(f"auto: bits {text!r}: {part!r} is not role=width (e.g. activation=8)")
+        out[role.strip()] = widths(value.strip(), text)
+    return out
 
 
 def auto(max_formats: int = 3, bits: Any = 16, objective: str = "nsr", **options) -> Auto:

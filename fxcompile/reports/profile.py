@@ -73,6 +73,8 @@ def assignment_report(qmodel: fx.GraphModule) -> str:
                       f"   solved in {sol.solve_seconds:.3f} s ({sol.decisions} decisions, {sol.components} after "
                       "shared binary points)",
                   "objective by K: " + ", ".join(f"K={k}: {v:.3g}" for k, v in sorted(sol.curve.items()))]
+        if sol.usage:
+            lines.append("hardware budgets used: " + ", ".join(f"{k} {v:.4g}" for k, v in sol.usage.items()))
     hw = hardware_summary(qmodel)
     macs = {}
     for _, w in hw["macs"]:

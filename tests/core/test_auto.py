@@ -107,3 +107,29 @@ def test_inspect_assignment_reports_noise_hardware_and_writes_plots(tmp_path, ca
     from fxcompile.passes.calibrate import load_calibration
     stats = load_calibration(tmp_path / "c.json")
     assert "loss.loss_fn" in stats and stats["conv1"].gradient.count > 0
+
+
+def test_parse_bits_reads_widths_choices_and_roles_and_names_what_it_cannot_read():
+    from fxcompile.core.auto import parse_bits
+    assert parse_bits("16") == 16
+    assert parse_bits("8/16") == (8, 16)
+    assert parse_bits("activation=8, gradient=8/12,weight=16") == {"activation": 8, "gradient": (8, 12), "weight": 16}
+    with pytest.raises(fxc.PolicyError, match="'x8'"):
+        parse_bits("activation=x8")
+    with pytest.raises(fxc.PolicyError, match="'weight'.*role=width"):
+        parse_bits("activation=8,weight")
+
+
+def test_inspect_assignment_takes_the_sensitivity_objective_margins_and_budgets(capsys):
+    from fxcompile.cli import main
+    args = ["inspect", "fxcompile.experiments.models:ResidualCNN", "--assignment", "--input-shape", "4,1,28,28",
+            "--max-formats", "3", "--bits", "8/16", "--calibration-batches", "1", "--objective", "sensitivity",
+            "--output-margin", "2"]
+    main(args)
+    free = capsys.readouterr().out
+    used = dict(kv.rsplit(" ", 1) for kv in free.split("hardware budgets used: ")[1].splitlines()[0].split(", "))
+    memory = float(used["weight_memory_bits"])
+    main(args + ["--weight-memory-bits", str(int(memory * 0.75))])
+    tight = capsys.readouterr().out
+    used = dict(kv.rsplit(" ", 1) for kv in tight.split("hardware budgets used: ")[1].splitlines()[0].split(", "))
+    assert float(used["weight_memory_bits"]) <= memory * 0.75 < memory
