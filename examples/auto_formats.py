@@ -35,7 +35,7 @@ from fxcompile.training.reassign import Reassign
 from fxcompile.training.train import TrainConfig, train
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help="Fashion-MNIST root (default: $FXCOMPILE_DATA)")
     p.add_argument("--train-subset", type=int, default=None)
@@ -65,21 +65,68 @@ def main(argv=None):
     p.add_argument("--results", default=None, help="write all runs in --runs and their Spearman correlation here")
     p.add_argument("--checkpoints", default=None,
                    help="checkpoint each run under this directory and resume an interrupted one from there")
-    args = p.parse_args(argv)
-    if args.results and not args.runs:
-        p.error("--results collects the runs of a --runs directory")
-    torch.set_num_threads(1)
+    p.add_argument("--rescore", action="store_true",
+                   help="instead of training: add the prediction (Solution.predicted) to each run in --runs made "
+                        "before it was recorded, from the run's own command (calibration only), then --results")
+    return p
 
+
+def _policy(args):
+    return fxc.auto(max_formats=args.max_formats, bits=parse_bits(args.bits), objective=args.objective,
+                    gradient_rounding=args.gradient_rounding, update_rounding=args.update_rounding, margin=args.margin,
+                    output_margin=args.output_margin,
+                    calibration_batches=args.calibration_batches, weight_memory_bits=args.weight_memory_bits,
+                    bops=args.bops)
+
+
+def _data(args):
     key = (args.data, args.train_subset)
     if key not in _DATA:  # several configurations run in one process load the data once
         _DATA.clear()
         _DATA[key] = fashion_mnist(args.data, train_subset=args.train_subset)
-    train_data, test_data = _DATA[key]
-    policy = fxc.auto(max_formats=args.max_formats, bits=parse_bits(args.bits), objective=args.objective,
-                      gradient_rounding=args.gradient_rounding, update_rounding=args.update_rounding, margin=args.margin,
-                      output_margin=args.output_margin,
-                      calibration_batches=args.calibration_batches, weight_memory_bits=args.weight_memory_bits,
-                      bops=args.bops)
+    return _DATA[key]
+
+
+def rescore(runs: Path, data: str | None) -> int:
+    """Add ``predicted`` to every fixed-format run file in ``runs`` that lacks it: its own
+    command's policy calibrated again for its seed (deterministic: the same formats, checked)
+    and scored at the common drift.  Returns how many runs it scored."""
+    done = 0
+    for f in sorted(runs.glob("*.json")):
+        row = json.loads(f.read_text())
+        if "predicted" in row or "reassign" in row or row.get("objective") is None:
+            continue
+        args = _parser().parse_args(row["command"].split()[2:])
+        args.data = data
+        train_data, test_data = _data(args)
+        m = train(TrainConfig(policy=_policy(args), epochs=0, seed=row["seed"], progress=False), train_data,
+                  test_data)
+        sol = m["model_object"].meta["fxc_solution"]
+        formats = [f"{b}.{fr}" for b, fr in sol.formats]
+        if formats != row["formats"]:
+            raise SystemExit(f"{f}: calibrating again chose {formats}, the run chose {row['formats']}; not scored")
+        row["predicted"] = sol.predicted
+        f.write_text(json.dumps(row, indent=1) + "\n")
+        print(f"{f.name}: predicted {sol.predicted:.4g} (objective {row['objective']:.4g})", flush=True)
+        done += 1
+    return done
+
+
+def main(argv=None):
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.results and not args.runs:
+        p.error("--results collects the runs of a --runs directory")
+    torch.set_num_threads(1)
+    if args.rescore:
+        if not args.runs:
+            p.error("--rescore scores the runs of a --runs directory")
+        rescore(Path(args.runs), args.data)
+        if args.results:
+            write_results(Path(args.runs), Path(args.results))
+        return
+    train_data, test_data = _data(args)
+    policy = _policy(args)
     reassign = None
     if args.reassign_every or args.reassign_saturation is not None:
         reassign = Reassign(every=args.reassign_every, rechoose=args.reassign_rechoose,
@@ -115,7 +162,7 @@ def main(argv=None):
                 row["distinct_formats"] = len(fxc.assignment(q).formats())
                 row.update(objective=sol.objective, baseline_objective=sol.baseline_objective, exact=sol.exact,
                            objective_by_k={str(k): v for k, v in sol.curve.items()}, usage=sol.usage,
-                           solve_seconds=sol.solve_seconds)
+                           solve_seconds=sol.solve_seconds, predicted=sol.predicted)
             row["command"] = _command(argv)
             print(json.dumps(row), flush=True)
             if done is not None:
@@ -149,7 +196,8 @@ def _command(argv) -> str:
 
 def write_results(runs: Path, results: Path) -> dict:
     """Every run in ``runs`` with an objective, and the rank correlation between the predicted
-    goodness (minus the objective) and the measured accuracy over them."""
+    goodness (minus the objective; minus ``predicted``, the objective at the common drift, over
+    the runs that have it) and the measured accuracy over them."""
     rows = [json.loads(f.read_text()) for f in sorted(runs.glob("*.json"))]
     rows = [r for r in rows if r.get("objective") is not None]
     by_policy: dict[str, list[float]] = {}
@@ -160,18 +208,24 @@ def write_results(runs: Path, results: Path) -> dict:
     commands = sorted({r.get("command", "") for r in rows})
     out = {"command": " ; ".join(commands), "date": time.strftime("%Y-%m-%d", time.gmtime()), "runs": [{k: r[k] for k in ("policy", "seed", "epochs", "train_size", "test_size", "accuracy", "objective",
                                        "objective_by_k", "formats", "distinct_formats", "usage", "solve_seconds",
-                                       "seconds", "command", "reassign", "final_formats", "measured_at") if k in r} for r in rows],
+                                       "seconds", "command", "reassign", "final_formats", "measured_at", "predicted") if k in r}
+                    for r in rows],
            "policies": {p: {"accuracy_percent": a, "mean": statistics.fmean(a),
                             "std": statistics.stdev(a) if len(a) > 1 else 0.0} for p, a in by_policy.items()},
            "spearman_objective_accuracy": rho if (rho := spearman([-r["objective"] for r in ranked],
                                                                   [r["accuracy"] for r in ranked])) == rho else None,
            "spearman_runs": len(ranked), "spearman_assignments": len({_label(r) for r in ranked})}
+    scored = [r for r in ranked if r.get("predicted") is not None]
+    rho = spearman([-r["predicted"] for r in scored], [r["accuracy"] for r in scored])
+    out.update(spearman_predicted_accuracy=rho if rho == rho else None, spearman_predicted_runs=len(scored),
+               spearman_predicted_assignments=len({_label(r) for r in scored}))
     results.parent.mkdir(parents=True, exist_ok=True)
     tmp = results.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(out, indent=1) + "\n")
     tmp.replace(results)
     print(f"{results}: {len(rows)} runs, Spearman(-objective, accuracy) = {out['spearman_objective_accuracy']} "
-          f"over {len(ranked)} runs with fixed formats")
+          f"over {len(ranked)} runs with fixed formats; Spearman(-predicted, accuracy) = "
+          f"{out['spearman_predicted_accuracy']} over {len(scored)} runs")
     return out
 
 

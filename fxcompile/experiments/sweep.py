@@ -511,7 +511,8 @@ def _chosen(qmodel, config: dict) -> dict:
     settings = config["policy"]["auto"]
     return {"formats": [f"{b}.{f}" for b, f in sol.formats], "distinct_formats": len(edges.formats()),
             "role_formats": {r: " ".join(f"{b}.{f}" for b, f in sorted(v)) or "float" for r, v in by_role.items()},
-            "objective": sol.objective, "baseline_objective": sol.baseline_objective, "exact": sol.exact,
+            "objective": sol.objective, "predicted": sol.predicted, "baseline_objective": sol.baseline_objective,
+            "exact": sol.exact,
             "usage": {k: float(v) for k, v in sol.usage.items()},
             "budgets": {k: settings[k] for k in AUTO_BUDGETS if k in settings}}
 

@@ -43,7 +43,9 @@ the widths the decisions take (:func:`hardware_budgets`); when the unconstrained
 exceeds one, the same k = 1..K search runs with every candidate set's decisions moved to
 narrower formats of the set until the budgets hold, and a budget no width can meet is
 refused by name.  The solution,
-with the objective for every K up to ``max_formats``, is ``gm.meta["fxc_solution"]``::
+with the objective for every K up to ``max_formats``, is ``gm.meta["fxc_solution"]``; its
+``predicted`` is the chosen formats' objective at one drift for every width
+(:data:`PREDICTION_DRIFT`), which ranks assignments of different widths and margins::
 
     >>> calibrate(gm, batches, loss_graph=lg)
     >>> choose_formats(gm, fxc.auto(max_formats=3), loss_graph=lg)
@@ -75,6 +77,12 @@ CONTRACT = ir.Contract(requires=(ir.ROLE, ir.STATS), provides=(ir.VALUE, ir.USES
                        graph_provides=(ir.SOLUTION, ir.CLIP_GRADIENT))
 
 _BIG = 1e18  # cost of a candidate a decision may not take (a width it is not allowed)
+# Octaves of drift at which Solution.predicted scores the chosen formats, whatever margin chose
+# them: the default margin depends on the width (4 octaves at 12 bits or more, 1 below), so
+# objectives of assignments at different widths are averages over different drifts and do not
+# rank them; training moves values as far whatever their width.  4 (the model's output 4
+# more) is the default at 16 bits, the drift the seed CNN showed from untrained to trained.
+PREDICTION_DRIFT = 4
 EXHAUSTIVE_LIMIT = 5e7  # table entries the exact enumeration may read before the heuristic takes over
 
 
@@ -103,6 +111,7 @@ class Solution:
     decisions: int
     components: int
     usage: dict = dataclasses.field(default_factory=dict)   # budget name -> what the chosen widths use
+    predicted: float | None = None  # the chosen formats' objective at the common drift (PREDICTION_DRIFT)
 
     @property
     def gap(self) -> float:
@@ -741,9 +750,27 @@ def choose_formats(gm: fx.GraphModule, policy: Auto, loss_graph: fx.GraphModule 
     for gi, g in enumerate(graphs):
         _write(g, gi, fmt_of, policy)
     _warn_if_untrainable(decisions, fmt_of, policy)
+    predicted = _predicted(decisions, fmt_of, fracs, both=policy.objective == "sensitivity")
     ir.SOLUTION.set(gm, Solution(sorted({cand[j] for j in chosen}), objective, baseline, lower, exact, curve,
-                                 time.perf_counter() - t0, len(decisions), len(components), usage))
+                                 time.perf_counter() - t0, len(decisions), len(components), usage,
+                                 predicted=predicted))
     return gm
+
+
+def _predicted(decisions: list[_Decision], fmt_of: dict, fracs: np.ndarray, both: bool) -> float:
+    """The weighted NSR of the chosen formats with every value drifting :data:`PREDICTION_DRIFT`
+    octaves (the model's output as far again): the objective on one scale for every width and
+    margin, which ranks assignments (``Solution.predicted``)."""
+    total = 0.0
+    for d in decisions:
+        if d.stats is None or not d.stats.count:
+            continue
+        fmt = fmt_of[d.key][0]
+        f = min(max(fmt.frac, int(fracs[0])), int(fracs[-1]))
+        nsr = _expected_nsr(d, fmt.bits, fracs, PREDICTION_DRIFT, both=both,
+                            growth=PREDICTION_DRIFT if d.output else 0)
+        total += d.weight * float(nsr[f - fracs[0]])
+    return total
 
 
 # Beyond this, calibration says training will likely stall: most of an activation gradient

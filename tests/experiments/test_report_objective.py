@@ -29,3 +29,19 @@ def test_cost_model_report_plots_accuracy_against_objective_and_budgets(tmp_path
     for name in ("objective_vs_accuracy.png", "pareto_weight_memory_bits.png", "pareto_bops.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0 and name in summary
     assert "auto(K=3)" in text and "91.00" in text
+
+
+def test_cost_model_report_ranks_fixed_format_runs_by_the_objective_at_the_common_drift(tmp_path):
+    # the predictions rank these runs perfectly and the solver's objectives backwards; a run whose
+    # formats moved during training (re-assignment) is listed but not ranked
+    runs = [{"policy": f"auto(K={k})", "seed": 0, "accuracy": acc, "objective": obj, "predicted": pred}
+            for k, acc, obj, pred in [(1, 0.10, 1e-5, 1e-1), (2, 0.90, 1e-4, 1e-3), (3, 0.91, 1e-3, 1e-4)]]
+    runs.append({"policy": "auto(K=1)", "seed": 1, "accuracy": 0.05, "objective": 1e-9,
+                 "reassign": {"every": 200}})
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps({"command": "x", "date": "d", "runs": runs}))
+    report([path], tmp_path / "out")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "3 runs with fixed formats" in summary
+    assert "(minus objective at the common drift, accuracy) 1.00" in summary
+    assert "| 4 | auto(K=1), reassign every 200 | 1 |" in summary and "| 0.1 |" in summary

@@ -216,3 +216,15 @@ def test_a_choice_that_flushes_most_gradients_warns_and_names_the_edge():
     # more formats, or stochastic gradients, and the warning goes
     assert _auto_warnings(fxc.auto(max_formats=3, bits=16))[1] == []
     assert _auto_warnings(fxc.auto(max_formats=1, bits=8, gradient_rounding="stochastic"))[1] == []
+
+
+@pytest.mark.parametrize("objective", ["nsr", "sensitivity"])
+def test_predicted_is_the_objective_at_the_common_drift_for_every_width(objective):
+    from fxcompile.passes.choose_formats import PREDICTION_DRIFT
+    # at the common drift the prediction is the objective itself
+    sol = _compile(fxc.auto(max_formats=3, bits=16, objective=objective, margin=PREDICTION_DRIFT))[0].meta["fxc_solution"]
+    assert sol.predicted == pytest.approx(sol.objective, rel=1e-9)
+    # 8 bits choose with a 1-octave margin; the prediction still scores 4 octaves of drift, which
+    # costs more than 1 (the formats kept less headroom than that drift)
+    sol = _compile(fxc.auto(max_formats=3, bits=8, objective=objective))[0].meta["fxc_solution"]
+    assert sol.predicted > sol.objective > 0
