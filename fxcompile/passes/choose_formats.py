@@ -38,8 +38,8 @@ decision takes the cheaper of the two chosen fracs around its own best frac), an
 knapsack over widths splits K between them.  Otherwise the DP (or a greedy start) is
 refined by swap local search and the gap to a lower bound is reported; that search runs
 for k = 1..K in turn, each starting from the k-1 solution and keeping only improvements, so
-the objective never rises with K.  **Budgets** (``weight_memory_bits``, ``bops``) constrain
-the widths the decisions take (:func:`hardware_budgets`); when the unconstrained choice
+the objective never rises with K.  **Budgets** (``weight_memory_bits``, ``bops``,
+``hls4ml_dsps``) constrain the widths the decisions take (:func:`hardware_budgets`); when the unconstrained choice
 exceeds one, the same k = 1..K search runs with every candidate set's decisions moved to
 narrower formats of the set until the budgets hold, and a budget no width can meet is
 refused by name.  The solution,
@@ -74,7 +74,8 @@ from ..errors import PolicyError
 from ..core.formats import MAX_BITS, FixedPoint
 from .assign import _shape, edge_roles
 
-__all__ = ["CONTRACT", "choose_formats", "solve", "Solution", "Budget", "hardware_budgets", "must_share_graph"]
+__all__ = ["CONTRACT", "choose_formats", "solve", "Solution", "Budget", "hardware_budgets", "must_share_graph",
+           "dsp_estimator", "hls4ml_layer_dsps"]
 
 CONTRACT = ir.Contract(requires=(ir.ROLE, ir.STATS), provides=(ir.VALUE, ir.USES, ir.NOISE),
                        graph_provides=(ir.SOLUTION, ir.CLIP_GRADIENT))
@@ -661,30 +662,29 @@ def dsp_estimator():
     hls4ml's Keras optimiser (TensorFlow, QKeras) on import, which the estimator does not use:
     its module is loaded with that package's ``__init__`` skipped, then every module the load
     added is taken out of ``sys.modules`` again."""
-    module = sys.modules.get(f"{_DSP_PACKAGE}.objectives.vivado_objectives")
-    if module is not None:
-        return module.VivadoDSPEstimator
+    name = f"{_DSP_PACKAGE}.objectives.vivado_objectives"
+    if _DSP_PACKAGE in sys.modules:   # imported for real (TensorFlow is installed): import as usual
+        return importlib.import_module(name).VivadoDSPEstimator
     try:
         import hls4ml.optimization
     except ImportError as e:
         raise PolicyError("auto: the hls4ml_dsps budget is hls4ml's own DSP estimate and needs hls4ml: "
                           "pip install 'fxcompile[hls]'") from e
     root = os.path.join(os.path.dirname(hls4ml.optimization.__file__), "dsp_aware_pruning")
-    stubs = {_DSP_PACKAGE: types.ModuleType(_DSP_PACKAGE), f"{_DSP_PACKAGE}.keras": types.ModuleType("keras"),
-             f"{_DSP_PACKAGE}.keras.config": types.ModuleType("config")}
+    stubs = {n: types.ModuleType(n) for n in (_DSP_PACKAGE, f"{_DSP_PACKAGE}.keras", f"{_DSP_PACKAGE}.keras.config")}
     stubs[_DSP_PACKAGE].__path__ = [root]
     stubs[f"{_DSP_PACKAGE}.keras"].__path__ = [os.path.join(root, "keras")]
     stubs[f"{_DSP_PACKAGE}.keras.config"].SUPPORTED_LAYERS = ()
     before = set(sys.modules)
     sys.modules.update(stubs)
     try:
-        module = importlib.import_module(f"{_DSP_PACKAGE}.objectives.vivado_objectives")
+        module = importlib.import_module(name)
     except ImportError as e:
         raise PolicyError(f"auto: the hls4ml_dsps budget could not load hls4ml's DSP estimator ({e})") from e
     finally:
-        for name in set(sys.modules) - before:
-            if name.startswith(_DSP_PACKAGE):
-                del sys.modules[name]
+        for added in set(sys.modules) - before:
+            if added.startswith(_DSP_PACKAGE):
+                del sys.modules[added]
     return module.VivadoDSPEstimator
 
 
@@ -692,7 +692,7 @@ def hls4ml_layer_dsps(weight_shape, width: int, reuse_factor: int = 1) -> int:
     """The DSPs hls4ml's estimator gives a layer with weights of ``weight_shape`` and ``width``
     bits (``VivadoDSPEstimator.layer_resources``, which reads the weight shape, the weight
     precision's width and the reuse factor)."""
-    from types import SimpleNamespace as NS
+    NS = types.SimpleNamespace
     hls = NS(weight_precision=NS(width=int(width)), reuse_factor=int(reuse_factor), strategy="latency")
     return int(dsp_estimator().layer_resources(NS(weight_shape=tuple(weight_shape),
                                                   args={"hls4ml_attributes": hls}))[0])

@@ -172,6 +172,20 @@ def test_a_dsp_budget_below_the_least_possible_usage_is_refused_by_name():
     assert q.meta["fxc_solution"].usage["hls4ml_dsps"] == 392
 
 
+def test_without_hls4ml_the_usage_is_left_out_unless_the_budget_is_set(monkeypatch):
+    q, _ = _tiny(fxc.auto(max_formats=3, bits=(8, 16)))
+    assert q.meta["fxc_solution"].usage["hls4ml_dsps"] == 72 + 320
+    monkeypatch.setitem(__import__("sys").modules, "hls4ml", None)   # as if hls4ml were not installed
+    dsp_estimator.cache_clear()
+    try:
+        q, _ = _tiny(fxc.auto(max_formats=3, bits=(8, 16)))
+        assert set(q.meta["fxc_solution"].usage) == {"weight_memory_bits", "bops"}
+        with pytest.raises(fxc.PolicyError, match="hls4ml_dsps.*needs hls4ml"):
+            dsp_estimator()
+    finally:
+        dsp_estimator.cache_clear()
+
+
 def test_usage_is_hls4mls_estimate_of_the_converted_model(tmp_path):
     """The budget's usage against hls4ml's estimator summed over the layers of the model
     fxc.to_hls4ml hands to hls4ml, with the weight precision and reuse factor hls4ml holds."""
