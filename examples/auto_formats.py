@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32", action="store_true", help="also train in FP32 with the same seeds")
     p.add_argument("--weight-memory-bits", type=float, default=None, help="budget: total bits of weights and biases")
     p.add_argument("--bops", type=float, default=None, help="budget: bit-operations per sample (MACs x bits x bits)")
+    p.add_argument("--hls4ml-dsps", type=int, default=None, metavar="N",
+                   help="budget: DSPs by hls4ml's estimate (weights of 9+ bits: one per multiplier / reuse factor)")
+    p.add_argument("--hls4ml-reuse-factor", type=int, default=1, metavar="R",
+                   help="the reuse factor the hls4ml_dsps estimate assumes")
     p.add_argument("--reassign-every", type=int, default=0, metavar="N",
                    help="move the formats' binary points every N steps from each edge's range history")
     p.add_argument("--reassign-rechoose", action="store_true", help="re-run the solver at each re-assignment "
@@ -76,7 +80,7 @@ def _policy(args):
                     gradient_rounding=args.gradient_rounding, update_rounding=args.update_rounding, margin=args.margin,
                     output_margin=args.output_margin,
                     calibration_batches=args.calibration_batches, weight_memory_bits=args.weight_memory_bits,
-                    bops=args.bops)
+                    bops=args.bops, hls4ml_dsps=args.hls4ml_dsps, hls4ml_reuse_factor=args.hls4ml_reuse_factor)
 
 
 def _data(args):

@@ -13,6 +13,7 @@ paying ``bits_cost`` per bit moved.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any
 
 from ..errors import PolicyError
@@ -39,7 +40,11 @@ class Auto:
     parameters whose gradients the error reaches), and counts drift in both directions.
     ``weight_memory_bits`` and ``bops`` (bit-operations: per conv/linear, MACs per sample
     times activation bits times weight bits) are budgets beside ``max_formats``: the chosen
-    widths never exceed them (they bind only when ``bits`` offers several widths).  ``format_cost``: added per
+    widths never exceed them (they bind only when ``bits`` offers several widths).
+    ``hls4ml_dsps`` is a third budget: the DSPs hls4ml's own resource estimator
+    (``VivadoDSPEstimator``) gives the deployed model, where a conv/linear layer whose weights
+    have 9 or more bits takes one DSP per multiplier divided by ``hls4ml_reuse_factor``, and
+    narrower weights take none (it needs hls4ml installed).  ``format_cost``: added per
     distinct format used (the solver may then use fewer than ``max_formats``).
     ``bits_cost``: added per bit moved per element, relative to all elements (only matters
     when ``bits`` offers several widths).  ``fracs``: the candidate binary points.
@@ -81,6 +86,8 @@ class Auto:
     name: str | None = None
     weight_memory_bits: int | None = None
     bops: float | None = None
+    hls4ml_dsps: int | None = None
+    hls4ml_reuse_factor: int = 1
 
     def __post_init__(self):
         if isinstance(self.max_formats, bool) or not isinstance(self.max_formats, int) or self.max_formats < 1:
@@ -102,6 +109,17 @@ class Auto:
             v = getattr(self, field)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
                 raise PolicyError(f"auto: {field} must be None or a positive number (a budget), got {v!r}")
+        if self.hls4ml_dsps is not None and (isinstance(self.hls4ml_dsps, bool)
+                                             or not isinstance(self.hls4ml_dsps, (int, float))
+                                             or not self.hls4ml_dsps >= 0):
+            raise PolicyError(f"auto: hls4ml_dsps must be None or a number >= 0 (a budget of DSPs), "
+                              f"got {self.hls4ml_dsps!r}")
+        if (isinstance(self.hls4ml_reuse_factor, bool) or not isinstance(self.hls4ml_reuse_factor, int)
+                or self.hls4ml_reuse_factor < 1):
+            raise PolicyError(f"auto: hls4ml_reuse_factor must be a positive int, got {self.hls4ml_reuse_factor!r}")
+        if self.hls4ml_dsps is not None and importlib.util.find_spec("hls4ml") is None:
+            raise PolicyError("auto: the hls4ml_dsps budget is hls4ml's own DSP estimate and needs hls4ml: "
+                              "pip install 'fxcompile[hls]'")
         lo, hi = self.fracs
         if not (isinstance(lo, int) and isinstance(hi, int) and -64 <= lo <= hi <= 64):
             raise PolicyError(f"auto: fracs must be (lo, hi) ints within -64..64, got {self.fracs!r}")
@@ -146,6 +164,8 @@ class Auto:
         extra += f", output_margin={self.output_margin}" if self.output_margin is not None else ""
         extra += f", weight_memory_bits={self.weight_memory_bits:g}" if self.weight_memory_bits is not None else ""
         extra += f", bops={self.bops:g}" if self.bops is not None else ""
+        extra += f", hls4ml_dsps={self.hls4ml_dsps:g}" if self.hls4ml_dsps is not None else ""
+        extra += f", hls4ml_reuse_factor={self.hls4ml_reuse_factor}" if self.hls4ml_reuse_factor != 1 else ""
         return f"auto(K={self.max_formats}, bits={bits}, objective={self.objective}{extra})"
 
     def __str__(self) -> str:

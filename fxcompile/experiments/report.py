@@ -297,6 +297,10 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
+# the hardware budgets of the cost model (fxc.auto) whose usage a run records
+BUDGETS = ("weight_memory_bits", "bops", "hls4ml_dsps")
+
+
 def _objective_plots(runs: list[dict], out: Path, fp32: PointStats | None = None) -> list[tuple[str, str]]:
     """Runs of ``examples/auto_formats.py --results`` (or a sweep's ``policy = "auto"`` points):
     measured accuracy against the cost model's objective (log scale), and against each hardware
@@ -331,7 +335,7 @@ def _objective_plots(runs: list[dict], out: Path, fp32: PointStats | None = None
         made.append((_save(fig, ax, out, "objective_vs_accuracy", 0),
                      f"accuracy vs the cost model's {what}, {len(ranked)} runs with fixed formats; Spearman rank "
                      f"correlation (minus {what}, accuracy) {rho:.2f}"))
-    for budget in ("weight_memory_bits", "bops"):
+    for budget in BUDGETS:
         pts = [(r["usage"][budget], 100 * r["accuracy"]) for r in runs if budget in (r.get("usage") or {})]
         if len(pts) < 2:
             continue
@@ -372,14 +376,14 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def _objective_rows(runs: list[dict]) -> list[str]:
     """The Markdown table of cost-model runs, numbered as in the objective figure."""
-    rows = ["| # | policy | seed | objective | at the common drift | weight memory bits | BOPs | accuracy (%) | formats |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| # | policy | seed | objective | at the common drift | weight memory bits | BOPs | hls4ml DSPs | accuracy (%) | formats |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for i, r in enumerate(runs, 1):
         usage = r.get("usage") or {}
         policy = r["policy"] + (f", reassign every {r['reassign'].get('every')}" if "reassign" in r else "")
         predicted = f"{r['predicted']:.4g}" if r.get("predicted") is not None else "—"
         rows.append(f"| {i} | {policy} | {r.get('seed', '')} | {r['objective']:.4g} | {predicted} | "
-                    + " | ".join(f"{usage[b]:.4g}" if b in usage else "—" for b in ("weight_memory_bits", "bops"))
+                    + " | ".join(f"{usage[b]:.4g}" if b in usage else "—" for b in BUDGETS)
                     + f" | {100 * r['accuracy']:.2f} | {' '.join(r.get('formats', []))} |")
     return rows
 

@@ -31,12 +31,13 @@ like any other key, so a list of budgets gives one point each::
     auto.max_formats = 3
     auto.bits = [8, 16]             # a choice of widths (or "8/16"); auto.bits.<role> per role
     [[grid]]
-    auto.weight_memory_bits = [4e6, 5.5e6]     # also auto.bops, auto.objective, auto.margin, ...
+    auto.weight_memory_bits = [4e6, 5.5e6]     # also auto.bops, auto.hls4ml_dsps, auto.objective, ...
 
 ``auto.*`` keys apply only to ``policy = "auto"`` points (other points keep their ids), and
 role fields cannot be given with it.  Such a run records in the JSON-lines file the formats
-chosen, the objective, what the chosen widths use of ``weight_memory_bits`` and ``bops``
-(``usage``) and the budgets; its CSV role columns hold the formats each role got.
+chosen, the objective, what the chosen widths use of ``weight_memory_bits``, ``bops`` and (with
+hls4ml installed) ``hls4ml_dsps`` (``usage``) and the budgets; its CSV role columns hold the
+formats each role got.
 
 The points of a sweep are the union of ``points`` and every ``grid``'s product, each merged
 over ``defaults``.  Policy fields are ``<role>.<field>`` with field ``format`` ("16.8"),
@@ -185,7 +186,7 @@ def _apply_role(policy: Policy | None, role: str, fields: dict, where: str) -> P
     return Policy.from_dict(base, where=where)
 
 
-AUTO_BUDGETS = ("weight_memory_bits", "bops")
+AUTO_BUDGETS = ("weight_memory_bits", "bops", "hls4ml_dsps")
 
 
 def _auto_fields() -> tuple[str, ...]:
@@ -234,8 +235,10 @@ def auto_settings(fields: dict, where: str) -> dict:
                 raise SweepError(f"{where}: give auto.bits or auto.bits.<role>, not both")
             settings["bits"] = _widths_setting(value, "auto.bits", where)
         elif field in AUTO_BUDGETS:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise SweepError(f"{where}: auto.{field} is a budget and must be a positive number, got {value!r}")
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf
+                    or (value == 0 and field != "hls4ml_dsps")):   # no DSPs at all is a budget too
+                kind = "a number >= 0" if field == "hls4ml_dsps" else "a positive number"
+                raise SweepError(f"{where}: auto.{field} is a budget and must be {kind}, got {value!r}")
             settings[field] = value
         elif field == "fracs":
             if not isinstance(value, list) or len(value) != 2:

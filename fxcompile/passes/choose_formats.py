@@ -38,8 +38,8 @@ decision takes the cheaper of the two chosen fracs around its own best frac), an
 knapsack over widths splits K between them.  Otherwise the DP (or a greedy start) is
 refined by swap local search and the gap to a lower bound is reported; that search runs
 for k = 1..K in turn, each starting from the k-1 solution and keeping only improvements, so
-the objective never rises with K.  **Budgets** (``weight_memory_bits``, ``bops``) constrain
-the widths the decisions take (:func:`hardware_budgets`); when the unconstrained choice
+the objective never rises with K.  **Budgets** (``weight_memory_bits``, ``bops``,
+``hls4ml_dsps``) constrain the widths the decisions take (:func:`hardware_budgets`); when the unconstrained choice
 exceeds one, the same k = 1..K search runs with every candidate set's decisions moved to
 narrower formats of the set until the budgets hold, and a budget no width can meet is
 refused by name.  The solution,
@@ -55,8 +55,13 @@ with the objective for every K up to ``max_formats``, is ``gm.meta["fxc_solution
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import itertools
 import math
+import os
+import sys
+import types
 import time
 import warnings
 
@@ -68,10 +73,11 @@ from ..core import ir, ops
 from ..core.assignment import Edge
 from ..core.auto import Auto
 from ..errors import PolicyError
-from ..core.formats import FixedPoint
+from ..core.formats import MAX_BITS, FixedPoint
 from .assign import _shape, edge_roles
 
-__all__ = ["CONTRACT", "choose_formats", "solve", "Solution", "Budget", "hardware_budgets", "must_share_graph"]
+__all__ = ["CONTRACT", "choose_formats", "solve", "Solution", "Budget", "hardware_budgets", "must_share_graph",
+           "dsp_estimator", "hls4ml_layer_dsps"]
 
 CONTRACT = ir.Contract(requires=(ir.ROLE, ir.STATS), provides=(ir.VALUE, ir.USES, ir.NOISE),
                        graph_provides=(ir.SOLUTION, ir.CLIP_GRADIENT))
@@ -230,33 +236,40 @@ def _local_search(cost: np.ndarray, chosen: list[int], k: int, format_cost: floa
 @dataclasses.dataclass
 class Budget:
     """A hardware budget on the widths the decisions (rows) take: ``usage = sum_t coef[t] *
-    w[rows[t]] * (w[partners[t]] if partners[t] >= 0 else 1)``, ``w[r]`` the bit width of row r's
-    column.  Linear terms count memory (elements × bits); bilinear ones bit-operations
-    (MACs × activation bits × weight bits)."""
+    x_t(w[rows[t]]) * (w[partners[t]] if partners[t] >= 0 else 1)``, ``w[r]`` the bit width of
+    row r's column and ``x_t(w)`` that width, or ``steps[t, w]`` when the budget has ``steps``.
+    Linear terms count memory (elements × bits); bilinear ones bit-operations (MACs ×
+    activation bits × weight bits); steps a resource that jumps with a width (DSPs: a layer's
+    multipliers use them only from some weight width up)."""
 
     name: str
     limit: float
     coef: np.ndarray
     rows: np.ndarray
     partners: np.ndarray
+    steps: np.ndarray | None = None   # (terms, MAX_BITS + 1): term t's factor at each width
+
+    def _terms(self, row_w: np.ndarray, partner_w: np.ndarray) -> np.ndarray:
+        x = row_w if self.steps is None else self.steps[np.arange(len(self.rows)), row_w.astype(np.int64)]
+        return self.coef * x * np.where(self.partners >= 0, partner_w, 1.0)
 
     def usage(self, row_widths: np.ndarray) -> float:
         w = np.asarray(row_widths, dtype=np.float64)
-        other = np.where(self.partners >= 0, w[np.maximum(self.partners, 0)], 1.0)
-        return float((self.coef * w[self.rows] * other).sum())
+        return float(self._terms(w[self.rows], w[np.maximum(self.partners, 0)]).sum())
 
-    def rates(self, row_widths: np.ndarray, v: int):
-        """(lin, sq): moving row r from width a to b changes usage by ``lin[r] (b - a) + sq[r] (b² - a²)``."""
+    def delta(self, row_widths: np.ndarray, new_widths: np.ndarray) -> np.ndarray:
+        """(rows × new widths): the exact change of usage when row r alone moves to ``new_widths[j]``."""
         w = np.asarray(row_widths, dtype=np.float64)
-        lin, sq = np.zeros(v), np.zeros(v)
-        single = self.partners < 0
-        np.add.at(lin, self.rows[single], self.coef[single])
-        pair = ~single & (self.partners != self.rows)
-        np.add.at(lin, self.rows[pair], self.coef[pair] * w[self.partners[pair]])
-        np.add.at(lin, self.partners[pair], self.coef[pair] * w[self.rows[pair]])
-        same = ~single & (self.partners == self.rows)
-        np.add.at(sq, self.rows[same], self.coef[same])
-        return lin, sq
+        rw, pw = w[self.rows], w[np.maximum(self.partners, 0)]
+        old = self._terms(rw, pw)
+        same = self.partners == self.rows
+        other = (self.partners >= 0) & ~same
+        out = np.zeros((len(new_widths), len(w)))
+        for j, b in enumerate(np.asarray(new_widths, dtype=np.float64)):
+            moved = np.full(len(rw), b)
+            np.add.at(out[j], self.rows, self._terms(moved, np.where(same, b, pw)) - old)
+            np.add.at(out[j], self.partners[other], (self._terms(rw, moved) - old)[other])
+        return out.T
 
 
 def _within(budgets, row_widths) -> bool:
@@ -270,7 +283,7 @@ def _repair(cost: np.ndarray, chosen, assign: np.ndarray, widths: np.ndarray, bu
     chosen = np.asarray(chosen, dtype=np.int64)
     assign = assign.copy()
     allowed = cost[:, chosen] < _BIG
-    wnew = widths[chosen].astype(np.float64)[None, :]
+    wnew = widths[chosen].astype(np.float64)
     for _ in range(4 * v * len(chosen) + 4):
         rw = widths[assign].astype(np.float64)
         over = [(b, b.usage(rw) - b.limit) for b in budgets]
@@ -279,9 +292,7 @@ def _repair(cost: np.ndarray, chosen, assign: np.ndarray, widths: np.ndarray, bu
             return assign
         gain = np.zeros((v, len(chosen)))
         for b, excess in over:
-            lin, sq = b.rates(rw, v)
-            delta = lin[:, None] * (wnew - rw[:, None]) + sq[:, None] * (wnew ** 2 - rw[:, None] ** 2)
-            gain += np.minimum(np.maximum(-delta, 0.0), excess) / excess
+            gain += np.minimum(np.maximum(-b.delta(rw, wnew), 0.0), excess) / excess
         valid = allowed & (gain > 1e-15)
         if not valid.any():
             return None
@@ -650,12 +661,69 @@ def _numel(shape) -> int:
     return int(np.prod(shape)) if shape is not None else 0
 
 
+_DSP_PACKAGE = "hls4ml.optimization.dsp_aware_pruning"
+
+
+@functools.lru_cache(maxsize=None)
+def dsp_estimator():
+    """hls4ml's ``VivadoDSPEstimator`` (its DSP-aware pruning's resource estimate), or a
+    :class:`PolicyError` saying hls4ml must be installed.  The estimator's package imports
+    hls4ml's Keras optimiser (TensorFlow, QKeras) on import, which the estimator does not use:
+    its module is loaded with that package's ``__init__`` skipped, then every module the load
+    added is taken out of ``sys.modules`` again."""
+    name = f"{_DSP_PACKAGE}.objectives.vivado_objectives"
+    if _DSP_PACKAGE in sys.modules:   # imported for real (TensorFlow is installed): import as usual
+        return importlib.import_module(name).VivadoDSPEstimator
+    try:
+        import hls4ml.optimization
+    except ImportError as e:
+        raise PolicyError("auto: the hls4ml_dsps budget is hls4ml's own DSP estimate and needs hls4ml: "
+                          "pip install 'fxcompile[hls]'") from e
+    root = os.path.join(os.path.dirname(hls4ml.optimization.__file__), "dsp_aware_pruning")
+    stubs = {n: types.ModuleType(n) for n in (_DSP_PACKAGE, f"{_DSP_PACKAGE}.keras", f"{_DSP_PACKAGE}.keras.config")}
+    stubs[_DSP_PACKAGE].__path__ = [root]
+    stubs[f"{_DSP_PACKAGE}.keras"].__path__ = [os.path.join(root, "keras")]
+    stubs[f"{_DSP_PACKAGE}.keras.config"].SUPPORTED_LAYERS = ()
+    before = set(sys.modules)
+    sys.modules.update(stubs)
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise PolicyError(f"auto: the hls4ml_dsps budget could not load hls4ml's DSP estimator ({e})") from e
+    finally:
+        for added in set(sys.modules) - before:
+            if added.startswith(_DSP_PACKAGE):
+                del sys.modules[added]
+    return module.VivadoDSPEstimator
+
+
+def hls4ml_layer_dsps(weight_shape, width: int, reuse_factor: int = 1) -> int:
+    """The DSPs hls4ml's estimator gives a layer with weights of ``weight_shape`` and ``width``
+    bits (``VivadoDSPEstimator.layer_resources``, which reads the weight shape, the weight
+    precision's width and the reuse factor)."""
+    NS = types.SimpleNamespace
+    hls = NS(weight_precision=NS(width=int(width)), reuse_factor=int(reuse_factor), strategy="latency")
+    return int(dsp_estimator().layer_resources(NS(weight_shape=tuple(weight_shape),
+                                                  args={"hls4ml_attributes": hls}))[0])
+
+
+def _hls4ml_available() -> bool:
+    try:
+        dsp_estimator()
+    except PolicyError:
+        return False
+    return True
+
+
 def hardware_budgets(graphs: list[fx.GraphModule], comp_of: dict, policy: Auto) -> list[Budget]:
     """The budgets as :class:`Budget` rows over components (``comp_of``: decision key -> row):
-    ``weight_memory_bits`` (elements of every weight and bias × bits) and ``bops`` (per
-    multiply-accumulate op with a weight: MACs per sample × activation bits × weight bits).
-    A budget the policy leaves unset has an infinite limit (its usage is still reported)."""
-    mem, bops = [], []
+    ``weight_memory_bits`` (elements of every weight and bias × bits), ``bops`` (per
+    multiply-accumulate op with a weight: MACs per sample × activation bits × weight bits) and
+    ``hls4ml_dsps`` (per multiply-accumulate op with a weight: hls4ml's DSP estimate at each
+    weight width, :func:`hls4ml_layer_dsps`; left out when hls4ml is not installed and the
+    policy sets no limit).  A budget the policy leaves unset has an infinite limit (its usage
+    is still reported)."""
+    mem, bops, dsps = [], [], []
     for gi, gm in enumerate(graphs):
         for node in gm.graph.nodes:
             role = ir.ROLE.get(node)
@@ -666,6 +734,8 @@ def hardware_budgets(graphs: list[fx.GraphModule], comp_of: dict, policy: Auto) 
             weights = [a for a in node.all_input_nodes if ir.ROLE.get(a) == "weight"]
             acts = [a for a in node.all_input_nodes if ir.ROLE.get(a) not in (None, *ir.PARAMETER_ROLES)]
             out, w = _shape(node), _shape(weights[0]) if weights else None
+            if weights and w:
+                dsps.append((tuple(w), comp_of[(gi, weights[0].name, "fwd")]))
             if not weights or not acts or not out or not w or len(out) < 2:
                 continue
             macs = _numel(w) * _numel(out) / (out[0] * w[0])
@@ -676,6 +746,12 @@ def hardware_budgets(graphs: list[fx.GraphModule], comp_of: dict, policy: Auto) 
         t = np.array(terms, dtype=np.float64).reshape(-1, 3)
         out.append(Budget(name, math.inf if limit is None else float(limit), t[:, 0],
                           t[:, 1].astype(np.int64), t[:, 2].astype(np.int64)))
+    if policy.hls4ml_dsps is not None or _hls4ml_available():
+        steps = np.array([[hls4ml_layer_dsps(shape, b, policy.hls4ml_reuse_factor) for b in range(MAX_BITS + 1)]
+                          for shape, _ in dsps], dtype=np.float64).reshape(-1, MAX_BITS + 1)
+        limit = math.inf if policy.hls4ml_dsps is None else float(policy.hls4ml_dsps)
+        out.append(Budget("hls4ml_dsps", limit, np.ones(len(dsps)), np.array([r for _, r in dsps], dtype=np.int64),
+                          np.full(len(dsps), -1, dtype=np.int64), steps))
     return out
 
 

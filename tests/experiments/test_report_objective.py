@@ -18,7 +18,7 @@ def test_pareto_front_keeps_only_points_nothing_beats():
 
 def test_cost_model_report_plots_accuracy_against_objective_and_budgets(tmp_path):
     runs = [{"policy": f"auto(K={k})", "seed": 0, "accuracy": acc, "objective": obj, "formats": ["16.10"],
-             "usage": {"weight_memory_bits": mem, "bops": 2 * mem}}
+             "usage": {"weight_memory_bits": mem, "bops": 2 * mem, "hls4ml_dsps": mem // 10}}
             for k, acc, obj, mem in [(1, 0.10, 1e-2, 100), (2, 0.90, 1e-4, 200), (3, 0.91, 1e-5, 300), (4, 0.905, 2e-5, 400)]]
     path = tmp_path / "auto.json"
     path.write_text(json.dumps({"command": "x", "date": "d", "runs": runs}))
@@ -26,8 +26,10 @@ def test_cost_model_report_plots_accuracy_against_objective_and_budgets(tmp_path
     summary = (tmp_path / "out" / "summary.md").read_text()
     rho = spearman([-r["objective"] for r in runs], [r["accuracy"] for r in runs])
     assert rho == pytest.approx(1.0) and f"Spearman rank correlation (minus objective, accuracy) {rho:.2f}" in summary
-    for name in ("objective_vs_accuracy.png", "pareto_weight_memory_bits.png", "pareto_bops.png"):
+    for name in ("objective_vs_accuracy.png", "pareto_weight_memory_bits.png", "pareto_bops.png",
+                 "pareto_hls4ml_dsps.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0 and name in summary
+    assert "| hls4ml DSPs |" in summary and "| 300 | 600 | 30 | 91.00 |" in summary
     assert "auto(K=3)" in text and "91.00" in text
 
 

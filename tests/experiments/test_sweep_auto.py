@@ -97,6 +97,8 @@ reassign_every = [50]
     ('auto.bops = "a lot"', ["auto.bops", "'a lot'"]),
     ("auto.bops = true", ["auto.bops"]),
     ("auto.max_formats = 0", ["auto.max_formats"]),
+    ("auto.hls4ml_dsps = -1", ["auto.hls4ml_dsps", ">= 0"]),
+    ("auto.hls4ml_reuse_factor = 0", ["auto.hls4ml_reuse_factor", "positive int"]),
     ('auto.objective = "accuracy"', ["auto.objective", "accuracy"]),
     ('auto.bits = "8/x"', ["auto.bits", "8/x"]),
     ("auto.budget = 3", ["auto.budget", "weight_memory_bits"]),
@@ -109,6 +111,15 @@ def test_bad_auto_values_name_the_key(tmp_path, line, words):
     assert str(path) in str(e.value)
     for w in words:
         assert w in str(e.value)
+
+
+def test_a_dsp_budget_sweeps_like_the_others(tmp_path):
+    """auto.hls4ml_dsps (no DSPs at all included) gives one point each, with its reuse factor."""
+    sweep = load_sweep(_write(tmp_path, BUDGETS.replace("auto.weight_memory_bits = [2500000, 4000000]",
+                                                        "auto.hls4ml_dsps = [0, 20000]\nauto.hls4ml_reuse_factor = [2]")))
+    auto = [p.policy() for p in sweep.points if p.is_auto]
+    assert sorted((a.hls4ml_dsps, a.hls4ml_reuse_factor) for a in auto) == [(0, 2), (20000, 2)]
+    assert any("hls4ml_dsps=20000" in p.label for p in sweep.points)
 
 
 @pytest.fixture(scope="module")
