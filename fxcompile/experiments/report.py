@@ -332,9 +332,13 @@ def _objective_plots(runs: list[dict], out: Path, fp32: PointStats | None = None
         rho = spearman([-r[key] for r in ranked], [r["accuracy"] for r in ranked])
         _reference_line(ax, fp32)
         ax.set_title(f"predicted vs measured: Spearman {rho:.2f} over {len(ranked)} runs", fontsize=9)
+        also = ""
+        if key == "predicted":  # the solver's own objective, for comparison
+            own = spearman([-r["objective"] for r in ranked], [r["accuracy"] for r in ranked])
+            also = f" (with the solver's objective instead: {own:.2f})"
         made.append((_save(fig, ax, out, "objective_vs_accuracy", 0),
                      f"accuracy vs the cost model's {what}, {len(ranked)} runs with fixed formats; Spearman rank "
-                     f"correlation (minus {what}, accuracy) {rho:.2f}"))
+                     f"correlation (minus {what}, accuracy) {rho:.2f}{also}"))
     for budget in BUDGETS:
         pts = [(r["usage"][budget], 100 * r["accuracy"]) for r in runs if budget in (r.get("usage") or {})]
         if len(pts) < 2:

@@ -45,5 +45,5 @@ def test_cost_model_report_ranks_fixed_format_runs_by_the_objective_at_the_commo
     report([path], tmp_path / "out")
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "3 runs with fixed formats" in summary
-    assert "(minus objective at the common drift, accuracy) 1.00" in summary
+    assert "(minus objective at the common drift, accuracy) 1.00 (with the solver's objective instead: -1.00)" in summary
     assert "| 4 | auto(K=1), reassign every 200 | 1 |" in summary and "| 0.1 |" in summary
