@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import fxcompile as fxc
+from tests.deploy.backends.test_hls4ml import TinyCNN
 from fxcompile.core.formats import MAX_BITS
 from fxcompile.experiments.models import SeedCNN
 from fxcompile.passes.choose_formats import _BIG, Budget, dsp_estimator, hls4ml_layer_dsps, solve
@@ -144,23 +145,10 @@ def test_auto_validates_the_dsp_budget_and_reuse_factor(monkeypatch):
     fxc.auto(hls4ml_reuse_factor=2)   # no budget: nothing to estimate
 
 
-class _Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(4 * 4 * 4, 5)
-
-    def forward(self, x):
-        return self.fc(self.flatten(self.pool(self.relu(self.conv(x)))))
-
-
 def _tiny(policy):
     torch.manual_seed(0)
     x, y = torch.randn(16, 2, 8, 8), torch.randint(0, 5, (16,))
-    return fxc.compile(_Tiny(), policy, loss_fn=nn.CrossEntropyLoss(), example_inputs=(x[:2],),
+    return fxc.compile(TinyCNN(), policy, loss_fn=nn.CrossEntropyLoss(), example_inputs=(x[:2],),
                        calibration_data=[(x, y)]), x
 
 
