@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(slots may change format) instead of moving the current formats")
     p.add_argument("--reassign-saturation", type=float, default=None, metavar="RATE",
                    help="also re-assign when an observed edge saturates more than this fraction")
+    p.add_argument("--reassign-headroom", type=int, default=1, metavar="OCTAVES",
+                   help="octaves of growth beyond the predicted one a moved format is also scored for (default 1)")
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
     p.add_argument("--runs", default=None, help="one JSON file per run in this directory; runs already there are skipped")
     p.add_argument("--results", default=None, help="write all runs in --runs and their Spearman correlation here")
@@ -134,13 +136,12 @@ def main(argv=None):
     reassign = None
     if args.reassign_every or args.reassign_saturation is not None:
         reassign = Reassign(every=args.reassign_every, rechoose=args.reassign_rechoose,
-                            saturation=args.reassign_saturation)
+                            saturation=args.reassign_saturation, headroom=args.reassign_headroom)
     runs = {}
     for name, pol in ([("fp32", None)] if args.fp32 else []) + [(str(policy), policy)]:
         accs = []
         # runs that move their formats are other runs than those that keep them
-        stem = _slug(name) + (f"-reassign{args.reassign_every}" + ("-rechoose" if reassign.rechoose else "")
-                              if reassign is not None and pol is not None else "")
+        stem = _slug(name) + (_reassign_stem(reassign) if reassign is not None and pol is not None else "")
         for seed in args.seeds:
             done = Path(args.runs) / f"{stem}-e{args.epochs}-seed{seed}.json" if args.runs else None
             if done is not None and done.exists():
@@ -233,11 +234,27 @@ def write_results(runs: Path, results: Path) -> dict:
     return out
 
 
+def _reassign_stem(reassign: Reassign) -> str:
+    """The part of a run's file name that tells its re-assignment (the defaults leave no mark)."""
+    stem = f"-reassign{reassign.every}" + ("-rechoose" if reassign.rechoose else "")
+    if reassign.saturation is not None:
+        stem += f"-saturation{reassign.saturation:g}"
+    if reassign.headroom != Reassign.headroom:
+        stem += f"-headroom{reassign.headroom}"
+    return stem
+
+
 def _label(row: dict) -> str:
     """The run's policy, and its re-assignment schedule when its formats move."""
-    every = row.get("reassign", {}).get("every")
-    rechoose = ", re-choosing" if row.get("reassign", {}).get("rechoose") else ""
-    return row["policy"] + (f", reassign every {every}{rechoose}" if "reassign" in row else "")
+    if "reassign" not in row:
+        return row["policy"]
+    r = row["reassign"]
+    label = f"{row['policy']}, reassign every {r.get('every')}" + (", re-choosing" if r.get("rechoose") else "")
+    if r.get("saturation") is not None:
+        label += f", on saturation > {r['saturation']:g}"
+    if r.get("headroom", Reassign.headroom) != Reassign.headroom:
+        label += f", headroom {r['headroom']}"
+    return label
 
 
 if __name__ == "__main__":
