@@ -594,11 +594,14 @@ def add_hls4ml(sub):
     _trained_model_flags(p)
     p.add_argument("--backend", default="Vivado", help="hls4ml backend (default Vivado)")
     p.add_argument("--part", default=None, help="FPGA part (default: the backend's)")
+    p.add_argument("--reuse-factor", type=int, default=None, metavar="R",
+                   help="products per multiplier (default: the auto policy's hls4ml_reuse_factor, else 1)")
     p.add_argument("--compile", action="store_true", help="also build the C simulation with g++")
 
 
 def run_hls4ml(args):
-    from .deploy.backends.hls4ml import hls_plan, require_hls4ml, to_hls4ml
+    from .deploy.backends.hls4ml import deployed_reuse_factor, hls_plan, require_hls4ml, to_hls4ml
+    from .errors import ExportError
     try:
         require_hls4ml()
     except ImportError as e:
@@ -606,8 +609,13 @@ def run_hls4ml(args):
     model, x, policy, recorded = _trained_model(args)
     qmodel = _compile_for_deployment(model, policy, x, recorded, args)
     _, layers = hls_plan(qmodel, (x,))
-    hls_model = to_hls4ml(qmodel, args.output_dir, example_inputs=(x,), backend=args.backend, part=args.part)
-    print(f"wrote hls4ml project {args.output_dir} ({args.backend}, io_parallel):")
+    try:
+        reuse_factor = deployed_reuse_factor(qmodel, args.reuse_factor)
+    except ExportError as e:
+        raise SystemExit(f"fxcompile hls4ml: --reuse-factor: {e}") from None
+    hls_model = to_hls4ml(qmodel, args.output_dir, example_inputs=(x,), backend=args.backend, part=args.part,
+                          reuse_factor=reuse_factor)
+    print(f"wrote hls4ml project {args.output_dir} ({args.backend}, io_parallel, reuse factor {reuse_factor}):")
     for layer in layers:
         print(f"  {layer.name:<10} {layer.kind:<10} " + ", ".join(f"{k} {v}" for k, v in layer.precision.items()))
     if args.compile:

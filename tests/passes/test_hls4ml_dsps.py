@@ -174,13 +174,16 @@ def test_without_hls4ml_the_usage_is_left_out_unless_the_budget_is_set(monkeypat
         dsp_estimator.cache_clear()
 
 
-def test_usage_is_hls4mls_estimate_of_the_converted_model(tmp_path):
+@pytest.mark.parametrize("reuse_factor", [1, 4])
+def test_usage_is_hls4mls_estimate_of_the_converted_model(tmp_path, reuse_factor):
     """The budget's usage against hls4ml's estimator summed over the layers of the model
-    fxc.to_hls4ml hands to hls4ml, with the weight precision and reuse factor hls4ml holds."""
+    fxc.to_hls4ml hands to hls4ml, with the weight precision and reuse factor hls4ml holds
+    (to_hls4ml deploys the reuse factor the budget assumed)."""
     pytest.importorskip("hls4ml")
     from fxcompile.deploy.backends.hls4ml import to_hls4ml
     # conv: 72 multipliers, fc: 320; 100 DSPs leave room for the conv's only
-    q, x = _tiny(fxc.auto(max_formats=3, bits=(8, 16), hls4ml_dsps=100))
+    q, x = _tiny(fxc.auto(max_formats=3, bits=(8, 16), hls4ml_dsps=100 // reuse_factor,
+                          hls4ml_reuse_factor=reuse_factor))
     hls_model = to_hls4ml(q, tmp_path / "prj", example_inputs=(x[:1],), write=False)
     total, widths = 0, []
     for layer in hls_model.get_layers():
@@ -192,5 +195,15 @@ def test_usage_is_hls4mls_estimate_of_the_converted_model(tmp_path):
                                                  reuse_factor=layer.get_attr("reuse_factor"), strategy="latency")})
         total += int(dsp_estimator().layer_resources(attrs)[0])
         widths.append(weight.type.precision.width)
+        assert layer.get_attr("reuse_factor") == reuse_factor, layer.name
     assert sorted(widths) == [8, 16]   # one layer on each side of hls4ml's 9-bit step
-    assert total == q.meta["fxc_solution"].usage["hls4ml_dsps"] == 72
+    assert total == q.meta["fxc_solution"].usage["hls4ml_dsps"] == 72 // reuse_factor
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_to_hls4ml_refuses_a_reuse_factor_that_is_no_positive_int(tmp_path, bad):
+    pytest.importorskip("hls4ml")
+    from fxcompile.deploy.backends.hls4ml import to_hls4ml
+    q, x = _tiny(fxc.auto(max_formats=3, bits=(8, 16)))
+    with pytest.raises(fxc.ExportError, match="reuse_factor"):
+        to_hls4ml(q, tmp_path / "prj", example_inputs=(x[:1],), write=False, reuse_factor=bad)

@@ -444,16 +444,19 @@ def _torch_graph(layers: list[HlsLayer]) -> fx.GraphModule:
 
 def to_hls4ml(qmodel: fx.GraphModule, output_dir: str | os.PathLike, example_inputs: Sequence[torch.Tensor],
               backend: str = "Vivado", project_name: str = "myproject", part: str | None = None,
-              clock_period: float = 5, write: bool = True):
+              clock_period: float = 5, write: bool = True, reuse_factor: int | None = None):
     """Convert ``qmodel`` to an hls4ml ``ModelGraph`` in ``output_dir`` and (``write``) write the project.
 
     The result's C simulation (``hls_model.compile()``, ``hls_model.predict(x)``) gives the
     integer reference's outputs bit for bit; ``x`` is in PyTorch's layout (channels first).
-    The project is ``io_parallel`` with the ``Latency`` strategy and reuse factor 1, the
-    configuration whose arithmetic is checked; ``backend`` (checked: ``Vivado``), ``part``
-    and ``clock_period`` go to hls4ml unchanged.
+    The project is ``io_parallel`` with the ``Latency`` strategy; ``reuse_factor`` (each
+    multiplier serves that many products) defaults to the ``hls4ml_reuse_factor`` the model's
+    ``fxc.auto`` policy budgeted DSPs with, else 1, so that the project uses what the budget
+    counted.  ``backend`` (checked: ``Vivado``), ``part`` and ``clock_period`` go to hls4ml
+    unchanged.
     """
     hls4ml = require_hls4ml()
+    reuse_factor = deployed_reuse_factor(qmodel, reuse_factor)
     graph, layers = hls_plan(qmodel, example_inputs)
     model = _torch_graph(layers)
     input_shape = layers[0].shape
@@ -461,7 +464,7 @@ def to_hls4ml(qmodel: fx.GraphModule, output_dir: str | os.PathLike, example_inp
         model, input_shape, granularity="name", backend=backend, default_precision=layers[0].precision["result"],
         # 'full': the design takes PyTorch's channels-first input and transposes it itself; it
         # also brings the weights (dense ones too) into hls4ml's layout
-        default_reuse_factor=1, channels_last_conversion="full")
+        default_reuse_factor=reuse_factor, channels_last_conversion="full")
     layer_config = config["LayerName"]
     input_name = next(iter(n for n in layer_config if n not in {l.name for l in layers}))
     for layer in layers:
@@ -477,6 +480,16 @@ def to_hls4ml(qmodel: fx.GraphModule, output_dir: str | os.PathLike, example_inp
     if write:
         hls_model.write()
     return hls_model
+
+
+def deployed_reuse_factor(qmodel: fx.GraphModule, reuse_factor: int | None = None) -> int:
+    """``reuse_factor``, checked, or by default the ``hls4ml_reuse_factor`` of the ``fxc.auto``
+    policy ``qmodel`` was compiled under (1 for other policies)."""
+    if reuse_factor is None:
+        reuse_factor = getattr(ir.POLICY.get(qmodel), "hls4ml_reuse_factor", 1)
+    if isinstance(reuse_factor, bool) or not isinstance(reuse_factor, int) or reuse_factor < 1:
+        raise ExportError(f"to_hls4ml: reuse_factor must be a positive int, got {reuse_factor!r}")
+    return reuse_factor
 
 
 def predict_codes(hls_model, x: torch.Tensor, frac: int) -> torch.Tensor:

@@ -331,6 +331,25 @@ def test_c_simulation_equals_integer_reference(tmp_path, model, policy, scale):
         assert _wrapped(graph, x)  # some cast wrapped
 
 
+@pytest.mark.parametrize("model", [TinyCNN, TinyMLP], ids=["conv", "dense"])
+def test_c_simulation_with_shared_multipliers_equals_integer_reference(tmp_path, model):
+    """A reuse factor above 1 (each multiplier serves several products, what an
+    ``hls4ml_dsps`` budget with ``hls4ml_reuse_factor`` assumes) keeps the arithmetic."""
+    _needs_hls4ml()
+    from fxcompile.deploy.backends.hls4ml import to_hls4ml
+    torch.manual_seed(1)
+    x = torch.randn(16, 2, 8, 8) * 3
+    q = on_grid(fxc.compile(model(), fxc.Policy(activation="10.5", weight="12.8", bias="10.6", name="rf"),
+                            example_inputs=(x[:2],)))
+    graph, _ = hls_plan(q, (x[:1],))
+    (ref,) = run_integer(graph, x, codes=True)
+    hls_model = to_hls4ml(q, tmp_path / "prj", example_inputs=(x[:1],), reuse_factor=2)
+    assert all(layer.get_attr("reuse_factor") == 2 for layer in hls_model.get_layers() if "weight" in layer.weights)
+    hls_model.compile()
+    assert torch.equal(predict_codes(hls_model, x, graph.op_of(graph.outputs[0]).frac), ref)
+    assert len(torch.unique(ref)) > 10
+
+
 def _wrapped(graph, x) -> bool:
     """Whether any requantize of the integer graph wrapped on ``x`` (its rounded value left the range)."""
     from fxcompile.deploy.backends.integer import KERNELS
@@ -369,3 +388,13 @@ def test_cli_writes_the_project_with_the_assignment_types(tmp_path, capsys):
     defines = (tmp_path / "prj" / "firmware" / "defines.h").read_text()
     assert "typedef ap_fixed<16,8,AP_RND_CONV,AP_SAT,0> input_t;" in defines
     assert "typedef ap_fixed<24,12,AP_RND_CONV,AP_SAT,0> fc1_weight_t;" in defines
+
+
+def test_cli_sets_the_reuse_factor_and_refuses_a_bad_one(tmp_path, capsys):
+    _needs_hls4ml()
+    from fxcompile.cli import main
+    main(["hls4ml", str(tmp_path / "prj"), "--model", "mlp", "--policy", "baseline", "--reuse-factor", "2"])
+    assert "reuse factor 2" in capsys.readouterr().out
+    assert "reuse_factor=2" in (tmp_path / "prj" / "firmware" / "parameters.h").read_text().replace(" ", "")
+    with pytest.raises(SystemExit, match="--reuse-factor.*positive int"):
+        main(["hls4ml", str(tmp_path / "prj2"), "--model", "mlp", "--policy", "baseline", "--reuse-factor", "0"])
