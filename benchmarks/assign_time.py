@@ -49,7 +49,7 @@ def main(argv=None):
     kernels.load()  # a first build (about a minute) must not land inside a timed region
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    policies = [fxc.auto(max_formats=k, bits=16) for k in (1, 2, 3, 4)]
+    policies = [fxc.auto(max_formats=k, bits=16, objective="nsr") for k in (1, 2, 3, 4)]
     policies += [fxc.auto(max_formats=k, bits={"activation": 8, "gradient": 8, "weight": 16, "loss": 16},
                           gradient_rounding="stochastic", objective="reach", margin=0) for k in (3, 4)]
     policies += [fxc.auto(max_formats=k, bits=16, objective="sensitivity") for k in (1, 2, 3, 4)]

@@ -60,7 +60,7 @@ def main(argv=None):
               f"solve {best:.3f} s  weights {widths}")
         return row
 
-    options = dict(max_formats=args.max_formats, hls4ml_reuse_factor=args.reuse_factor)
+    options = dict(max_formats=args.max_formats, hls4ml_reuse_factor=args.reuse_factor, objective="nsr")
     wide = solve(fxc.auto(bits=16, **options))
     full = wide["usage"]["hls4ml_dsps"]
     rows = [wide, solve(fxc.auto(bits=(8, 16), **options)), solve(fxc.auto(bits=(8, 16), hls4ml_dsps=full / 2, **options))]

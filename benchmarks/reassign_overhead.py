@@ -46,7 +46,7 @@ def main(argv=None):
     runs, schedule = {}, None
     for name in ("off", "on"):
         torch.manual_seed(0)
-        q = fxc.compile(SeedCNN(), fxc.auto(max_formats=args.max_formats, bits=16), loss_fn=nn.CrossEntropyLoss(),
+        q = fxc.compile(SeedCNN(), fxc.auto(max_formats=args.max_formats, bits=16, objective="nsr"), loss_fn=nn.CrossEntropyLoss(),
                         example_inputs=(tx[:2],), calibration_data=batches[:4])
         opt = fxc.fixed_point_optimizer(torch.optim.Adam(q.parameters(), lr=1e-3), q)
         if name == "on":

@@ -295,7 +295,8 @@ def add_inspect(sub):
                    help="choose formats with fxc.auto instead of --policy and print predicted noise per edge")
     a.add_argument("--max-formats", type=int, default=3, help="K: distinct (bits, frac) formats allowed")
     a.add_argument("--bits", default="16", help="16, 8/16 (a choice of widths), or per role: activation=8,gradient=8,weight=16")
-    a.add_argument("--objective", default="nsr", choices=["nsr", "reach", "sensitivity"])
+    a.add_argument("--objective", default="sensitivity", choices=["nsr", "reach", "sensitivity"],
+                   help="what the formats minimise (default: sensitivity, the loss-weighted error)")
     a.add_argument("--gradient-rounding", default="nearest", choices=["nearest", "stochastic"])
     a.add_argument("--margin", type=int, default=None,
                    help="octaves of drift allowed for (default: 4 for formats of 12 bits or more, else 1)")
