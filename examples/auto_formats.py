@@ -1,6 +1,6 @@
 """Train the seed CNN on Fashion-MNIST with formats chosen by the cost model (``fxc.auto``).
 
-    python examples/auto_formats.py --data /path/to/fashion-mnist --max-formats 3 --bits 16 --seeds 0 1 2
+    python examples/auto_formats.py --data ../shared/data/fashion-mnist --max-formats 3 --bits 16 --seeds 0 1 2
     python examples/auto_formats.py --max-formats 3 --bits activation=8,gradient=8,weight=16 \\
         --gradient-rounding stochastic
     python examples/auto_formats.py --max-formats 1 --reassign-every 200 --reassign-rechoose   # formats follow training
@@ -14,6 +14,11 @@ measured accuracy over them::
 
     python examples/auto_formats.py --data ../shared/data/fashion-mnist --objective sensitivity \
         --max-formats 3 --bits 16 --seeds 0 --runs runs/auto --results benchmarks/results/auto_formats.json
+
+``--table FILE`` prints such a results file as a markdown table, one row per assignment
+(benchmarks/auto_formats_results.md holds it)::
+
+    python examples/auto_formats.py --table benchmarks/results/auto_formats.json
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--max-formats", type=int, default=3)
     p.add_argument("--bits", default="16", help="16, 8/16 (a choice of widths), or per role: activation=8,gradient=8,weight=16")
-    p.add_argument("--objective", default="nsr", choices=OBJECTIVES)
+    p.add_argument("--objective", default="sensitivity", choices=OBJECTIVES)
     p.add_argument("--gradient-rounding", default="nearest")
     p.add_argument("--update-rounding", default="stochastic", help="rounding of each weight/bias update")
     p.add_argument("--margin", type=int, default=None,
@@ -71,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=None, help="write all runs in --runs and their Spearman correlation here")
     p.add_argument("--checkpoints", default=None,
                    help="checkpoint each run under this directory and resume an interrupted one from there")
+    p.add_argument("--table", metavar="RESULTS", default=None,
+                   help="instead of training: print a results file (--results) as a markdown table, one "
+                        "row per assignment")
+    p.add_argument("--fp32-results", default=str(Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                                                  / "study.json"),
+                   help="the FP32 runs --table compares with (examples/fashion_mnist.py --results)")
     p.add_argument("--rescore", action="store_true",
                    help="instead of training: add the prediction (Solution.predicted) to each run in --runs made "
                         "before it was recorded, from the run's own command (calibration only), then --results")
@@ -121,6 +132,9 @@ def rescore(runs: Path, data: str | None) -> int:
 def main(argv=None):
     p = _parser()
     args = p.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text()), json.loads(Path(args.fp32_results).read_text())))
+        return
     if args.results and not args.runs:
         p.error("--results collects the runs of a --runs directory")
     torch.set_num_threads(1)
@@ -234,6 +248,47 @@ def write_results(runs: Path, results: Path) -> dict:
     return out
 
 
+def table(results: dict, fp32: dict) -> str:
+    """``results`` (a ``--results`` file) as a markdown table: one row per assignment, with the
+    first seed's formats (→ its final ones when they moved), objective and prediction, each
+    seed's accuracy, their mean ± sd and its distance from the FP32 mean in ``fp32`` (an
+    ``examples/fashion_mnist.py --results`` file)."""
+    ref = fp32["policies"]["fp32"]["mean"]
+    groups: dict[str, list[dict]] = {}
+    for r in results["runs"]:
+        groups.setdefault(_label(r), []).append(r)
+    lines = ["| assignment | formats (first seed) | objective | predicted | accuracy by seed | mean ± sd | vs FP32 |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: |"]
+    for label in sorted(groups, key=lambda k: (_bits_key(groups[k][0]["policy"]), k)):
+        rows = sorted(groups[label], key=lambda r: r["seed"])
+        first = rows[0]
+        formats = " ".join(first["formats"]) + (" → " + " ".join(first["final_formats"])
+                                                if first.get("final_formats") else "")
+        accs = [100 * r["accuracy"] for r in rows]
+        mean = statistics.fmean(accs)
+        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+        predicted = f"{first['predicted']:.2e}" if first.get("predicted") is not None else "—"
+        by_seed = ", ".join(f"{a:.2f} ({r['seed']})" for a, r in zip(accs, rows))
+        lines.append(f"| {_short(first)} | {formats} | {first['objective']:.2e} | {predicted} | "
+                     f"{by_seed} | {mean:.2f}{spread} % | {mean - ref:+.2f} |")
+    return "\n".join(lines)
+
+
+def _short(row: dict) -> str:
+    """``K=3, bits=16, objective=sensitivity; reassign every 200``: the row's policy without
+    ``auto(...)`` and its schedule."""
+    policy = row["policy"].removeprefix("auto(").removesuffix(")")
+    schedule = _schedule(row)
+    return policy + (f"; {schedule}" if schedule else "")
+
+
+def _bits_key(policy: str) -> tuple:
+    """Sorts policies by width description, then K: ``auto(K=3, bits=16, ...)`` → ("16", 3)."""
+    k = int(policy.split("K=", 1)[1].split(",", 1)[0])
+    bits = policy.split("bits=", 1)[1].split(", objective", 1)[0]
+    return bits, k
+
+
 def _reassign_stem(reassign: Reassign) -> str:
     """The part of a run's file name that tells its re-assignment (the defaults leave no mark)."""
     stem = f"-reassign{reassign.every}" + ("-rechoose" if reassign.rechoose else "")
@@ -246,16 +301,21 @@ def _reassign_stem(reassign: Reassign) -> str:
 
 def _label(row: dict) -> str:
     """The run's policy, and its re-assignment schedule when its formats move."""
-    if "reassign" not in row:
-        return row["policy"]
-    r = row["reassign"]
-    label = f"{row['policy']}, reassign every {r.get('every')}" + (", re-choosing" if r.get("rechoose") else "")
-    if r.get("saturation") is not None:
-        label += f", on saturation > {r['saturation']:g}"
-    if r.get("headroom", Reassign.headroom) != Reassign.headroom:
-        label += f", headroom {r['headroom']}"
-    return label
+    schedule = _schedule(row)
+    return row["policy"] + (f", {schedule}" if schedule else "")
 
+
+def _schedule(row: dict) -> str:
+    """``reassign every 200, re-choosing`` (with a trigger and headroom when not the defaults), or ""."""
+    if "reassign" not in row:
+        return ""
+    r = row["reassign"]
+    text = f"reassign every {r.get('every')}" + (", re-choosing" if r.get("rechoose") else "")
+    if r.get("saturation") is not None:
+        text += f", on saturation > {r['saturation']:g}"
+    if r.get("headroom", Reassign.headroom) != Reassign.headroom:
+        text += f", headroom {r['headroom']}"
+    return text
 
 if __name__ == "__main__":
     main()

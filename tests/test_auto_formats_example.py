@@ -1,9 +1,13 @@
 """examples/auto_formats.py names each run's file by everything that changes the run."""
 
 import importlib.util
+import json
 from pathlib import Path
 
+import pytest
+
 from fxcompile.training.reassign import Reassign
+from tests.helpers import REPO
 
 _PATH = Path(__file__).resolve().parents[1] / "examples" / "auto_formats.py"
 _spec = importlib.util.spec_from_file_location("auto_formats_example", _PATH)
@@ -26,3 +30,30 @@ def test_label_names_the_schedule():
     label = auto_formats._label(row)
     assert "every 200" in label and "0.01" in label and "headroom 2" in label
     assert auto_formats._label({"policy": "auto:3"}) == "auto:3"
+
+
+def _block(text: str, marker: str) -> str:
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    return text.split(start, 1)[1].split(end, 1)[0].strip()
+
+
+@pytest.mark.parametrize("marker, results, fp32", [
+    ("TABLE_MAIN", "auto_formats.json", "study.json"),
+    ("TABLE_PROXY", "auto_formats_proxy.json", "auto_formats_proxy_fp32.json"),
+])
+def test_results_tables_are_their_results_files(marker, results, fp32):
+    """benchmarks/auto_formats_results.md's tables are ``examples/auto_formats.py --table``'s
+    output for the results files, row for row."""
+    doc = (REPO / "benchmarks" / "auto_formats_results.md").read_text()
+    load = lambda name: json.loads((REPO / "benchmarks" / "results" / name).read_text())  # noqa: E731
+    assert _block(doc, marker) == auto_formats.table(load(results), load(fp32))
+
+
+def test_table_groups_seeds_and_compares_with_fp32():
+    run = {"policy": "auto(K=2, bits=16, objective=nsr)", "formats": ["16.10", "16.20"], "objective": 1e-3,
+           "predicted": 2e-3}
+    results = {"runs": [dict(run, seed=1, accuracy=0.91), dict(run, seed=0, accuracy=0.92),
+                        dict(run, seed=0, accuracy=0.5, policy="auto(K=1, bits=16, objective=nsr)")]}
+    lines = auto_formats.table(results, {"policies": {"fp32": {"mean": 92.0}}}).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| K=1,") and "50.00 % | -42.00 |" in lines[2]
+    assert "92.00 (0), 91.00 (1) | 91.50 ± 0.71 % | -0.50 |" in lines[3]
