@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(slots may change format) instead of moving the current formats")
     p.add_argument("--reassign-saturation", type=float, default=None, metavar="RATE",
                    help="also re-assign when an observed edge saturates more than this fraction")
+    p.add_argument("--reassign-underflow", type=float, default=None, metavar="RATE",
+                   help="also re-assign when an observed edge flushes more than this fraction of its nonzero values")
     p.add_argument("--reassign-headroom", type=int, default=1, metavar="OCTAVES",
                    help="octaves of growth beyond the predicted one a moved format is also scored for (default 1)")
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
@@ -148,9 +150,10 @@ def main(argv=None):
     train_data, test_data = _data(args)
     policy = _policy(args)
     reassign = None
-    if args.reassign_every or args.reassign_saturation is not None:
+    if args.reassign_every or args.reassign_saturation is not None or args.reassign_underflow is not None:
         reassign = Reassign(every=args.reassign_every, rechoose=args.reassign_rechoose,
-                            saturation=args.reassign_saturation, headroom=args.reassign_headroom)
+                            saturation=args.reassign_saturation, underflow=args.reassign_underflow,
+                            headroom=args.reassign_headroom)
     runs = {}
     for name, pol in ([("fp32", None)] if args.fp32 else []) + [(str(policy), policy)]:
         accs = []
@@ -294,6 +297,8 @@ def _reassign_stem(reassign: Reassign) -> str:
     stem = f"-reassign{reassign.every}" + ("-rechoose" if reassign.rechoose else "")
     if reassign.saturation is not None:
         stem += f"-saturation{reassign.saturation:g}"
+    if reassign.underflow is not None:
+        stem += f"-underflow{reassign.underflow:g}"
     if reassign.headroom != Reassign.headroom:
         stem += f"-headroom{reassign.headroom}"
     return stem
@@ -313,6 +318,8 @@ def _schedule(row: dict) -> str:
     text = f"reassign every {r.get('every')}" + (", re-choosing" if r.get("rechoose") else "")
     if r.get("saturation") is not None:
         text += f", on saturation > {r['saturation']:g}"
+    if r.get("underflow") is not None:
+        text += f", on underflow > {r['underflow']:g}"
     if r.get("headroom", Reassign.headroom) != Reassign.headroom:
         text += f", headroom {r['headroom']}"
     return text

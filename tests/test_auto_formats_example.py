@@ -17,7 +17,8 @@ _spec.loader.exec_module(auto_formats)
 
 def test_reassign_settings_give_distinct_run_files():
     schedules = [Reassign(every=200), Reassign(every=100), Reassign(every=200, rechoose=True),
-                 Reassign(every=200, saturation=0.01), Reassign(every=200, headroom=2),
+                 Reassign(every=200, saturation=0.01), Reassign(every=200, underflow=0.01),
+                 Reassign(every=200, headroom=2),
                  Reassign(every=200, headroom=0)]
     stems = [auto_formats._reassign_stem(r) for r in schedules]
     assert len(set(stems)) == len(stems), stems
@@ -26,9 +27,10 @@ def test_reassign_settings_give_distinct_run_files():
 
 
 def test_label_names_the_schedule():
-    row = {"policy": "auto:3", "reassign": Reassign(every=200, saturation=0.01, headroom=2).to_dict()}
+    row = {"policy": "auto:3", "reassign": Reassign(every=200, saturation=0.01, underflow=0.2, headroom=2).to_dict()}
     label = auto_formats._label(row)
-    assert "every 200" in label and "0.01" in label and "headroom 2" in label
+    assert "every 200" in label and "saturation > 0.01" in label and "underflow > 0.2" in label
+    assert "headroom 2" in label
     assert auto_formats._label({"policy": "auto:3"}) == "auto:3"
 
 
