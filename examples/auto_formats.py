@@ -24,6 +24,7 @@ measured accuracy over them::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -292,16 +293,24 @@ def _bits_key(policy: str) -> tuple:
     return bits, k
 
 
+# a schedule's settings that name it when they are not Reassign's defaults: (file-name part, label part)
+_SCHEDULE_OPTIONS = {"saturation": ("-saturation{:g}", ", on saturation > {:g}"),
+                     "underflow": ("-underflow{:g}", ", on underflow > {:g}"),
+                     "headroom": ("-headroom{}", ", headroom {}")}
+
+
+def _options(r: dict, part: int) -> str:
+    """``r``'s (a ``Reassign.to_dict()``) settings beyond the defaults, each as ``part`` (0: file
+    name, 1: label) of ``_SCHEDULE_OPTIONS`` writes it."""
+    fields = {f.name: f.default for f in dataclasses.fields(Reassign)}
+    return "".join(_SCHEDULE_OPTIONS[k][part].format(r[k]) for k in _SCHEDULE_OPTIONS
+                   if r.get(k, fields[k]) != fields[k])
+
+
 def _reassign_stem(reassign: Reassign) -> str:
     """The part of a run's file name that tells its re-assignment (the defaults leave no mark)."""
-    stem = f"-reassign{reassign.every}" + ("-rechoose" if reassign.rechoose else "")
-    if reassign.saturation is not None:
-        stem += f"-saturation{reassign.saturation:g}"
-    if reassign.underflow is not None:
-        stem += f"-underflow{reassign.underflow:g}"
-    if reassign.headroom != Reassign.headroom:
-        stem += f"-headroom{reassign.headroom}"
-    return stem
+    r = reassign.to_dict()
+    return f"-reassign{r['every']}" + ("-rechoose" if r["rechoose"] else "") + _options(r, 0)
 
 
 def _label(row: dict) -> str:
@@ -315,14 +324,8 @@ def _schedule(row: dict) -> str:
     if "reassign" not in row:
         return ""
     r = row["reassign"]
-    text = f"reassign every {r.get('every')}" + (", re-choosing" if r.get("rechoose") else "")
-    if r.get("saturation") is not None:
-        text += f", on saturation > {r['saturation']:g}"
-    if r.get("underflow") is not None:
-        text += f", on underflow > {r['underflow']:g}"
-    if r.get("headroom", Reassign.headroom) != Reassign.headroom:
-        text += f", headroom {r['headroom']}"
-    return text
+    return f"reassign every {r.get('every')}" + (", re-choosing" if r.get("rechoose") else "") + _options(r, 1)
+
 
 if __name__ == "__main__":
     main()
