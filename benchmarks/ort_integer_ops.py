@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -90,8 +91,7 @@ def main(argv=None):
     for name, t in ms.items():
         print(f"{name:<28} {t:7.3f} {t / ref:14.2f}")
     if args.results:
-        out = {"command": "python benchmarks/ort_integer_ops.py " + " ".join(argv if argv is not None else
-                                                                            __import__("sys").argv[1:]),
+        out = {"command": "python benchmarks/ort_integer_ops.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "date": time.strftime("%Y-%m-%d", time.gmtime()),
                "settings": {"shape": SHAPE, "repeats": args.repeats, "threads": 1, "onnxruntime": ort.__version__,
                             "machine": platform.machine(), "load_average": round(os.getloadavg()[0], 1)},

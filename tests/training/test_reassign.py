@@ -97,12 +97,11 @@ def test_threshold_triggers_a_reassignment():
     # squeeze the first activation's format so it saturates: the threshold must move it back
     sched = FormatSchedule(q, Reassign(saturation=0.01, observe_every=1, max_formats=4), opt)
     fmt = q.casts.conv1.edge.forward
-    sched.set_formats({("casts.conv1", "fwd"): fmt.replace(frac=fmt.frac + 10),
-                       ("casts.relu1", "fwd"): fmt.replace(frac=fmt.frac + 10),
-                       ("casts.pool1", "fwd"): fmt.replace(frac=fmt.frac + 10)})
+    squeezed = fmt.replace(frac=fmt.frac + 10)
+    sched.set_formats({(cast, "fwd"): squeezed for cast in ("casts.conv1", "casts.relu1", "casts.pool1")})
     _train_steps(q, opt, sched, tx, ty, 1)
     assert sched.reassignments == 1 and "saturation" in sched.log[0]["reason"]
-    assert q.casts.conv1.edge.forward.frac < fmt.frac + 10
+    assert q.casts.conv1.edge.forward.frac < squeezed.frac
 
 
 def test_bad_settings_name_the_field():
