@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="octaves of drift the formats allow for (default: 4 at >= 12 bits, else 1; see fxc.Auto)")
     p.add_argument("--output-margin", type=int, default=None,
                    help="octaves the model's output may grow beyond --margin (default: --margin's value)")
+    p.add_argument("--prediction-gradient", default=None, choices=["inward"],
+                   help="inward: a saturated logit keeps the gradient that moves it back into range "
+                        "(default: the clamp's derivative, zero, as on every other edge)")
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -94,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 def _policy(args):
     return fxc.auto(max_formats=args.max_formats, bits=parse_bits(args.bits), objective=args.objective,
                     gradient_rounding=args.gradient_rounding, update_rounding=args.update_rounding, margin=args.margin,
-                    output_margin=args.output_margin,
+                    output_margin=args.output_margin, prediction_gradient=args.prediction_gradient,
                     calibration_batches=args.calibration_batches, weight_memory_bits=args.weight_memory_bits,
                     bops=args.bops, hls4ml_dsps=args.hls4ml_dsps, hls4ml_reuse_factor=args.hls4ml_reuse_factor)
 

@@ -145,6 +145,9 @@ def add_train(sub):
     p.add_argument("--loss-scale", type=float, default=1, metavar="2**S", help="multiply the loss's gradient by "
                    "this power of two before the backward casts round it, and divide the weights' gradients by it "
                    "before each step (default 1: off; fixed-point policies only)")
+    p.add_argument("--prediction-gradient", default=None, choices=["inward"],
+                   help="inward: a saturated logit keeps the part of its gradient that moves it back into range "
+                   "(default: the policy's setting; fixed-point policies only)")
     p.add_argument("--out", default=None, help="write metrics to this .json or .csv file")
     p.add_argument("--save", default=None, metavar="FILE", help="save the trained weights with what export and "
                    "run-onnx need (model, policy, data set); one file per seed when several: FILE-seed<N>.pt")
@@ -209,11 +212,30 @@ def _save_run(path, model, qmodel, args, info, policy, seed, calibration=None, s
     torch.save({"model": model.state_dict(), "fxcompile": meta}, path)
 
 
+def _with_prediction_gradient(policy, value: str):
+    """``policy`` (an Auto, or a policy name or file) with ``prediction_gradient=value``."""
+    import dataclasses
+    from .core.auto import Auto
+    from .core.policy import Policy
+    if policy is None:
+        raise SystemExit("fxcompile: --prediction-gradient sets how fixed-point casts pass gradients; "
+                         "the fp32 policy has none")
+    if isinstance(policy, Auto):
+        return dataclasses.replace(policy, prediction_gradient=value)
+    try:
+        loaded = Policy.coerce(policy)
+    except Exception as e:  # noqa: BLE001 - a bad name or file: say which
+        raise SystemExit(f"fxcompile: --policy {policy}: {e}") from None
+    return Policy.from_dict({**loaded.to_dict(), "prediction_gradient": value})
+
+
 def run_train(args):
     from .core.auto import Auto
     from .experiments.models import build
     from .training.train import TrainConfig, calibration_batches, train, write_metrics
     policy = _policy_arg(args.policy)
+    if args.prediction_gradient is not None:
+        policy = _with_prediction_gradient(policy, args.prediction_gradient)
     reassign = _reassign_arg(args)
     if reassign is not None and policy in (None, "fp32"):
         raise SystemExit("fxcompile: --reassign-* moves fixed-point formats; the fp32 policy has none")

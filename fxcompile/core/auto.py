@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import PolicyError
 from .formats import MAX_BITS, ROUNDINGS
-from .policy import FALLBACK, ROLES
+from .policy import FALLBACK, ROLES, check_prediction_gradient
 
 __all__ = ["Auto", "auto", "parse_bits", "OBJECTIVES"]
 
@@ -71,6 +71,11 @@ class Auto:
     CNN from 0.19 untrained to past 16, over 6 octaves); with the same 4 octaves as the rest,
     K = 4 at 16 bits put the logits on 16.14 (range ±2) and trained 5 points below K = 3 on
     a short run.
+    ``clip_gradient`` and ``prediction_gradient`` are :class:`~fxcompile.Policy`'s: with
+    ``prediction_gradient="inward"`` a saturated logit still gets the gradient that moves it
+    back into range.  It matters where one narrow format holds every activation: at 8 bits
+    with K = 3 the seed CNN's logits sit at the format's ceiling for over 90 % of test images
+    and clipped gradients leave wrong classes tied there with the true one.
     """
 
     max_formats: int = 3
@@ -85,6 +90,7 @@ class Auto:
     format_cost: float = 0.0
     bits_cost: float = 0.0
     clip_gradient: bool = True
+    prediction_gradient: str | None = None
     calibration_batches: int = 8
     name: str | None = None
     weight_memory_bits: int | None = None
@@ -97,6 +103,7 @@ class Auto:
             raise PolicyError(f"auto: max_formats must be a positive int, got {self.max_formats!r}")
         if self.objective not in OBJECTIVES:
             raise PolicyError(f"auto: objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        check_prediction_gradient(self.prediction_gradient, "auto")
         for field in ("rounding", "gradient_rounding", "update_rounding"):
             if getattr(self, field) not in ROUNDINGS:
                 raise PolicyError(f"auto: {field} must be one of {ROUNDINGS}, got {getattr(self, field)!r}")
@@ -169,6 +176,7 @@ class Auto:
         extra += f", bops={self.bops:g}" if self.bops is not None else ""
         extra += f", hls4ml_dsps={self.hls4ml_dsps:g}" if self.hls4ml_dsps is not None else ""
         extra += f", hls4ml_reuse_factor={self.hls4ml_reuse_factor}" if self.hls4ml_reuse_factor != 1 else ""
+        extra += f", prediction_gradient={self.prediction_gradient}" if self.prediction_gradient is not None else ""
         return f"auto(K={self.max_formats}, bits={bits}, objective={self.objective}{extra})"
 
     def __str__(self) -> str:

@@ -29,6 +29,7 @@ from .formats import FixedPoint
 
 __all__ = ["Key", "Contract", "check_contract", "OP", "MODULE", "FRONTEND_REASON", "LEAVES", "ROLE", "VALUE", "USES", "EDGE", "STATS", "NOISE",
            "ELIDED", "BACKWARD_ELIDED", "FRONTEND", "POLICY", "SOLUTION", "OVERRIDE_MATCHES", "CLIP_GRADIENT",
+           "PREDICTION_GRADIENT",
            "CALIBRATION_BATCHES", "LOSS_SCALE", "KEYS", "NODE_KEYS", "GRAPH_KEYS", "PARAMETER_ROLES", "graphs", "fetch", "stored_format"]
 
 T = TypeVar("T")
@@ -83,6 +84,10 @@ NOISE: Key[dict] = Key("fxc_noise", "predicted noise-to-signal of the chosen for
 SOLUTION: Key[Any] = Key("fxc_solution", "the cost model's Solution", "passes.choose_formats", "graph")
 CLIP_GRADIENT: Key[bool] = Key("fxc_clip_gradient", "whether casts zero the gradient where they saturated",
                                "passes.assign.assign_formats or passes.choose_formats", "graph")
+PREDICTION_GRADIENT: Key[str | None] = Key(
+    "fxc_prediction_gradient", "None, or 'inward': the casts of the prediction a loss consumes zero only the "
+    "gradient that pushes a saturated value further out", "passes.assign.assign_formats or passes.choose_formats",
+    "graph")
 EDGE: Key[Any] = Key("fxc_edge", "the Edge a cast node sits on", "passes.casts.insert_casts")
 ELIDED: Key[bool] = Key("fxc_elided", "the cast's forward is provably the identity",
                         "passes.elide_casts.elide_identity_casts")
@@ -93,7 +98,7 @@ LOSS_SCALE: Key[float] = Key("fxc_loss_scale", "the power of two the loss's grad
                              "passes.loss_scale.scale_loss_gradient", "graph")
 
 KEYS = (FRONTEND, FRONTEND_REASON, LEAVES, MODULE, OP, ROLE, CALIBRATION_BATCHES, STATS, VALUE, USES, OVERRIDE_MATCHES, NOISE, SOLUTION,
-        CLIP_GRADIENT, EDGE, ELIDED, BACKWARD_ELIDED, POLICY, LOSS_SCALE)
+        CLIP_GRADIENT, PREDICTION_GRADIENT, EDGE, ELIDED, BACKWARD_ELIDED, POLICY, LOSS_SCALE)
 NODE_KEYS = tuple(k for k in KEYS if k.scope == "node")
 GRAPH_KEYS = tuple(k for k in KEYS if k.scope == "graph")
 

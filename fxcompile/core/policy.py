@@ -95,11 +95,31 @@ def _warn_conflicts(overrides: list[Override]) -> None:
                                   stacklevel=4)
 
 
+PREDICTION_GRADIENTS = (None, "inward")
+
+
+def check_prediction_gradient(value: Any, where: str) -> str | None:
+    """``prediction_gradient``: ``None`` (the prediction's casts clip like every other cast) or
+    ``"inward"``; anything else raises :class:`PolicyError` naming it."""
+    if value not in PREDICTION_GRADIENTS or isinstance(value, bool):
+        raise PolicyError(f"{where}: prediction_gradient must be None or 'inward', got {value!r}")
+    return value
+
+
 class Policy:
-    """Role → format, plus ordered overrides (later overrides win)."""
+    """Role → format, plus ordered overrides (later overrides win).
+
+    ``clip_gradient`` (default ``True``): every cast zeroes the gradient where its forward
+    value saturated (the derivative of a clamp); ``False`` passes it (straight through).
+    ``prediction_gradient="inward"``: the casts of the prediction a loss consumes (the model's
+    returned values and the loss graph's first input) zero only the part of the gradient
+    that would push a saturated value further out, and keep the part that moves it back
+    into range: a wrong class whose logit sits at the format's ceiling is pushed down instead
+    of staying tied there with the true class.
+    """
 
     def __init__(self, *, overrides: Iterable[Override | dict] = (), clip_gradient: bool = True,
-                 name: str | None = None, **formats: Any):
+                 prediction_gradient: str | None = None, name: str | None = None, **formats: Any):
         self.formats = _check_formats(formats, "formats", ("formats",))
         self.overrides = []
         for i, o in enumerate(overrides):
@@ -113,6 +133,7 @@ class Policy:
                                            o.pattern, o.op))
         _warn_conflicts(self.overrides)
         self.clip_gradient = bool(clip_gradient)
+        self.prediction_gradient = check_prediction_gradient(prediction_gradient, "policy")
         self.name = name
 
     @classmethod
@@ -145,6 +166,8 @@ class Policy:
         if self.name:
             d["name"] = self.name
         d["clip_gradient"] = self.clip_gradient
+        if self.prediction_gradient is not None:
+            d["prediction_gradient"] = self.prediction_gradient
         d["formats"] = {k: (str(v) if v is not None else "float") for k, v in self.formats.items()}
         d["overrides"] = [dict({k: v for k, v in (("pattern", o.pattern), ("op", o.op)) if v},
                                **{k: (str(v) if v is not None else "float") for k, v in o.formats.items()})
@@ -153,7 +176,7 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "policy") -> Policy:
-        known = {"name", "clip_gradient", "formats", "overrides"}
+        known = {"name", "clip_gradient", "prediction_gradient", "formats", "overrides"}
         unknown = set(data) - known
         if unknown:
             raise _keyed(PolicyError(f"{where}: unknown key(s) {sorted(unknown)}; keys are {sorted(known)} "
@@ -170,9 +193,12 @@ class Policy:
                              ("formats", role))
         if not isinstance(data.get("clip_gradient", True), bool):
             raise _keyed(PolicyError(f"{where}: 'clip_gradient' must be true or false"), ("clip_gradient",))
+        if data.get("prediction_gradient") not in PREDICTION_GRADIENTS:
+            raise _keyed(PolicyError(f"{where}: 'prediction_gradient' must be \"inward\" or left out, got "
+                                     f"{data['prediction_gradient']!r}"), ("prediction_gradient",))
         try:
             return cls(name=data.get("name"), clip_gradient=data.get("clip_gradient", True),
-                       overrides=overrides, **formats)
+                       prediction_gradient=data.get("prediction_gradient"), overrides=overrides, **formats)
         except (PolicyError, FormatError) as e:
             raise _keyed(type(e)(f"{where}: {e}"), getattr(e, "key", ())) from None
 

@@ -18,7 +18,7 @@ from ..core.policy import Policy, warn_unused
 __all__ = ["CONTRACT", "assign_formats", "VALUE_ROLE", "GRADIENT_ROLE", "edge_roles", "names_of"]
 
 CONTRACT = ir.Contract(requires=(ir.ROLE, ir.OP), provides=(ir.VALUE, ir.USES),
-                       graph_provides=(ir.CLIP_GRADIENT, ir.OVERRIDE_MATCHES))
+                       graph_provides=(ir.CLIP_GRADIENT, ir.PREDICTION_GRADIENT, ir.OVERRIDE_MATCHES))
 
 VALUE_ROLE = {"input": "input", "activation": "activation_out", "weight": "weight", "bias": "bias", "loss": "loss"}
 GRADIENT_ROLE = {"weight": "weight_gradient", "bias": "bias_gradient", "loss": "loss"}
@@ -77,6 +77,7 @@ def assign_formats(gm: fx.GraphModule, policy: Policy, warn_unused_overrides: bo
                                    policy.format_for("gradient", u_names, u_op), u_op or "", _shape(node))
         ir.USES.set(node, uses)
     ir.CLIP_GRADIENT.set(gm, getattr(policy, "clip_gradient", True))
+    ir.PREDICTION_GRADIENT.set(gm, getattr(policy, "prediction_gradient", None))
     ir.OVERRIDE_MATCHES.set(gm, seen)
     if isinstance(policy, Policy) and warn_unused_overrides:
         warn_unused(policy, seen)

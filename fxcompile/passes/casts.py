@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core import ir
 from ..core.assignment import Edge
-from ..runtime.cast import cast, spec_of
+from ..runtime.cast import cast, keep_inward, spec_of
 
 __all__ = ["CONTRACT", "Cast", "insert_casts", "cast_nodes", "output_cast", "call_instead"]
 
@@ -32,6 +32,9 @@ class Cast(nn.Module):
         self.forward_identity = forward_identity
         self.backward_identity = False  # set by elide_casts when the gradient arrives on its grid
         self.clip_gradient = clip_gradient and edge.role not in ir.PARAMETER_ROLES
+        # set by insert_casts on the prediction a loss consumes (a policy's prediction_gradient="inward"):
+        # at a saturated value, zero only the gradient that would push it further out
+        self.inward_gradient = False
         self.counters = None  # fxcompile.runtime.telemetry.EdgeCounters while telemetry is on
         self.set_edge(edge)
 
@@ -45,14 +48,19 @@ class Cast(nn.Module):
         self._parameter = parameter
 
     def forward(self, x):
+        inward = self.inward_gradient and bool(self._fwd)
+        clip = self.clip_gradient and not inward
         if self.counters is not None:
-            return self.counters.cast(x, self._fwd, self._bwd, self.clip_gradient)
-        return cast(x, self._fwd, self._bwd, self.clip_gradient, self._parameter)
+            y = self.counters.cast(x, self._fwd, self._bwd, clip)
+        else:
+            y = cast(x, self._fwd, self._bwd, clip, self._parameter)
+        return keep_inward(y, self._fwd) if inward else y
 
     def extra_repr(self) -> str:
         fwd = "identity" if self.forward_identity else (self.edge.forward or "float")
         bwd = "identity" if self.backward_identity else (self.edge.backward or "float")
-        return f"{self.edge.name}: {self.edge.role} {fwd}, {self.edge.backward_role} {bwd}"
+        inward = ", inward gradient" if self.inward_gradient else ""
+        return f"{self.edge.name}: {self.edge.role} {fwd}, {self.edge.backward_role} {bwd}{inward}"
 
 
 def _add_cast(gm: fx.GraphModule, source: fx.Node, name: str, edge: Edge, clip: bool, identity=False) -> fx.Node:
@@ -71,6 +79,7 @@ def insert_casts(gm: fx.GraphModule) -> fx.GraphModule:
     if not hasattr(gm, "casts"):
         gm.add_module("casts", nn.Module())
     clip = ir.CLIP_GRADIENT.get(gm, True)
+    inward = ir.PREDICTION_GRADIENT.get(gm) == "inward"
     for node in list(gm.graph.nodes):
         value = ir.VALUE.get(node)
         if value is None:
@@ -78,6 +87,8 @@ def insert_casts(gm: fx.GraphModule) -> fx.GraphModule:
         users = [u for u in node.users]
         with gm.graph.inserting_after(node):
             out = _add_cast(gm, node, node.name, value, clip)
+        if inward and _prediction(node, users):
+            gm.get_submodule(out.target).inward_gradient = True
         for user in users:
             edge = ir.USES.of(node).get(user.name)
             target = out
@@ -90,6 +101,14 @@ def insert_casts(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _prediction(node: fx.Node, users) -> bool:
+    """A value a loss consumes: a model's returned value that is not the loss itself, or a loss
+    graph's prediction (its first input, the only input whose role is an activation)."""
+    if node.op == "placeholder":
+        return ir.ROLE.get(node) == "activation"
+    return ir.ROLE.get(node) != "loss" and any(u.op == "output" for u in users)
 
 
 def cast_nodes(gm: fx.GraphModule) -> list[fx.Node]:

@@ -80,7 +80,7 @@ __all__ = ["CONTRACT", "choose_formats", "solve", "Solution", "Budget", "hardwar
            "dsp_estimator", "hls4ml_layer_dsps"]
 
 CONTRACT = ir.Contract(requires=(ir.ROLE, ir.STATS), provides=(ir.VALUE, ir.USES, ir.NOISE),
-                       graph_provides=(ir.SOLUTION, ir.CLIP_GRADIENT))
+                       graph_provides=(ir.SOLUTION, ir.CLIP_GRADIENT, ir.PREDICTION_GRADIENT))
 
 _BIG = 1e18  # cost of a candidate a decision may not take (a width it is not allowed)
 # Octaves of drift at which Solution.predicted scores the chosen formats, whatever margin chose
@@ -895,3 +895,4 @@ def _write(gm: fx.GraphModule, gi: int, fmt_of: dict, policy: Auto) -> None:
         ir.USES.set(node, uses)
         ir.NOISE.set(node, noise)
     ir.CLIP_GRADIENT.set(gm, policy.clip_gradient)
+    ir.PREDICTION_GRADIENT.set(gm, policy.prediction_gradient)

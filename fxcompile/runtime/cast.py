@@ -24,7 +24,7 @@ from . import kernels
 from ..core.formats import FixedPoint
 from ..core.quantizer import counter_uniform, quantize_reference  # noqa: F401 - re-exported
 
-__all__ = ["cast", "quantize", "quantize_reference", "counter_uniform", "spec_of"]
+__all__ = ["cast", "quantize", "quantize_reference", "counter_uniform", "spec_of", "keep_inward"]
 
 
 def spec_of(fmt: FixedPoint | None) -> list[int]:
@@ -66,6 +66,42 @@ def cast(x, forward: FixedPoint | Sequence[int] | None, backward: FixedPoint | S
         kernels.load()
     return torch.ops.fxcompile.cast.default(x, fwd, bwd, bool(clip_gradient), bool(parameter))
 
+
+class _KeepInward(torch.autograd.Function):
+    """Forward: the identity.  Backward: zero the gradient only where the value sits at a bound
+    of its format and a descent step (``-grad``) would push it further out."""
+
+    @staticmethod
+    def forward(ctx, y, lo: float, hi: float):
+        ctx.save_for_backward(y)
+        ctx.lo, ctx.hi = lo, hi
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        outward = ((y >= ctx.hi) & (grad < 0)) | ((y <= ctx.lo) & (grad > 0)) | torch.isnan(y)
+        return grad.masked_fill(outward, 0), None, None
+
+
+def keep_inward(y: torch.Tensor, spec: Sequence[int]) -> torch.Tensor:
+    """``y`` (already in the format ``spec``) whose gradient is masked only where it points out.
+
+    The clipped cast zeroes every gradient at a saturated value (the derivative of a clamp).
+    Placed after a cast made with ``clip_gradient=False``, this keeps the part that moves a
+    saturated value back into range, and zeroes (as the clamp does) only what would push it
+    further out (and a NaN's)::
+
+        y = keep_inward(cast(x, fmt, grad_fmt, clip_gradient=False), fmt.spec())
+
+    At the loss's input this matters: a wrong class whose logit sits at the format's ceiling
+    is pushed down instead of staying there, tied by argmax with the true class.
+    """
+    if not (isinstance(y, torch.Tensor) and y.is_floating_point()) or not spec:
+        return y
+    frac, code_min, code_max, zero_point = spec[:4]
+    scale = 2.0 ** -frac
+    return _KeepInward.apply(y, (code_min - zero_point) * scale, (code_max - zero_point) * scale)
 
 
 def _spec(fmt: FixedPoint | Sequence[int] | None) -> list[int]:

@@ -100,7 +100,7 @@ def test_override_matching_nothing_warns_and_matching_ones_do_not():
 
 
 def _rich_policy():
-    return Policy(name="rich", clip_gradient=False, activation="16.8", input="u8.8", gradient="16.10,stochastic",
+    return Policy(name="rich", clip_gradient=False, prediction_gradient="inward", activation="16.8", input="u8.8", gradient="16.10,stochastic",
                   loss="16.10", weight="24.12", bias="16.8,floor", weight_gradient=None,
                   overrides=[{"pattern": "fc*", "weight": "16.11,wrap", "activation_in": "12.6,zp=3"},
                              {"op": "Conv2d", "bias": "float"}, {"pattern": "conv1", "op": "Conv2d", "gradient": "8.4"}])
@@ -117,7 +117,7 @@ def test_save_load_round_trip(tmp_path, suffix):
     assert q.format_for("bias", ["conv2"], "Conv2d") is None
     assert q.format_for("gradient", ["conv1"], "Conv2d") == fixed(8, 4)
     assert q.format_for("weight_gradient") is None
-    assert not q.clip_gradient and q.name == "rich"
+    assert not q.clip_gradient and q.name == "rich" and q.prediction_gradient == "inward"
     data = tomllib.loads(path.read_text()) if suffix == ".toml" else json.loads(path.read_text())
     assert data["formats"]["input"] == "u8.8"  # written with its standard parser's syntax
     assert Policy.coerce(str(path)) == p and Policy.coerce(p.to_dict()) == p
@@ -162,6 +162,7 @@ def _error(tmp_path, text, name="p.toml"):
     ('activation = "16.8"', 'activaton = "16.8"', "activaton", 6),
     ('pattern = "fc*"\nweight = "16.11"', 'pattern = "fc*"\nweigth = "16.11"', "weigth", 12),
     ('clip_gradient = true', 'clip_gradient = "yes"', "clip_gradient", 2),
+    ('clip_gradient = true', 'clip_gradient = true\nprediction_gradient = "outward"', "prediction_gradient", 3),
     ('op = "Conv2d"\n', '', "overrides[1]", 14),
 ])
 def test_bad_toml_value_names_file_key_and_line(tmp_path, old, new, key, line):
