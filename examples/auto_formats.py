@@ -178,7 +178,8 @@ def main(argv=None):
             q = m.pop("model_object")
             row = {"policy": name, "seed": seed, "accuracy": m["accuracy"], "history": m["history"],
                    "train_size": m["train_size"], "test_size": m["test_size"], "epochs": m["epochs"],
-                   "seconds": round(time.time() - t0, 1), "step_time_ms": m["step_time_ms"]}
+                   "seconds": round(time.time() - t0, 1), "step_time_ms": m["step_time_ms"],
+                   "argmax_ties": argmax_ties(q, test_data)}
             if "reassignments" in m:
                 row.update(reassign=reassign.to_dict(), reassignments=m["reassignments"],
                            reassign_moves=m["reassign_moves"], final_formats=m["final_formats"])
@@ -206,6 +207,21 @@ def main(argv=None):
 
 
 _DATA: dict = {}
+
+
+def argmax_ties(model, data, batch_size: int = 1000) -> int:
+    """How many test images have their largest output shared by two or more classes (argmax
+    then takes the first: a saturated logit format makes such ties)."""
+    x, _ = data
+    was_training = model.training
+    model.eval()
+    ties = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out = model(x[i:i + batch_size])
+            ties += int(((out == out.max(1, keepdim=True).values).sum(1) > 1).sum())
+    model.train(was_training)
+    return ties
 
 
 def _slug(name: str) -> str:

@@ -59,3 +59,16 @@ def test_table_groups_seeds_and_compares_with_fp32():
     lines = auto_formats.table(results, {"policies": {"fp32": {"mean": 92.0}}}).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| K=1,") and "50.00 % | -42.00 |" in lines[2]
     assert "92.00 (0), 91.00 (1) | 91.50 ± 0.71 % | -0.50 |" in lines[3]
+
+
+def test_argmax_ties_counts_images_whose_top_output_is_shared():
+    import torch
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    out = torch.tensor([[2.0, 2.0, 0.0], [2.0, 1.0, 0.0], [1.0, 2.0, 2.0], [0.0, 0.0, 0.0]])
+    model = Fixed().train()
+    assert auto_formats.argmax_ties(model, (out, None), batch_size=3) == 3
+    assert model.training  # left as it was
