@@ -36,7 +36,7 @@ import torch
 import fxcompile as fxc
 from fxcompile.core.auto import OBJECTIVES, parse_bits
 from fxcompile.experiments.data import fashion_mnist
-from fxcompile.experiments.report import spearman
+from fxcompile.experiments.report import ranked_runs, spearman
 from fxcompile.training.reassign import Reassign
 from fxcompile.training.train import TrainConfig, train
 
@@ -245,8 +245,9 @@ def write_results(runs: Path, results: Path) -> dict:
     by_policy: dict[str, list[float]] = {}
     for r in rows:
         by_policy.setdefault(_label(r), []).append(100 * r["accuracy"])
-    # the objective scores the formats a run keeps: runs that move them are listed, not ranked
-    ranked = [r for r in rows if "reassign" not in r]
+    # the objective scores the formats a run keeps, under the casts' default gradient rule: runs that
+    # move them or train with another rule at the prediction are listed, not ranked (then pooled below)
+    ranked = ranked_runs(rows)
     commands = sorted({r.get("command", "") for r in rows})
     out = {"command": " ; ".join(commands), "date": time.strftime("%Y-%m-%d", time.gmtime()), "runs": [{k: r[k] for k in ("policy", "seed", "epochs", "train_size", "test_size", "accuracy", "objective",
                                        "objective_by_k", "formats", "distinct_formats", "usage", "solve_seconds",
@@ -261,13 +262,20 @@ def write_results(runs: Path, results: Path) -> dict:
     rho = spearman([-r["predicted"] for r in scored], [r["accuracy"] for r in scored])
     out.update(spearman_predicted_accuracy=rho if rho == rho else None, spearman_predicted_runs=len(scored),
                spearman_predicted_assignments=len({_label(r) for r in scored}))
+    # for comparison: the runs with fixed formats whatever their gradient rule at the prediction
+    pooled = [r for r in rows if "reassign" not in r and r.get("predicted") is not None]
+    if len(pooled) > len(scored):
+        rho = spearman([-r["predicted"] for r in pooled], [r["accuracy"] for r in pooled])
+        out.update(spearman_predicted_accuracy_pooled=rho if rho == rho else None, spearman_pooled_runs=len(pooled))
     results.parent.mkdir(parents=True, exist_ok=True)
     tmp = results.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(out, indent=1) + "\n")
     tmp.replace(results)
     print(f"{results}: {len(rows)} runs, Spearman(-objective, accuracy) = {out['spearman_objective_accuracy']} "
           f"over {len(ranked)} runs with fixed formats; Spearman(-predicted, accuracy) = "
-          f"{out['spearman_predicted_accuracy']} over {len(scored)} runs")
+          f"{out['spearman_predicted_accuracy']} over {len(scored)} runs"
+          + (f"; with the runs of another prediction gradient rule: {out['spearman_predicted_accuracy_pooled']} "
+             f"over {len(pooled)} runs" if "spearman_pooled_runs" in out else ""))
     return out
 
 

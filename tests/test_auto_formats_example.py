@@ -72,3 +72,18 @@ def test_argmax_ties_counts_images_whose_top_output_is_shared():
     model = Fixed().train()
     assert auto_formats.argmax_ties(model, (out, None), batch_size=3) == 3
     assert model.training  # left as it was
+
+
+def test_results_rank_runs_of_the_default_gradient_rule_and_pool_the_others(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    rows = [("auto(K=1)", 0.10, 1e-1), ("auto(K=2)", 0.90, 1e-3), ("auto(K=3)", 0.91, 1e-4),
+            ("auto(K=1, prediction_gradient=inward)", 0.95, 1e-1)]
+    for i, (policy, acc, pred) in enumerate(rows):
+        (runs / f"r{i}.json").write_text(json.dumps({"policy": policy, "seed": 0, "accuracy": acc, "objective": pred,
+                                                     "predicted": pred}))
+    out = auto_formats.write_results(runs, tmp_path / "results.json")
+    assert out["spearman_predicted_runs"] == 3 and out["spearman_predicted_accuracy"] == pytest.approx(1.0)
+    # pooled: ranks of -predicted (1.5, 3, 4, 1.5) against accuracy's (1, 2, 3, 4): 0.5 / sqrt(4.5 * 5)
+    assert out["spearman_pooled_runs"] == 4 and out["spearman_predicted_accuracy_pooled"] == pytest.approx(0.5 / 22.5 ** 0.5)
+    assert len(out["runs"]) == 4  # every run is listed

@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 from ..core.formats import FixedPoint
 from .sweep import FORMAT_ROLES, SweepError, read_rows
 
-__all__ = ["t_critical", "interval", "spearman", "auto_runs", "PointStats", "summarize", "load_results", "markdown_table", "report",
+__all__ = ["t_critical", "interval", "spearman", "ranked_runs", "auto_runs", "PointStats", "summarize", "load_results", "markdown_table", "report",
            "STUDY_ACCURACY"]
 
 # Two-sided 95 % critical values of Student's t (upper 2.5 % point) by degrees of freedom.
@@ -312,10 +312,8 @@ def _objective_plots(runs: list[dict], out: Path, fp32: PointStats | None = None
     runs = [r for r in runs if r.get("objective") is not None and r.get("accuracy") is not None]
     if not runs:
         return made
-    # the objective scores the formats a run keeps: runs whose formats moved during training
-    # (re-assignment) are not ranked by it
     number = {id(r): i for i, r in enumerate(runs, 1)}  # as in summary.md's table
-    ranked = [r for r in runs if "reassign" not in r]
+    ranked = ranked_runs(runs)
     # the objective at the common drift (Solution.predicted) ranks assignments of different widths
     # on one scale; the solver's own objective where a run lacks it
     key = "predicted" if ranked and all(r.get("predicted") is not None for r in ranked) else "objective"
@@ -390,6 +388,14 @@ def _objective_rows(runs: list[dict]) -> list[str]:
                     + " | ".join(f"{usage[b]:.4g}" if b in usage else "—" for b in BUDGETS)
                     + f" | {100 * r['accuracy']:.2f} | {' '.join(r.get('formats', []))} |")
     return rows
+
+
+def ranked_runs(runs: list[dict]) -> list[dict]:
+    """The runs the cost model's objective ranks: it scores the formats a run keeps under the
+    casts' default gradient rule, so runs whose formats moved during training (re-assignment)
+    and runs trained with another rule at the prediction (``prediction_gradient``: the same
+    formats and score, another training) are left out."""
+    return [r for r in runs if "reassign" not in r and "prediction_gradient=" not in r.get("policy", "")]
 
 
 def auto_runs(files: Iterable[str | Path], rows: list[dict]) -> list[dict]:

@@ -35,11 +35,15 @@ def test_cost_model_report_plots_accuracy_against_objective_and_budgets(tmp_path
 
 def test_cost_model_report_ranks_fixed_format_runs_by_the_objective_at_the_common_drift(tmp_path):
     # the predictions rank these runs perfectly and the solver's objectives backwards; a run whose
-    # formats moved during training (re-assignment) is listed but not ranked
+    # formats moved during training (re-assignment) is listed but not ranked, and so is one trained
+    # with another gradient rule at the prediction
     runs = [{"policy": f"auto(K={k})", "seed": 0, "accuracy": acc, "objective": obj, "predicted": pred}
             for k, acc, obj, pred in [(1, 0.10, 1e-5, 1e-1), (2, 0.90, 1e-4, 1e-3), (3, 0.91, 1e-3, 1e-4)]]
     runs.append({"policy": "auto(K=1)", "seed": 1, "accuracy": 0.05, "objective": 1e-9,
                  "reassign": {"every": 200}})
+    # nor is a run trained with another gradient rule at the prediction (same formats, same score)
+    runs.append({"policy": "auto(K=1, prediction_gradient=inward)", "seed": 0, "accuracy": 0.95, "objective": 1e-5,
+                 "predicted": 1e-1})
     path = tmp_path / "auto.json"
     path.write_text(json.dumps({"command": "x", "date": "d", "runs": runs}))
     report([path], tmp_path / "out")
