@@ -102,7 +102,8 @@ def check_prediction_gradient(value: Any, where: str) -> str | None:
     """``prediction_gradient``: ``None`` (the prediction's casts clip like every other cast) or
     ``"inward"``; anything else raises :class:`PolicyError` naming it."""
     if value not in PREDICTION_GRADIENTS or isinstance(value, bool):
-        raise PolicyError(f"{where}: prediction_gradient must be None or 'inward', got {value!r}")
+        raise _keyed(PolicyError(f"{where}: prediction_gradient must be None or 'inward', got {value!r}"),
+                     ("prediction_gradient",))
     return value
 
 
@@ -193,9 +194,6 @@ class Policy:
                              ("formats", role))
         if not isinstance(data.get("clip_gradient", True), bool):
             raise _keyed(PolicyError(f"{where}: 'clip_gradient' must be true or false"), ("clip_gradient",))
-        if data.get("prediction_gradient") not in PREDICTION_GRADIENTS:
-            raise _keyed(PolicyError(f"{where}: 'prediction_gradient' must be \"inward\" or left out, got "
-                                     f"{data['prediction_gradient']!r}"), ("prediction_gradient",))
         try:
             return cls(name=data.get("name"), clip_gradient=data.get("clip_gradient", True),
                        prediction_gradient=data.get("prediction_gradient"), overrides=overrides, **formats)
