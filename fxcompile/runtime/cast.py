@@ -24,11 +24,17 @@ from . import kernels
 from ..core.formats import FixedPoint
 from ..core.quantizer import counter_uniform, quantize_reference  # noqa: F401 - re-exported
 
-__all__ = ["cast", "quantize", "quantize_reference", "counter_uniform", "spec_of", "keep_inward"]
+__all__ = ["cast", "quantize", "quantize_reference", "counter_uniform", "spec_of", "spec_bounds", "keep_inward"]
 
 
 def spec_of(fmt: FixedPoint | None) -> list[int]:
     return [] if fmt is None else fmt.spec()
+
+
+def spec_bounds(spec: Sequence[int]) -> tuple[float, float]:
+    """The smallest and largest value of the format given as a spec list."""
+    frac, code_min, code_max, zero_point = spec[:4]
+    return (code_min - zero_point) * 2.0 ** -frac, (code_max - zero_point) * 2.0 ** -frac
 
 
 def quantize(x: torch.Tensor, spec: Sequence[int], seed: int | None = None) -> torch.Tensor:
@@ -99,9 +105,7 @@ def keep_inward(y: torch.Tensor, spec: Sequence[int]) -> torch.Tensor:
     """
     if not (isinstance(y, torch.Tensor) and y.is_floating_point()) or not spec:
         return y
-    frac, code_min, code_max, zero_point = spec[:4]
-    scale = 2.0 ** -frac
-    return _KeepInward.apply(y, (code_min - zero_point) * scale, (code_max - zero_point) * scale)
+    return _KeepInward.apply(y, *spec_bounds(spec))
 
 
 def _spec(fmt: FixedPoint | Sequence[int] | None) -> list[int]:

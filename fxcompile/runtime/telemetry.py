@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from ..core import ir
-from .cast import cast
+from .cast import cast, spec_bounds
 
 __all__ = ["EdgeCounters", "SaturationWarning", "enable", "disable", "reset", "summary", "check", "table",
            "counters_state", "load_counters", "FIELDS"]
@@ -43,11 +43,6 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 class SaturationWarning(UserWarning):
     """An edge saturates more often than the threshold allows."""
-
-
-def _bounds(spec):
-    frac, qmin, qmax, zp = spec[:4]
-    return (qmin - zp) * 2.0 ** -frac, (qmax - zp) * 2.0 ** -frac
 
 
 def _observable(x) -> bool:
@@ -116,7 +111,7 @@ class EdgeCounters:
         saturated = None
         with torch.no_grad():
             if fwd:
-                lo, hi = _bounds(fwd)
+                lo, hi = spec_bounds(fwd)
                 overflow, nonfinite, clean = _outside(x, lo, hi)
                 # rounding never turns zero into nonzero, so the difference counts the flushes
                 underflow = torch.count_nonzero(x) - _nonzero_on_grid(y, 2.0 ** -fwd[0], clean)
@@ -133,7 +128,7 @@ class EdgeCounters:
     def _backward(self, g_in, g_out, bwd, saturated) -> None:
         if g_in is None:
             return
-        lo, hi = _bounds(bwd)
+        lo, hi = spec_bounds(bwd)
         if saturated is None:
             overflow, nonfinite, clean = _outside(g_in, lo, hi)
             underflow = torch.count_nonzero(g_in) - _nonzero_on_grid(g_out, 2.0 ** -bwd[0], clean)
